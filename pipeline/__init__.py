@@ -1,0 +1,24 @@
+"""moie's infrastructure room: config, corpus, tokenizer, MLflow tracking, Ray, the CLI.
+
+Importing it sets the loopback / offline / no-telemetry defaults that every moie
+process (driver, Ray worker, test) must run with; a value the user exported wins.
+"""
+import os
+
+LOCAL_DEFAULTS = {
+    # datasets / huggingface_hub: never download from the hub unless the user opts in.
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # MLflow and Ray: no telemetry, no usage stats.
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray: keep a locally started node on 127.0.0.1 and without token auth (loopback only).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+}
+
+for _key, _value in LOCAL_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)

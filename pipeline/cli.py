@@ -1,0 +1,95 @@
+"""The `moie` command line: one sub-command per stage, plus `run` and `ui`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    parser.add_argument("--config", default=default_config, required=default_config is None,
+                        help="pipeline YAML file (configs/tiny.yaml, configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set cluster.k=4 corpus.domain_bytes=200000")
+
+
+def add_pipeline_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", default=None, metavar="RUN_ID",
+                        help="join this pipeline's parent run instead of creating a new one")
+
+
+def cluster_command(args: argparse.Namespace) -> int:
+    """Run the cluster stage; print the pipeline's run id as the last line."""
+    from pipeline.stages import run_cluster
+
+    cfg = load_config(args.config, args.overrides)
+    pipeline_id = run_cluster(cfg, args.pipeline)
+    print(pipeline_id)
+    return 0
+
+
+def ui_command(args: argparse.Namespace) -> int:
+    """Start the MLflow UI on the pipeline's tracking store, bound to 127.0.0.1."""
+    from pipeline.tracking import tracking_uri
+
+    cfg = load_config(args.config, args.overrides)
+    uri = tracking_uri(cfg)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", file=sys.stderr)
+    return subprocess.call(cmd, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moie", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline on a config (today: the cluster stage)")
+    add_config_args(run, DEFAULT_CONFIG)
+    add_pipeline_arg(run)
+    run.set_defaults(func=cluster_command)
+    cluster = sub.add_parser("cluster", help="cBTM clustering stage: tf-idf + SVD + balanced k-means")
+    add_config_args(cluster, DEFAULT_CONFIG)
+    add_pipeline_arg(cluster)
+    cluster.set_defaults(func=cluster_command)
+    ui = sub.add_parser("ui", help="MLflow UI on this pipeline's tracking store (127.0.0.1)")
+    add_config_args(ui, DEFAULT_CONFIG)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=ui_command)
+    return parser
+
+
+def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, run, and turn the errors a user can fix into one clear line and exit code 2."""
+    from pipeline.artifacts import ChecksumError
+    from pipeline.corpus import CorpusError
+    from pipeline.embedded import EmbeddedCorpusError
+    from pipeline.ray_runtime import ResourceError
+    from pipeline.stages import StageError
+    from pipeline.tracking import PipelineNotFoundError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # SIGTERM (ray job stop) exits through the run context managers, so runs end KILLED.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CorpusError, EmbeddedCorpusError, StageError, ResourceError, PipelineNotFoundError,
+            ChecksumError) as e:
+        print(f"moie: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

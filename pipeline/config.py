@@ -1,0 +1,193 @@
+"""Pipeline configuration: YAML files validated into dataclasses, with --set overrides.
+
+Every key has a type; an unknown key or a value of the wrong type is a ConfigError that
+names the key (`cluster.k`) and what would be valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as given."""
+
+
+@dataclass
+class CorpusConfig:
+    source: str = "embedded"  # embedded | files | hub
+    name: str | None = None  # hub data set name (source: hub)
+    files: list[str] = field(default_factory=list)  # .txt / .jsonl / .parquet paths or globs
+    hub_split: str = "train"
+    text_column: str = "text"
+    source_column: str | None = "source"  # optional domain label, used only for evaluation
+    work_column: str | None = "work"  # optional work id: all chunks of a work share a split
+    max_chunk_bytes: int = 4096  # long texts are chunked at paragraph boundaries
+    domain_bytes: int = 2_500_000  # embedded corpus: cap per domain
+    max_documents: int | None = None
+    encoding_errors: str = "strict"  # strict: refuse non-UTF-8 files; replace: decode with U+FFFD and warn
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+
+@dataclass
+class ClusterConfig:
+    k: int = 6
+    max_features: int = 20_000  # tf-idf vocabulary bound
+    min_df: int = 2
+    svd_dim: int = 100
+    fit_sample: int = 50_000  # documents used to fit tf-idf, SVD and centroids
+    iterations: int = 20  # balanced Lloyd iterations
+    temperature: float = 0.1  # routing weights softmax(-d^2 / T)
+    top_k: int = 1  # experts kept per routed prefix
+    num_cpus: int = 1  # Ray resources of the clustering task
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "moie"
+    uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite under the workdir
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # RAY_ADDRESS wins; default: start a local instance
+    num_cpus: int | None = None  # CPUs of a local instance (default: all)
+
+
+@dataclass
+class Config:
+    name: str = "moie"
+    seed: int = 0
+    workdir: str | None = None  # MLflow database + artifacts; default $MOIE_HOME or ~/.moie
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+CORPUS_SOURCES = ("embedded", "files", "hub")
+ENCODING_ERRORS = ("strict", "replace")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; configs/ holds tiny.yaml and default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML) to a raw config dict."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. cluster.k=6")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {', '.join(names)}")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list of {inner.__name__}, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges that types alone do not capture."""
+    c, k = cfg.corpus, cfg.cluster
+    if c.source not in CORPUS_SOURCES:
+        raise ConfigError(f"corpus.source must be one of {CORPUS_SOURCES}, got {c.source!r}")
+    if c.source == "hub" and not c.name:
+        raise ConfigError("corpus.source is 'hub' but corpus.name is empty; set corpus.name=<dataset id>")
+    if c.source == "files" and not c.files:
+        raise ConfigError("corpus.source is 'files' but corpus.files is empty; list .txt/.jsonl/.parquet paths")
+    if c.encoding_errors not in ENCODING_ERRORS:
+        raise ConfigError(f"corpus.encoding_errors must be one of {ENCODING_ERRORS}, got {c.encoding_errors!r}")
+    if not (0 <= c.val_fraction < 1 and 0 <= c.test_fraction < 1 and c.val_fraction + c.test_fraction < 1):
+        raise ConfigError("corpus.val_fraction and corpus.test_fraction must be in [0, 1) and sum to less than 1, "
+                          f"got {c.val_fraction} and {c.test_fraction}")
+    _positive(cfg, ["corpus.max_chunk_bytes", "corpus.domain_bytes", "cluster.max_features", "cluster.min_df",
+                    "cluster.svd_dim", "cluster.fit_sample", "cluster.iterations", "cluster.num_cpus"])
+    if k.k < 2:
+        raise ConfigError(f"cluster.k must be at least 2 (one cluster is the dense model), got {k.k}")
+    if not 1 <= k.top_k <= k.k:
+        raise ConfigError(f"cluster.top_k must be between 1 and cluster.k={k.k}, got {k.top_k}")
+    if k.temperature <= 0:
+        raise ConfigError(f"cluster.temperature must be > 0, got {k.temperature}")
+
+
+def _positive(cfg: Config, keys: list[str]) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {value}")
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (for logging and for shipping to Ray tasks)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'cluster': {'k': 6}} -> {'cluster.k': 6} (MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,237 @@
+"""Corpus loading through `datasets`: a hub data set, local files, or the embedded corpus.
+
+Every source ends as a list of `Document`s (text, optional `source` domain label,
+optional `work` id), chunked at paragraph boundaries, de-duplicated, and assigned to a
+train / validation / test split by a hash of the work id — whole works, never lines.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import CorpusConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be loaded as configured."""
+
+
+@dataclass
+class Document:
+    doc_id: str
+    text: str
+    source: str | None = None  # domain label, used only to evaluate clustering
+    work: str | None = None  # chunks of one work share it, and therefore a split
+    split: str = "train"
+
+
+def load_corpus(cfg: CorpusConfig) -> list[Document]:
+    """Load, chunk, de-duplicate and split the configured corpus."""
+    if cfg.source == "embedded":
+        from pipeline.embedded import embedded_corpus_file
+
+        rows = _rows_from_table_files([embedded_corpus_file(cfg.domain_bytes, cfg.max_chunk_bytes)], cfg)
+    elif cfg.source == "files":
+        rows = _rows_from_files(cfg)
+    elif cfg.source == "hub":
+        rows = _rows_from_hub(cfg)
+    else:  # validated in config; kept for callers that build configs by hand
+        raise CorpusError(f"corpus.source must be one of embedded, files, hub; got {cfg.source!r}")
+    docs = _chunk_and_dedupe(rows, cfg.max_chunk_bytes)
+    if cfg.max_documents is not None:
+        docs = docs[: cfg.max_documents]
+    if not docs:
+        raise CorpusError(f"the corpus ({_describe(cfg)}) holds no non-empty documents; "
+                          "give text files with content, or another corpus.source")
+    for doc in docs:
+        doc.split = split_of(doc.work or doc.doc_id, cfg.val_fraction, cfg.test_fraction)
+    return docs
+
+
+def split_of(work: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of a whole work: the first 8 bytes of sha256 of the salted work id
+    as a fraction. (The salt keeps it independent of other hash orders, e.g. the embedded
+    corpus's per-domain cap, which would otherwise put every capped work in one split.)"""
+    digest = hashlib.sha256(f"moie-split/{work}".encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "validation"
+    return "train"
+
+
+def chunk_text(text: str, max_bytes: int) -> list[str]:
+    """Split text into pieces of at most max_bytes UTF-8 bytes, at paragraph boundaries
+    where possible, then at line boundaries, then anywhere (on a character boundary)."""
+    if len(text.encode("utf-8")) <= max_bytes:
+        return [text]
+    pieces: list[str] = []
+    for unit in _units(text, max_bytes):
+        if pieces and len((pieces[-1] + unit).encode("utf-8")) <= max_bytes:
+            pieces[-1] += unit
+        else:
+            pieces.append(unit)
+    return pieces
+
+
+def _units(text: str, max_bytes: int) -> list[str]:
+    """Paragraphs (with their trailing blank lines); oversized ones cut into lines, then bytes."""
+    out: list[str] = []
+    for para in _split_keep(text, "\n\n"):
+        if len(para.encode("utf-8")) <= max_bytes:
+            out.append(para)
+            continue
+        for line in _split_keep(para, "\n"):
+            data = line.encode("utf-8")
+            while len(data) > max_bytes:
+                cut = max_bytes
+                while cut > 0 and (data[cut] & 0xC0) == 0x80:  # don't split a UTF-8 sequence
+                    cut -= 1
+                out.append(data[:cut].decode("utf-8"))
+                data = data[cut:]
+            out.append(data.decode("utf-8"))
+    return out
+
+
+def _split_keep(text: str, sep: str) -> list[str]:
+    parts = text.split(sep)
+    return [p + sep for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def _chunk_and_dedupe(rows: list[dict], max_bytes: int) -> list[Document]:
+    docs: list[Document] = []
+    seen: set[bytes] = set()
+    for row in rows:
+        chunks = chunk_text(row["text"], max_bytes)
+        for i, chunk in enumerate(chunks):
+            key = hashlib.sha1(" ".join(chunk.split()).encode("utf-8")).digest()
+            if not chunk.strip() or key in seen:
+                continue
+            seen.add(key)
+            doc_id = row["doc_id"] if len(chunks) == 1 else f"{row['doc_id']}#{i}"
+            docs.append(Document(doc_id=doc_id, text=chunk, source=row.get("source"), work=row.get("work")))
+    return docs
+
+
+# --- loaders --------------------------------------------------------------------------
+
+
+def _expand_files(patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+        if not matches:
+            raise CorpusError(f"corpus.files entry {pattern!r} matches no file")
+        files.extend(Path(m) for m in matches if Path(m).is_file())
+    for f in files:
+        if f.suffix.lower() not in FILE_BUILDERS:
+            raise CorpusError(f"corpus file {str(f)!r} has an unsupported type {f.suffix!r}; "
+                              f"expected one of {', '.join(sorted(FILE_BUILDERS))}")
+    return files
+
+
+def _rows_from_files(cfg: CorpusConfig) -> list[dict]:
+    files = _expand_files(cfg.files)
+    for f in files:
+        if f.suffix.lower() != ".parquet":
+            _check_utf8(f, cfg.encoding_errors)
+    text_files = [f for f in files if f.suffix.lower() == ".txt"]
+    table_files = [f for f in files if f.suffix.lower() != ".txt"]
+    rows = _rows_from_text_files(text_files, cfg) if text_files else []
+    return rows + (_rows_from_table_files(table_files, cfg) if table_files else [])
+
+
+def _check_utf8(path: Path, errors: str) -> None:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise CorpusError(
+                f"corpus file {str(path)!r} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                "convert it (e.g. iconv -f latin1 -t utf-8) or set corpus.encoding_errors=replace "
+                "to decode it with U+FFFD replacement characters") from None
+        log.warning("corpus file %s is not valid UTF-8 (first bad byte at %d); decoding with replacement "
+                    "characters because corpus.encoding_errors=replace", path, e.start)
+
+
+def _rows_from_text_files(files: list[Path], cfg: CorpusConfig) -> list[dict]:
+    """One document per .txt file (a work), via the `datasets` text builder."""
+    import datasets
+
+    # One split per file keeps the file <-> row mapping explicit.
+    data_files = {f"file{i}": str(f) for i, f in enumerate(files)}
+    dsd = datasets.load_dataset("text", data_files=data_files, sample_by="document", keep_linebreaks=True,
+                                encoding_errors=cfg.encoding_errors)
+    rows = []
+    for i, f in enumerate(files):
+        texts = dsd[f"file{i}"]["text"]
+        text = "\n".join(texts)
+        rows.append({"doc_id": f.name, "text": text, "source": None, "work": str(f)})
+    return rows
+
+
+def _rows_from_table_files(files: list[Path], cfg: CorpusConfig) -> list[dict]:
+    import datasets
+
+    builders = {FILE_BUILDERS[Path(f).suffix.lower()] for f in files}
+    rows: list[dict] = []
+    for builder in sorted(builders):
+        group = [str(f) for f in files if FILE_BUILDERS[Path(f).suffix.lower()] == builder]
+        kwargs = {"encoding_errors": cfg.encoding_errors} if builder == "json" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=group, split="train", **kwargs)
+        except Exception as e:  # datasets raises a dozen exception types for a malformed file
+            raise CorpusError(f"could not read corpus files {group} as {builder}: {e}") from e
+        rows.extend(_rows_from_dataset(ds, cfg, origin=",".join(Path(g).name for g in group)))
+    return rows
+
+
+def _rows_from_hub(cfg: CorpusConfig) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.name, split=cfg.hub_split)
+    except Exception as e:
+        offline = datasets.config.HF_HUB_OFFLINE
+        hint = ("this process is offline (HF_HUB_OFFLINE=1, moie's default: nothing is downloaded from the hub); "
+                "on a machine with hub access export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0, or save the data set "
+                "as .jsonl/.parquet and use corpus.source=files") if offline else "check the name and corpus.hub_split"
+        raise CorpusError(f"could not load hub data set {cfg.name!r} (split {cfg.hub_split!r}): "
+                          f"{type(e).__name__}: {e}. {hint}") from e
+    return _rows_from_dataset(ds, cfg, origin=cfg.name)
+
+
+def _rows_from_dataset(ds, cfg: CorpusConfig, origin: str) -> list[dict]:
+    columns = set(ds.column_names)
+    if cfg.text_column not in columns:
+        raise CorpusError(f"corpus {origin!r} has no text column {cfg.text_column!r}; its columns are "
+                          f"{sorted(columns)}: set corpus.text_column to one of them")
+    texts = list(ds[cfg.text_column])
+    sources = list(ds[cfg.source_column]) if cfg.source_column in columns else [None] * len(texts)
+    works = list(ds[cfg.work_column]) if cfg.work_column in columns else [None] * len(texts)
+    rows = []
+    for i, (text, source, work) in enumerate(zip(texts, sources, works)):
+        if not isinstance(text, str):
+            continue
+        rows.append({"doc_id": f"{origin}:{i}", "text": text,
+                     "source": None if source is None else str(source),
+                     "work": None if work is None else str(work)})
+    return rows
+
+
+def _describe(cfg: CorpusConfig) -> str:
+    if cfg.source == "files":
+        return f"files {cfg.files}"
+    if cfg.source == "hub":
+        return f"hub data set {cfg.name!r}"
+    return "embedded default corpus"

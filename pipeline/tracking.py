@@ -1,0 +1,153 @@
+"""MLflow tracking: one parent run per pipeline, a nested child run per stage.
+
+Default backend: `sqlite:///<workdir>/mlflow.db` with artifacts under `<workdir>/artifacts`
+(absolute, so a Ray job's temporary working directory never swallows them);
+`MLFLOW_TRACKING_URI` points everything at a server instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.artifacts import sha256_file, write_json
+from pipeline.config import Config, flatten, to_dict
+
+PIPELINE_TAG = "moie.pipeline"
+STAGE_TAG = "moie.stage"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class PipelineNotFoundError(LookupError):
+    """A --pipeline id that names no pipeline run in the tracking store."""
+
+
+def workdir(cfg: Config) -> Path:
+    """Where the default MLflow database and artifacts live: config, $MOIE_HOME, or ~/.moie."""
+    raw = cfg.workdir or os.environ.get("MOIE_HOME") or "~/.moie"
+    return Path(raw).expanduser().resolve()
+
+
+def tracking_uri(cfg: Config) -> str:
+    """MLFLOW_TRACKING_URI, else tracking.uri, else sqlite under the workdir."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if uri:
+        return uri
+    return f"sqlite:///{workdir(cfg) / 'mlflow.db'}"
+
+
+class Tracker:
+    """The pipeline's view of MLflow: runs, params, metrics, checksummed artifacts."""
+
+    def __init__(self, cfg: Config):
+        self.uri = tracking_uri(cfg)
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.experiment_id = self._experiment(cfg)
+
+    def _experiment(self, cfg: Config) -> str:
+        name = cfg.tracking.experiment
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        # A local backend pins artifacts to an absolute directory; a server decides itself.
+        location = (workdir(cfg) / "artifacts").as_uri() if self.uri.startswith("sqlite:") else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def start_pipeline(self, cfg: Config, pipeline_id: str | None = None) -> str:
+        """Create the pipeline's parent run, or check and reopen the one named by pipeline_id."""
+        if pipeline_id:
+            run = self.pipeline_run(pipeline_id)
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"pipeline-{cfg.name}",
+                                     tags={STAGE_TAG: "pipeline"})
+        run_id = run.info.run_id
+        self.client.set_tag(run_id, PIPELINE_TAG, run_id)
+        self.log_params(run_id, flatten(to_dict(cfg)))
+        with tempfile.TemporaryDirectory() as tmp:
+            write_json(Path(tmp) / "config.json", to_dict(cfg))
+            self.client.log_artifact(run_id, str(Path(tmp) / "config.json"))
+        return run_id
+
+    def pipeline_run(self, pipeline_id: str):
+        """The pipeline's parent run; PipelineNotFoundError if there is none."""
+        try:
+            run = self.client.get_run(pipeline_id)
+        except MlflowException:
+            run = None
+        if run is None or run.data.tags.get(STAGE_TAG) != "pipeline":
+            raise PipelineNotFoundError(
+                f"no pipeline run with id {pipeline_id!r} in the tracking store {self.uri}; "
+                "give the id a previous stage printed (see `mlflow ui`), or omit --pipeline to start a new pipeline")
+        return run
+
+    def finish_pipeline(self, pipeline_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(pipeline_id, status=status)
+
+    @contextlib.contextmanager
+    def stage_run(self, pipeline_id: str, stage: str, name: str | None = None,
+                  tags: dict[str, str] | None = None) -> Iterator[str]:
+        """A child run of the pipeline, FINISHED on success, KILLED on interrupt, FAILED on error."""
+        all_tags = {PARENT_TAG: pipeline_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: stage, **(tags or {})}
+        run = self.client.create_run(self.experiment_id, run_name=name or stage, tags=all_tags)
+        run_id = run.info.run_id
+        try:
+            yield run_id
+        except (KeyboardInterrupt, SystemExit):
+            self.client.set_terminated(run_id, status="KILLED")
+            raise
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def stage_runs(self, pipeline_id: str, stage: str, status: str | None = "FINISHED") -> list:
+        """Child runs of a pipeline for one stage, newest first."""
+        query = f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' and tags.`{STAGE_TAG}` = '{stage}'"
+        if status:
+            query += f" and attributes.status = '{status}'"
+        return self.client.search_runs([self.experiment_id], query, order_by=["attributes.start_time DESC"])
+
+    # --- logging ------------------------------------------------------------------------
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact_dir(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> dict[str, str]:
+        """Log every file of a directory plus a manifest.json of their sha256; return the manifest."""
+        directory = Path(directory)
+        manifest = {p.relative_to(directory).as_posix(): sha256_file(p)
+                    for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+        write_json(directory / "manifest.json", manifest)
+        self.client.log_artifacts(run_id, str(directory), artifact_path)
+        return manifest
+
+    def download_artifacts(self, run_id: str, path: str, dst: str | Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
