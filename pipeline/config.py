@@ -118,7 +118,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {', '.join(names)}")
+        raise ConfigError(f"unknown config key {(prefix + unknown[0])!r}; valid keys here: {', '.join(names)}")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     return cls(**kwargs)
 

@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "default.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.corpus.source == "embedded"
+    assert cfg.cluster.k >= 2
+
+
+def test_default_config_uses_embedded_corpus_with_six_clusters():
+    cfg = load_config(CONFIGS / "default.yaml")
+    assert (cfg.corpus.source, cfg.cluster.k) == ("embedded", 6)
+
+
+def test_unknown_key_is_an_error_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"'cluster\.kk'.*valid keys"):
+        load_config(write(tmp_path, "cluster:\n  kk: 3\n"))
+
+
+def test_unknown_section_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="'clusters'"):
+        load_config(write(tmp_path, "clusters:\n  k: 3\n"))
+
+
+def test_wrong_type_is_an_error_naming_key_and_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"'cluster\.k' must be int"):
+        load_config(write(tmp_path, "cluster:\n  k: three\n"))
+
+
+def test_bool_is_not_accepted_for_an_int_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"'cluster\.k' must be int"):
+        load_config(write(tmp_path, "cluster:\n  k: true\n"))
+
+
+def test_int_is_accepted_for_a_float_key(tmp_path):
+    cfg = load_config(write(tmp_path, "cluster:\n  temperature: 1\n"))
+    assert cfg.cluster.temperature == 1.0 and isinstance(cfg.cluster.temperature, float)
+
+
+def test_set_overrides_replace_file_values_with_parsed_types():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["cluster.k=4", "corpus.files=[a.txt, b.txt]", "ray.address=auto"])
+    assert cfg.cluster.k == 4
+    assert cfg.corpus.files == ["a.txt", "b.txt"]
+    assert cfg.ray.address == "auto"
+
+
+def test_override_of_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match=r"'cluster\.nope'"):
+        load_config(CONFIGS / "tiny.yaml", ["cluster.nope=1"])
+
+
+def test_override_without_equals_sign_is_an_error():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(CONFIGS / "tiny.yaml", ["cluster.k"])
+
+
+@pytest.mark.parametrize("k", [1, 0, -3])
+def test_k_below_two_is_an_error(k):
+    with pytest.raises(ConfigError, match=r"cluster\.k must be at least 2"):
+        load_config(CONFIGS / "tiny.yaml", [f"cluster.k={k}"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("corpus.source=web", "corpus.source"),
+    ("corpus.encoding_errors=ignore", "corpus.encoding_errors"),
+    ("cluster.top_k=7", "cluster.top_k"),
+    ("cluster.temperature=0", "cluster.temperature"),
+    ("corpus.val_fraction=0.95", "corpus.val_fraction"),
+    ("cluster.svd_dim=0", "cluster.svd_dim"),
+])
+def test_out_of_range_values_are_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_files_source_without_files_is_an_error():
+    with pytest.raises(ConfigError, match="corpus.files is empty"):
+        load_config(CONFIGS / "tiny.yaml", ["corpus.source=files"])
