@@ -1,0 +1,344 @@
+"""The hourglass expert: a causal byte-level LM that compresses the sequence level by level.
+
+Example (T = 256, G = 32, latents = [16, 4], widths = [64, 128, 256]):
+
+    embed     (B, 256, 64)                                        skip 0
+    encoder 1 (B, 8, 32, 64)  -> (B, 8, 16, 128)  local + global  skip 1
+    encoder 2 (B, 8, 16, 128) -> (B, 8, 4, 256)   local + global
+    latent    (B, 32, 256)                        global layers (most parameters and FLOPs)
+    decoder 2 (B, 8, 4, 256)  -> (B, 8, 16, 128)  upsample, project, + skip 1, local + global
+    decoder 1 (B, 8, 16, 128) -> (B, 8, 32, 64)   upsample, project, + skip 0, local + global
+    head      (B, 256, V)
+
+Causality rests on one invariant: row r of a group g at level l (R_l rows a group) may
+depend only on inputs up to its `visible` position g*G + (G - R_l) + r. Compressors,
+upsamplers and attention masks all respect it; `features()` returns it with each state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from experts.blocks import MLP, Attention, Block, MultiChannelBlock, RMSNorm
+from experts.generation import generate
+
+
+@dataclass
+class HourglassConfig:
+    vocab_size: int = 259
+    block_size: int = 512
+    group_len: int = 32  # G: tokens per group, anchored at position 0
+    latents: list[int] = field(default_factory=lambda: [16, 4])  # K_l: latents per group at each level
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # one more than levels
+    n_head: int = 4
+    n_local: int = 1  # layers within a group, per encoder and decoder level
+    n_global: int = 1  # layers over the whole sequence, per encoder and decoder level
+    n_latent_layers: int = 4
+    compressor: str = "perceiver"  # perceiver | transformer
+    upsample: str = "repeat"  # repeat | attn
+    interleave: bool = False  # local/global layers alternate (True) or all local first (False)
+    channels: int = 1  # multi-channel attention in latent layers (1 = off)
+    shared_channels: bool = False  # an MLP shared by all channels (DeepSeekMoE's shared expert)
+    shared_kv: bool = False  # one k, v projection for all channels
+    channels_every: int = 1  # every n-th latent layer is multi-channel
+    channel_mult: float = 1.0  # channel MLP width = channel_mult * 4d / channels
+    denseformer: bool = False  # depth-weighted averaging in the latent stage
+    latent_loss: float = 0.0  # weight of the next-latent cosine prediction loss
+    dropout: float = 0.0
+    mlp: str = "gelu"  # gelu | swiglu
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(keys: str, why: str):
+            raise ValueError(f"invalid hourglass config ({keys}): {why}")
+
+        if len(self.widths) != len(self.latents) + 1:
+            bad("widths, latents", f"widths needs one entry more than latents, got {self.widths} and {self.latents}")
+        if not self.latents:
+            bad("latents", "at least one compression level is needed, e.g. [16, 4]")
+        rows = self.group_len
+        for level, k in enumerate(self.latents, 1):
+            if not 1 <= k <= rows:
+                bad("latents, group_len", f"level {level} has {k} latents per group but its groups have {rows} rows; "
+                                          "each level needs 1 <= latents <= rows of the level below")
+            rows = k
+        if self.block_size % self.group_len:
+            bad("block_size, group_len", f"block_size {self.block_size} must be a multiple of group_len {self.group_len}")
+        for w in self.widths:
+            if w % self.n_head:
+                bad("widths, n_head", f"every width must be divisible by n_head={self.n_head}, got {self.widths}")
+        choices = {"compressor": ("perceiver", "transformer"), "upsample": ("repeat", "attn"), "mlp": ("gelu", "swiglu")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                bad(key, f"expected one of {valid}, got {getattr(self, key)!r}")
+        if self.channels < 1 or self.channels_every < 1:
+            bad("channels, channels_every", "both must be >= 1")
+        if (self.shared_channels or self.shared_kv) and self.channels < 2:
+            bad("shared_channels, shared_kv, channels", "shared channel parts need channels >= 2")
+        if self.channels > 1 and self.n_latent_layers < self.channels_every:
+            bad("channels, channels_every, n_latent_layers",
+                f"no latent layer is multi-channel: n_latent_layers={self.n_latent_layers} < channels_every={self.channels_every}")
+        if int(4 * self.widths[-1] * self.channel_mult) // self.channels < 1:
+            bad("channels, channel_mult", "channel MLP width 4 * d * channel_mult / channels must be >= 1")
+        if self.denseformer and self.n_latent_layers < 1:
+            bad("denseformer, n_latent_layers", "DenseFormer averages latent layers; set n_latent_layers >= 1")
+        if self.latent_loss < 0:
+            bad("latent_loss", f"must be >= 0, got {self.latent_loss}")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if min(self.n_local, self.n_global, self.n_latent_layers, self.n_head, self.vocab_size) < 0:
+            bad("n_local, n_global, n_latent_layers", "layer counts must be >= 0")
+
+
+def level_visible(n_groups: int, rows: int, group_len: int, device=None) -> torch.Tensor:
+    """(n_groups * rows,) last input position each row of a level may depend on."""
+    g = torch.arange(n_groups, device=device)[:, None]
+    r = torch.arange(rows, device=device)[None, :]
+    return (g * group_len + (group_len - rows) + r).reshape(-1)
+
+
+def layer_order(n_local: int, n_global: int, interleave: bool) -> list[str]:
+    """['local', ..., 'global', ...] or, interleaved, ['local', 'global', 'local', ...]."""
+    if not interleave:
+        return ["local"] * n_local + ["global"] * n_global
+    order = []
+    for i in range(max(n_local, n_global)):
+        order += ["local"] * (i < n_local) + ["global"] * (i < n_global)
+    return order
+
+
+class LevelStack(nn.Module):
+    """Local layers (causal within a group) and global layers (causal over all rows)."""
+
+    def __init__(self, dim: int, cfg: HourglassConfig):
+        super().__init__()
+        self.kinds = kinds = layer_order(cfg.n_local, cfg.n_global, cfg.interleave)
+        self.blocks = nn.ModuleList(Block(dim, cfg.n_head, mlp=cfg.mlp, dropout=cfg.dropout) for _ in kinds)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, n, R, C = h.shape
+        for kind, block in zip(self.kinds, self.blocks):
+            if kind == "local":
+                h = block(h.reshape(B * n, R, C)).view(B, n, R, C)
+            else:
+                h = block(h.reshape(B, n * R, C)).view(B, n, R, C)
+        return h
+
+
+class PerceiverCompressor(nn.Module):
+    """K latents per group: queries from the group's last K rows, keys/values all G rows,
+    latent r sees group rows 0 .. G-K+r (a bottom-right aligned mask)."""
+
+    def __init__(self, d_in: int, d_out: int, rows: int, k: int, cfg: HourglassConfig):
+        super().__init__()
+        self.k = k
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+        self.ln_q, self.ln_kv, self.ln_2 = RMSNorm(d_out), RMSNorm(d_in), RMSNorm(d_out)
+        self.attn = Attention(d_out, cfg.n_head, d_kv=d_in, dropout=cfg.dropout)
+        self.mlp = MLP(d_out, 4 * d_out, cfg.mlp, cfg.dropout)
+        r, i = torch.arange(k)[:, None], torch.arange(rows)[None, :]
+        self.register_buffer("mask", i <= rows - k + r, persistent=False)  # (K, G)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, n, G, _ = x.shape
+        xf = x.reshape(B * n, G, -1)
+        z = self.proj(xf[:, G - self.k:])  # (B*n, K, d_out)
+        z = z + self.attn(self.ln_q(z), self.ln_kv(xf), mask=self.mask)
+        z = z + self.mlp(self.ln_2(z))
+        return z.view(B, n, self.k, -1)
+
+
+class TransformerCompressor(nn.Module):
+    """Causal layer over the group's rows, keep the last K, project to the next width."""
+
+    def __init__(self, d_in: int, d_out: int, rows: int, k: int, cfg: HourglassConfig):
+        super().__init__()
+        self.k = k
+        self.block = Block(d_in, cfg.n_head, mlp=cfg.mlp, dropout=cfg.dropout)
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, n, G, C = x.shape
+        h = self.block(x.reshape(B * n, G, C))[:, G - self.k:]  # (B*n, K, C)
+        return self.proj(h).view(B, n, self.k, -1)
+
+
+class Upsampler(nn.Module):
+    """K latents a group -> R rows a group. Row j takes its own group's latent j-(R-K) when
+    j >= R-K (the latent aligned to it), else a latent of the previous group; group 0 uses
+    learned start latents. 'attn' adds attention of every row to all latents it may see."""
+
+    def __init__(self, d_in: int, d_out: int, k: int, rows: int, cfg: HourglassConfig):
+        super().__init__()
+        self.k, self.rows, self.group_len = k, rows, cfg.group_len
+        self.start = nn.Parameter(torch.randn(k, d_in) * 0.02)  # latents of "group -1"
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+        j = torch.arange(rows)
+        early = rows - k
+        own = j >= early
+        prev_idx = (j * k) // max(early, 1)  # spread the previous group's latents over the early rows
+        self.register_buffer("group_offset", own.long(), persistent=False)  # 1: own group, 0: previous
+        self.register_buffer("latent_index", torch.where(own, j - early, prev_idx.clamp(max=k - 1)), persistent=False)
+        self.attn = None
+        if cfg.upsample == "attn":
+            self.ln_q, self.ln_kv = RMSNorm(d_out), RMSNorm(d_out)
+            self.attn = Attention(d_out, cfg.n_head, dropout=cfg.dropout)
+
+    def forward(self, h: torch.Tensor, skip: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        B, n, K, C = h.shape
+        hp = torch.cat([self.start.expand(B, 1, K, C).to(h.dtype), h], dim=1)  # (B, n+1, K, C)
+        groups = torch.arange(n, device=h.device)[:, None] + self.group_offset[None, :]  # (n, R)
+        up = hp[:, groups, self.latent_index[None, :].expand(n, -1)]  # (B, n, R, C)
+        x = self.proj(up) + pos + skip  # the skip comes in before the level's layers
+        if self.attn is not None:
+            kv = self.proj(hp).view(B, (n + 1) * K, -1)
+            v_out = level_visible(n, self.rows, self.group_len, h.device)
+            v_in = level_visible(n + 1, K, self.group_len, h.device) - self.group_len  # start latents: -1
+            mask = v_in[None, :] <= v_out[:, None]  # (n*R, (n+1)*K)
+            q = x.reshape(B, n * self.rows, -1)
+            x = x + self.attn(self.ln_q(q), self.ln_kv(kv), mask=mask).view_as(x)
+        return x
+
+
+class LatentStack(nn.Module):
+    """Global layers over the latents, optionally multi-channel and DenseFormer-averaged."""
+
+    def __init__(self, dim: int, cfg: HourglassConfig):
+        super().__init__()
+        layers = []
+        for i in range(cfg.n_latent_layers):
+            if cfg.channels > 1 and (i + 1) % cfg.channels_every == 0:
+                layers.append(MultiChannelBlock(dim, cfg.n_head, cfg.channels, cfg.mlp, cfg.channel_mult,
+                                                cfg.shared_kv, cfg.shared_channels, cfg.dropout))
+            else:
+                layers.append(Block(dim, cfg.n_head, mlp=cfg.mlp, dropout=cfg.dropout))
+        self.layers = nn.ModuleList(layers)
+        # DenseFormer: after layer i, x = sum_j alpha_ij X_j over the input and all layer outputs so
+        # far; alpha starts one-hot on the newest output, so at init the stack is a plain one.
+        self.alphas = nn.ParameterList(
+            nn.Parameter(F.one_hot(torch.tensor(i + 1), i + 2).float()) for i in range(len(layers))
+        ) if cfg.denseformer else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        history = [x]
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.alphas is not None:
+                history.append(x)
+                x = torch.einsum("j,j...->...", self.alphas[i].to(x.dtype), torch.stack(history))
+        return x
+
+
+class HourglassLM(nn.Module):
+    def __init__(self, config: HourglassConfig):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        d = cfg.widths
+        self.rows = [cfg.group_len, *cfg.latents]  # R_l: rows per group at level l
+        self.wte = nn.Embedding(cfg.vocab_size, d[0])
+        self.wpe = nn.Embedding(cfg.block_size, d[0])
+        # within-group position table of each level, shared by its encoder and decoder
+        self.pos = nn.ParameterList(nn.Parameter(torch.randn(r, w) * 0.02) for r, w in zip(self.rows, d))
+        Compressor = PerceiverCompressor if cfg.compressor == "perceiver" else TransformerCompressor
+        levels = range(1, len(d))
+        self.compress = nn.ModuleList(Compressor(d[l - 1], d[l], self.rows[l - 1], self.rows[l], cfg) for l in levels)
+        self.enc = nn.ModuleList(LevelStack(d[l], cfg) for l in levels)
+        self.latent = LatentStack(d[-1], cfg)
+        self.up = nn.ModuleList(Upsampler(d[l], d[l - 1], self.rows[l], self.rows[l - 1], cfg) for l in levels)
+        self.dec = nn.ModuleList(LevelStack(d[l - 1], cfg) for l in levels)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ln_f = RMSNorm(d[0])
+        self.lm_head = nn.Linear(d[0], cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.predict_latent = nn.Linear(d[-1], d[-1], bias=False) if cfg.latent_loss > 0 else None
+        self.latent_loss_scale = 1.0  # the trainer warms the latent loss up through this
+        self.apply(_init_weights)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _run(self, idx: torch.Tensor, collect: bool = False):
+        B, T = idx.shape
+        cfg, G = self.config, self.config.group_len
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}; crop the input "
+                             f"(generate() keeps the last block_size tokens)")
+        n = math.ceil(T / G)
+        pad = n * G - T  # right-pad to whole groups; causality keeps padding out of real outputs
+        idx = F.pad(idx, (0, pad))
+        x = self.wte(idx) + self.wpe(torch.arange(n * G, device=idx.device))
+        h = self.drop(x.view(B, n, G, -1) + self.pos[0])  # (B, n, G, d0)
+        feats = [("embed", h)] if collect else None
+        skips = [h]
+        for l, (compress, enc) in enumerate(zip(self.compress, self.enc), 1):
+            h = enc(compress(h) + self.pos[l])  # (B, n, K_l, d_l)
+            skips.append(h)
+            if collect:
+                feats.append((f"encoder{l}", h))
+        K = h.shape[2]
+        z = self.latent(h.reshape(B, n * K, -1))  # (B, n*K_L, d_L)
+        h = z.view(B, n, K, -1)
+        if collect:
+            feats.append(("latent", h))
+        for l in reversed(range(1, len(self.rows))):
+            h = self.dec[l - 1](self.up[l - 1](h, skips[l - 1], self.pos[l - 1]))  # (B, n, R_{l-1}, d_{l-1})
+            if collect:
+                feats.append((f"decoder{l}", h))
+        out = h.reshape(B, n * G, -1)[:, :T]
+        return out, z, T, feats
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        h, z, T, _ = self._run(idx)
+        logits = self.lm_head(self.ln_f(h))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if self.predict_latent is not None:
+            loss = loss + self.config.latent_loss * self.latent_loss_scale * self._latent_loss(z, T)
+        return logits, loss
+
+    def _latent_loss(self, z: torch.Tensor, T: int) -> torch.Tensor:
+        """Predict latent t+1 from latent t (cosine), over latents that see no padding."""
+        K = self.rows[-1]
+        valid = int((level_visible(z.shape[1] // K, K, self.config.group_len) < T).sum())
+        if valid < 2:
+            return z.new_zeros(())
+        pred = self.predict_latent(z[:, : valid - 1])
+        return (1 - F.cosine_similarity(pred.float(), z[:, 1:valid].detach().float(), dim=-1)).mean()
+
+    @torch.no_grad()
+    def features(self, idx: torch.Tensor) -> list[dict]:
+        """Hidden states at every stage: [{name, h (B, R, d), visible (R,)}], depth order,
+        rows that depend on padding removed. Row i may depend on inputs <= visible[i]."""
+        _, _, T, feats = self._run(idx, collect=True)
+        out = []
+        for name, h in feats:
+            B, n, R, C = h.shape
+            vis = level_visible(n, R, self.config.group_len, h.device)
+            keep = vis < T  # visible increases along the flattened rows: a prefix
+            out.append({"name": name, "h": h.reshape(B, n * R, C)[:, keep], "visible": vis[keep]})
+        return out
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        return generate(self, idx, max_new_tokens, temperature, top_k)
+
+    def config_dict(self) -> dict:
+        return {"arch": "hourglass", **asdict(self.config)}
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
