@@ -1,0 +1,202 @@
+"""The training loop shared by experts, the dense baseline and the central model.
+
+Knows nothing of Ray or MLflow: metrics go to a callback, checkpoints to a directory.
+AdamW (decay on 2-D weights only), warm-up + cosine, gradient clipping and accumulation,
+bf16 autocast where the processor has bf16 units, validation in bits per byte, resumable
+checkpoints, and a token budget so runs compare at equal compute.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from experts.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    max_tokens: int = 1_000_000  # token budget: steps = max_tokens // tokens per step
+    batch_size: int = 16
+    seq_len: int | None = None  # default: the model's block_size
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100  # steps; 0 = only at the end
+    eval_tokens: int = 65_536  # validation tokens scored each time
+    ckpt_every: int = 0  # steps; 0 = only at the end (when a checkpoint directory is given)
+    keep_checkpoints: int = 2
+    precision: str = "auto"  # auto | bf16 | fp32
+    latent_loss_warmup: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+    def steps(self, seq_len: int) -> int:
+        return max(1, self.max_tokens // (self.batch_size * seq_len * self.grad_accum))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    train_loss: float
+    val_bpb: float | None
+    tokens_per_s: float
+    resumed_from: int | None
+
+
+def encode_texts(texts: list[str], eos_id: int | None = None) -> np.ndarray:
+    """Byte tokens of the texts, concatenated (each followed by eos_id when given)."""
+    parts = []
+    for text in texts:
+        parts.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16))
+        if eos_id is not None:
+            parts.append(np.array([eos_id], dtype=np.uint16))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast pays off on GPUs with bf16 and on CPUs with AMX / AVX-512 BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be one of auto, bf16, fp32; got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and bf16_supported(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    coeff = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * coeff)
+
+
+def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len + 1 tokens: inputs and next-token targets (B, T)."""
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"training data has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
+                         f"{seq_len + 1}; give more text or a shorter seq_len")
+    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)
+    rows = np.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()]).astype(np.int64)
+    batch = torch.from_numpy(rows).to(device)
+    return batch[:, :-1], batch[:, 1:]
+
+
+@torch.no_grad()
+def bits_per_byte(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, max_tokens: int | None = None,
+                  batch_size: int = 8, precision: str = "auto") -> float:
+    """Bits per byte over consecutive windows of tokens: nats / ln 2 / bytes predicted.
+    Only byte targets (< 256) count; special tokens such as document separators do not."""
+    device = next(model.parameters()).device
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
+    windows = [tokens[s:s + seq_len + 1] for s in range(0, n - 1, seq_len)]
+    windows = [w for w in windows if len(w) > 1]
+    if not windows:
+        raise ValueError(f"validation data has {len(tokens)} tokens; need at least 2 to score")
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start:start + batch_size]
+        width = max(len(w) for w in chunk)
+        rows = np.full((len(chunk), width), -1, dtype=np.int64)
+        for i, w in enumerate(chunk):
+            rows[i, :len(w)] = w
+        batch = torch.from_numpy(rows).to(device)
+        x, y = batch[:, :-1].clamp(min=0), batch[:, 1:]
+        with autocast_context(device, precision):
+            logits, _ = model(x)
+        losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y.clamp(min=0), reduction="none")
+        counted = (y >= 0) & (y < 256)
+        nll += float(losses[counted].sum())
+        count += int(counted.sum())
+    model.train(was_training)
+    return nll / math.log(2) / max(count, 1)
+
+
+def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
+          ckpt_dir: str | Path | None = None, on_metrics: Callable[[int, dict], None] | None = None,
+          meta: dict | None = None) -> TrainResult:
+    """Train `model` in place for cfg.max_tokens tokens, resuming from ckpt_dir's newest checkpoint."""
+    device = next(model.parameters()).device
+    seq_len = cfg.seq_len or model.config.block_size
+    total = cfg.steps(seq_len)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = configure_optimizer(model, cfg)
+    step, resumed_from = 0, None
+    if ckpt_dir is not None and (latest := latest_checkpoint(ckpt_dir)) is not None:
+        load_checkpoint(ckpt_dir, latest, model, optimizer, generator)
+        step = resumed_from = latest
+    emit = on_metrics or (lambda step, metrics: None)
+    model.train()
+    loss_value, val_bpb = float("nan"), None
+    window_t0, window_tokens = time.perf_counter(), 0
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
+    tokens_per_s = 0.0
+    while step < total:
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if hasattr(model, "latent_loss_scale"):
+            model.latent_loss_scale = min(1.0, (step + 1) / max(1, cfg.latent_loss_warmup))
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = sample_batch(train_tokens, cfg.batch_size, seq_len, generator, device)
+            with autocast_context(device, cfg.precision):
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = loss_sum / cfg.grad_accum
+        window_tokens += tokens_per_step
+        if step % cfg.log_every == 0 or step == total:
+            tokens_per_s = window_tokens / (time.perf_counter() - window_t0)
+            emit(step, {"train_loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s,
+                        "tokens": step * tokens_per_step})
+            window_t0, window_tokens = time.perf_counter(), 0
+        if val_tokens is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            val_bpb = bits_per_byte(model, val_tokens, seq_len, cfg.eval_tokens, precision=cfg.precision)
+            emit(step, {"val_bpb": val_bpb})
+        if ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total):
+            save_checkpoint(ckpt_dir, step, model, optimizer, generator,
+                            {**(meta or {}), "train_config": asdict(cfg), "tokens": step * tokens_per_step},
+                            keep=cfg.keep_checkpoints)
+    return TrainResult(step, step * tokens_per_step, loss_value, val_bpb, tokens_per_s, resumed_from)

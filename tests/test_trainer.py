@@ -1,0 +1,172 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import textgen
+from experts.checkpoint import CheckpointError, latest_checkpoint, load_model, save_model
+from experts.flops import forward_flops_per_token, mfu
+from experts.gpt import GPT, GPTConfig
+from experts.hourglass import HourglassConfig, HourglassLM
+from experts.trainer import (TrainConfig, bits_per_byte, configure_optimizer, encode_texts, lr_at, train)
+
+SMALL = dict(vocab_size=259, block_size=32, group_len=8, latents=[4, 2], widths=[16, 32, 32], n_head=2,
+             n_latent_layers=2)
+
+
+def tokens(seed: int = 0) -> np.ndarray:
+    return encode_texts([r["text"] for r in textgen.corpus(4, seed=seed)], eos_id=257)
+
+
+def small_model(seed: int = 0, **over) -> HourglassLM:
+    torch.manual_seed(seed)
+    return HourglassLM(HourglassConfig(**{**SMALL, **over}))
+
+
+def state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def cfg(**over) -> TrainConfig:
+    base = dict(max_tokens=8 * 32 * 12, batch_size=8, warmup_steps=3, eval_every=0, log_every=1,
+                precision="fp32", seed=3)
+    return TrainConfig(**{**base, **over})
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path):
+    data, val = tokens(0), tokens(1)
+    # dropout on: the torch RNG state must be restored too
+    straight = small_model(dropout=0.1, latent_loss=0.1)
+    train(straight, data, val, cfg(), ckpt_dir=tmp_path / "a")
+
+    def crash_at_step_7(step, metrics):
+        if step == 7:
+            raise KeyboardInterrupt("simulated crash")
+
+    interrupted = small_model(dropout=0.1, latent_loss=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, data, val, cfg(ckpt_every=5), ckpt_dir=tmp_path / "b", on_metrics=crash_at_step_7)
+    assert latest_checkpoint(tmp_path / "b") == 5
+    resumed = small_model(seed=99, dropout=0.1, latent_loss=0.1)  # fresh process: other init, same config
+    result = train(resumed, data, val, cfg(ckpt_every=5), ckpt_dir=tmp_path / "b")
+    assert result.resumed_from == 5 and result.steps == 12
+    for key, value in state(straight).items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_checkpoints_every_n_steps_keep_only_the_newest(tmp_path):
+    train(small_model(), tokens(), None, cfg(ckpt_every=2, keep_checkpoints=2), ckpt_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["step-00000010.json", "step-00000010.safetensors", "step-00000012.json",
+                     "step-00000012.safetensors"]
+
+
+def test_a_finished_run_resumes_to_no_further_steps(tmp_path):
+    model = small_model()
+    train(model, tokens(), None, cfg(), ckpt_dir=tmp_path)
+    before = state(model)
+    result = train(model, tokens(), None, cfg(), ckpt_dir=tmp_path)
+    assert result.steps == 12 and result.resumed_from == 12
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_same_seed_gives_the_same_metrics():
+    logs = []
+    for _ in range(2):
+        seen = []
+        train(small_model(), tokens(), tokens(1), cfg(eval_every=6),
+              on_metrics=lambda step, m, seen=seen: seen.append((step, m.get("train_loss"), m.get("val_bpb"))))
+        logs.append(seen)
+    assert logs[0] == logs[1]
+
+
+def test_training_lowers_validation_bits_per_byte():
+    model = small_model()
+    val = tokens(1)
+    before = bits_per_byte(model, val, 32, precision="fp32")
+    result = train(model, tokens(0), val, cfg(max_tokens=8 * 32 * 150, lr=3e-3))
+    assert result.val_bpb < before - 2.0  # random init is ~8 bits; generated text is very repetitive
+
+
+def test_token_budget_sets_the_number_of_steps():
+    seen = []
+    result = train(small_model(), tokens(), None, cfg(max_tokens=8 * 32 * 2 * 7 + 5, grad_accum=2),
+                   on_metrics=lambda s, m: seen.append(s))
+    assert result.steps == 7 and result.tokens == 7 * 8 * 32 * 2
+    assert seen == list(range(1, 8))
+
+
+def test_weight_decay_applies_to_two_dimensional_weights_only():
+    model = small_model()
+    opt = configure_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() < 2 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    c = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 100, c) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(100, 100, c) == pytest.approx(0.1)
+
+
+def test_bits_per_byte_of_a_uniform_model_is_log2_vocab():
+    model = GPT(GPTConfig(vocab_size=259, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # logits all zero: uniform over 259 tokens
+    assert bits_per_byte(model, tokens(), 16, precision="fp32") == pytest.approx(math.log2(259), rel=1e-5)
+
+
+def test_bits_per_byte_ignores_special_token_targets():
+    model = small_model()
+    plain = encode_texts(["abcdefgh" * 20])
+    with_eos = encode_texts(["abcdefgh" * 20], eos_id=257)
+    # the eos at the end is a target in the second stream but is not a byte: same count of bytes scored
+    a = bits_per_byte(model, plain, 32, precision="fp32")
+    b = bits_per_byte(model, with_eos, 32, precision="fp32")
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_too_little_training_data_is_a_clear_error():
+    with pytest.raises(ValueError, match="fewer than one window"):
+        train(small_model(), encode_texts(["short"]), None, cfg())
+
+
+def test_exported_model_round_trips_and_a_changed_file_is_refused(tmp_path):
+    model = small_model()
+    save_model(tmp_path, model, {"tokenizer": "abc"})
+    loaded, meta = load_model(tmp_path)
+    idx = torch.randint(0, 259, (1, 20))
+    assert torch.equal(loaded(idx)[0], model(idx)[0]) and meta["tokenizer"] == "abc"
+    assert loaded.lm_head.weight is loaded.wte.weight  # tying survives the round trip
+    path = tmp_path / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model(tmp_path)
+
+
+def test_hourglass_costs_fewer_flops_per_token_than_a_gpt_of_similar_size():
+    hg = HourglassLM(HourglassConfig(block_size=256))
+    gpt = GPT(GPTConfig(block_size=256, n_layer=6, n_embd=256, n_head=4))
+    assert hg.num_params() > gpt.num_params()
+    assert forward_flops_per_token(hg) < forward_flops_per_token(gpt) / 2
+
+
+def test_gpt_flops_match_the_nanogpt_formula():
+    c = GPTConfig(block_size=64, n_layer=3, n_embd=32, n_head=2)
+    model = GPT(c)
+    non_embedding = model.num_params() - model.wpe.weight.numel()  # lm_head (tied) is a matmul
+    attention = c.n_layer * 4 * c.n_embd * (c.block_size + 1) / 2  # causal: (T+1)/2 keys a query
+    assert forward_flops_per_token(model) == pytest.approx(2 * (non_embedding - _norm_params(model)) + attention)
+    assert mfu(1e6, 1000, 1e10) == pytest.approx(0.1)
+
+
+def _norm_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
