@@ -148,3 +148,18 @@ def load_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return meta
+
+
+def load_any(directory: str | Path) -> tuple[torch.nn.Module, dict]:
+    """An exported model (model.json) or the newest training checkpoint (step-*.json) in directory."""
+    directory = Path(directory)
+    if (directory / "model.json").is_file():
+        return load_model(directory)
+    step = latest_checkpoint(directory) if directory.is_dir() else None
+    if step is None:
+        raise CheckpointError(f"{directory} holds neither model.safetensors + model.json nor a training "
+                              "checkpoint step-*.safetensors + step-*.json")
+    tensors, meta = load_tensors_json(directory, checkpoint_name(step))
+    model = build_model(meta["config"])
+    _load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, meta["aliases"])
+    return model, meta

@@ -48,6 +48,27 @@ def ui_command(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def generate_command(args: argparse.Namespace) -> int:
+    """Sample text from an exported model or a training checkpoint directory."""
+    import torch
+
+    from experts.checkpoint import load_any
+    from pipeline.tokenizer import ByteTokenizer
+
+    model, meta = load_any(args.model)
+    tok = ByteTokenizer()
+    if meta.get("tokenizer") not in (None, tok.fingerprint):
+        print(f"moie: warning: model was trained with tokenizer {meta['tokenizer']}, this is {tok.fingerprint}",
+              file=sys.stderr)
+    torch.manual_seed(args.seed)
+    model.eval()
+    prompt = tok.encode(args.prompt) or [tok.bos_id]
+    idx = torch.tensor([prompt], dtype=torch.long)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moie", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(cluster, DEFAULT_CONFIG)
     add_pipeline_arg(cluster)
     cluster.set_defaults(func=cluster_command)
+    gen = sub.add_parser("generate", help="sample text from a model directory (model.json or step-*.json)")
+    gen.add_argument("--model", required=True, help="directory with model.safetensors + model.json, "
+                                                    "or a training checkpoint directory")
+    gen.add_argument("--prompt", default="")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=generate_command)
     ui = sub.add_parser("ui", help="MLflow UI on this pipeline's tracking store (127.0.0.1)")
     add_config_args(ui, DEFAULT_CONFIG)
     ui.add_argument("--port", type=int, default=5000)
@@ -68,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse, run, and turn the errors a user can fix into one clear line and exit code 2."""
+    from experts.checkpoint import CheckpointError
     from pipeline.artifacts import ChecksumError
     from pipeline.corpus import CorpusError
     from pipeline.embedded import EmbeddedCorpusError
@@ -82,7 +113,7 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
     try:
         return args.func(args)
     except (ConfigError, CorpusError, EmbeddedCorpusError, StageError, ResourceError, PipelineNotFoundError,
-            ChecksumError) as e:
+            ChecksumError, CheckpointError) as e:
         print(f"moie: error: {e}", file=sys.stderr)
         return 2
 

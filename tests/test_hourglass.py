@@ -170,7 +170,7 @@ def test_a_tiny_model_overfits_one_batch(name):
     x, y = idx[:, :-1], idx[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
-    for _ in range(150):
+    for _ in range(300):
         _, loss = model(x, y)
         first = first if first is not None else loss.item()
         opt.zero_grad()
