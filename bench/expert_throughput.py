@@ -1,7 +1,7 @@
 """Hourglass vs GPT at matched parameters (byte-level, block 512): training tokens/s in
 fp32 and bf16, inference tokens/s, peak memory, FLOPs/token and MFU, side by side.
 
-    python bench/expert_throughput.py [--batch 8] [--steps 6] [--threads 2]
+    python bench/expert_throughput.py [--batch 8,16] [--steps 6] [--threads 2]
 
 Each model is measured in its own process (so peak RSS is its own); the MFU peak is a
 large matmul measured in this run. Target: hourglass >= 2x the GPT's training tokens/s.
@@ -74,13 +74,13 @@ def measure(arch: str, batch: int, steps: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", default="8,16", help="comma-separated batch sizes, each measured")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.batch, args.steps, args.threads)))
+        print(json.dumps(measure(args.child, int(args.batch), args.steps, args.threads)))
         return
     import torch
 
@@ -88,9 +88,16 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     peak = {"bf16": measure_peak_flops(torch.bfloat16), "fp32": measure_peak_flops(torch.float32)}
+    print(f"{args.threads} threads; peak matmul: bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, "
+          f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s")
+    for batch in [int(b) for b in args.batch.split(",")]:
+        report(batch, args, peak)
+
+
+def report(batch: int, args: argparse.Namespace, peak: dict) -> None:
     rows = {}
     for arch in ("hourglass", "gpt"):
-        cmd = [sys.executable, __file__, "--child", arch, "--batch", str(args.batch), "--steps", str(args.steps),
+        cmd = [sys.executable, __file__, "--child", arch, "--batch", str(batch), "--steps", str(args.steps),
                "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
@@ -105,8 +112,7 @@ def main() -> None:
             ("infer_tok_s_bf16", "inference tokens/s bf16"), ("train_peak_rss_mb", "peak RSS MB"),
             ("train_extra_rss_mb", "RSS added by training MB"), ("mfu_fp32", "MFU fp32"), ("mfu_bf16", "MFU bf16")]
     hg, gpt = rows["hourglass"], rows["gpt"]
-    print(f"batch {args.batch} x block 512, {args.threads} threads; peak matmul: bf16 {peak['bf16'] / 1e9:.0f} "
-          f"GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s\n")
+    print(f"\nbatch {batch} x block 512\n")
     print("| metric | hourglass | GPT | hourglass / GPT |\n|---|---|---|---|")
     for key, label in keys:
         print(f"| {label} | {hg[key]:.4g} | {gpt[key]:.4g} | {hg[key] / gpt[key]:.2f} |")

@@ -49,11 +49,15 @@ class Attention(nn.Module):
         super().__init__()
         assert dim % n_head == 0, f"width {dim} must be divisible by n_head {n_head}"
         self.n_head, self.head_dim = n_head, dim // n_head
-        self.q = nn.Linear(dim, dim, bias=False)
-        if shared_kv is None:
-            self.kv = nn.Linear(d_kv or dim, 2 * dim, bias=False)
-        else:  # owned (and saved) by the caller; a plain reference here, not a second registration
-            self.__dict__["kv"] = shared_kv
+        if d_kv is None and shared_kv is None:  # self-attention: one fused matmul for q, k, v
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        else:
+            self.qkv = None
+            self.q = nn.Linear(dim, dim, bias=False)
+            if shared_kv is None:
+                self.kv = nn.Linear(d_kv or dim, 2 * dim, bias=False)
+            else:  # owned (and saved) by the caller; a plain reference here, not a second registration
+                self.__dict__["kv"] = shared_kv
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim, bias=False)
@@ -62,10 +66,16 @@ class Attention(nn.Module):
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, Tq, C = x_q.shape
-        x_kv = x_q if x_kv is None else x_kv
-        Tk = x_kv.shape[1]
-        q = self.q(x_q).view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hs)
-        k, v = self.kv(x_kv).split(C, dim=2)
+        if self.qkv is not None:
+            if x_kv is not None:
+                raise ValueError("this Attention was built for self-attention; build it with d_kv for cross-attention")
+            q, k, v = self.qkv(x_q).split(C, dim=2)
+        else:
+            x_kv = x_q if x_kv is None else x_kv
+            q = self.q(x_q)
+            k, v = self.kv(x_kv).split(C, dim=2)
+        Tk = k.shape[1]
+        q = q.view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hs)
         k = k.view(B, Tk, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tk, hs)
         v = v.view(B, Tk, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tk, hs)
         q, k = self.q_norm(q), self.k_norm(k)

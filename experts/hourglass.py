@@ -189,7 +189,7 @@ class Upsampler(nn.Module):
         self.attn = None
         if cfg.upsample == "attn":
             self.ln_q, self.ln_kv = RMSNorm(d_out), RMSNorm(d_out)
-            self.attn = Attention(d_out, cfg.n_head, dropout=cfg.dropout)
+            self.attn = Attention(d_out, cfg.n_head, d_kv=d_out, dropout=cfg.dropout)
 
     def forward(self, h: torch.Tensor, skip: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, n, K, C = h.shape
