@@ -1,6 +1,9 @@
 """Hourglass vs GPT at equal training FLOPs on the embedded corpus: validation bits per byte.
 
-    python bench/expert_quality.py [--flops 3e13] [--threads 2]
+    python bench/expert_quality.py [--flops 3e13] [--threads 2] [--save DIR]
+
+With --save, both trained models are exported to DIR/hourglass and DIR/gpt
+(model.safetensors + model.json) for `moie generate --model DIR/hourglass`.
 
 Both models (bench/matched.py, ~5 M parameters, block 512) are trained with the same
 recipe for the same FLOP budget: the cheaper model per token sees more tokens. The
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--save", default=None, help="export the trained models under this directory")
     args = parser.parse_args()
     import torch
 
@@ -67,6 +71,11 @@ def main() -> None:
                                                             f"{m['tokens_per_s']:.0f} tok/s", flush=True))
         wall = time.perf_counter() - t0
         bpb = bits_per_byte(model, val_tokens, model.config.block_size)
+        if args.save:
+            from experts.checkpoint import save_model
+            from pipeline.tokenizer import ByteTokenizer
+
+            save_model(Path(args.save) / name, model, {"tokenizer": ByteTokenizer().fingerprint, "val_bpb": bpb})
         rows.append((name, model.num_params() / 1e6, per_token / 1e6, result.tokens, result.steps, wall, bpb))
     print("\n| model | params (M) | train MFLOP/token | tokens | steps | wall s | validation bpb |")
     print("|---|---|---|---|---|---|---|")

@@ -35,6 +35,32 @@ def cluster_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def experts_command(args: argparse.Namespace) -> int:
+    """Train, resume or report every expert of a pipeline; print the pipeline's run id."""
+    from pipeline.expert_stage import run_experts
+
+    cfg = load_config(args.config, args.overrides)
+    if not args.pipeline:
+        raise ConfigError("the experts stage needs --pipeline RUN_ID (printed by `moie cluster`)")
+    registered = run_experts(cfg, args.pipeline)
+    for name, uri in sorted(registered.items()):
+        print(f"{name}: {uri}", file=sys.stderr)
+    print(args.pipeline)
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The pipeline so far: cluster, then experts, in one parent run."""
+    from pipeline.expert_stage import run_experts
+    from pipeline.stages import run_cluster
+
+    cfg = load_config(args.config, args.overrides)
+    pipeline_id = run_cluster(cfg, args.pipeline)
+    run_experts(cfg, pipeline_id)
+    print(pipeline_id)
+    return 0
+
+
 def ui_command(args: argparse.Namespace) -> int:
     """Start the MLflow UI on the pipeline's tracking store, bound to 127.0.0.1."""
     from pipeline.tracking import tracking_uri
@@ -72,10 +98,10 @@ def generate_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moie", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pipeline on a config (today: the cluster stage)")
+    run = sub.add_parser("run", help="run the pipeline on a config (today: cluster, then experts)")
     add_config_args(run, DEFAULT_CONFIG)
     add_pipeline_arg(run)
-    run.set_defaults(func=cluster_command)
+    run.set_defaults(func=run_command)
     cluster = sub.add_parser("cluster", help="cBTM clustering stage: tf-idf + SVD + balanced k-means")
     add_config_args(cluster, DEFAULT_CONFIG)
     add_pipeline_arg(cluster)
@@ -89,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=generate_command)
+    experts = sub.add_parser("experts", help="train one expert per cluster + the dense model on Ray")
+    add_config_args(experts, DEFAULT_CONFIG)
+    add_pipeline_arg(experts)
+    experts.set_defaults(func=experts_command)
     ui = sub.add_parser("ui", help="MLflow UI on this pipeline's tracking store (127.0.0.1)")
     add_config_args(ui, DEFAULT_CONFIG)
     ui.add_argument("--port", type=int, default=5000)

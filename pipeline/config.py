@@ -50,6 +50,19 @@ class ClusterConfig:
 
 
 @dataclass
+class ExpertsConfig:
+    arch: str = "hourglass"  # hourglass | gpt
+    model: dict = field(default_factory=dict)  # HourglassConfig / GPTConfig keys (vocab from the tokenizer)
+    train: dict = field(default_factory=dict)  # TrainConfig keys; max_tokens is the budget of one expert
+    num_cpus: float = 1.0  # Ray resources of one expert's task
+    num_gpus: float = 0.0
+    max_retries: int = 3  # Ray retries of a task whose worker died; it resumes from its checkpoint
+    checkpoint_dir: str | None = None  # readable by every node; default <workdir>/checkpoints
+    dense: bool = True  # also train the dense baseline (k x the expert budget); it is the central model
+    progress_every: float = 5.0  # seconds between progress lines in the terminal
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = "moie"
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite under the workdir
@@ -68,6 +81,7 @@ class Config:
     workdir: str | None = None  # MLflow database + artifacts; default $MOIE_HOME or ~/.moie
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -138,6 +152,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key {key!r} must be a list of {inner.__name__}, got {value!r}")
         return [_coerce(v, inner, key) for v in value]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
@@ -167,6 +185,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.top_k must be between 1 and cluster.k={k.k}, got {k.top_k}")
     if k.temperature <= 0:
         raise ConfigError(f"cluster.temperature must be > 0, got {k.temperature}")
+    validate_experts(cfg.experts)
+
+
+def validate_experts(e: "ExpertsConfig") -> None:
+    """The model and training sections must build (imported lazily: config stays light)."""
+    from experts.checkpoint import build_model
+    from experts.trainer import TrainConfig
+
+    if e.arch not in ("hourglass", "gpt"):
+        raise ConfigError(f"experts.arch must be 'hourglass' or 'gpt', got {e.arch!r}")
+    try:
+        build_model({"arch": e.arch, **e.model})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"experts.model does not build a {e.arch}: {err}") from None
+    try:
+        TrainConfig(**e.train)
+    except TypeError as err:
+        raise ConfigError(f"experts.train: {err}; valid keys are the fields of experts.trainer.TrainConfig") from None
+    if e.num_cpus <= 0 or e.num_gpus < 0 or e.max_retries < 0:
+        raise ConfigError("experts.num_cpus must be > 0, experts.num_gpus and experts.max_retries >= 0; got "
+                          f"{e.num_cpus}, {e.num_gpus}, {e.max_retries}")
 
 
 def _positive(cfg: Config, keys: list[str]) -> None:

@@ -102,9 +102,7 @@ class Tracker:
     def stage_run(self, pipeline_id: str, stage: str, name: str | None = None,
                   tags: dict[str, str] | None = None) -> Iterator[str]:
         """A child run of the pipeline, FINISHED on success, KILLED on interrupt, FAILED on error."""
-        all_tags = {PARENT_TAG: pipeline_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: stage, **(tags or {})}
-        run = self.client.create_run(self.experiment_id, run_name=name or stage, tags=all_tags)
-        run_id = run.info.run_id
+        run_id = self.create_stage_run(pipeline_id, stage, name, tags)
         try:
             yield run_id
         except (KeyboardInterrupt, SystemExit):
@@ -114,6 +112,12 @@ class Tracker:
             self.client.set_terminated(run_id, status="FAILED")
             raise
         self.client.set_terminated(run_id, status="FINISHED")
+
+    def create_stage_run(self, pipeline_id: str, stage: str, name: str | None = None,
+                         tags: dict[str, str] | None = None) -> str:
+        """A RUNNING child run of the pipeline, tagged with pipeline and stage; the caller ends it."""
+        all_tags = {PARENT_TAG: pipeline_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: stage, **(tags or {})}
+        return self.client.create_run(self.experiment_id, run_name=name or stage, tags=all_tags).info.run_id
 
     def stage_runs(self, pipeline_id: str, stage: str, status: str | None = "FINISHED") -> list:
         """Child runs of a pipeline for one stage, newest first."""

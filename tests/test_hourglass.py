@@ -210,3 +210,21 @@ def test_bad_config_fails_at_construction_naming_the_keys(change, keys):
 def test_bad_gpt_config_names_the_keys():
     with pytest.raises(ValueError, match=r"\(n_embd, n_head\)"):
         GPTConfig(n_embd=30, n_head=4)
+
+
+PRODUCT = list(__import__("itertools").product(["perceiver", "transformer"], ["repeat", "attn"], [False, True],
+                                               [1, 2], [False, True]))
+
+
+@pytest.mark.parametrize("compressor, upsample, interleave, channels, denseformer", PRODUCT)
+def test_every_option_combination_is_causal(compressor, upsample, interleave, channels, denseformer):
+    torch.manual_seed(0)
+    cfg = HourglassConfig(**{**BASE, "compressor": compressor, "upsample": upsample, "interleave": interleave,
+                             "n_local": 2, "channels": channels, "channels_every": 1, "denseformer": denseformer,
+                             "shared_channels": channels > 1, "latent_loss": 0.1 if denseformer else 0.0})
+    model = HourglassLM(cfg).eval()
+    idx = torch.randint(0, 64, (1, 29), generator=torch.Generator().manual_seed(5))  # not a multiple of G
+    base, _ = model(idx)
+    for j in (0, G - 1, G, 2 * G + 3, 28):
+        logits, _ = model(perturbed(idx, j))
+        assert torch.equal(logits[:, :j], base[:, :j])

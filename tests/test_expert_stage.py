@@ -1,0 +1,131 @@
+"""The experts stage for real: local Ray (2 CPUs), a private sqlite MLflow store and registry."""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import textgen
+from pipeline.config import load_config
+from pipeline.expert_stage import CENTRAL_MODEL, EXPERT_MODEL, run_experts
+from pipeline.ray_runtime import ResourceError
+from pipeline.stages import StageError, run_cluster
+from pipeline.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path, extra=(), domains=("cooking", "sailing"), n=25):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in textgen.corpus(n, list(domains), seed=0)))
+    overrides = ["corpus.source=files", f"corpus.files=[{path}]", "cluster.k=2", "cluster.svd_dim=8",
+                 "cluster.min_df=1", "tracking.experiment=test", "experts.train.max_tokens=6000",
+                 "experts.train.ckpt_every=5", "experts.progress_every=0.5", *extra]
+    return load_config(REPO / "configs" / "tiny.yaml", overrides)
+
+
+def versions(tracker, name):
+    return tracker.client.search_model_versions(f"name = '{name}'")
+
+
+def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions(ray_local, moie_home, tmp_path):
+    cfg = tiny_config(tmp_path)
+    pipeline_id = run_cluster(cfg)
+    registered = run_experts(cfg, pipeline_id)
+    assert sorted(registered) == ["dense", "expert-0", "expert-1"]
+    tracker = Tracker(cfg)
+    experts, central = versions(tracker, EXPERT_MODEL), versions(tracker, CENTRAL_MODEL)
+    assert len(experts) == 2 and len(central) == 1
+    for v in experts:
+        assert v.tags["moie.pipeline"] == pipeline_id
+        assert v.tags["moie.cluster"] in ("0", "1")
+        assert v.tags["moie.domain"] in ("cooking", "sailing") and float(v.tags["moie.purity"]) == 1.0
+        assert json.loads(v.tags["moie.arch"])["arch"] == "hourglass"
+        assert v.tags["moie.tokenizer"]
+    runs = tracker.stage_runs(pipeline_id, "experts")
+    assert len(runs) == 3
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == pipeline_id
+        assert "train_loss" in run.data.metrics and "tokens_per_s" in run.data.metrics
+        names = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "model")}
+        assert {"model/model.safetensors", "model/model.json", "model/manifest.json"} <= names
+    dense = next(r for r in runs if r.data.tags["moie.expert"] == "dense")
+    assert dense.data.params["max_tokens"] == str(2 * 6000)  # equal compute: k x one expert's budget
+
+
+def test_running_the_stage_again_is_a_no_op(ray_local, moie_home, tmp_path):
+    cfg = tiny_config(tmp_path, extra=["experts.dense=false"])
+    pipeline_id = run_cluster(cfg)
+    first = run_experts(cfg, pipeline_id)
+    tracker = Tracker(cfg)
+    before = (len(versions(tracker, EXPERT_MODEL)), len(tracker.stage_runs(pipeline_id, "experts", None)))
+    assert run_experts(cfg, pipeline_id) == first
+    assert (len(versions(tracker, EXPERT_MODEL)), len(tracker.stage_runs(pipeline_id, "experts", None))) == before
+
+
+def test_a_killed_expert_worker_is_retried_and_resumes_from_its_checkpoint(ray_local, moie_home, tmp_path):
+    cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.train.max_tokens=400000",
+                                       "experts.train.ckpt_every=20", "experts.train.log_every=10"])
+    pipeline_id = run_cluster(cfg)
+    outcome = {}
+    stage = threading.Thread(target=lambda: outcome.update(result=_catch(run_experts, cfg, pipeline_id)))
+    stage.start()
+    killed = _kill_expert_worker(ray_local, pipeline_id, "expert-0", after_step=50)
+    stage.join(timeout=600)
+    assert not isinstance(outcome["result"], BaseException), outcome["result"]
+    assert sorted(outcome["result"]) == ["expert-0", "expert-1"]
+    run = next(r for r in Tracker(cfg).stage_runs(pipeline_id, "experts") if r.data.tags["moie.expert"] == "expert-0")
+    resumed = run.data.metrics["resumed_from_step"]
+    assert resumed >= 40 and resumed <= killed["step"]  # lost at most one checkpoint interval
+    assert resumed > killed["step"] - 2 * 20
+
+
+def _catch(fn, *args):
+    try:
+        return fn(*args)
+    except BaseException as e:  # noqa: BLE001 - handed back to the test thread
+        return e
+
+
+def _kill_expert_worker(ray, pipeline_id, name, after_step, timeout=300):
+    deadline = time.time() + timeout
+    board = None
+    while time.time() < deadline:
+        try:
+            board = board or ray.get_actor(f"moie-progress-{pipeline_id}")
+            row = ray.get(board.snapshot.remote()).get(name)
+        except ValueError:  # the board does not exist yet
+            row = None
+        if row and row["step"] >= after_step and not row.get("done"):
+            os.kill(row["pid"], signal.SIGKILL)
+            return row
+        time.sleep(0.05)
+    raise AssertionError(f"{name} never reached step {after_step}")
+
+
+def test_pipeline_without_a_cluster_run_is_a_clear_error(moie_home, tmp_path):
+    cfg = tiny_config(tmp_path)
+    tracker = Tracker(cfg)
+    pipeline_id = tracker.start_pipeline(cfg)
+    with pytest.raises(StageError, match="has no finished cluster run"):
+        run_experts(cfg, pipeline_id)
+
+
+def test_resources_the_cluster_cannot_provide_fail_at_once(ray_local, moie_home, tmp_path):
+    cfg = tiny_config(tmp_path, extra=["experts.num_cpus=64"])
+    pipeline_id = run_cluster(cfg)
+    t0 = time.time()
+    with pytest.raises(ResourceError, match="num_cpus=64.*largest Ray node has 2 CPUs"):
+        run_experts(cfg, pipeline_id)
+    assert time.time() - t0 < 60
+
+
+def test_a_cluster_too_small_for_one_batch_is_skipped_and_recorded(ray_local, moie_home, tmp_path):
+    cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.train.batch_size=64"], n=6)
+    pipeline_id = run_cluster(cfg)
+    assert run_experts(cfg, pipeline_id) == {}
+    runs = Tracker(cfg).stage_runs(pipeline_id, "experts")
+    assert len(runs) == 2 and all("fewer than one batch" in r.data.tags["moie.skipped"] for r in runs)
