@@ -242,11 +242,14 @@ def _train_all(tracker: Tracker, cfg: Config, pipeline_id: str, specs: list[dict
                                                            get_if_exists=True).remote()
     task = ray.remote(train_expert).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus, max_retries=e.max_retries)
     pending = {task.remote(spec, board): spec for spec in specs}
-    registered, failures = {}, []
+    registered, failures, shown = {}, [], {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=e.progress_every)
-        for line in progress_lines(ray.get(board.snapshot.remote())):
+        rows = ray.get(board.snapshot.remote())
+        changed = {name: row for name, row in rows.items() if shown.get(name) != row}
+        for line in progress_lines(changed):  # one line per expert that moved since the last print
             print(line, flush=True)
+        shown = rows
         for ref in done:
             spec = pending.pop(ref)
             try:

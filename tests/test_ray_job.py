@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_cluster_stage_runs_as_a_submitted_ray_job_and_lands_in_mlflow(ray_head, tmp_path):
+def test_cluster_then_experts_run_as_submitted_ray_jobs_and_land_in_mlflow(ray_head, tmp_path):
     home = tmp_path / "home"
     runtime_env = {"env_vars": {"MOIE_HOME": str(home)}}
     cmd = ["ray", "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
@@ -36,3 +36,16 @@ def test_cluster_stage_runs_as_a_submitted_ray_job_and_lands_in_mlflow(ray_head,
     assert {"router.safetensors", "router.json", "assignments.parquet", "manifest.json"} <= names
     # Artifacts live under the (absolute) MOIE_HOME, not in the job's temporary working directory.
     assert any((home / "artifacts").rglob("router.safetensors"))
+
+    # The experts stage of the same pipeline, as a second job: k experts + dense, registered.
+    cmd = ["ray", "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "-m", "jobs.experts", "--pipeline", ids[-1], "--config", "configs/tiny.yaml",
+           "--set", "experts.train.max_tokens=4000", "experts.train.ckpt_every=0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    experts = client.search_model_versions("name = 'moie-expert'")
+    central = client.search_model_versions("name = 'moie-central'")
+    k = int(run.data.params["cluster.k"])
+    assert len(experts) + len(client.search_runs([parent.info.experiment_id], "tags.`moie.skipped` != ''")) == k
+    assert len(central) == 1 and central[0].tags["moie.pipeline"] == ids[-1]
