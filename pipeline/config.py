@@ -63,6 +63,14 @@ class ExpertsConfig:
 
 
 @dataclass
+class CentralConfig:
+    """A central model of its own; by default (arch null) the dense baseline is the central model."""
+    arch: str | None = None  # hourglass | gpt | null
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)  # max_tokens here is the central model's own budget
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = "moie"
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite under the workdir
@@ -82,6 +90,7 @@ class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    central: CentralConfig = field(default_factory=CentralConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -186,23 +195,30 @@ def validate(cfg: Config) -> None:
     if k.temperature <= 0:
         raise ConfigError(f"cluster.temperature must be > 0, got {k.temperature}")
     validate_experts(cfg.experts)
+    if cfg.central.arch is not None:
+        validate_model_section("central", cfg.central.arch, cfg.central.model, cfg.central.train)
 
 
-def validate_experts(e: "ExpertsConfig") -> None:
-    """The model and training sections must build (imported lazily: config stays light)."""
+def validate_model_section(section: str, arch: str, model: dict, train: dict) -> None:
+    """`section`.model must build a model of `arch` and `section`.train a TrainConfig
+    (imported lazily: loading a config stays light)."""
     from experts.checkpoint import build_model
     from experts.trainer import TrainConfig
 
-    if e.arch not in ("hourglass", "gpt"):
-        raise ConfigError(f"experts.arch must be 'hourglass' or 'gpt', got {e.arch!r}")
+    if arch not in ("hourglass", "gpt"):
+        raise ConfigError(f"{section}.arch must be 'hourglass' or 'gpt', got {arch!r}")
     try:
-        build_model({"arch": e.arch, **e.model})
+        build_model({"arch": arch, **model})
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"experts.model does not build a {e.arch}: {err}") from None
+        raise ConfigError(f"{section}.model does not build a {arch}: {err}") from None
     try:
-        TrainConfig(**e.train)
+        TrainConfig(**train)
     except TypeError as err:
-        raise ConfigError(f"experts.train: {err}; valid keys are the fields of experts.trainer.TrainConfig") from None
+        raise ConfigError(f"{section}.train: {err}; valid keys are the fields of experts.trainer.TrainConfig") from None
+
+
+def validate_experts(e: "ExpertsConfig") -> None:
+    validate_model_section("experts", e.arch, e.model, e.train)
     if e.num_cpus <= 0 or e.num_gpus < 0 or e.max_retries < 0:
         raise ConfigError("experts.num_cpus must be > 0, experts.num_gpus and experts.max_retries >= 0; got "
                           f"{e.num_cpus}, {e.num_gpus}, {e.max_retries}")

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 EXPERT_MODEL = "moie-expert"
 CENTRAL_MODEL = "moie-central"
 DENSE = "dense"
+CENTRAL = "central"  # only when the config names a central architecture of its own
 
 
 # --- data -------------------------------------------------------------------------------
@@ -180,13 +181,17 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table:
     e = cfg.experts
     data = expert_data(cfg, pipeline_id, table, k)
     names = [f"expert-{j}" for j in range(k)] + ([DENSE] if e.dense else [])
+    names += [CENTRAL] if cfg.central.arch else []
+    data[CENTRAL] = data[DENSE]  # the central model reads the whole corpus too
     existing = {r.data.tags.get("moie.expert"): r for r in reversed(tracker.stage_runs(pipeline_id, "experts", None))}
     registered, specs = {}, []
-    model_cfg = {"arch": e.arch, **e.model, "vocab_size": ByteTokenizer().vocab_size}
     from experts.checkpoint import build_model
 
-    seq_len = e.train.get("seq_len") or build_model(model_cfg).config.block_size
     for name in names:
+        arch, model, train_cfg = ((cfg.central.arch, cfg.central.model, cfg.central.train) if name == CENTRAL
+                                  else (e.arch, e.model, e.train))
+        model_cfg = {"arch": arch, **model, "vocab_size": ByteTokenizer().vocab_size}
+        seq_len = train_cfg.get("seq_len") or build_model(model_cfg).config.block_size
         run = existing.get(name)
         if run is not None and "moie.model_version" in run.data.tags:
             registered[name] = run.data.tags["moie.model_version"]
@@ -195,10 +200,11 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table:
         if run is not None and run.data.tags.get("moie.skipped"):
             print(f"{name}: skipped before ({run.data.tags['moie.skipped']})", flush=True)
             continue
-        batch = e.train.get("batch_size", 16)
+        batch = train_cfg.get("batch_size", 16)
         n_train = len(np.load(data[name]["train"], mmap_mode="r"))
-        budget = e.train.get("max_tokens", 1_000_000) * (k if name == DENSE else 1)
-        run_id = run.info.run_id if run is not None else _create_run(tracker, cfg, pipeline_id, name, report, budget)
+        budget = train_cfg.get("max_tokens", 1_000_000) * (k if name == DENSE else 1)
+        run_id = (run.info.run_id if run is not None
+                  else _create_run(tracker, pipeline_id, name, report, arch, model, train_cfg, budget, e.num_cpus))
         if n_train < batch * (seq_len + 1):
             why = (f"cluster has {n_train} training tokens, fewer than one batch of {batch} windows of "
                    f"{seq_len + 1} tokens")
@@ -208,10 +214,11 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table:
             continue
         tracker.client.update_run(run_id, status="RUNNING")
         specs.append({"name": name, "run_id": run_id, "tracking_uri": tracker.uri, "model": model_cfg,
-                      "train_config": {**e.train, "max_tokens": budget, "seed": cfg.seed},
+                      "train_config": {**train_cfg, "max_tokens": budget, "seed": cfg.seed},
                       "train": data[name]["train"], "val": data[name]["val"],
                       "ckpt_dir": str(checkpoint_root(cfg, pipeline_id) / name), "num_cpus": e.num_cpus,
-                      "tokenizer": ByteTokenizer().fingerprint, "seed": cfg.seed})
+                      "tokenizer": ByteTokenizer().fingerprint, "seed": cfg.seed,
+                      "has_central": bool(cfg.central.arch)})
     if specs:
         connect_ray(cfg.ray)
         check_resources(e.num_cpus, e.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)")
@@ -219,18 +226,19 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table:
     return registered
 
 
-def _create_run(tracker: Tracker, cfg: Config, pipeline_id: str, name: str, report: dict, budget: int) -> str:
+def _create_run(tracker: Tracker, pipeline_id: str, name: str, report: dict, arch: str, model: dict,
+                train_cfg: dict, budget: int, num_cpus: float) -> str:
     tags = {"moie.expert": name}
-    if name != DENSE:
-        cluster = int(name.split("-")[1])
+    if name.startswith("expert-"):
+        cluster = int(name.removeprefix("expert-"))
         tags["moie.cluster"] = str(cluster)
         dominant = (report.get("dominant") or [None] * (cluster + 1))[cluster]
         if dominant:
             tags |= {"moie.domain": str(dominant["domain"]), "moie.purity": f"{dominant['share']:.4f}"}
     run_id = tracker.create_stage_run(pipeline_id, "experts", name=name, tags=tags)
-    tracker.log_params(run_id, {f"model.{k}": v for k, v in cfg.experts.model.items()}
-                       | {f"train.{k}": v for k, v in cfg.experts.train.items() if k != "max_tokens"}
-                       | {"arch": cfg.experts.arch, "max_tokens": budget, "num_cpus": cfg.experts.num_cpus})
+    tracker.log_params(run_id, {f"model.{k}": v for k, v in model.items()}
+                       | {f"train.{k}": v for k, v in train_cfg.items() if k != "max_tokens"}
+                       | {"arch": arch, "max_tokens": budget, "num_cpus": num_cpus})
     return run_id
 
 
@@ -274,10 +282,15 @@ def _finish_expert(tracker: Tracker, pipeline_id: str, spec: dict, result: dict,
                                  **({"final_val_bpb": result["val_bpb"]} if result["val_bpb"] is not None else {})})
     manifest = tracker.log_artifact_dir(run_id, result["model_dir"], "model")
     run = tracker.client.get_run(run_id)
-    name = CENTRAL_MODEL if spec["name"] == DENSE else EXPERT_MODEL
+    name = EXPERT_MODEL if spec["name"].startswith("expert-") else CENTRAL_MODEL
+    # role: which central-model version composition takes by default (a configured central
+    # model wins over the dense baseline, which is then registered as the baseline only)
+    role = {CENTRAL: "central", DENSE: "dense" if spec.get("has_central") else "dense+central"}.get(spec["name"])
     tags = {"moie.pipeline": pipeline_id, "moie.expert": spec["name"], "moie.tokenizer": spec["tokenizer"],
             "moie.arch": json.dumps(spec["model"], sort_keys=True), "moie.sha256": manifest["model.safetensors"]}
     tags |= {k: v for k, v in run.data.tags.items() if k in ("moie.cluster", "moie.domain", "moie.purity")}
+    if role:
+        tags["moie.role"] = role
     version = register_model(tracker, name, f"{run.info.artifact_uri}/model", run_id, tags)
     uri = f"models:/{name}/{version}"
     tracker.set_tags(run_id, {"moie.model_version": uri})

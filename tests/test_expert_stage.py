@@ -39,6 +39,7 @@ def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions
     tracker = Tracker(cfg)
     experts, central = versions(tracker, EXPERT_MODEL), versions(tracker, CENTRAL_MODEL)
     assert len(experts) == 2 and len(central) == 1
+    assert central[0].tags["moie.role"] == "dense+central"  # the dense baseline is the central model
     for v in experts:
         assert v.tags["moie.pipeline"] == pipeline_id
         assert v.tags["moie.cluster"] in ("0", "1")
@@ -54,6 +55,21 @@ def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions
         assert {"model/model.safetensors", "model/model.json", "model/manifest.json"} <= names
     dense = next(r for r in runs if r.data.tags["moie.expert"] == "dense")
     assert dense.data.params["max_tokens"] == str(2 * 6000)  # equal compute: k x one expert's budget
+
+
+def test_a_configured_central_model_is_trained_and_registered_beside_the_dense_baseline(ray_local, moie_home,
+                                                                                       tmp_path):
+    cfg = tiny_config(tmp_path, extra=["central.arch=gpt", "central.model={block_size: 64, n_layer: 1, n_embd: 32}",
+                                       "central.train={max_tokens: 3000, batch_size: 4}"])
+    pipeline_id = run_cluster(cfg)
+    registered = run_experts(cfg, pipeline_id)
+    assert sorted(registered) == ["central", "dense", "expert-0", "expert-1"]
+    tracker = Tracker(cfg)
+    roles = {v.tags["moie.role"]: v for v in versions(tracker, CENTRAL_MODEL)}
+    assert sorted(roles) == ["central", "dense"]
+    assert json.loads(roles["central"].tags["moie.arch"])["arch"] == "gpt"
+    run = next(r for r in tracker.stage_runs(pipeline_id, "experts") if r.data.tags["moie.expert"] == "central")
+    assert run.data.params["max_tokens"] == "3000"
 
 
 def test_running_the_stage_again_is_a_no_op(ray_local, moie_home, tmp_path):
