@@ -3,19 +3,9 @@
 Works the same under `ray job submit --working-dir . -- python -m jobs.cluster ...`.
 Prints the pipeline's parent run id as the last line.
 """
-import argparse
 import sys
 
-from pipeline.cli import add_config_args, add_pipeline_arg, cluster_command, run_main
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.cluster", description=__doc__)
-    add_config_args(parser)
-    add_pipeline_arg(parser)
-    parser.set_defaults(func=cluster_command)
-    return run_main(parser, argv)
-
+from pipeline.cli import cluster_command, stage_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main("python -m jobs.cluster", __doc__, cluster_command))

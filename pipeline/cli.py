@@ -148,6 +148,15 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
         return 2
 
 
+def stage_main(prog: str, description: str, func, argv: list[str] | None = None) -> int:
+    """Entry point of one stage (`python -m jobs.<stage>`): --config, --set, --pipeline."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_args(parser)
+    add_pipeline_arg(parser)
+    parser.set_defaults(func=func)
+    return run_main(parser, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_main(build_parser(), argv)
 
