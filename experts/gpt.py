@@ -56,21 +56,29 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _run(self, idx: torch.Tensor, collect: bool = False):
+    def stage_names(self) -> list[str]:
+        """Names of the states features() returns and inject() sees, in depth order."""
+        return ["embed"] + [f"layer{i + 1}" for i in range(self.config.n_layer)]
+
+    def _run(self, idx: torch.Tensor, collect: bool = False, inject=None):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; crop the input "
                              f"(generate() keeps the last block_size tokens)")
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))  # (B, T, C)
         feats = [("embed", x)] if collect else None
+        visible = torch.arange(T, device=idx.device)
         for i, block in enumerate(self.blocks):
             x = block(x)
+            if inject is not None:
+                x = inject(f"layer{i + 1}", x, visible)
             if collect:
                 feats.append((f"layer{i + 1}", x))
         return x, feats
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        x, _ = self._run(idx)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, inject=None):
+        """inject(name, h (B, R, C), visible (R,)) -> h may rewrite a stage's output (composition)."""
+        x, _ = self._run(idx, inject=inject)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None

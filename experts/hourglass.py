@@ -271,7 +271,21 @@ class HourglassLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _run(self, idx: torch.Tensor, collect: bool = False):
+    def stage_names(self) -> list[str]:
+        """Names of the states features() returns and inject() sees, in depth order."""
+        levels = range(1, len(self.rows))
+        return (["embed"] + [f"encoder{l}" for l in levels] + ["latent"]
+                + [f"decoder{l}" for l in reversed(levels)])
+
+    def _inject(self, inject, name: str, h: torch.Tensor) -> torch.Tensor:
+        """Let a composition rewrite the stage output h (B, n, R, C), seen flattened with `visible`."""
+        if inject is None:
+            return h
+        B, n, R, C = h.shape
+        visible = level_visible(n, R, self.config.group_len, h.device)
+        return inject(name, h.reshape(B, n * R, C), visible).view(B, n, R, C)
+
+    def _run(self, idx: torch.Tensor, collect: bool = False, inject=None):
         B, T = idx.shape
         cfg, G = self.config, self.config.group_len
         if T > cfg.block_size:
@@ -285,24 +299,26 @@ class HourglassLM(nn.Module):
         feats = [("embed", h)] if collect else None
         skips = [h]
         for l, (compress, enc) in enumerate(zip(self.compress, self.enc), 1):
-            h = enc(compress(h) + self.pos[l])  # (B, n, K_l, d_l)
+            h = self._inject(inject, f"encoder{l}", enc(compress(h) + self.pos[l]))  # (B, n, K_l, d_l)
             skips.append(h)
             if collect:
                 feats.append((f"encoder{l}", h))
         K = h.shape[2]
-        z = self.latent(h.reshape(B, n * K, -1))  # (B, n*K_L, d_L)
-        h = z.view(B, n, K, -1)
+        h = self._inject(inject, "latent", self.latent(h.reshape(B, n * K, -1)).view(B, n, K, -1))
+        z = h.reshape(B, n * K, -1)  # (B, n*K_L, d_L)
         if collect:
             feats.append(("latent", h))
         for l in reversed(range(1, len(self.rows))):
             h = self.dec[l - 1](self.up[l - 1](h, skips[l - 1], self.pos[l - 1]))  # (B, n, R_{l-1}, d_{l-1})
+            h = self._inject(inject, f"decoder{l}", h)
             if collect:
                 feats.append((f"decoder{l}", h))
         out = h.reshape(B, n * G, -1)[:, :T]
         return out, z, T, feats
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        h, z, T, _ = self._run(idx)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, inject=None):
+        """inject(name, h (B, R, C), visible (R,)) -> h may rewrite a stage's output (composition)."""
+        h, z, T, _ = self._run(idx, inject=inject)
         logits = self.lm_head(self.ln_f(h))  # (B, T, V)
         if targets is None:
             return logits, None

@@ -1,0 +1,161 @@
+"""Composing frozen experts into a frozen central model (CALM cross-attention, PHATGOOSE gates).
+
+At each composition point i the central state h (B, T_c, d_c) attends to expert e's state
+at the same relative depth, z (B, T_e, d_e), through a CrossAttentionBlock whose output
+projection starts at zero, so the composed model starts equal to the central model:
+
+    a_e  = OutProj(CrossAttention(RMSNorm(h), Linear(d_e -> d_c)(z), visible_e <= visible_c))
+    gate = sigmoid(v_{e,i} . h)                       # training, v zero-initialised: 0.5
+    h    = h + sum_e w_e a_e                          # w: gate, or routed top-k weights
+
+Routing at inference (per token): score_e = LN(h) . LN(v_e) / sqrt(d_c), keep the top k,
+softmax over their scores; or adaptively every expert whose sigmoid gate exceeds a
+threshold (0 .. k_max experts, a number that varies with the input).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from experts.blocks import Attention, RMSNorm
+
+ROUTINGS = ("gate", "topk", "adaptive")
+
+
+class CrossAttentionBlock(nn.Module):
+    """Central rows attend to projected expert rows they may see (visible_e <= visible_c);
+    a learned null key lets rows that see no expert row yet attend to nothing."""
+
+    def __init__(self, d_c: int, d_e: int, n_head: int):
+        super().__init__()
+        self.kv_proj = nn.Linear(d_e, d_c, bias=False)
+        self.ln_q, self.ln_kv = RMSNorm(d_c), RMSNorm(d_c)
+        self.null = nn.Parameter(torch.zeros(1, 1, d_c))
+        self.attn = Attention(d_c, n_head, d_kv=d_c)
+        nn.init.normal_(self.kv_proj.weight, std=0.02)
+        nn.init.zeros_(self.attn.proj.weight)  # OutProj = 0: the block starts as the identity
+
+    def forward(self, h: torch.Tensor, visible_c: torch.Tensor, z: torch.Tensor,
+                visible_e: torch.Tensor) -> torch.Tensor:
+        B = h.shape[0]
+        kv = torch.cat([self.null.expand(B, 1, -1).to(z.dtype), self.kv_proj(z.to(h.dtype))], dim=1)  # (B, 1+T_e, d_c)
+        mask = visible_e[None, :] <= visible_c[:, None]  # (T_c, T_e)
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # the null key is always visible
+        return self.attn(self.ln_q(h), self.ln_kv(kv), mask=mask)
+
+
+def composition_points(stages: list[str], n_points: int) -> list[str]:
+    """n stage names spread evenly over a model's depth (the embedding excluded)."""
+    body = stages[1:]
+    if not 1 <= n_points <= len(body):
+        raise ValueError(f"n_points must be between 1 and {len(body)} (the central model's stages), got {n_points}")
+    return [body[math.ceil((i + 1) * len(body) / n_points) - 1] for i in range(n_points)]
+
+
+def paired_stage(point: str, central_stages: list[str], expert_stages: list[str]) -> str:
+    """The expert stage at the same relative depth as the central stage `point`."""
+    depth = central_stages.index(point) / (len(central_stages) - 1)
+    return expert_stages[round(depth * (len(expert_stages) - 1))]
+
+
+class ComposedLM(nn.Module):
+    """Central + frozen experts + trainable cross-attention blocks and gates."""
+
+    def __init__(self, central: nn.Module, experts: list[nn.Module], n_points: int = 2, n_head: int | None = None,
+                 routing: str = "topk", k: int = 2, threshold: float = 0.5, k_max: int | None = None):
+        super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if not experts:
+            raise ValueError("a composition needs at least one expert")
+        self.central, self.experts = central, nn.ModuleList(experts)
+        for model in (central, *experts):
+            model.requires_grad_(False)
+            model.eval()
+        self.config = central.config  # block_size etc., for generate()
+        stages = central.stage_names()
+        self.points = composition_points(stages, n_points)
+        widths = {name: feat["h"].shape[-1] for name, feat in _stage_widths(central).items()}
+        self.pairs = [{p: paired_stage(p, stages, e.stage_names()) for p in self.points} for e in experts]
+        self.blocks = nn.ModuleList()
+        for e, expert in enumerate(experts):
+            e_widths = {name: feat["h"].shape[-1] for name, feat in _stage_widths(expert).items()}
+            self.blocks.append(nn.ModuleDict({
+                p: CrossAttentionBlock(widths[p], e_widths[self.pairs[e][p]],
+                                       n_head or _heads(central, widths[p])) for p in self.points}))
+        # PHATGOOSE gate vectors v_{e,i}, zero-initialised: every gate starts at sigmoid(0) = 0.5
+        self.gates = nn.ParameterDict({p: nn.Parameter(torch.zeros(len(experts), widths[p])) for p in self.points})
+        self.routing, self.k, self.threshold = routing, min(k, len(experts)), threshold
+        self.k_max = k_max or len(experts)
+        self.active: list[int] = list(range(len(experts)))  # experts whose forward runs
+        self.last_experts_per_token: float | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.central.eval()  # frozen models stay in eval mode (no dropout)
+        for expert in self.experts:
+            expert.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.blocks.parameters()) + list(self.gates.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        states = {e: {f["name"]: f for f in self.experts[e].features(idx)} for e in self.active}
+        counts = []
+
+        def inject(name: str, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+            if name not in self.points:
+                return h
+            outs = torch.stack([self.blocks[e][name](h, visible, states[e][self.pairs[e][name]]["h"],
+                                                     states[e][self.pairs[e][name]]["visible"])
+                                for e in self.active], dim=-2)  # (B, R, E_active, d_c)
+            weights = self.route(name, h)  # (B, R, E_active)
+            counts.append((weights > 0).float().sum(-1).mean())
+            return h + (weights.unsqueeze(-1).to(outs.dtype) * outs).sum(dim=-2)
+
+        out = self.central(idx, targets, inject=inject)
+        self.last_experts_per_token = float(torch.stack(counts).mean()) if counts else 0.0
+        return out
+
+    def route(self, point: str, h: torch.Tensor) -> torch.Tensor:
+        """(B, R, E_active) weights of the active experts for each central row."""
+        v = self.gates[point][self.active]  # (E_active, d_c)
+        if self.routing == "gate":
+            return torch.sigmoid(h @ v.t().to(h.dtype))
+        if self.routing == "adaptive":
+            g = torch.sigmoid(h @ v.t().to(h.dtype))
+            keep = g > self.threshold
+            if self.k_max < len(self.active):  # at most k_max experts: the largest gates
+                top = g.topk(self.k_max, dim=-1).indices
+                keep &= torch.zeros_like(keep).scatter(-1, top, True)
+            return torch.where(keep, g, torch.zeros_like(g))
+        # top-k on normalised affinity: LN(h) . LN(v) / sqrt(d), softmax over the k kept
+        d = h.shape[-1]
+        scores = F.rms_norm(h, (d,)) @ F.rms_norm(v.to(h.dtype), (d,)).t() / math.sqrt(d)
+        k = min(self.k, len(self.active))
+        top = scores.topk(k, dim=-1)
+        return torch.zeros_like(scores).scatter(-1, top.indices, torch.softmax(top.values.float(), -1).to(h.dtype))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        from experts.generation import generate
+
+        return generate(self, idx, max_new_tokens, temperature, top_k)
+
+
+@torch.no_grad()
+def _stage_widths(model: nn.Module) -> dict[str, dict]:
+    """Each stage's state on a dummy input of one group (to read widths)."""
+    T = getattr(model.config, "group_len", 1)
+    device = next(model.parameters()).device
+    return {f["name"]: f for f in model.features(torch.zeros(1, T, dtype=torch.long, device=device))}
+
+
+def _heads(central: nn.Module, width: int) -> int:
+    n_head = central.config.n_head
+    return n_head if width % n_head == 0 else 1

@@ -1,0 +1,135 @@
+"""The composed model: equal to the central at init, causal, routed as asked."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import textgen
+from composition.model import ComposedLM, composition_points, paired_stage
+from experts.gpt import GPT, GPTConfig
+from experts.hourglass import HourglassConfig, HourglassLM
+from routing.ensemble import byte_prefix_weights, mixture_log_probs
+from routing.router import ClusterRouter
+
+V = 64
+
+
+def central_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=V, block_size=48, n_layer=4, n_head=2, n_embd=32)).eval()
+
+
+def expert_hourglass(seed, latents, widths):
+    torch.manual_seed(seed)
+    return HourglassLM(HourglassConfig(vocab_size=V, block_size=48, group_len=8, latents=latents, widths=widths,
+                                       n_head=2, n_latent_layers=1)).eval()
+
+
+def experts_of_differing_depth():
+    return [expert_hourglass(1, [4, 2], [16, 24, 32]), expert_hourglass(2, [2], [16, 32]),
+            expert_hourglass(3, [4, 2, 1], [16, 16, 24, 32])]
+
+
+def trained_like(composed):
+    """Give blocks and gates non-zero weights, as training would."""
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in composed.trainable_parameters():
+            p.normal_(0, 0.3)
+    return composed
+
+
+@pytest.mark.parametrize("routing", ["topk", "gate", "adaptive"])
+def test_composed_logits_equal_the_central_models_exactly_at_initialisation(routing):
+    central = central_gpt()
+    composed = ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing, k=2)
+    idx = torch.randint(0, V, (2, 37))
+    assert torch.equal(composed(idx)[0], central(idx)[0])
+
+
+def test_gates_start_at_one_half():
+    composed = ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=3, routing="gate")
+    h = torch.randn(2, 5, 32)
+    for point in composed.points:
+        assert torch.equal(composed.route(point, h), torch.full((2, 5, 3), 0.5))
+
+
+@pytest.mark.parametrize("routing", ["topk", "gate", "adaptive"])
+@pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
+def test_composed_model_is_causal_with_experts_of_other_compression(routing, central_kind):
+    central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
+    composed = trained_like(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing,
+                                       threshold=0.5, k=2)).eval()
+    idx = torch.randint(0, V, (1, 45), generator=torch.Generator().manual_seed(1))
+    base, _ = composed(idx)
+    assert not torch.equal(base, central(idx)[0])  # the experts do contribute
+    for j in (0, 3, 7, 8, 16, 30, 44):
+        changed = idx.clone()
+        changed[0, j] = (changed[0, j] + 5) % V
+        logits, _ = composed(changed)
+        assert torch.equal(logits[:, :j], base[:, :j])
+
+
+def test_top_k_routing_uses_exactly_k_experts_per_token():
+    composed = trained_like(ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="topk"))
+    h = torch.randn(2, 11, 32)
+    for k in (1, 2, 3):
+        composed.k = k
+        w = composed.route(composed.points[0], h)
+        assert ((w > 0).sum(-1) == k).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 11))
+    composed.k = 2
+    composed(torch.randint(0, V, (1, 20)))
+    assert composed.last_experts_per_token == 2.0
+
+
+def test_adaptive_routing_takes_between_zero_and_k_max_experts_and_reports_the_average():
+    composed = trained_like(ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2,
+                                       routing="adaptive", threshold=0.6, k_max=2))
+    h = torch.randn(4, 50, 32) * 3
+    counts = (composed.route(composed.points[0], h) > 0).sum(-1)
+    assert counts.min() >= 0 and counts.max() <= 2
+    assert len(set(counts.flatten().tolist())) > 1  # the number of experts varies with the input
+    composed(torch.randint(0, V, (2, 30)))
+    assert 0 <= composed.last_experts_per_token <= 2
+
+
+def test_only_blocks_and_gates_receive_gradients():
+    composed = trained_like(ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="gate"))
+    idx = torch.randint(0, V, (2, 24))
+    _, loss = composed(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    frozen = list(composed.central.parameters()) + list(composed.experts.parameters())
+    assert all(p.grad is None for p in frozen)
+    assert all(p.grad is not None for p in composed.trainable_parameters())
+
+
+def test_composition_points_spread_over_depth_and_pair_by_relative_depth():
+    stages = ["embed", "layer1", "layer2", "layer3", "layer4"]
+    assert composition_points(stages, 2) == ["layer2", "layer4"]
+    assert composition_points(stages, 4) == stages[1:]
+    expert = ["embed", "encoder1", "latent", "decoder1"]
+    assert paired_stage("layer4", stages, expert) == "decoder1"
+    assert paired_stage("layer2", stages, expert) == "latent" or paired_stage("layer2", stages, expert) == "encoder1"
+    with pytest.raises(ValueError, match="n_points must be between 1 and 4"):
+        composition_points(stages, 5)
+
+
+def test_cbtm_mixture_of_one_expert_is_that_expert_and_weights_mix_probabilities():
+    a, b = torch.randn(1, 4, V), torch.randn(1, 4, V)
+    only_a = mixture_log_probs([a, b], torch.tensor([1.0, 0.0]).expand(1, 4, 2))
+    torch.testing.assert_close(only_a, torch.log_softmax(a, -1))
+    half = mixture_log_probs([a, b], torch.full((1, 4, 2), 0.5))
+    torch.testing.assert_close(half.exp(), 0.5 * a.softmax(-1) + 0.5 * b.softmax(-1))
+
+
+def test_cbtm_byte_weights_of_position_t_depend_only_on_bytes_up_to_t():
+    rows = textgen.corpus(20, seed=0)
+    router = ClusterRouter.fit([r["text"] for r in rows], 4, svd_dim=8, min_df=1, seed=0)
+    data = textgen.document(random.Random(1), "cooking").encode()
+    weights = byte_prefix_weights(router, data, top_k=2)
+    assert weights.shape == (len(data), 4)
+    other = textgen.document(random.Random(2), "finance").encode()
+    for t in (0, 10, 57, len(data) - 1):
+        np.testing.assert_array_equal(byte_prefix_weights(router, data[:t + 1] + other, 2)[t], weights[t])
