@@ -86,11 +86,14 @@ class ComposedLM(nn.Module):
             self.blocks.append(nn.ModuleDict({
                 p: CrossAttentionBlock(widths[p], e_widths[self.pairs[e][p]],
                                        n_head or _heads(central, widths[p])) for p in self.points}))
-        # PHATGOOSE gate vectors v_{e,i}, zero-initialised: every gate starts at sigmoid(0) = 0.5
-        self.gates = nn.ParameterDict({p: nn.Parameter(torch.zeros(len(experts), widths[p])) for p in self.points})
+        # PHATGOOSE gate vectors v_{e,i}, zero-initialised: every gate starts at sigmoid(0) = 0.5.
+        # One ParameterDict per expert, so an expert's gates train (and are added) on their own.
+        self.gates = nn.ModuleList(nn.ParameterDict({p: nn.Parameter(torch.zeros(widths[p])) for p in self.points})
+                                   for _ in experts)
         self.routing, self.k, self.threshold = routing, min(k, len(experts)), threshold
         self.k_max = k_max or len(experts)
         self.active: list[int] = list(range(len(experts)))  # experts whose forward runs
+        self.balance_weight = 0.0  # joint training: weight of the load-balancing loss
         self.last_experts_per_token: float | None = None
 
     def train(self, mode: bool = True):
@@ -105,7 +108,7 @@ class ComposedLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         states = {e: {f["name"]: f for f in self.experts[e].features(idx)} for e in self.active}
-        counts = []
+        counts, balance = [], []
 
         def inject(name: str, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
             if name not in self.points:
@@ -115,15 +118,35 @@ class ComposedLM(nn.Module):
                                 for e in self.active], dim=-2)  # (B, R, E_active, d_c)
             weights = self.route(name, h)  # (B, R, E_active)
             counts.append((weights > 0).float().sum(-1).mean())
+            if self.balance_weight and self.training:
+                balance.append(self.load_balance(name, h, weights))
             return h + (weights.unsqueeze(-1).to(outs.dtype) * outs).sum(dim=-2)
 
-        out = self.central(idx, targets, inject=inject)
+        logits, loss = self.central(idx, targets, inject=inject)
         self.last_experts_per_token = float(torch.stack(counts).mean()) if counts else 0.0
-        return out
+        if loss is not None and balance:
+            loss = loss + self.balance_weight * torch.stack(balance).mean()
+        return logits, loss
+
+    def gate_vectors(self, point: str) -> torch.Tensor:
+        """(E_active, d_c) gate vectors of the active experts at a composition point."""
+        return torch.stack([self.gates[e][point] for e in self.active])
+
+    def scores(self, point: str, h: torch.Tensor) -> torch.Tensor:
+        """Normalised affinity LN(h) . LN(v_e) / sqrt(d): (B, R, E_active)."""
+        d = h.shape[-1]
+        v = self.gate_vectors(point).to(h.dtype)
+        return F.rms_norm(h, (d,)) @ F.rms_norm(v, (d,)).t() / math.sqrt(d)
+
+    def load_balance(self, point: str, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Switch-style auxiliary loss E * sum_e f_e P_e (1 when the load is uniform)."""
+        probs = torch.softmax(self.scores(point, h).float(), dim=-1).reshape(-1, weights.shape[-1])
+        load = (weights > 0).float().reshape(-1, weights.shape[-1]).mean(0)
+        return weights.shape[-1] * (load / load.sum().clamp(min=1e-9) * probs.mean(0)).sum()
 
     def route(self, point: str, h: torch.Tensor) -> torch.Tensor:
         """(B, R, E_active) weights of the active experts for each central row."""
-        v = self.gates[point][self.active]  # (E_active, d_c)
+        v = self.gate_vectors(point)  # (E_active, d_c)
         if self.routing == "gate":
             return torch.sigmoid(h @ v.t().to(h.dtype))
         if self.routing == "adaptive":
@@ -133,9 +156,8 @@ class ComposedLM(nn.Module):
                 top = g.topk(self.k_max, dim=-1).indices
                 keep &= torch.zeros_like(keep).scatter(-1, top, True)
             return torch.where(keep, g, torch.zeros_like(g))
-        # top-k on normalised affinity: LN(h) . LN(v) / sqrt(d), softmax over the k kept
-        d = h.shape[-1]
-        scores = F.rms_norm(h, (d,)) @ F.rms_norm(v.to(h.dtype), (d,)).t() / math.sqrt(d)
+        # top-k on normalised affinity, softmax over the k kept
+        scores = self.scores(point, h)
         k = min(self.k, len(self.active))
         top = scores.topk(k, dim=-1)
         return torch.zeros_like(scores).scatter(-1, top.indices, torch.softmax(top.values.float(), -1).to(h.dtype))

@@ -133,3 +133,50 @@ def test_cbtm_byte_weights_of_position_t_depend_only_on_bytes_up_to_t():
     other = textgen.document(random.Random(2), "finance").encode()
     for t in (0, 10, 57, len(data) - 1):
         np.testing.assert_array_equal(byte_prefix_weights(router, data[:t + 1] + other, 2)[t], weights[t])
+
+
+def _tokens():
+    from experts.trainer import encode_texts
+
+    return np.minimum(encode_texts([r["text"] for r in textgen.corpus(4, seed=0)]), V - 1)
+
+
+def test_independent_training_changes_only_that_experts_blocks_and_gates():
+    from composition.training import train_independent
+    from experts.trainer import TrainConfig
+
+    composed = ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="topk")
+    before = {n: p.clone() for n, p in composed.named_parameters()}
+    cfg = TrainConfig(max_tokens=4 * 48 * 5, batch_size=4, warmup_steps=1, eval_every=0, precision="fp32")
+    train_independent(composed, 1, _tokens(), cfg, TrainConfig(**{**cfg.__dict__, "lr": 5e-3}))
+    changed = {n for n, p in composed.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("blocks.1.", "gates.1.")) for n in changed), changed
+    assert any(n.startswith("gates.1.") for n in changed) and any(n.startswith("blocks.1.") for n in changed)
+    assert composed.routing == "topk" and composed.active == [0, 1, 2]  # restored afterwards
+
+
+def test_joint_training_lowers_the_loss_and_balances_with_an_auxiliary_loss():
+    from composition.training import train_joint
+    from experts.trainer import TrainConfig
+
+    composed = ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="topk", k=2)
+    tokens = _tokens()
+    x = torch.from_numpy(tokens[:49].astype(np.int64))[None]
+    before = composed(x[:, :-1], x[:, 1:])[1].item()
+    losses = []
+    train_joint(composed, tokens, TrainConfig(max_tokens=4 * 48 * 40, batch_size=4, warmup_steps=2, lr=1e-2,
+                                              eval_every=0, log_every=1, precision="fp32"),
+                balance_weight=0.01, on_metrics=lambda s, m: losses.append(m["train_loss"]))
+    assert composed.balance_weight == 0.0
+    assert composed(x[:, :-1], x[:, 1:])[1].item() < before
+
+
+def test_load_balancing_loss_is_one_when_uniform_and_grows_with_skew():
+    composed = ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=1, routing="topk", k=1)
+    point, h = composed.points[0], torch.randn(2, 9, 32)
+    uniform = composed.load_balance(point, h, composed.route(point, h))  # zero gates: equal probabilities
+    assert uniform.item() == pytest.approx(1.0)
+    with torch.no_grad():
+        composed.gates[0][point].copy_(h.mean((0, 1)) * 50)  # expert 0 wins every token, with high probability
+    skewed = composed.load_balance(point, h, composed.route(point, h))
+    assert skewed.item() > 1.5
