@@ -160,7 +160,7 @@ class ComposedLM(nn.Module):
         scores = self.scores(point, h)
         k = min(self.k, len(self.active))
         top = scores.topk(k, dim=-1)
-        return torch.zeros_like(scores).scatter(-1, top.indices, torch.softmax(top.values.float(), -1).to(h.dtype))
+        return torch.zeros_like(scores).scatter(-1, top.indices, torch.softmax(top.values.float(), -1).to(scores.dtype))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

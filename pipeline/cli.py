@@ -49,6 +49,25 @@ def experts_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def compose_command(args: argparse.Namespace) -> int:
+    """Compose the pipeline's (or the named) central model and experts; print the pipeline id."""
+    from pipeline.compose_stage import run_compose
+
+    cfg = load_config(args.config, args.overrides)
+    if not args.pipeline:
+        raise ConfigError("the compose stage needs --pipeline RUN_ID (its runs are children of that pipeline)")
+    experts = [u for u in (args.experts or "").split(",") if u]
+    for mode, uri in run_compose(cfg, args.pipeline, args.central, experts or None).items():
+        print(f"{mode}: {uri}", file=sys.stderr)
+    print(args.pipeline)
+    return 0
+
+
+def add_compose_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--central", default=None, metavar="URI", help="central model, e.g. models:/moie-central/1")
+    parser.add_argument("--experts", default=None, metavar="URI,URI", help="experts, e.g. models:/moie-expert/1,...")
+
+
 def run_command(args: argparse.Namespace) -> int:
     """The pipeline so far: cluster, then experts, in one parent run."""
     from pipeline.expert_stage import run_experts
@@ -115,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=generate_command)
+    compose = sub.add_parser("compose", help="compose registered experts into the central model (Ray, MLflow)")
+    add_config_args(compose, DEFAULT_CONFIG)
+    add_pipeline_arg(compose)
+    add_compose_args(compose)
+    compose.set_defaults(func=compose_command)
     experts = sub.add_parser("experts", help="train one expert per cluster + the dense model on Ray")
     add_config_args(experts, DEFAULT_CONFIG)
     add_pipeline_arg(experts)
@@ -148,11 +172,13 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
         return 2
 
 
-def stage_main(prog: str, description: str, func, argv: list[str] | None = None) -> int:
+def stage_main(prog: str, description: str, func, argv: list[str] | None = None, extra=None) -> int:
     """Entry point of one stage (`python -m jobs.<stage>`): --config, --set, --pipeline."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_args(parser)
     add_pipeline_arg(parser)
+    if extra is not None:
+        extra(parser)
     parser.set_defaults(func=func)
     return run_main(parser, argv)
 

@@ -71,6 +71,21 @@ class CentralConfig:
 
 
 @dataclass
+class ComposeConfig:
+    modes: list[str] = field(default_factory=lambda: ["independent", "joint"])  # one run (and version) each
+    n_points: int = 2  # composition points spread over the central model's depth
+    routing: str = "topk"  # inference routing: topk | adaptive
+    k: int = 2
+    threshold: float = 0.5  # adaptive routing: a token takes every expert whose gate exceeds it
+    blocks_train: dict = field(default_factory=dict)  # independent: an expert's blocks (TrainConfig keys)
+    gates_train: dict = field(default_factory=lambda: {"max_tokens": 50_000, "lr": 5e-3})  # then its gates
+    joint_train: dict = field(default_factory=dict)  # joint: all blocks and gates
+    balance_weight: float = 0.01
+    num_cpus: float = 1.0
+    eval_tokens: int = 65_536  # validation tokens scored for composed vs central
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = "moie"
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite under the workdir
@@ -91,6 +106,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     central: CentralConfig = field(default_factory=CentralConfig)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -195,6 +211,11 @@ def validate(cfg: Config) -> None:
     if k.temperature <= 0:
         raise ConfigError(f"cluster.temperature must be > 0, got {k.temperature}")
     validate_experts(cfg.experts)
+    bad_modes = set(cfg.compose.modes) - {"independent", "joint"}
+    if bad_modes or not cfg.compose.modes:
+        raise ConfigError(f"compose.modes must be a non-empty list of 'independent' and 'joint', got {cfg.compose.modes}")
+    if cfg.compose.routing not in ("topk", "adaptive"):
+        raise ConfigError(f"compose.routing must be 'topk' or 'adaptive', got {cfg.compose.routing!r}")
     if cfg.central.arch is not None:
         validate_model_section("central", cfg.central.arch, cfg.central.model, cfg.central.train)
 
