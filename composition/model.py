@@ -10,7 +10,10 @@ projection starts at zero, so the composed model starts equal to the central mod
 
 Routing at inference (per token): score_e = LN(h) . LN(v_e) / sqrt(d_c), keep the top k,
 softmax over their scores; or adaptively every expert whose sigmoid gate exceeds a
-threshold (0 .. k_max experts, a number that varies with the input).
+threshold (0 .. k_max experts, a number that varies with the input). Sequence-level
+routing chooses k experts once per window from the mean score of the central model's own
+states, so only k expert forwards run; the choice sees the whole window (route a window
+from its preceding context to keep it causal).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from experts.blocks import Attention, RMSNorm
 
-ROUTINGS = ("gate", "topk", "adaptive")
+ROUTINGS = ("gate", "topk", "adaptive", "sequence")
 
 
 class CrossAttentionBlock(nn.Module):
@@ -107,6 +110,33 @@ class ComposedLM(nn.Module):
         return list(self.blocks.parameters()) + list(self.gates.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        if self.routing == "sequence":
+            return self._forward_sequence(idx, targets)
+        return self._forward(idx, targets)
+
+    def _forward_sequence(self, idx: torch.Tensor, targets: torch.Tensor | None):
+        """Choose k experts for the whole window from the central's mean scores; run only them."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def record(name, h, visible):
+            if name in self.points:
+                seen[name] = h
+            return h
+
+        with torch.no_grad():
+            self.central(idx, inject=record)  # the central alone, to read its states at the points
+            mean = torch.stack([self.scores(p, seen[p]).float().mean(dim=(0, 1)) for p in self.points]).mean(0)
+        k = min(self.k, len(self.active))
+        top = mean.topk(k)
+        saved = self.active
+        self.active = [saved[i] for i in top.indices.tolist()]
+        self._sequence_weights = torch.softmax(top.values, -1)
+        try:
+            return self._forward(idx, targets)
+        finally:
+            self.active, self._sequence_weights = saved, None
+
+    def _forward(self, idx: torch.Tensor, targets: torch.Tensor | None):
         states = {e: {f["name"]: f for f in self.experts[e].features(idx)} for e in self.active}
         counts, balance = [], []
 
@@ -147,6 +177,8 @@ class ComposedLM(nn.Module):
     def route(self, point: str, h: torch.Tensor) -> torch.Tensor:
         """(B, R, E_active) weights of the active experts for each central row."""
         v = self.gate_vectors(point)  # (E_active, d_c)
+        if self.routing == "sequence":  # fixed for the window by _forward_sequence
+            return self._sequence_weights.to(h.dtype).expand(*h.shape[:-1], -1)
         if self.routing == "gate":
             return torch.sigmoid(h @ v.t().to(h.dtype))
         if self.routing == "adaptive":

@@ -49,7 +49,7 @@ def pipeline_models(tracker: Tracker, pipeline_id: str) -> tuple[str, list[str]]
         return tracker.client.search_model_versions(f"name = '{name}' and tags.`moie.pipeline` = '{pipeline_id}'")
 
     central = sorted(versions(CENTRAL_MODEL), key=lambda v: v.tags.get("moie.role") != "central")
-    central = [v for v in central if v.tags.get("moie.role") in ("central", "dense+central")]
+    central = [v for v in central if v.tags.get("moie.role", "dense+central") in ("central", "dense+central")]
     experts = sorted(versions(EXPERT_MODEL), key=lambda v: int(v.tags.get("moie.cluster", 0)))
     if not central or not experts:
         raise StageError(f"pipeline {pipeline_id} has no registered central model and experts; run "

@@ -180,3 +180,27 @@ def test_load_balancing_loss_is_one_when_uniform_and_grows_with_skew():
         composed.gates[0][point].copy_(h.mean((0, 1)) * 50)  # expert 0 wins every token, with high probability
     skewed = composed.load_balance(point, h, composed.route(point, h))
     assert skewed.item() > 1.5
+
+
+def test_sequence_level_routing_runs_only_k_expert_forwards():
+    experts = experts_of_differing_depth()
+    calls = []
+    for e, expert in enumerate(experts):
+        original = expert.features
+        expert.features = lambda idx, e=e, original=original: calls.append(e) or original(idx)
+    composed = trained_like(ComposedLM(central_gpt(), experts, n_points=2, routing="sequence", k=2))
+    calls.clear()  # construction reads each expert's widths once
+    logits, _ = composed(torch.randint(0, V, (1, 30)))
+    assert len(calls) == 2 and len(set(calls)) == 2
+    assert composed.last_experts_per_token == 2.0 and composed.active == [0, 1, 2]
+    # the chosen experts are the ones with the largest mean affinity over the window
+    composed.routing, calls[:] = "topk", []
+    composed.k = 3
+    assert logits.shape == composed(torch.randint(0, V, (1, 30)))[0].shape and len(calls) == 3
+
+
+def test_sequence_routing_at_initialisation_also_equals_the_central_model():
+    central = central_gpt()
+    composed = ComposedLM(central, experts_of_differing_depth(), n_points=2, routing="sequence", k=2)
+    idx = torch.randint(0, V, (2, 33))
+    assert torch.equal(composed(idx)[0], central(idx)[0])
