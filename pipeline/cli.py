@@ -69,13 +69,15 @@ def add_compose_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """The pipeline so far: cluster, then experts, in one parent run."""
+    """The pipeline so far: cluster, experts, compose, in one parent run."""
+    from pipeline.compose_stage import run_compose
     from pipeline.expert_stage import run_experts
     from pipeline.stages import run_cluster
 
     cfg = load_config(args.config, args.overrides)
     pipeline_id = run_cluster(cfg, args.pipeline)
     run_experts(cfg, pipeline_id)
+    run_compose(cfg, pipeline_id)
     print(pipeline_id)
     return 0
 
@@ -117,7 +119,7 @@ def generate_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moie", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pipeline on a config (today: cluster, then experts)")
+    run = sub.add_parser("run", help="run the pipeline on a config (today: cluster, experts, compose)")
     add_config_args(run, DEFAULT_CONFIG)
     add_pipeline_arg(run)
     run.set_defaults(func=run_command)
