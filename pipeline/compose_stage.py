@@ -154,35 +154,25 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
         central_uri, expert_uris = central_uri or default_central, expert_uris or default_experts
     versions = {uri: resolve_version(tracker, uri) for uri in [central_uri, *expert_uris]}
     tokenizer = check_tokenizers(versions)
-    tracker.client.update_run(pipeline_id, status="RUNNING")
-    status = "FAILED"
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            dirs = {uri: model_dir(tracker, v, Path(tmp) / f"m{i}") for i, (uri, v) in enumerate(versions.items())}
-            c = cfg.compose
-            spec = {"central_dir": dirs[central_uri], "expert_dirs": [dirs[u] for u in expert_uris],
-                    "expert_data": [data_path(cfg, versions[u], "train") for u in expert_uris],
-                    "train": str(checkpoint_root(cfg, pipeline_id) / "data" / f"{DENSE}.train.npy"),
-                    "val": str(checkpoint_root(cfg, pipeline_id) / "data" / f"{DENSE}.val.npy"),
-                    "n_points": c.n_points, "routing": c.routing, "k": c.k, "threshold": c.threshold,
-                    "blocks_train": {**c.blocks_train, "seed": cfg.seed},
-                    "gates_train": {**c.gates_train, "seed": cfg.seed},
-                    "joint_train": {**c.joint_train, "seed": cfg.seed}, "balance_weight": c.balance_weight,
-                    "num_cpus": c.num_cpus, "eval_tokens": c.eval_tokens, "seed": cfg.seed}
-            for key in ("train", "val"):
-                if not Path(spec[key]).is_file():
-                    raise StageError(f"{spec[key]} not found: the pipeline's experts stage writes it")
-            connect_ray(cfg.ray)
-            check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
-            registered = {mode: _compose_mode(tracker, cfg, pipeline_id, mode, spec, central_uri, expert_uris,
-                                              tokenizer) for mode in c.modes}
-        status = "FINISHED"
-        return registered
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish_pipeline(pipeline_id, status)
+    with tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
+        dirs = {uri: model_dir(tracker, v, Path(tmp) / f"m{i}") for i, (uri, v) in enumerate(versions.items())}
+        c = cfg.compose
+        spec = {"central_dir": dirs[central_uri], "expert_dirs": [dirs[u] for u in expert_uris],
+                "expert_data": [data_path(cfg, versions[u], "train") for u in expert_uris],
+                "train": str(checkpoint_root(cfg, pipeline_id) / "data" / f"{DENSE}.train.npy"),
+                "val": str(checkpoint_root(cfg, pipeline_id) / "data" / f"{DENSE}.val.npy"),
+                "n_points": c.n_points, "routing": c.routing, "k": c.k, "threshold": c.threshold,
+                "blocks_train": {**c.blocks_train, "seed": cfg.seed},
+                "gates_train": {**c.gates_train, "seed": cfg.seed},
+                "joint_train": {**c.joint_train, "seed": cfg.seed}, "balance_weight": c.balance_weight,
+                "num_cpus": c.num_cpus, "eval_tokens": c.eval_tokens, "seed": cfg.seed}
+        for key in ("train", "val"):
+            if not Path(spec[key]).is_file():
+                raise StageError(f"{spec[key]} not found: the pipeline's experts stage writes it")
+        connect_ray(cfg.ray)
+        check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
+        return {mode: _compose_mode(tracker, cfg, pipeline_id, mode, spec, central_uri, expert_uris, tokenizer)
+                for mode in c.modes}
 
 
 def _compose_mode(tracker: Tracker, cfg: Config, pipeline_id: str, mode: str, spec: dict, central_uri: str,

@@ -162,17 +162,8 @@ def run_experts(cfg: Config, pipeline_id: str) -> dict[str, str]:
     tracker.pipeline_run(pipeline_id)
     cluster_run, table, report = cluster_assignments(tracker, pipeline_id)
     k = int(cluster_run.data.params["cluster.k"])
-    tracker.client.update_run(pipeline_id, status="RUNNING")
-    status = "FAILED"
-    try:
-        registered = _run_experts(tracker, cfg, pipeline_id, k, table, report)
-        status = "FINISHED"
-        return registered
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish_pipeline(pipeline_id, status)
+    with tracker.pipeline_active(pipeline_id):
+        return _run_experts(tracker, cfg, pipeline_id, k, table, report)
 
 
 def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table: dict, report: dict) -> dict:

@@ -69,20 +69,12 @@ def run_cluster(cfg: Config, pipeline_id: str | None = None) -> str:
     """Run the cluster stage of a (new or given) pipeline; return the pipeline's run id."""
     tracker = Tracker(cfg)
     pipeline_id = tracker.start_pipeline(cfg, pipeline_id)
-    status = "FAILED"
-    try:
-        with tracker.stage_run(pipeline_id, "cluster") as run_id:
-            tracker.log_params(run_id, {f"cluster.{k}": v for k, v in to_dict(cfg)["cluster"].items()}
-                               | {f"corpus.{k}": v for k, v in to_dict(cfg)["corpus"].items()} | {"seed": cfg.seed})
-            result = _run_on_ray(cfg)
-            summary = _log_cluster_run(tracker, run_id, cfg, result)
-            log.info("cluster stage: %s", summary)
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish_pipeline(pipeline_id, status)
+    with tracker.pipeline_active(pipeline_id), tracker.stage_run(pipeline_id, "cluster") as run_id:
+        tracker.log_params(run_id, {f"cluster.{k}": v for k, v in to_dict(cfg)["cluster"].items()}
+                           | {f"corpus.{k}": v for k, v in to_dict(cfg)["corpus"].items()} | {"seed": cfg.seed})
+        result = _run_on_ray(cfg)
+        summary = _log_cluster_run(tracker, run_id, cfg, result)
+        log.info("cluster stage: %s", summary)
     return pipeline_id
 
 

@@ -99,6 +99,20 @@ class Tracker:
         self.client.set_terminated(pipeline_id, status=status)
 
     @contextlib.contextmanager
+    def pipeline_active(self, pipeline_id: str) -> Iterator[None]:
+        """The parent run is RUNNING while a stage works on it, then FINISHED, KILLED or FAILED."""
+        self.client.update_run(pipeline_id, status="RUNNING")
+        status = "FAILED"
+        try:
+            yield
+            status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise
+        finally:
+            self.finish_pipeline(pipeline_id, status)
+
+    @contextlib.contextmanager
     def stage_run(self, pipeline_id: str, stage: str, name: str | None = None,
                   tags: dict[str, str] | None = None) -> Iterator[str]:
         """A child run of the pipeline, FINISHED on success, KILLED on interrupt, FAILED on error."""
