@@ -204,6 +204,9 @@ def validate(cfg: Config) -> None:
                           f"got {c.val_fraction} and {c.test_fraction}")
     _positive(cfg, ["corpus.max_chunk_bytes", "corpus.domain_bytes", "cluster.max_features", "cluster.min_df",
                     "cluster.svd_dim", "cluster.fit_sample", "cluster.iterations", "cluster.num_cpus"])
+    if c.max_chunk_bytes < 64:
+        raise ConfigError(f"corpus.max_chunk_bytes must be at least 64 (a chunk is a paragraph or so), "
+                          f"got {c.max_chunk_bytes}")
     if k.k < 2:
         raise ConfigError(f"cluster.k must be at least 2 (one cluster is the dense model), got {k.k}")
     if not 1 <= k.top_k <= k.k:

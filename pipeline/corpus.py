@@ -96,6 +96,10 @@ def _units(text: str, max_bytes: int) -> list[str]:
                 cut = max_bytes
                 while cut > 0 and (data[cut] & 0xC0) == 0x80:  # don't split a UTF-8 sequence
                     cut -= 1
+                if cut == 0:  # one character longer than max_bytes: keep it whole
+                    cut = 1
+                    while cut < len(data) and (data[cut] & 0xC0) == 0x80:
+                        cut += 1
                 out.append(data[:cut].decode("utf-8"))
                 data = data[cut:]
             out.append(data.decode("utf-8"))
@@ -118,7 +122,9 @@ def _chunk_and_dedupe(rows: list[dict], max_bytes: int) -> list[Document]:
                 continue
             seen.add(key)
             doc_id = row["doc_id"] if len(chunks) == 1 else f"{row['doc_id']}#{i}"
-            docs.append(Document(doc_id=doc_id, text=chunk, source=row.get("source"), work=row.get("work")))
+            # a row without a work id is its own work: its chunks must share one split
+            docs.append(Document(doc_id=doc_id, text=chunk, source=row.get("source"),
+                                 work=row.get("work") or row["doc_id"]))
     return docs
 
 

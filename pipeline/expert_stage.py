@@ -106,6 +106,8 @@ def train_expert(spec: dict, board=None) -> dict:
     torch.set_num_threads(max(1, int(spec["num_cpus"])))  # exactly the CPUs Ray granted
     torch.manual_seed(spec["seed"])
     model = build_model(spec["model"])
+    if spec.get("num_gpus") and torch.cuda.is_available():
+        model.to("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
     train_tokens = np.load(spec["train"], mmap_mode="r")
     val_tokens = np.load(spec["val"], mmap_mode="r")
     val_tokens = val_tokens if len(val_tokens) > 1 else None
@@ -208,6 +210,7 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table:
                       "train_config": {**train_cfg, "max_tokens": budget, "seed": cfg.seed},
                       "train": data[name]["train"], "val": data[name]["val"],
                       "ckpt_dir": str(checkpoint_root(cfg, pipeline_id) / name), "num_cpus": e.num_cpus,
+                      "num_gpus": e.num_gpus,
                       "tokenizer": ByteTokenizer().fingerprint, "seed": cfg.seed,
                       "has_central": bool(cfg.central.arch)})
     if specs:

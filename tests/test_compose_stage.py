@@ -16,11 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def trained_pipeline(tmp_path_factory, ray_local):
-    import os
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("compose-home")
+        mp.setenv("MOIE_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield from _trained_pipeline(home)
 
-    home = tmp_path_factory.mktemp("compose-home")
-    old = os.environ.get("MOIE_HOME")
-    os.environ["MOIE_HOME"] = str(home)
+
+def _trained_pipeline(home):
     path = home / "docs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in textgen.corpus(30, ["cooking", "sailing", "finance"], seed=0)))
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
@@ -32,10 +35,6 @@ def trained_pipeline(tmp_path_factory, ray_local):
     pipeline_id = run_cluster(cfg)
     run_experts(cfg, pipeline_id)
     yield cfg, pipeline_id
-    if old is None:
-        os.environ.pop("MOIE_HOME", None)
-    else:
-        os.environ["MOIE_HOME"] = old
 
 
 def test_compose_stage_runs_both_modes_and_registers_compositions_better_than_central(trained_pipeline):

@@ -111,7 +111,7 @@ def test_composition_points_spread_over_depth_and_pair_by_relative_depth():
     assert composition_points(stages, 4) == stages[1:]
     expert = ["embed", "encoder1", "latent", "decoder1"]
     assert paired_stage("layer4", stages, expert) == "decoder1"
-    assert paired_stage("layer2", stages, expert) == "latent" or paired_stage("layer2", stages, expert) == "encoder1"
+    assert paired_stage("layer2", stages, expert) == "latent"  # depth 0.5 -> index round(1.5) = 2
     with pytest.raises(ValueError, match="n_points must be between 1 and 4"):
         composition_points(stages, 5)
 
@@ -169,6 +169,15 @@ def test_joint_training_lowers_the_loss_and_balances_with_an_auxiliary_loss():
                 balance_weight=0.01, on_metrics=lambda s, m: losses.append(m["train_loss"]))
     assert composed.balance_weight == 0.0
     assert composed(x[:, :-1], x[:, 1:])[1].item() < before
+    # with a balance weight the training loss carries the auxiliary term on top of the LM loss
+    composed.train()
+    plain = composed(x[:, :-1], x[:, 1:])[1].item()
+    composed.balance_weight = 0.5
+    terms, original = [], composed.load_balance
+    composed.load_balance = lambda *a: terms.append(original(*a)) or terms[-1]
+    balanced = composed(x[:, :-1], x[:, 1:])[1].item()
+    assert len(terms) == len(composed.points)
+    assert balanced == pytest.approx(plain + 0.5 * float(torch.stack(terms).mean().detach()), rel=1e-5)
 
 
 def test_load_balancing_loss_is_one_when_uniform_and_grows_with_skew():
@@ -193,6 +202,14 @@ def test_sequence_level_routing_runs_only_k_expert_forwards():
     logits, _ = composed(torch.randint(0, V, (1, 30)))
     assert len(calls) == 2 and len(set(calls)) == 2
     assert composed.last_experts_per_token == 2.0 and composed.active == [0, 1, 2]
+    seen = {}
+    composed.central(torch.zeros(1, 1, dtype=torch.long))  # warm-up, no effect
+    idx = torch.randint(0, V, (1, 30), generator=torch.Generator().manual_seed(3))
+    composed.central(idx, inject=lambda name, h, vis: seen.setdefault(name, h) if name in composed.points else h)
+    mean = torch.stack([composed.scores(p, seen[p]).float().mean(dim=(0, 1)) for p in composed.points]).mean(0)
+    calls.clear()
+    composed(idx)
+    assert sorted(calls) == sorted(mean.topk(2).indices.tolist())  # the experts of largest mean affinity
     # the chosen experts are the ones with the largest mean affinity over the window
     composed.routing, calls[:] = "topk", []
     composed.k = 3

@@ -116,6 +116,20 @@ def test_split_is_by_whole_work_and_deterministic(tmp_path):
     assert [d.split for d in load_corpus(cfg)] == [d.split for d in docs]
 
 
+def test_chunks_of_a_row_without_work_id_share_one_split(tmp_path):
+    rows = [{"text": "\n\n".join(f"doc {d} part {p} " + "z" * 300 for p in range(8))} for d in range(30)]
+    cfg = files_cfg([write_jsonl(tmp_path / "c.jsonl", rows)], max_chunk_bytes=400,
+                    val_fraction=0.3, test_fraction=0.3)
+    splits = defaultdict(set)
+    for d in load_corpus(cfg):
+        splits[d.doc_id.split("#")[0]].add(d.split)
+    assert len(splits) == 30 and all(len(s) == 1 for s in splits.values())
+
+
+def test_a_character_longer_than_the_chunk_limit_is_kept_whole():
+    assert chunk_text("ab \U0001F680 cd", 3) == ["ab ", "\U0001F680", " cd"]
+
+
 def test_split_fractions_are_respected_on_many_works():
     counts = Counter(split_of(f"work-{i}", 0.1, 0.2) for i in range(20000))
     assert abs(counts["test"] / 20000 - 0.2) < 0.02
