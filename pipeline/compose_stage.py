@@ -49,7 +49,7 @@ def pipeline_models(tracker: Tracker, pipeline_id: str) -> tuple[str, list[str]]
         return tracker.client.search_model_versions(f"name = '{name}' and tags.`moie.pipeline` = '{pipeline_id}'")
 
     central = sorted(versions(CENTRAL_MODEL), key=lambda v: v.tags.get("moie.role") != "central")
-    central = [v for v in central if v.tags.get("moie.role", "dense+central") in ("central", "dense+central")]
+    central = [v for v in central if v.tags.get("moie.role") in ("central", "dense+central")]
     experts = sorted(versions(EXPERT_MODEL), key=lambda v: int(v.tags.get("moie.cluster", 0)))
     if not central or not experts:
         raise StageError(f"pipeline {pipeline_id} has no registered central model and experts; run "
@@ -71,9 +71,15 @@ def check_tokenizers(versions: dict[str, object]) -> str:
     return next(iter(fingerprints.values()))
 
 
-def data_path(cfg: Config, version, split: str) -> str:
-    """The token file an expert was trained on (its pipeline's shared data directory)."""
-    path = checkpoint_root(cfg, version.tags["moie.pipeline"]) / "data" / f"{version.tags['moie.expert']}.{split}.npy"
+def data_path(cfg: Config, version, split: str, name: str | None = None) -> str:
+    """A token file of the clustering a model was trained on (its shared data directory):
+    the model's own data by default, or another part (`name`, e.g. 'dense') of the same."""
+    tags = version.tags
+    if "moie.cluster_run" not in tags:
+        raise StageError(f"{version.name}/{version.version} has no moie.cluster_run tag (registered by an older "
+                         "moie); retrain it with `moie experts`")
+    root = checkpoint_root(cfg, tags["moie.pipeline"], tags["moie.cluster_run"])
+    path = root / "data" / f"{name or tags['moie.expert']}.{split}.npy"
     if not path.is_file():
         raise StageError(f"training data of {version.name}/{version.version} not found at {path}; "
                          "compose on a machine that sees the experts stage's checkpoint directory")
@@ -159,16 +165,14 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
         c = cfg.compose
         spec = {"central_dir": dirs[central_uri], "expert_dirs": [dirs[u] for u in expert_uris],
                 "expert_data": [data_path(cfg, versions[u], "train") for u in expert_uris],
-                "train": str(checkpoint_root(cfg, pipeline_id) / "data" / f"{DENSE}.train.npy"),
-                "val": str(checkpoint_root(cfg, pipeline_id) / "data" / f"{DENSE}.val.npy"),
+                # joint training and evaluation read the whole corpus the central model was trained on
+                "train": data_path(cfg, versions[central_uri], "train", DENSE),
+                "val": data_path(cfg, versions[central_uri], "val", DENSE),
                 "n_points": c.n_points, "routing": c.routing, "k": c.k, "threshold": c.threshold,
                 "blocks_train": {**c.blocks_train, "seed": cfg.seed},
                 "gates_train": {**c.gates_train, "seed": cfg.seed},
                 "joint_train": {**c.joint_train, "seed": cfg.seed}, "balance_weight": c.balance_weight,
                 "num_cpus": c.num_cpus, "eval_tokens": c.eval_tokens, "seed": cfg.seed}
-        for key in ("train", "val"):
-            if not Path(spec[key]).is_file():
-                raise StageError(f"{spec[key]} not found: the pipeline's experts stage writes it")
         connect_ray(cfg.ray)
         check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
         return {mode: _compose_mode(tracker, cfg, pipeline_id, mode, spec, central_uri, expert_uris, tokenizer)

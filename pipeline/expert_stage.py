@@ -37,9 +37,11 @@ CENTRAL = "central"  # only when the config names a central architecture of its 
 # --- data -------------------------------------------------------------------------------
 
 
-def checkpoint_root(cfg: Config, pipeline_id: str) -> Path:
+def checkpoint_root(cfg: Config, pipeline_id: str, cluster_run_id: str) -> Path:
+    """Shared data and checkpoints of the experts trained on one clustering of one pipeline
+    (a new clustering of the same pipeline never reuses another's data or checkpoints)."""
     root = Path(cfg.experts.checkpoint_dir).expanduser() if cfg.experts.checkpoint_dir else workdir(cfg) / "checkpoints"
-    return root.resolve() / pipeline_id
+    return root.resolve() / pipeline_id / cluster_run_id
 
 
 def write_tokens(path: Path, texts: list[str], eos_id: int) -> Path:
@@ -68,7 +70,7 @@ def cluster_assignments(tracker: Tracker, pipeline_id: str) -> tuple[object, dic
     return run, table, report
 
 
-def expert_data(cfg: Config, pipeline_id: str, table: dict, k: int) -> dict[str, dict]:
+def expert_data(cfg: Config, root: Path, table: dict, k: int) -> dict[str, dict]:
     """Tokenise each cluster's documents once into shared .npy files: {name: {train, val, bytes}}."""
     docs = {d.doc_id: d for d in load_corpus(cfg.corpus)}
     missing = [i for i in table["doc_id"] if i not in docs]
@@ -76,7 +78,7 @@ def expert_data(cfg: Config, pipeline_id: str, table: dict, k: int) -> dict[str,
         raise StageError(f"{len(missing)} clustered documents (e.g. {missing[0]!r}) are not in the corpus of this "
                          "config; give the config the pipeline was clustered with")
     eos = ByteTokenizer().eos_id
-    data_dir = checkpoint_root(cfg, pipeline_id) / "data"
+    data_dir = root / "data"
     groups: dict[str, dict[str, list[str]]] = {f"expert-{j}": {"train": [], "validation": []} for j in range(k)}
     groups[DENSE] = {"train": [], "validation": []}
     for doc_id, cluster, split in zip(table["doc_id"], table["cluster"], table["split"]):
@@ -165,18 +167,19 @@ def run_experts(cfg: Config, pipeline_id: str) -> dict[str, str]:
     cluster_run, table, report = cluster_assignments(tracker, pipeline_id)
     k = int(cluster_run.data.params["cluster.k"])
     with tracker.pipeline_active(pipeline_id):
-        return _run_experts(tracker, cfg, pipeline_id, k, table, report)
+        return _run_experts(tracker, cfg, pipeline_id, cluster_run.info.run_id, k, table, report)
 
 
-def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table: dict, report: dict) -> dict:
-    import ray
-
+def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id: str, k: int, table: dict,
+                 report: dict) -> dict:
     e = cfg.experts
-    data = expert_data(cfg, pipeline_id, table, k)
+    root = checkpoint_root(cfg, pipeline_id, cluster_run_id)
+    data = expert_data(cfg, root, table, k)
     names = [f"expert-{j}" for j in range(k)] + ([DENSE] if e.dense else [])
     names += [CENTRAL] if cfg.central.arch else []
     data[CENTRAL] = data[DENSE]  # the central model reads the whole corpus too
-    existing = {r.data.tags.get("moie.expert"): r for r in reversed(tracker.stage_runs(pipeline_id, "experts", None))}
+    existing = {r.data.tags.get("moie.expert"): r for r in reversed(tracker.stage_runs(pipeline_id, "experts", None))
+                if r.data.tags.get("moie.cluster_run") == cluster_run_id}  # experts of this clustering only
     registered, specs = {}, []
     from experts.checkpoint import build_model
 
@@ -197,7 +200,8 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table:
         n_train = len(np.load(data[name]["train"], mmap_mode="r"))
         budget = train_cfg.get("max_tokens", 1_000_000) * (k if name == DENSE else 1)
         run_id = (run.info.run_id if run is not None
-                  else _create_run(tracker, pipeline_id, name, report, arch, model, train_cfg, budget, e.num_cpus))
+                  else _create_run(tracker, pipeline_id, cluster_run_id, name, report, arch, model, train_cfg,
+                                   budget, e.num_cpus))
         if n_train < batch * (seq_len + 1):
             why = (f"cluster has {n_train} training tokens, fewer than one batch of {batch} windows of "
                    f"{seq_len + 1} tokens")
@@ -209,7 +213,7 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table:
         specs.append({"name": name, "run_id": run_id, "tracking_uri": tracker.uri, "model": model_cfg,
                       "train_config": {**train_cfg, "max_tokens": budget, "seed": cfg.seed},
                       "train": data[name]["train"], "val": data[name]["val"],
-                      "ckpt_dir": str(checkpoint_root(cfg, pipeline_id) / name), "num_cpus": e.num_cpus,
+                      "ckpt_dir": str(root / name), "num_cpus": e.num_cpus,
                       "num_gpus": e.num_gpus,
                       "tokenizer": ByteTokenizer().fingerprint, "seed": cfg.seed,
                       "has_central": bool(cfg.central.arch)})
@@ -220,9 +224,9 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, k: int, table:
     return registered
 
 
-def _create_run(tracker: Tracker, pipeline_id: str, name: str, report: dict, arch: str, model: dict,
-                train_cfg: dict, budget: int, num_cpus: float) -> str:
-    tags = {"moie.expert": name}
+def _create_run(tracker: Tracker, pipeline_id: str, cluster_run_id: str, name: str, report: dict, arch: str,
+                model: dict, train_cfg: dict, budget: int, num_cpus: float) -> str:
+    tags = {"moie.expert": name, "moie.cluster_run": cluster_run_id}
     if name.startswith("expert-"):
         cluster = int(name.removeprefix("expert-"))
         tags["moie.cluster"] = str(cluster)
@@ -282,7 +286,8 @@ def _finish_expert(tracker: Tracker, pipeline_id: str, spec: dict, result: dict,
     role = {CENTRAL: "central", DENSE: "dense" if spec.get("has_central") else "dense+central"}.get(spec["name"])
     tags = {"moie.pipeline": pipeline_id, "moie.expert": spec["name"], "moie.tokenizer": spec["tokenizer"],
             "moie.arch": json.dumps(spec["model"], sort_keys=True), "moie.sha256": manifest["model.safetensors"]}
-    tags |= {k: v for k, v in run.data.tags.items() if k in ("moie.cluster", "moie.domain", "moie.purity")}
+    tags |= {k: v for k, v in run.data.tags.items()
+             if k in ("moie.cluster", "moie.domain", "moie.purity", "moie.cluster_run")}
     if role:
         tags["moie.role"] = role
     version = register_model(tracker, name, f"{run.info.artifact_uri}/model", run_id, tags)

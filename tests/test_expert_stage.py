@@ -145,3 +145,15 @@ def test_a_cluster_too_small_for_one_batch_is_skipped_and_recorded(ray_local, mo
     assert run_experts(cfg, pipeline_id) == {}
     runs = Tracker(cfg).stage_runs(pipeline_id, "experts")
     assert len(runs) == 2 and all("fewer than one batch" in r.data.tags["moie.skipped"] for r in runs)
+
+
+def test_a_new_clustering_of_the_pipeline_trains_new_experts_on_its_own_data(ray_local, moie_home, tmp_path):
+    cfg = tiny_config(tmp_path, extra=["experts.dense=false"])
+    pipeline_id = run_cluster(cfg)
+    first = run_experts(cfg, pipeline_id)
+    assert run_cluster(cfg, pipeline_id) == pipeline_id  # cluster again: a newer cluster run
+    second = run_experts(cfg, pipeline_id)
+    assert sorted(second) == sorted(first) and set(second.values()).isdisjoint(first.values())
+    tracker = Tracker(cfg)
+    clusterings = {v.tags["moie.cluster_run"] for v in versions(tracker, EXPERT_MODEL)}
+    assert len(clusterings) == 2
