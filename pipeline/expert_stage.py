@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -19,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.artifacts import atomic_path
-from pipeline.config import Config, to_dict
+from pipeline.config import Config
 from pipeline.corpus import load_corpus
 from pipeline.ray_runtime import check_resources, connect_ray
 from pipeline.stages import StageError
 from pipeline.tokenizer import ByteTokenizer
-from pipeline.tracking import Tracker, tracking_uri, workdir
+from pipeline.tracking import Tracker, workdir
 
 log = logging.getLogger(__name__)
 
