@@ -119,14 +119,18 @@ def generate_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moie", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pipeline on a config (today: cluster, experts, compose)")
-    add_config_args(run, DEFAULT_CONFIG)
-    add_pipeline_arg(run)
-    run.set_defaults(func=run_command)
-    cluster = sub.add_parser("cluster", help="cBTM clustering stage: tf-idf + SVD + balanced k-means")
-    add_config_args(cluster, DEFAULT_CONFIG)
-    add_pipeline_arg(cluster)
-    cluster.set_defaults(func=cluster_command)
+    stages = [("run", "run the pipeline on a config (today: cluster, experts, compose)", run_command, None),
+              ("cluster", "cBTM clustering stage: tf-idf + SVD + balanced k-means", cluster_command, None),
+              ("experts", "train one expert per cluster + the dense model on Ray", experts_command, None),
+              ("compose", "compose registered experts into the central model (Ray, MLflow)", compose_command,
+               add_compose_args)]
+    for name, text, func, extra in stages:  # the same options as `python -m jobs.<stage>`
+        stage = sub.add_parser(name, help=text)
+        add_config_args(stage, DEFAULT_CONFIG)
+        add_pipeline_arg(stage)
+        if extra is not None:
+            extra(stage)
+        stage.set_defaults(func=func)
     gen = sub.add_parser("generate", help="sample text from a model directory (model.json or step-*.json)")
     gen.add_argument("--model", required=True, help="directory with model.safetensors + model.json, "
                                                     "or a training checkpoint directory")
@@ -136,15 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=generate_command)
-    compose = sub.add_parser("compose", help="compose registered experts into the central model (Ray, MLflow)")
-    add_config_args(compose, DEFAULT_CONFIG)
-    add_pipeline_arg(compose)
-    add_compose_args(compose)
-    compose.set_defaults(func=compose_command)
-    experts = sub.add_parser("experts", help="train one expert per cluster + the dense model on Ray")
-    add_config_args(experts, DEFAULT_CONFIG)
-    add_pipeline_arg(experts)
-    experts.set_defaults(func=experts_command)
     ui = sub.add_parser("ui", help="MLflow UI on this pipeline's tracking store (127.0.0.1)")
     add_config_args(ui, DEFAULT_CONFIG)
     ui.add_argument("--port", type=int, default=5000)
