@@ -22,15 +22,21 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not match its recorded sha256."""
 
 
-def build_model(config: dict) -> torch.nn.Module:
-    """Model from its config dict ({'arch': 'hourglass' | 'gpt', ...})."""
+def model_config(config: dict) -> HourglassConfig | GPTConfig:
+    """The validated config dataclass of a config dict ({'arch': 'hourglass' | 'gpt', ...})."""
     config = dict(config)
     arch = config.pop("arch", None)
     if arch == "hourglass":
-        return HourglassLM(HourglassConfig(**config))
+        return HourglassConfig(**config)
     if arch == "gpt":
-        return GPT(GPTConfig(**config))
+        return GPTConfig(**config)
     raise CheckpointError(f"unknown model arch {arch!r}; expected 'hourglass' or 'gpt'")
+
+
+def build_model(config: dict) -> torch.nn.Module:
+    """Model from its config dict ({'arch': 'hourglass' | 'gpt', ...})."""
+    cfg = model_config(config)
+    return HourglassLM(cfg) if isinstance(cfg, HourglassConfig) else GPT(cfg)
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

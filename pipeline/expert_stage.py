@@ -180,13 +180,14 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id
     existing = {r.data.tags.get("moie.expert"): r for r in reversed(tracker.stage_runs(pipeline_id, "experts", None))
                 if r.data.tags.get("moie.cluster_run") == cluster_run_id}  # experts of this clustering only
     registered, specs = {}, []
-    from experts.checkpoint import build_model
+    from experts.checkpoint import model_config
 
     for name in names:
         arch, model, train_cfg = ((cfg.central.arch, cfg.central.model, cfg.central.train) if name == CENTRAL
                                   else (e.arch, e.model, e.train))
         model_cfg = {"arch": arch, **model, "vocab_size": ByteTokenizer().vocab_size}
-        seq_len = train_cfg.get("seq_len") or build_model(model_cfg).config.block_size
+        # the config dataclass alone gives block_size: no need to build the model here
+        seq_len = train_cfg.get("seq_len") or model_config(model_cfg).block_size
         run = existing.get(name)
         if run is not None and "moie.model_version" in run.data.tags:
             registered[name] = run.data.tags["moie.model_version"]
