@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from experts.blocks import Attention, RMSNorm
 
 ROUTINGS = ("gate", "topk", "adaptive", "sequence")
+POOLS = ("token", "prefix")
 
 
 class CrossAttentionBlock(nn.Module):
@@ -68,12 +69,15 @@ class ComposedLM(nn.Module):
     """Central + frozen experts + trainable cross-attention blocks and gates."""
 
     def __init__(self, central: nn.Module, experts: list[nn.Module], n_points: int = 2, n_head: int | None = None,
-                 routing: str = "topk", k: int = 2, threshold: float = 0.5, k_max: int | None = None):
+                 routing: str = "topk", k: int = 2, threshold: float = 0.5, k_max: int | None = None,
+                 pool: str = "token"):
         super().__init__()
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         if not experts:
             raise ValueError("a composition needs at least one expert")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.central, self.experts = central, nn.ModuleList(experts)
         for model in (central, *experts):
             model.requires_grad_(False)
@@ -93,11 +97,19 @@ class ComposedLM(nn.Module):
         # One ParameterDict per expert, so an expert's gates train (and are added) on their own.
         self.gates = nn.ModuleList(nn.ParameterDict({p: nn.Parameter(torch.zeros(widths[p])) for p in self.points})
                                    for _ in experts)
+        # The central model's mean state at each point (fit_centers): gates and scores look at the
+        # deviation from it, so a gate trained on one domain only learns that domain's direction
+        # instead of the direction every domain shares. Zero = uncentred. Not trained.
+        self.centers = nn.ParameterDict({p: nn.Parameter(torch.zeros(widths[p]), requires_grad=False)
+                                         for p in self.points})
         self.routing, self.k, self.threshold = routing, min(k, len(experts)), threshold
         self.k_max = k_max or len(experts)
+        self.pool = pool
         self.active: list[int] = list(range(len(experts)))  # experts whose forward runs
         self.balance_weight = 0.0  # joint training: weight of the load-balancing loss
         self.last_experts_per_token: float | None = None
+        self.record_routing = False  # keep each point's weights of the last forward (evaluation)
+        self.last_routing: dict[str, torch.Tensor] = {}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -147,6 +159,8 @@ class ComposedLM(nn.Module):
                                                      states[e][self.pairs[e][name]]["visible"])
                                 for e in self.active], dim=-2)  # (B, R, E_active, d_c)
             weights = self.route(name, h)  # (B, R, E_active)
+            if self.record_routing:
+                self.last_routing[name] = weights.detach()
             counts.append((weights > 0).float().sum(-1).mean())
             if self.balance_weight and self.training:
                 balance.append(self.load_balance(name, h, weights))
@@ -158,15 +172,41 @@ class ComposedLM(nn.Module):
             loss = loss + self.balance_weight * torch.stack(balance).mean()
         return logits, loss
 
+    @torch.no_grad()
+    def fit_centers(self, batches) -> None:
+        """Set each point's center to the central model's mean state over `batches` of inputs (B, T)."""
+        sums = {p: torch.zeros_like(c, dtype=torch.float64) for p, c in self.centers.items()}
+        rows = {p: 0 for p in self.points}
+
+        def record(name, h, visible):
+            if name in sums:
+                sums[name] += h.double().sum(dim=(0, 1))
+                rows[name] += h.shape[0] * h.shape[1]
+            return h
+
+        for idx in batches:
+            self.central(idx, inject=record)
+        for p in self.points:
+            self.centers[p].copy_(sums[p] / max(rows[p], 1))
+
     def gate_vectors(self, point: str) -> torch.Tensor:
         """(E_active, d_c) gate vectors of the active experts at a composition point."""
         return torch.stack([self.gates[e][point] for e in self.active])
 
+    def routing_state(self, point: str, h: torch.Tensor) -> torch.Tensor:
+        """What gates and scores look at: each row's state (pool="token") or the running mean of
+        the rows so far (pool="prefix", causal), minus the central model's mean state there."""
+        if self.pool == "prefix":
+            n = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).view(1, -1, 1)
+            h = (h.float().cumsum(dim=1) / n).to(h.dtype)  # (B, R, d)
+        return h - self.centers[point].to(h.dtype)
+
     def scores(self, point: str, h: torch.Tensor) -> torch.Tensor:
         """Normalised affinity LN(h) . LN(v_e) / sqrt(d): (B, R, E_active)."""
+        h = self.routing_state(point, h)
         d = h.shape[-1]
         v = self.gate_vectors(point).to(h.dtype)
-        return F.rms_norm(h, (d,)) @ F.rms_norm(v, (d,)).t() / math.sqrt(d)
+        return F.layer_norm(h, (d,)) @ F.layer_norm(v, (d,)).t() / math.sqrt(d)
 
     def load_balance(self, point: str, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Switch-style auxiliary loss E * sum_e f_e P_e (1 when the load is uniform)."""
@@ -180,9 +220,9 @@ class ComposedLM(nn.Module):
         if self.routing == "sequence":  # fixed for the window by _forward_sequence
             return self._sequence_weights.to(h.dtype).expand(*h.shape[:-1], -1)
         if self.routing == "gate":
-            return torch.sigmoid(h @ v.t().to(h.dtype))
+            return torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
         if self.routing == "adaptive":
-            g = torch.sigmoid(h @ v.t().to(h.dtype))
+            g = torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
             keep = g > self.threshold
             if self.k_max < len(self.active):  # at most k_max experts: the largest gates
                 top = g.topk(self.k_max, dim=-1).indices

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from composition.model import ComposedLM
@@ -23,6 +24,18 @@ def set_trainable(composed: ComposedLM, modules: list[nn.Module]) -> None:
     for module in modules:
         for p in module.parameters():
             p.requires_grad_(True)
+
+
+def fit_centers(composed: ComposedLM, tokens: np.ndarray, n_tokens: int, seq_len: int | None = None,
+                batch_size: int = 8) -> None:
+    """Center the routing on the central model's mean states over the first n_tokens of `tokens`
+    (the central model's own training data: a property of the central, shared by every expert)."""
+    seq = seq_len or composed.config.block_size
+    n = min(len(tokens) - 1, n_tokens) // seq * seq
+    if n < seq:
+        raise ValueError(f"need at least {seq + 1} tokens to fit routing centers, got {len(tokens)}")
+    x = torch.from_numpy(np.asarray(tokens[:n]).astype(np.int64)).view(-1, seq)  # (n / seq, seq)
+    composed.fit_centers(x.split(batch_size))
 
 
 def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blocks_cfg: TrainConfig,

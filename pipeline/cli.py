@@ -68,18 +68,37 @@ def add_compose_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", default=None, metavar="URI,URI", help="experts, e.g. models:/moie-expert/1,...")
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """The pipeline so far: cluster, experts, compose, in one parent run."""
-    from pipeline.compose_stage import run_compose
-    from pipeline.expert_stage import run_experts
-    from pipeline.stages import run_cluster
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Score every system of a pipeline on held-out text; print the results table and the pipeline id."""
+    from pipeline.evaluate_stage import run_evaluate
 
     cfg = load_config(args.config, args.overrides)
-    pipeline_id = run_cluster(cfg, args.pipeline)
-    run_experts(cfg, pipeline_id)
-    run_compose(cfg, pipeline_id)
+    if not args.pipeline:
+        raise ConfigError("the evaluate stage needs --pipeline RUN_ID (printed by `moie cluster` or `moie run`)")
+    run_evaluate(cfg, args.pipeline, args.eval_data)
+    print(args.pipeline)
+    return 0
+
+
+def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-data", default=None, metavar="SOURCE",
+                        help="score this text instead of the pipeline's held-out split: files or a glob "
+                             "(.txt/.jsonl/.parquet), 'embedded', or a hub data set name (read offline)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Every stage in order under one parent run; with --resume, stages already complete are skipped."""
+    from pipeline.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    pipeline_id = run_pipeline(cfg, args.resume or args.pipeline)
     print(pipeline_id)
     return 0
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", default=None, metavar="RUN_ID",
+                        help="continue this pipeline: skip the stages it completed, resume the rest")
 
 
 def ui_command(args: argparse.Namespace) -> int:
@@ -119,11 +138,13 @@ def generate_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moie", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    stages = [("run", "run the pipeline on a config (today: cluster, experts, compose)", run_command, None),
+    stages = [("run", "the whole pipeline: cluster, experts, compose, evaluate", run_command, add_run_args),
               ("cluster", "cBTM clustering stage: tf-idf + SVD + balanced k-means", cluster_command, None),
               ("experts", "train one expert per cluster + the dense model on Ray", experts_command, None),
               ("compose", "compose registered experts into the central model (Ray, MLflow)", compose_command,
-               add_compose_args)]
+               add_compose_args),
+              ("evaluate", "score dense, experts, cBTM and compositions on held-out text", evaluate_command,
+               add_evaluate_args)]
     for name, text, func, extra in stages:  # the same options as `python -m jobs.<stage>`
         stage = sub.add_parser(name, help=text)
         add_config_args(stage, DEFAULT_CONFIG)

@@ -99,14 +99,28 @@ def _composed(spec: dict, expert_dirs: list[str]):
     torch.manual_seed(spec["seed"])
     central, _ = load_model(spec["central_dir"])
     experts = [load_model(d)[0] for d in expert_dirs]
-    return ComposedLM(central, experts, n_points=spec["n_points"], routing=spec["routing"], k=spec["k"],
-                      threshold=spec["threshold"])
+    composed = ComposedLM(central, experts, n_points=spec["n_points"], routing=spec["routing"], k=spec["k"],
+                          threshold=spec["threshold"], pool=spec.get("pool", "token"))
+    if spec.get("centers"):
+        composed.load_state_dict(spec["centers"], strict=False)
+    return composed
 
 
 def new_parameters(composed) -> dict:
     """Blocks and gates only: what a composition adds to the registered models."""
     return {k: v.detach().cpu().contiguous() for k, v in composed.state_dict().items()
-            if k.startswith(("blocks.", "gates."))}
+            if k.startswith(("blocks.", "gates.", "centers."))}
+
+
+def centers_task(spec: dict) -> dict:
+    """The central model's mean state at each composition point, on its own training data:
+    computed once and shared by every expert's training, so independent gates agree on it."""
+    from composition.training import fit_centers
+
+    composed = _composed({**spec, "centers": None}, spec["expert_dirs"][:1])
+    if spec["center_tokens"]:
+        fit_centers(composed, np.load(spec["train"], mmap_mode="r"), spec["center_tokens"])
+    return {k: v for k, v in new_parameters(composed).items() if k.startswith("centers.")}
 
 
 def train_independent_task(spec: dict, e: int) -> dict:
@@ -169,12 +183,16 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
                 "train": data_path(cfg, versions[central_uri], "train", DENSE),
                 "val": data_path(cfg, versions[central_uri], "val", DENSE),
                 "n_points": c.n_points, "routing": c.routing, "k": c.k, "threshold": c.threshold,
+                "pool": c.pool, "center_tokens": c.center_tokens,
                 "blocks_train": {**c.blocks_train, "seed": cfg.seed},
                 "gates_train": {**c.gates_train, "seed": cfg.seed},
                 "joint_train": {**c.joint_train, "seed": cfg.seed}, "balance_weight": c.balance_weight,
                 "num_cpus": c.num_cpus, "eval_tokens": c.eval_tokens, "seed": cfg.seed}
         connect_ray(cfg.ray)
         check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
+        import ray
+
+        spec["centers"] = ray.get(ray.remote(centers_task).options(num_cpus=c.num_cpus).remote(spec))
         return {mode: _compose_mode(tracker, cfg, pipeline_id, mode, spec, central_uri, expert_uris, tokenizer)
                 for mode in c.modes}
 
@@ -186,7 +204,8 @@ def _compose_mode(tracker: Tracker, cfg: Config, pipeline_id: str, mode: str, sp
     opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
     with tracker.stage_run(pipeline_id, "compose", name=f"compose-{mode}", tags={"moie.mode": mode}) as run_id:
         tracker.log_params(run_id, {"mode": mode, "central": central_uri, "experts": ",".join(expert_uris),
-                                    "n_points": spec["n_points"], "routing": spec["routing"], "k": spec["k"]})
+                                    "n_points": spec["n_points"], "routing": spec["routing"], "k": spec["k"],
+                                    "pool": spec["pool"], "center_tokens": spec["center_tokens"]})
         if mode == "independent":
             # one task per expert; each could start as soon as its expert exists
             refs = [ray.remote(train_independent_task).options(**opts).remote(spec, e) for e in range(len(expert_uris))]
@@ -209,7 +228,7 @@ def _compose_mode(tracker: Tracker, cfg: Config, pipeline_id: str, mode: str, sp
 
             manifest = {"central": central_uri, "experts": expert_uris, "mode": mode, "tokenizer": tokenizer,
                         "n_points": spec["n_points"], "routing": spec["routing"], "k": spec["k"],
-                        "threshold": spec["threshold"], **scores}
+                        "threshold": spec["threshold"], "pool": spec["pool"], **scores}
             save_tensors_json(Path(tmp), "composition", state, manifest)
             write_json(Path(tmp) / "composition_manifest.json", manifest)
             files = tracker.log_artifact_dir(run_id, tmp, "composition")

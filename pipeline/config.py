@@ -77,12 +77,22 @@ class ComposeConfig:
     routing: str = "topk"  # inference routing: topk | adaptive
     k: int = 2
     threshold: float = 0.5  # adaptive routing: a token takes every expert whose gate exceeds it
+    pool: str = "token"  # what routing looks at: each token's state, or the running mean of its prefix
+    center_tokens: int = 32_768  # central-model tokens whose mean state centers the routing (0: uncentred)
     blocks_train: dict = field(default_factory=dict)  # independent: an expert's blocks (TrainConfig keys)
     gates_train: dict = field(default_factory=lambda: {"max_tokens": 50_000, "lr": 5e-3})  # then its gates
     joint_train: dict = field(default_factory=dict)  # joint: all blocks and gates
     balance_weight: float = 0.01
     num_cpus: float = 1.0
     eval_tokens: int = 65_536  # validation tokens scored for composed vs central
+
+
+@dataclass
+class EvaluateConfig:
+    max_bytes_per_domain: int = 32_768  # held-out bytes scored per domain (whole documents, in order)
+    stride: int = 0  # window overlap: each window adds `stride` new bytes (0: half the block size)
+    batch_size: int = 8
+    num_cpus: float = 1.0  # Ray resources of one scoring task
 
 
 @dataclass
@@ -107,6 +117,7 @@ class Config:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     central: CentralConfig = field(default_factory=CentralConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -219,6 +230,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"compose.modes must be a non-empty list of 'independent' and 'joint', got {cfg.compose.modes}")
     if cfg.compose.routing not in ("topk", "adaptive"):
         raise ConfigError(f"compose.routing must be 'topk' or 'adaptive', got {cfg.compose.routing!r}")
+    if cfg.compose.pool not in ("token", "prefix"):
+        raise ConfigError(f"compose.pool must be 'token' or 'prefix', got {cfg.compose.pool!r}")
+    if cfg.compose.center_tokens < 0:
+        raise ConfigError(f"compose.center_tokens must be >= 0 (0: uncentred routing), got {cfg.compose.center_tokens}")
+    ev = cfg.evaluate
+    if ev.max_bytes_per_domain < 1 or ev.stride < 0 or ev.batch_size < 1 or ev.num_cpus <= 0:
+        raise ConfigError("evaluate.max_bytes_per_domain and evaluate.batch_size must be >= 1, evaluate.stride >= 0 "
+                          f"(0: half the block size), evaluate.num_cpus > 0; got {ev}")
     if cfg.central.arch is not None:
         validate_model_section("central", cfg.central.arch, cfg.central.model, cfg.central.train)
 

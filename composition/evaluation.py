@@ -1,0 +1,119 @@
+"""Scoring held-out documents: per-byte log-probabilities, mixtures, routing statistics.
+
+Every byte of every document is scored. A document is fed as [eos] + its bytes (the model
+predicts the first byte from the separator it saw during training) in windows of the
+block size that overlap: window w starts at w * stride, and each target is scored by the
+first window whose part after its first (block - stride) positions contains it, so every
+byte after the first window has at least block - stride bytes of context.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from experts.trainer import autocast_context
+
+
+@dataclass
+class Window:
+    doc: int
+    start: int  # first input position in the document's [eos] + bytes sequence
+    first_scored: int  # index (into the window's targets) of the first target this window scores
+
+
+def windows(lengths: list[int], seq_len: int, stride: int) -> list[Window]:
+    """The windows that score each document of `lengths` bytes exactly once per byte."""
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride must be between 1 and the block size {seq_len}, got {stride}")
+    out = []
+    for d, n in enumerate(lengths):  # inputs: n + 1 positions ([eos] + bytes), targets: n bytes
+        start = 0
+        out.append(Window(d, 0, 0))
+        while start + seq_len < n:
+            start += stride
+            out.append(Window(d, start, seq_len - stride))
+    return out
+
+
+@dataclass
+class Scores:
+    log_probs: list[np.ndarray]  # per document: (n_bytes,) natural-log probability of each byte
+    top1_counts: np.ndarray | None  # (n_docs, n_experts): routed rows whose top-1 is each expert
+    experts_per_row: float | None  # mean number of experts with nonzero weight per routed row
+    seconds: float
+    tokens: int  # targets scored
+
+
+@torch.no_grad()
+def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int, seq_len: int,
+                    stride: int | None = None, batch_size: int = 8, n_experts: int | None = None,
+                    precision: str = "auto") -> Scores:
+    """Per-byte log-probabilities of each document (uint8/int token arrays without separators).
+    A model that records routing (`record_routing`) also yields which experts its rows chose."""
+    stride = stride or seq_len // 2
+    lengths = [len(d) for d in docs]
+    if not docs or min(lengths) < 1:
+        raise ValueError("every document to score needs at least one byte")
+    inputs = [np.concatenate([[eos_id], np.asarray(d, dtype=np.int64)]) for d in docs]  # (n + 1,) each
+    out = [np.zeros(n, dtype=np.float64) for n in lengths]
+    counts = np.zeros((len(docs), n_experts), dtype=np.int64) if n_experts else None
+    used, rows = 0.0, 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    todo = windows(lengths, seq_len, stride)
+    began, scored = time.perf_counter(), 0
+    for b in range(0, len(todo), batch_size):
+        chunk = todo[b:b + batch_size]
+        x = np.zeros((len(chunk), seq_len), dtype=np.int64)
+        y = np.full((len(chunk), seq_len), -1, dtype=np.int64)
+        for i, w in enumerate(chunk):
+            seq = inputs[w.doc][w.start:w.start + seq_len + 1]
+            x[i, :len(seq) - 1], y[i, :len(seq) - 1] = seq[:-1], seq[1:]
+        with autocast_context(device, precision):  # bf16 where the CPU/GPU has it (as in training)
+            logits, _ = model(torch.from_numpy(x).to(device))
+        logp = -F.cross_entropy(logits.float().transpose(1, 2), torch.from_numpy(y).clamp(min=0).to(device),
+                                reduction="none").cpu().numpy()  # (B, T)
+        for i, w in enumerate(chunk):
+            t = np.arange(w.first_scored, seq_len)
+            t = t[y[i, t] >= 0]
+            out[w.doc][w.start + t] = logp[i, t]
+            scored += len(t)
+        for weights in (getattr(model, "last_routing", None) or {}).values():  # (B, R, E) per point
+            if counts is not None:
+                top = weights.float().argmax(-1).cpu().numpy()  # (B, R)
+                for i, w in enumerate(chunk):
+                    counts[w.doc] += np.bincount(top[i], minlength=n_experts)
+            used += float((weights > 0).float().sum())
+            rows += weights.shape[0] * weights.shape[1]
+    model.train(was_training)
+    return Scores(out, counts, used / rows if rows else None, time.perf_counter() - began, scored)
+
+
+def bits_per_byte(log_probs: list[np.ndarray]) -> float:
+    """Total negative log-likelihood in bits over the number of bytes."""
+    n = sum(len(lp) for lp in log_probs)
+    return -sum(float(lp.sum()) for lp in log_probs) / math.log(2) / max(n, 1)
+
+
+def mixture(expert_log_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """log sum_e w_e p_e(byte): expert_log_probs (E, n), weights (n, E) -> (n,). Weight 0 drops an expert."""
+    with np.errstate(divide="ignore"):
+        log_w = np.log(weights.T.astype(np.float64))  # (E, n)
+    joint = expert_log_probs + log_w
+    top = joint.max(axis=0)
+    return top + np.log(np.exp(joint - top).sum(axis=0))
+
+
+def keep_top_k(weights: np.ndarray, k: int) -> np.ndarray:
+    """Zero all but each row's k largest weights and renormalise: (n, E) -> (n, E)."""
+    k = min(k, weights.shape[1])
+    drop = np.argsort(-weights, axis=1, kind="stable")[:, k:]
+    kept = weights.copy()
+    np.put_along_axis(kept, drop, 0.0, axis=1)
+    return kept / np.maximum(kept.sum(axis=1, keepdims=True), 1e-30)
