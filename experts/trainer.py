@@ -149,8 +149,9 @@ def bits_per_byte(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, max_
 
 def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
           ckpt_dir: str | Path | None = None, on_metrics: Callable[[int, dict], None] | None = None,
-          meta: dict | None = None) -> TrainResult:
-    """Train `model` in place for cfg.max_tokens tokens, resuming from ckpt_dir's newest checkpoint."""
+          meta: dict | None = None, stop_at: int | None = None) -> TrainResult:
+    """Train `model` in place for cfg.max_tokens tokens, resuming from ckpt_dir's newest checkpoint.
+    stop_at: pause after that step (checkpointed there) on the full run's schedule; train again to go on."""
     device = next(model.parameters()).device
     seq_len = cfg.seq_len or model.config.block_size
     total = cfg.steps(seq_len)
@@ -167,7 +168,8 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
     window_t0, window_tokens = time.perf_counter(), 0
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
     tokens_per_s = 0.0
-    while step < total:
+    end = total if stop_at is None else min(stop_at, total)
+    while step < end:
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -195,7 +197,7 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
         if val_tokens is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             val_bpb = bits_per_byte(model, val_tokens, seq_len, cfg.eval_tokens, precision=cfg.precision)
             emit(step, {"val_bpb": val_bpb})
-        if ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total):
+        if ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end):
             save_checkpoint(ckpt_dir, step, model, optimizer, generator,
                             {**(meta or {}), "train_config": asdict(cfg), "tokens": step * tokens_per_step},
                             keep=cfg.keep_checkpoints)

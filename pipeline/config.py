@@ -24,24 +24,24 @@ class CorpusConfig:
     source: str = "embedded"  # embedded | files | hub
     name: str | None = None  # hub data set name (source: hub)
     files: list[str] = field(default_factory=list)  # .txt / .jsonl / .parquet paths or globs
-    hub_split: str = "train"
-    text_column: str = "text"
+    hub_split: str = "train"  # split of the hub data set to read
+    text_column: str = "text"  # column holding the text (jsonl, parquet, hub)
     source_column: str | None = "source"  # optional domain label, used only for evaluation
     work_column: str | None = "work"  # optional work id: all chunks of a work share a split
     max_chunk_bytes: int = 4096  # long texts are chunked at paragraph boundaries
     domain_bytes: int = 2_500_000  # embedded corpus: cap per domain
-    max_documents: int | None = None
+    max_documents: int | None = None  # keep only the first N documents (null: all)
     encoding_errors: str = "strict"  # strict: refuse non-UTF-8 files; replace: decode with U+FFFD and warn
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
+    val_fraction: float = 0.05  # share of works held out for validation (split by work, never by chunk)
+    test_fraction: float = 0.05  # share of works held out for the final evaluation
 
 
 @dataclass
 class ClusterConfig:
-    k: int = 6
+    k: int = 6  # number of clusters = experts
     max_features: int = 20_000  # tf-idf vocabulary bound
-    min_df: int = 2
-    svd_dim: int = 100
+    min_df: int = 2  # a term must occur in this many documents
+    svd_dim: int = 100  # truncated SVD dimensions of the document embedding
     fit_sample: int = 50_000  # documents used to fit tf-idf, SVD and centroids
     iterations: int = 20  # balanced Lloyd iterations
     temperature: float = 0.1  # routing weights softmax(-d^2 / T)
@@ -55,10 +55,13 @@ class ExpertsConfig:
     model: dict = field(default_factory=dict)  # HourglassConfig / GPTConfig keys (vocab from the tokenizer)
     train: dict = field(default_factory=dict)  # TrainConfig keys; max_tokens is the budget of one expert
     num_cpus: float = 1.0  # Ray resources of one expert's task
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # GPUs of one expert's task (the model moves to the GPU when > 0)
     max_retries: int = 3  # Ray retries of a task whose worker died; it resumes from its checkpoint
     checkpoint_dir: str | None = None  # readable by every node; default <workdir>/checkpoints
     dense: bool = True  # also train the dense baseline (k x the expert budget); it is the central model
+    # BTM / cBTM: experts branch from a shared seed, the dense model after this share of its
+    # budget; each expert then trains (its budget - seed / k) tokens, so the total stays equal
+    seed_fraction: float = 0.0
     progress_every: float = 5.0  # seconds between progress lines in the terminal
 
 
@@ -66,7 +69,7 @@ class ExpertsConfig:
 class CentralConfig:
     """A central model of its own; by default (arch null) the dense baseline is the central model."""
     arch: str | None = None  # hourglass | gpt | null
-    model: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # its HourglassConfig / GPTConfig keys
     train: dict = field(default_factory=dict)  # max_tokens here is the central model's own budget
 
 
@@ -75,15 +78,15 @@ class ComposeConfig:
     modes: list[str] = field(default_factory=lambda: ["independent", "joint"])  # one run (and version) each
     n_points: int = 2  # composition points spread over the central model's depth
     routing: str = "topk"  # inference routing: topk | adaptive
-    k: int = 2
+    k: int = 2  # experts per token (top-k routing)
     threshold: float = 0.5  # adaptive routing: a token takes every expert whose gate exceeds it
     pool: str = "token"  # what routing looks at: each token's state, or the running mean of its prefix
     center_tokens: int = 32_768  # central-model tokens whose mean state centers the routing (0: uncentred)
     blocks_train: dict = field(default_factory=dict)  # independent: an expert's blocks (TrainConfig keys)
     gates_train: dict = field(default_factory=lambda: {"max_tokens": 50_000, "lr": 5e-3})  # then its gates
     joint_train: dict = field(default_factory=dict)  # joint: all blocks and gates
-    balance_weight: float = 0.01
-    num_cpus: float = 1.0
+    balance_weight: float = 0.01  # joint: weight of the load-balancing loss
+    num_cpus: float = 1.0  # Ray resources of one composition task
     eval_tokens: int = 65_536  # validation tokens scored for composed vs central
 
 
@@ -91,13 +94,13 @@ class ComposeConfig:
 class EvaluateConfig:
     max_bytes_per_domain: int = 32_768  # held-out bytes scored per domain (whole documents, in order)
     stride: int = 0  # window overlap: each window adds `stride` new bytes (0: half the block size)
-    batch_size: int = 8
+    batch_size: int = 8  # windows scored at once
     num_cpus: float = 1.0  # Ray resources of one scoring task
 
 
 @dataclass
 class TrackingConfig:
-    experiment: str = "moie"
+    experiment: str = "moie"  # MLflow experiment of the pipeline's runs
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite under the workdir
 
 
@@ -109,8 +112,8 @@ class RayConfig:
 
 @dataclass
 class Config:
-    name: str = "moie"
-    seed: int = 0
+    name: str = "moie"  # names the pipeline's parent run (pipeline-<name>)
+    seed: int = 0  # every random choice (splits are by hash, not by seed)
     workdir: str | None = None  # MLflow database + artifacts; default $MOIE_HOME or ~/.moie
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -262,6 +265,9 @@ def validate_model_section(section: str, arch: str, model: dict, train: dict) ->
 
 def validate_experts(e: "ExpertsConfig") -> None:
     validate_model_section("experts", e.arch, e.model, e.train)
+    if not 0 <= e.seed_fraction < 1 or (e.seed_fraction and not e.dense):
+        raise ConfigError(f"experts.seed_fraction must be in [0, 1) and needs experts.dense: true (the seed is the "
+                          f"dense model's early checkpoint); got {e.seed_fraction} with dense={e.dense}")
     if e.num_cpus <= 0 or e.num_gpus < 0 or e.max_retries < 0:
         raise ConfigError("experts.num_cpus must be > 0, experts.num_gpus and experts.max_retries >= 0; got "
                           f"{e.num_cpus}, {e.num_gpus}, {e.max_retries}")

@@ -104,9 +104,13 @@ def train_expert(spec: dict, board=None) -> dict:
     from experts.checkpoint import build_model, save_model
     from experts.trainer import TrainConfig, train
 
+    from experts.checkpoint import latest_checkpoint, load_model
+
     torch.set_num_threads(max(1, int(spec["num_cpus"])))  # exactly the CPUs Ray granted
     torch.manual_seed(spec["seed"])
     model = build_model(spec["model"])
+    if spec.get("init_from") and latest_checkpoint(spec["ckpt_dir"]) is None:
+        model.load_state_dict(load_model(spec["init_from"])[0].state_dict())  # branch from the shared seed
     if spec.get("num_gpus") and torch.cuda.is_available():
         model.to("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
     train_tokens = np.load(spec["train"], mmap_mode="r")
@@ -124,7 +128,10 @@ def train_expert(spec: dict, board=None) -> dict:
                                                "tokens_per_s": metrics["tokens_per_s"], "pid": os.getpid()})
 
     result = train(model, train_tokens, val_tokens, cfg, ckpt_dir=spec["ckpt_dir"], on_metrics=on_metrics,
-                   meta={"tokenizer": spec["tokenizer"]})
+                   meta={"tokenizer": spec["tokenizer"]}, stop_at=spec.get("stop_at"))
+    if spec.get("stop_at"):  # the seed phase: export the paused model for the experts to branch from
+        save_model(spec["seed_dir"], model, {"tokenizer": spec["tokenizer"], "name": "seed", "step": result.steps})
+        return {**asdict(result), "model_dir": spec["seed_dir"], "params": sum(p.numel() for p in model.parameters())}
     model_dir = Path(spec["ckpt_dir"]) / "model"
     save_model(model_dir, model, {"tokenizer": spec["tokenizer"], "name": spec["name"]})
     if board is not None:
@@ -181,6 +188,15 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id
                 if r.data.tags.get("moie.cluster_run") == cluster_run_id}  # experts of this clustering only
     registered, specs = {}, []
     from experts.checkpoint import model_config
+    from experts.trainer import TrainConfig
+
+    seed = None
+    if e.seed_fraction:  # the experts branch from the dense model after seed_steps of its budget
+        seq_len = e.train.get("seq_len") or model_config({"arch": e.arch, **e.model}).block_size
+        dense_cfg = TrainConfig(**{**e.train, "max_tokens": e.train.get("max_tokens", 1_000_000) * k})
+        steps = max(1, round(e.seed_fraction * dense_cfg.steps(seq_len)))
+        seed = {"steps": steps, "tokens": steps * dense_cfg.batch_size * seq_len * dense_cfg.grad_accum,
+                "dir": str(root / "seed" / "model")}
 
     for name in names:
         arch, model, train_cfg = ((cfg.central.arch, cfg.central.model, cfg.central.train) if name == CENTRAL
@@ -199,6 +215,8 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id
         batch = train_cfg.get("batch_size", 16)
         n_train = len(np.load(data[name]["train"], mmap_mode="r"))
         budget = train_cfg.get("max_tokens", 1_000_000) * (k if name == DENSE else 1)
+        if seed and name.startswith("expert-"):
+            budget -= seed["tokens"] // k  # the seed is shared: k experts + seed = the dense budget
         run_id = (run.info.run_id if run is not None
                   else _create_run(tracker, pipeline_id, cluster_run_id, name, report, arch, model, train_cfg,
                                    budget, e.num_cpus))
@@ -216,10 +234,20 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id
                       "ckpt_dir": str(root / name), "num_cpus": e.num_cpus,
                       "num_gpus": e.num_gpus,
                       "tokenizer": ByteTokenizer().fingerprint, "seed": cfg.seed,
-                      "has_central": bool(cfg.central.arch)})
+                      "has_central": bool(cfg.central.arch),
+                      "init_from": seed["dir"] if seed and name.startswith("expert-") else None})
     if specs:
         connect_ray(cfg.ray)
         check_resources(e.num_cpus, e.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)")
+        if seed and any(s["init_from"] for s in specs) and not Path(seed["dir"], "model.json").is_file():
+            dense = [s for s in specs if s["name"] == DENSE]
+            if not dense:
+                raise StageError(f"the experts branch from the dense model's seed at {seed['dir']}, which is missing "
+                                 "while the dense model is registered; set experts.seed_fraction: 0 or retrain")
+            print(f"seed: the dense model to step {seed['steps']} ({seed['tokens']} tokens), then every expert "
+                  "branches from it", flush=True)
+            _train_all(tracker, cfg, pipeline_id, [{**dense[0], "stop_at": seed["steps"], "seed_dir": seed["dir"]}],
+                       report, register=False)
         registered |= _train_all(tracker, cfg, pipeline_id, specs, report)
     return registered
 
@@ -240,14 +268,17 @@ def _create_run(tracker: Tracker, pipeline_id: str, cluster_run_id: str, name: s
     return run_id
 
 
-def _train_all(tracker: Tracker, cfg: Config, pipeline_id: str, specs: list[dict], report: dict) -> dict:
+def _train_all(tracker: Tracker, cfg: Config, pipeline_id: str, specs: list[dict], report: dict,
+               register: bool = True) -> dict:
     import ray
 
     e = cfg.experts
     board = ray.remote(num_cpus=0)(ProgressBoard).options(name=f"moie-progress-{pipeline_id}",
                                                            get_if_exists=True).remote()
     task = ray.remote(train_expert).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus, max_retries=e.max_retries)
-    pending = {task.remote(spec, board): spec for spec in specs}
+    # longest first: the dense model (k x an expert's budget) must not start last, alone on one CPU
+    ordered = sorted(specs, key=lambda spec: -spec["train_config"]["max_tokens"])
+    pending = {task.remote(spec, board): spec for spec in ordered}
     registered, failures, shown = {}, [], {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=e.progress_every)
@@ -263,6 +294,8 @@ def _train_all(tracker: Tracker, cfg: Config, pipeline_id: str, specs: list[dict
             except Exception as err:  # the task failed after its retries: record, go on with the others
                 failures.append(f"{spec['name']}: {type(err).__name__}: {str(err).splitlines()[0]}")
                 tracker.client.set_terminated(spec["run_id"], "FAILED")
+                continue
+            if not register:
                 continue
             registered[spec["name"]] = _finish_expert(tracker, pipeline_id, spec, result, report)
             print(f"{spec['name']}: registered as {registered[spec['name']]} "

@@ -1,5 +1,6 @@
 """The compose stage for real: experts from the experts stage, local Ray, MLflow registry."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,59 @@ def test_experts_with_different_tokenizers_are_refused(trained_pipeline):
     finally:
         fp = tracker.client.get_model_version("moie-expert", "1").tags["moie.tokenizer"]
         tracker.client.set_model_version_tag("moie-expert", "2", "moie.tokenizer", fp)
+
+
+def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_every_stage(trained_pipeline, capsys):
+    from pipeline.evaluate_stage import COMPOSED
+    from pipeline.pipeline import run_pipeline
+
+    cfg, pipeline_id = trained_pipeline
+    assert run_pipeline(cfg, pipeline_id) == pipeline_id
+    tracker = Tracker(cfg)
+    (evaluation,) = tracker.stage_runs(pipeline_id, "evaluate")
+    metrics = evaluation.data.metrics
+    domains = ["cooking", "finance", "sailing"]
+    systems = ["dense", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *COMPOSED.values(),
+               "composed_adaptive"]
+    for system in systems:
+        for part in [*domains, "all"]:
+            assert math.isfinite(metrics[f"bpb/{system}/{part}"]), (system, part)
+    # disjoint vocabularies: the cBTM router sends (almost) every byte to its domain's expert
+    assert metrics["routing_accuracy/cbtm_top1"] > 0.9
+    assert metrics["experts_per_token/composed_joint"] == pytest.approx(cfg.compose.k)
+    for system in ["cbtm_top1", "composed_independent"]:
+        loads = [metrics[f"load/{system}/expert{e}"] for e in range(3)]
+        assert sum(loads) == pytest.approx(1.0)
+    # the oracle is each domain's own expert
+    for domain in domains:
+        assert min(metrics[f"bpb/expert{e}/{domain}"] for e in range(3)) <= metrics[f"bpb/oracle/{domain}"] + 1e-9
+        assert metrics[f"bpb/oracle/{domain}"] in {metrics[f"bpb/expert{e}/{domain}"] for e in range(3)}
+    files = {a.path for a in tracker.client.list_artifacts(evaluation.info.run_id)}
+    assert {"results.md", "results.csv", "bpb_by_domain.png", "routing_heatmap.png", "curves", "manifest.json"} <= files
+    curves = {a.path for a in tracker.client.list_artifacts(evaluation.info.run_id, "curves")}
+    assert {"curves/expert-0.png", "curves/dense.png"} <= curves
+    parent = tracker.client.get_run(pipeline_id).data.metrics
+    assert parent["bpb/dense/all"] == metrics["bpb/dense/all"] and "bpb/dense/cooking" not in parent
+    table = capsys.readouterr().out
+    assert "| composed_joint |" in table
+
+    # again: every stage is complete, so nothing new runs and the table is printed again
+    runs_before = {r.info.run_id for stage in ("cluster", "experts", "compose", "evaluate")
+                   for r in tracker.stage_runs(pipeline_id, stage, None)}
+    run_pipeline(cfg, pipeline_id)
+    runs_after = {r.info.run_id for stage in ("cluster", "experts", "compose", "evaluate")
+                  for r in tracker.stage_runs(pipeline_id, stage, None)}
+    assert runs_after == runs_before
+    assert "evaluate: done before" in capsys.readouterr().out
+
+
+def test_evaluate_scores_other_text_given_as_eval_data(trained_pipeline, tmp_path):
+    from pipeline.evaluate_stage import run_evaluate
+
+    cfg, pipeline_id = trained_pipeline
+    path = tmp_path / "ood.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in textgen.corpus(3, ["astronomy"], seed=5)))
+    outcome = run_evaluate(cfg, pipeline_id, str(path))
+    assert outcome["domains"] == ["astronomy"]
+    assert math.isfinite(outcome["metrics"]["bpb/cbtm_top1/astronomy"])
+    assert "routing_accuracy/cbtm_top1" not in outcome["metrics"]  # no expert's domain: nothing to be accurate about

@@ -157,3 +157,51 @@ def test_a_new_clustering_of_the_pipeline_trains_new_experts_on_its_own_data(ray
     tracker = Tracker(cfg)
     clusterings = {v.tags["moie.cluster_run"] for v in versions(tracker, EXPERT_MODEL)}
     assert len(clusterings) == 2
+
+
+def test_experts_branch_from_a_shared_dense_seed_at_equal_total_compute(ray_local, moie_home, tmp_path):
+    from experts.checkpoint import load_model
+
+    cfg = tiny_config(tmp_path, ["experts.seed_fraction=0.5", "experts.train.ckpt_every=0"])
+    pipeline_id = run_cluster(cfg)
+    run_experts(cfg, pipeline_id)
+    tracker = Tracker(cfg)
+    runs = {r.data.tags["moie.expert"]: r for r in tracker.stage_runs(pipeline_id, "experts")}
+    dense_tokens = runs["dense"].data.metrics["tokens"]
+    (seed_dir,) = list(Path(moie_home).rglob("seed/model"))
+    _, meta = load_model(seed_dir)
+    seed_tokens = meta["step"] * 8 * 64  # steps x batch x block
+    assert 0 < seed_tokens < dense_tokens
+    # the seed is shared: seed + every expert's own tokens = the dense model's tokens
+    expert_tokens = sum(runs[f"expert-{j}"].data.metrics["tokens"] for j in range(2))
+    assert abs(seed_tokens + expert_tokens - dense_tokens) <= 2 * 8 * 64  # rounding to whole steps
+    assert runs["dense"].info.status == "FINISHED"
+
+
+def test_an_expert_branched_from_a_seed_starts_from_the_seeds_weights(tmp_path):
+    import numpy as np
+    import torch
+
+    from experts.checkpoint import build_model, load_model, save_model
+    from pipeline.expert_stage import train_expert
+    from pipeline.tokenizer import ByteTokenizer
+
+    arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    torch.manual_seed(123)
+    save_model(tmp_path / "seed", build_model(arch))
+    np.save(tmp_path / "train.npy", np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16))
+    np.save(tmp_path / "val.npy", np.zeros(0, dtype=np.uint16))
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("seed-test")).info.run_id
+    spec = {"name": "expert-0", "run_id": run_id, "tracking_uri": uri, "model": arch,
+            "train_config": {"max_tokens": 64, "batch_size": 2, "lr": 0.0, "warmup_steps": 1, "weight_decay": 0.0},
+            "train": str(tmp_path / "train.npy"), "val": str(tmp_path / "val.npy"), "ckpt_dir": str(tmp_path / "ck"),
+            "num_cpus": 1, "tokenizer": ByteTokenizer().fingerprint, "seed": 0, "init_from": str(tmp_path / "seed")}
+    result = train_expert(spec)
+    trained, _ = load_model(result["model_dir"])
+    seed, _ = load_model(tmp_path / "seed")
+    for (name, a), b in zip(trained.state_dict().items(), seed.state_dict().values()):
+        assert torch.equal(a, b), name  # lr 0: nothing moved, so it started at the seed

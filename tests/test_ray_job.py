@@ -11,17 +11,30 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_cluster_then_experts_run_as_submitted_ray_jobs_and_land_in_mlflow(ray_head, tmp_path):
-    home = tmp_path / "home"
+# small budgets: the point is the jobs, not the models
+SMALL = ["experts.train.max_tokens=4000", "experts.train.ckpt_every=0",
+         "compose.blocks_train={max_tokens: 3000, batch_size: 8}", "compose.gates_train={max_tokens: 1000, batch_size: 8}",
+         "compose.joint_train={max_tokens: 3000, batch_size: 8}", "compose.eval_tokens=2048",
+         "compose.center_tokens=2048", "evaluate.max_bytes_per_domain=2048"]
+
+
+def submit(ray_head: str, home: Path, *job: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- python -m jobs.<stage> ...`, as the README shows."""
     runtime_env = {"env_vars": {"MOIE_HOME": str(home)}}
     cmd = ["ray", "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--",
-           "python", "-m", "jobs.cluster", "--config", "configs/tiny.yaml"]
+           "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", *job]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_every_stage_runs_as_a_submitted_ray_job_and_lands_in_mlflow(ray_head, tmp_path):
+    home = tmp_path / "home"
+    proc = submit(ray_head, home, "jobs.cluster", "--config", "configs/tiny.yaml")
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
     assert "succeeded" in output
     ids = re.findall(r"^([0-9a-f]{32})$", proc.stdout, flags=re.MULTILINE)
     assert ids, output[-4000:]
@@ -38,14 +51,25 @@ def test_cluster_then_experts_run_as_submitted_ray_jobs_and_land_in_mlflow(ray_h
     assert any((home / "artifacts").rglob("router.safetensors"))
 
     # The experts stage of the same pipeline, as a second job: k experts + dense, registered.
-    cmd = ["ray", "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--",
-           "python", "-m", "jobs.experts", "--pipeline", ids[-1], "--config", "configs/tiny.yaml",
-           "--set", "experts.train.max_tokens=4000", "experts.train.ckpt_every=0"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    pipeline = ["--pipeline", ids[-1], "--config", "configs/tiny.yaml", "--set", *SMALL]
+    submit(ray_head, home, "jobs.experts", *pipeline)
     experts = client.search_model_versions("name = 'moie-expert'")
     central = client.search_model_versions("name = 'moie-central'")
     k = int(run.data.params["cluster.k"])
     assert len(experts) + len(client.search_runs([parent.info.experiment_id], "tags.`moie.skipped` != ''")) == k
     assert len(central) == 1 and central[0].tags["moie.pipeline"] == ids[-1]
+
+    # compose (both modes) and evaluate, each its own job
+    submit(ray_head, home, "jobs.compose", *pipeline)
+    compositions = client.search_model_versions("name = 'moie-composition'")
+    assert sorted(v.tags["moie.mode"] for v in compositions) == ["independent", "joint"]
+    proc = submit(ray_head, home, "jobs.evaluate", *pipeline)
+    assert "| cbtm_top1 |" in proc.stdout
+    (evaluation,) = client.search_runs([parent.info.experiment_id], f"tags.`moie.pipeline` = '{ids[-1]}' "
+                                                                    "and tags.`moie.stage` = 'evaluate'")
+    assert evaluation.info.status == "FINISHED"
+    headline = client.get_run(ids[-1]).data.metrics
+    for system in ("dense", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", "composed_independent",
+                   "composed_joint", "composed_adaptive"):
+        assert f"bpb/{system}/all" in headline, system
+    assert "routing_accuracy/composed_independent" in headline

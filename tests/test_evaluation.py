@@ -1,0 +1,136 @@
+"""Scoring held-out documents: every byte once, with context; mixtures; routing statistics."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from composition.evaluation import bits_per_byte, keep_top_k, mixture, score_documents, windows
+from composition.model import ComposedLM
+from experts.gpt import GPT, GPTConfig
+from experts.hourglass import HourglassConfig, HourglassLM
+from pipeline.evaluate_stage import domain_experts, headline, markdown_table
+
+EOS = 257
+
+
+def gpt(seed=0, block=32):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=259, block_size=block, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def docs(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, n).astype(np.uint8) for n in lengths]
+
+
+@pytest.mark.parametrize("seq,stride", [(32, 16), (32, 32), (32, 24), (16, 5)])
+def test_windows_score_every_byte_exactly_once_with_at_least_block_minus_stride_context(seq, stride):
+    lengths = [1, 15, 16, 31, 32, 33, 100, 257]
+    seen = [np.zeros(n, dtype=int) for n in lengths]
+    for w in windows(lengths, seq, stride):
+        targets = np.arange(w.first_scored, seq) + w.start  # byte indices this window scores
+        targets = targets[targets < lengths[w.doc]]
+        seen[w.doc][targets] += 1
+        if w.start > 0:  # every byte after the first window sees >= seq - stride bytes before it
+            assert w.first_scored == seq - stride
+    assert all((s == 1).all() for s in seen)
+
+
+def test_windows_refuse_a_stride_outside_one_to_the_block_size():
+    with pytest.raises(ValueError, match="stride must be between 1 and the block size 32"):
+        windows([10], 32, 33)
+
+
+def test_a_document_within_one_window_scores_the_models_own_next_byte_log_probabilities():
+    model = gpt()
+    (doc,) = docs([20])
+    scores = score_documents(model, [doc], EOS, seq_len=32, precision="fp32")
+    x = torch.tensor(np.concatenate([[EOS], doc[:-1]]), dtype=torch.long)[None]
+    with torch.no_grad():
+        logits, _ = model(x)
+    expected = torch.log_softmax(logits[0].float(), -1)[torch.arange(20), torch.tensor(doc, dtype=torch.long)]
+    np.testing.assert_allclose(scores.log_probs[0], expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert scores.tokens == 20
+
+
+def test_long_documents_are_scored_with_overlapping_context_not_from_scratch():
+    model = gpt(block=16)
+    (doc,) = docs([60])
+    overlapped = score_documents(model, [doc], EOS, seq_len=16, stride=8, precision="fp32").log_probs[0]
+    cold = score_documents(model, [doc], EOS, seq_len=16, stride=16, precision="fp32").log_probs[0]
+    np.testing.assert_allclose(overlapped[:16], cold[:16], atol=1e-5)  # the first window is the same
+    assert not np.allclose(overlapped[16:], cold[16:])  # later bytes got (different) context
+    # the byte at 16 scored with 8 bytes of context: same as a window starting at byte 8
+    x = torch.tensor(np.concatenate([[EOS], doc])[8:24], dtype=torch.long)[None]
+    with torch.no_grad():
+        logits, _ = model(x)
+    assert overlapped[16] == pytest.approx(float(torch.log_softmax(logits[0, 8].float(), -1)[doc[16]]), abs=1e-5)
+
+
+def test_batched_scoring_matches_one_document_at_a_time():
+    model = gpt()
+    many = docs([5, 40, 70, 33], seed=1)
+    together = score_documents(model, many, EOS, seq_len=32, batch_size=3, precision="fp32").log_probs
+    for d, doc in enumerate(many):
+        alone = score_documents(model, [doc], EOS, seq_len=32, batch_size=1, precision="fp32").log_probs[0]
+        np.testing.assert_allclose(together[d], alone, atol=1e-5)
+
+
+def test_a_composed_model_reports_its_top1_experts_and_experts_per_row():
+    torch.manual_seed(0)
+    experts = [HourglassLM(HourglassConfig(vocab_size=259, block_size=32, group_len=8, latents=[4], widths=[16, 24],
+                                           n_head=2, n_latent_layers=1)).eval() for _ in range(3)]
+    composed = ComposedLM(gpt(), experts, n_points=2, routing="topk", k=2)
+    composed.record_routing = True
+    many = docs([40, 10])
+    scores = score_documents(composed, many, EOS, seq_len=32, n_experts=3, precision="fp32")
+    assert scores.experts_per_row == pytest.approx(2.0)
+    assert scores.top1_counts.shape == (2, 3)
+    n_windows = [len([w for w in windows([40, 10], 32, 16) if w.doc == d]) for d in range(2)]
+    # each window routes 32 rows at each of the 2 points, one top-1 expert per row
+    assert scores.top1_counts.sum(axis=1).tolist() == [n * 32 * 2 for n in n_windows]
+
+
+def test_bits_per_byte_is_nats_over_ln2_over_bytes():
+    lp = [np.full(10, -math.log(2)), np.full(30, -2 * math.log(2))]
+    assert bits_per_byte(lp) == pytest.approx((10 * 1 + 30 * 2) / 40)
+
+
+def test_mixture_is_the_log_of_the_weighted_sum_of_probabilities():
+    rng = np.random.default_rng(0)
+    logp = np.log(rng.uniform(0.01, 1, (3, 50)))
+    w = rng.dirichlet(np.ones(3), 50)
+    np.testing.assert_allclose(mixture(logp, w), np.log((np.exp(logp) * w.T).sum(axis=0)), rtol=1e-10)
+    one = np.zeros_like(w)
+    one[:, 1] = 1.0  # all weight on expert 1: exactly its log-probabilities, other experts ignored
+    np.testing.assert_allclose(mixture(logp, one), logp[1])
+
+
+def test_keep_top_k_keeps_the_k_largest_weights_renormalised():
+    w = np.array([[0.1, 0.5, 0.4], [0.6, 0.1, 0.3]])
+    np.testing.assert_allclose(keep_top_k(w, 1), [[0, 1, 0], [1, 0, 0]])
+    np.testing.assert_allclose(keep_top_k(w, 2), [[0, 5 / 9, 4 / 9], [2 / 3, 0, 1 / 3]])
+    np.testing.assert_allclose(keep_top_k(w, 3), w)
+
+
+def test_a_domains_expert_is_the_cluster_holding_most_of_its_training_documents():
+    table = {"source": ["a", "a", "a", "b", "b", "c", "a"], "cluster": [2, 2, 0, 0, 0, 1, 1],
+             "split": ["train", "train", "train", "train", "train", "train", "test"]}
+    # experts exist for clusters 0 and 2 only (cluster 1 was skipped): a -> cluster 2 = expert 1
+    assert domain_experts(table, [0, 2]) == {"a": 1, "b": 0}
+
+
+def test_the_parent_run_gets_overall_bpb_routing_and_experts_per_token_only():
+    metrics = {"bpb/dense/all": 3.0, "bpb/dense/code": 2.0, "routing_accuracy/cbtm_top1": 0.9,
+               "experts_per_token/composed_joint": 2.0, "load/cbtm_top1/expert0": 0.5}
+    assert headline(metrics) == {"bpb/dense/all": 3.0, "routing_accuracy/cbtm_top1": 0.9,
+                                 "experts_per_token/composed_joint": 2.0}
+
+
+def test_the_results_table_has_one_row_per_system_and_a_dash_for_missing_values():
+    table = markdown_table([{"system": "dense", "all": 3.14159, "routing_accuracy": None, "params": 1234}],
+                           ["system", "all", "routing_accuracy", "params"])
+    lines = table.splitlines()
+    assert lines[0] == "| system | all | routing accuracy | params |"
+    assert lines[2] == "| dense | 3.142 | – | 1,234 |"
