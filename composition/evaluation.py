@@ -52,9 +52,11 @@ class Scores:
 @torch.no_grad()
 def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int, seq_len: int,
                     stride: int | None = None, batch_size: int = 8, n_experts: int | None = None,
-                    precision: str = "auto") -> Scores:
+                    precision: str = "auto", route_weights: list[np.ndarray] | None = None) -> Scores:
     """Per-byte log-probabilities of each document (uint8/int token arrays without separators).
-    A model that records routing (`record_routing`) also yields which experts its rows chose."""
+    A model that records routing (`record_routing`) also yields which experts its rows chose.
+    route_weights: per document (n_bytes, E) weights of an outside router, row j for the input
+    that predicts byte j, passed to the model as `route=`."""
     stride = stride or seq_len // 2
     lengths = [len(d) for d in docs]
     if not docs or min(lengths) < 1:
@@ -72,11 +74,15 @@ def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int,
         chunk = todo[b:b + batch_size]
         x = np.zeros((len(chunk), seq_len), dtype=np.int64)
         y = np.full((len(chunk), seq_len), -1, dtype=np.int64)
+        route = np.zeros((len(chunk), seq_len, route_weights[0].shape[1]), np.float32) if route_weights else None
         for i, w in enumerate(chunk):
             seq = inputs[w.doc][w.start:w.start + seq_len + 1]
             x[i, :len(seq) - 1], y[i, :len(seq) - 1] = seq[:-1], seq[1:]
+            if route is not None:
+                route[i, :len(seq) - 1] = route_weights[w.doc][w.start:w.start + len(seq) - 1]
+        kwargs = {"route": torch.from_numpy(route).to(device)} if route is not None else {}
         with autocast_context(device, precision):  # bf16 where the CPU/GPU has it (as in training)
-            logits, _ = model(torch.from_numpy(x).to(device))
+            logits, _ = model(torch.from_numpy(x).to(device), **kwargs)
         logp = -F.cross_entropy(logits.float().transpose(1, 2), torch.from_numpy(y).clamp(min=0).to(device),
                                 reduction="none").cpu().numpy()  # (B, T)
         for i, w in enumerate(chunk):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from experts.blocks import Attention, RMSNorm
 
-ROUTINGS = ("gate", "topk", "adaptive", "sequence")
+ROUTINGS = ("gate", "topk", "adaptive", "sequence", "router")
 POOLS = ("token", "prefix")
 
 
@@ -108,6 +108,7 @@ class ComposedLM(nn.Module):
         self.active: list[int] = list(range(len(experts)))  # experts whose forward runs
         self.balance_weight = 0.0  # joint training: weight of the load-balancing loss
         self.last_experts_per_token: float | None = None
+        self.prefix_router = None  # routing "router" without route=: a callable idx (B, T) -> (B, T, E) weights
         self.record_routing = False  # keep each point's weights of the last forward (evaluation)
         self.last_routing: dict[str, torch.Tensor] = {}
 
@@ -121,10 +122,29 @@ class ComposedLM(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.blocks.parameters()) + list(self.gates.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, route: torch.Tensor | None = None):
+        """route: (B, T, n_experts) weights of an outside router for each input position (routing
+        "router", e.g. cBTM's weights for the text up to that position); without it, prefix_router(idx)."""
+        if self.routing == "router":
+            if route is None and self.prefix_router is not None:
+                route = self.prefix_router(idx)
+            if route is None:
+                raise ValueError("routing='router' needs route=(B, T, n_experts) weights or a prefix_router")
+            return self._forward_routed(idx, targets, route)
         if self.routing == "sequence":
             return self._forward_sequence(idx, targets)
         return self._forward(idx, targets)
+
+    def _forward_routed(self, idx: torch.Tensor, targets: torch.Tensor | None, route: torch.Tensor):
+        """An outside router picks the experts per input position, each expert's gate scales its
+        block (as in its independent training); only experts some position is routed to run."""
+        saved = self.active
+        self.active = [e for e in saved if bool((route[..., e] > 0).any())] or saved[:1]
+        self._route = route[..., self.active].to(next(self.blocks.parameters()).dtype)  # (B, T, E_active)
+        try:
+            return self._forward(idx, targets)
+        finally:
+            self.active, self._route = saved, None
 
     def _forward_sequence(self, idx: torch.Tensor, targets: torch.Tensor | None):
         """Choose k experts for the whole window from the central's mean scores; run only them."""
@@ -158,7 +178,7 @@ class ComposedLM(nn.Module):
             outs = torch.stack([self.blocks[e][name](h, visible, states[e][self.pairs[e][name]]["h"],
                                                      states[e][self.pairs[e][name]]["visible"])
                                 for e in self.active], dim=-2)  # (B, R, E_active, d_c)
-            weights = self.route(name, h)  # (B, R, E_active)
+            weights = self.route(name, h, visible)  # (B, R, E_active)
             if self.record_routing:
                 self.last_routing[name] = weights.detach()
             counts.append((weights > 0).float().sum(-1).mean())
@@ -214,9 +234,13 @@ class ComposedLM(nn.Module):
         load = (weights > 0).float().reshape(-1, weights.shape[-1]).mean(0)
         return weights.shape[-1] * (load / load.sum().clamp(min=1e-9) * probs.mean(0)).sum()
 
-    def route(self, point: str, h: torch.Tensor) -> torch.Tensor:
-        """(B, R, E_active) weights of the active experts for each central row."""
+    def route(self, point: str, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, R, E_active) weights of the active experts for each central row (visible: (R,) the
+        last input position each row depends on)."""
         v = self.gate_vectors(point)  # (E_active, d_c)
+        if self.routing == "router":  # the router's weight for the row's position x the expert's gate
+            rows = visible.clamp(max=self._route.shape[1] - 1)  # rows past the end only serve padding
+            return self._route[:, rows].to(h.dtype) * torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
         if self.routing == "sequence":  # fixed for the window by _forward_sequence
             return self._sequence_weights.to(h.dtype).expand(*h.shape[:-1], -1)
         if self.routing == "gate":
@@ -233,6 +257,23 @@ class ComposedLM(nn.Module):
         k = min(self.k, len(self.active))
         top = scores.topk(k, dim=-1)
         return torch.zeros_like(scores).scatter(-1, top.indices, torch.softmax(top.values.float(), -1).to(scores.dtype))
+
+    @torch.no_grad()
+    def routing_report(self, idx: torch.Tensor, names: list | None = None) -> str:
+        """Which experts the router picks for `idx` (B, T): each expert's share of top-1 rows."""
+        saved, self.record_routing = self.record_routing, True
+        try:
+            self(idx)
+            top = torch.cat([w.argmax(-1).flatten() for w in self.last_routing.values()])  # rows of every point
+        finally:
+            self.record_routing = saved
+        share = torch.bincount(top, minlength=len(self.active)).float() / max(top.numel(), 1)
+        names = names or [f"expert{e}" for e in self.active]
+        label = [n if isinstance(n, str) else f"{n['uri']}" + (f" [{n['domain']}]" if n.get("domain") else "")
+                 for n in names]
+        order = share.argsort(descending=True).tolist()
+        return "router (top-1 share of routed rows): " + ", ".join(
+            f"{label[self.active[e]]} {100 * share[e]:.0f}%" for e in order if share[e] > 0)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -13,6 +13,7 @@ LOCAL_DEFAULTS = {
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     # MLflow and Ray: no telemetry, no usage stats.
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per download floods job logs
     "DO_NOT_TRACK": "true",
     "RAY_USAGE_STATS_ENABLED": "0",
     # Ray: keep a locally started node on 127.0.0.1 and without token auth (loopback only).

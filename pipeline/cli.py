@@ -51,9 +51,14 @@ def experts_command(args: argparse.Namespace) -> int:
 
 def compose_command(args: argparse.Namespace) -> int:
     """Compose the pipeline's (or the named) central model and experts; print the pipeline id."""
-    from pipeline.compose_stage import run_compose
+    from pipeline.compose_stage import run_add, run_compose
 
     cfg = load_config(args.config, args.overrides)
+    if args.add or args.to:
+        if not (args.add and args.to):
+            raise ConfigError("--add URI and --to COMPOSITION_URI go together")
+        print(run_add(cfg, args.add, args.to, args.pipeline))
+        return 0
     if not args.pipeline:
         raise ConfigError("the compose stage needs --pipeline RUN_ID (its runs are children of that pipeline)")
     experts = [u for u in (args.experts or "").split(",") if u]
@@ -66,6 +71,10 @@ def compose_command(args: argparse.Namespace) -> int:
 def add_compose_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--central", default=None, metavar="URI", help="central model, e.g. models:/moie-central/1")
     parser.add_argument("--experts", default=None, metavar="URI,URI", help="experts, e.g. models:/moie-expert/1,...")
+    parser.add_argument("--add", default=None, metavar="URI", help="one more expert for the composition --to names")
+    parser.add_argument("--to", default=None, metavar="COMPOSITION_URI",
+                        help="the composition --add extends (e.g. models:/moie-composition/2): a new version in "
+                             "which only the added expert's blocks and gates are trained")
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -115,13 +124,22 @@ def ui_command(args: argparse.Namespace) -> int:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    """Sample text from an exported model or a training checkpoint directory."""
+    """Sample text from a registered model (any URI, compositions included), an exported model
+    or a training checkpoint directory; for a composition, show which experts the router picked."""
+    import tempfile
+
     import torch
 
     from experts.checkpoint import load_any
     from pipeline.tokenizer import ByteTokenizer
 
-    model, meta = load_any(args.model)
+    tmp = tempfile.TemporaryDirectory()
+    if args.model.startswith("models:/"):
+        from pipeline.library import load_registered
+
+        model, meta = load_registered(load_config(args.config, args.overrides), args.model, tmp.name)
+    else:
+        model, meta = load_any(args.model)
     tok = ByteTokenizer()
     if meta.get("tokenizer") not in (None, tok.fingerprint):
         print(f"moie: warning: model was trained with tokenizer {meta['tokenizer']}, this is {tok.fingerprint}",
@@ -132,7 +150,45 @@ def generate_command(args: argparse.Namespace) -> int:
     idx = torch.tensor([prompt], dtype=torch.long)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     print(tok.decode(out[0].tolist()))
+    if hasattr(model, "routing_report"):
+        print(model.routing_report(out[:, -model.config.block_size:], meta["experts"]), file=sys.stderr)
+    tmp.cleanup()
     return 0
+
+
+def library_command(args: argparse.Namespace) -> int:
+    """The registry as an expert library: list, show, alias."""
+    import json
+
+    from pipeline.library import format_table, list_models, parse_filters, set_alias, show_model
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(load_config(args.config, args.overrides))
+    if args.action == "list":
+        rows = list_models(tracker, parse_filters(args.filter))
+        print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    elif args.action == "show":
+        print(json.dumps(show_model(tracker, args.uri), indent=1))
+    else:
+        print(set_alias(tracker, args.uri, args.name))
+    return 0
+
+
+def add_library_parser(sub) -> None:
+    lib = sub.add_parser("library", help="registered experts, central models and compositions: list, show, alias")
+    actions = lib.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="every registered model: version, aliases, pipeline, domain, bpb")
+    listing.add_argument("--filter", action="extend", nargs="+", default=[], metavar="TAG=VALUE",
+                         help="keep versions whose tag has this value, e.g. domain=code pipeline=<run id>")
+    listing.add_argument("--json", action="store_true", help="JSON rows for scripts")
+    show = actions.add_parser("show", help="one model's lineage and the compositions that use it")
+    show.add_argument("uri", help="models:/moie-expert/3 or models:/moie-expert@code")
+    alias = actions.add_parser("alias", help="name a version, usable as models:/<model>@NAME wherever a URI is")
+    alias.add_argument("uri")
+    alias.add_argument("name", help="e.g. code")
+    for parser in (listing, show, alias):
+        add_config_args(parser, DEFAULT_CONFIG)
+        parser.set_defaults(func=library_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,14 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
             extra(stage)
         stage.set_defaults(func=func)
     gen = sub.add_parser("generate", help="sample text from a model directory (model.json or step-*.json)")
-    gen.add_argument("--model", required=True, help="directory with model.safetensors + model.json, "
-                                                    "or a training checkpoint directory")
+    gen.add_argument("--model", required=True, help="a registry URI (models:/moie-composition/2, "
+                     "models:/moie-expert@code), a directory with model.safetensors + model.json, "
+                     "or a training checkpoint directory")
+    add_config_args(gen, DEFAULT_CONFIG)
     gen.add_argument("--prompt", default="")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=generate_command)
+    add_library_parser(sub)
     ui = sub.add_parser("ui", help="MLflow UI on this pipeline's tracking store (127.0.0.1)")
     add_config_args(ui, DEFAULT_CONFIG)
     ui.add_argument("--port", type=int, default=5000)

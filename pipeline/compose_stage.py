@@ -15,32 +15,25 @@ import numpy as np
 
 from pipeline.artifacts import write_json
 from pipeline.config import Config
-from pipeline.expert_stage import CENTRAL_MODEL, DENSE, EXPERT_MODEL, checkpoint_root, register_model
+from pipeline.expert_stage import (
+    CENTRAL_MODEL,
+    DENSE,
+    EXPERT_MODEL,
+    checkpoint_root,
+    register_model,
+)
+from pipeline.library import (
+    COMPOSITION_MODEL,
+    MANIFEST_FORMAT,
+    check_tokenizers,
+    composition_parts,
+    exact_uri,
+    model_dir,
+    resolve_version,
+)
 from pipeline.ray_runtime import check_resources, connect_ray
 from pipeline.stages import StageError
 from pipeline.tracking import Tracker
-
-COMPOSITION_MODEL = "moie-composition"
-
-
-def parse_model_uri(uri: str) -> tuple[str, str]:
-    """'models:/name/version' -> (name, version)."""
-    parts = uri.removeprefix("models:/").split("/")
-    if not uri.startswith("models:/") or len(parts) != 2 or not parts[1].isdigit():
-        raise StageError(f"model URI {uri!r} must look like models:/<registered model>/<version>, "
-                         "e.g. models:/moie-expert/3")
-    return parts[0], parts[1]
-
-
-def resolve_version(tracker: Tracker, uri: str):
-    from mlflow.exceptions import MlflowException
-
-    name, version = parse_model_uri(uri)
-    try:
-        return tracker.client.get_model_version(name, version)
-    except MlflowException:
-        raise StageError(f"model version {uri} does not exist in the registry at {tracker.uri}; "
-                         f"list versions with `mlflow ui` (Models tab)") from None
 
 
 def pipeline_models(tracker: Tracker, pipeline_id: str) -> tuple[str, list[str]]:
@@ -56,19 +49,6 @@ def pipeline_models(tracker: Tracker, pipeline_id: str) -> tuple[str, list[str]]
                          f"`moie experts --pipeline {pipeline_id}` first, or name models with --central/--experts")
     return (f"models:/{CENTRAL_MODEL}/{central[0].version}",
             [f"models:/{EXPERT_MODEL}/{v.version}" for v in experts])
-
-
-def model_dir(tracker: Tracker, version, dst: Path) -> str:
-    """Download a registered version's safetensors + JSON into dst; return the directory."""
-    return tracker.client.download_artifacts(version.run_id, "model", str(dst))
-
-
-def check_tokenizers(versions: dict[str, object]) -> str:
-    fingerprints = {uri: v.tags.get("moie.tokenizer") for uri, v in versions.items()}
-    if len(set(fingerprints.values())) != 1 or None in fingerprints.values():
-        raise StageError("the central model and experts must share one tokenizer, got "
-                         + ", ".join(f"{uri}: {fp}" for uri, fp in fingerprints.items()))
-    return next(iter(fingerprints.values()))
 
 
 def data_path(cfg: Config, version, split: str, name: str | None = None) -> str:
@@ -102,7 +82,7 @@ def _composed(spec: dict, expert_dirs: list[str]):
     composed = ComposedLM(central, experts, n_points=spec["n_points"], routing=spec["routing"], k=spec["k"],
                           threshold=spec["threshold"], pool=spec.get("pool", "token"))
     if spec.get("centers"):
-        composed.load_state_dict(spec["centers"], strict=False)
+        composed.load_state_dict({k: torch.as_tensor(v) for k, v in spec["centers"].items()}, strict=False)
     return composed
 
 
@@ -148,17 +128,51 @@ def train_joint_task(spec: dict) -> dict:
 
 
 def evaluate_task(spec: dict, state: dict) -> dict:
-    """Validation bits per byte of the composed model and of the central model alone."""
-    from experts.trainer import bits_per_byte
+    """Validation bits per byte of the composed model and of the central model alone, on whole
+    validation documents (the central's validation stream cut at its separators), routed as
+    the composition routes (`router`: cBTM's weights for each document's prefix)."""
+    from composition.evaluation import bits_per_byte, score_documents
+    from pipeline.tokenizer import ByteTokenizer
 
     composed = _composed(spec, spec["expert_dirs"])
     loaded = composed.load_state_dict(state, strict=False)
-    assert not loaded.unexpected_keys, loaded.unexpected_keys
-    val = np.load(spec["val"], mmap_mode="r")
+    if loaded.unexpected_keys:
+        raise StageError(f"composition parameters do not fit its models: {loaded.unexpected_keys[:3]}")
+    eos = ByteTokenizer().eos_id
+    docs = validation_documents(np.load(spec["val"], mmap_mode="r"), eos, spec["eval_tokens"])
     seq = composed.config.block_size
-    central = bits_per_byte(composed.central, val, seq, spec["eval_tokens"])
-    bpb = bits_per_byte(composed, val, seq, spec["eval_tokens"])
-    return {"val_bpb": bpb, "central_val_bpb": central, "experts_per_token": composed.last_experts_per_token}
+    routes = router_weights(spec, docs) if spec["routing"] == "router" else None
+    composed.record_routing = True
+    scored = score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes)
+    central = score_documents(composed.central, docs, eos, seq, batch_size=8)
+    return {"val_bpb": bits_per_byte(scored.log_probs), "central_val_bpb": bits_per_byte(central.log_probs),
+            "experts_per_token": scored.experts_per_row}
+
+
+def validation_documents(tokens: np.ndarray, eos: int, max_tokens: int) -> list[np.ndarray]:
+    """Whole documents of a token stream (documents end at `eos`), up to about max_tokens."""
+    ends = np.flatnonzero(np.asarray(tokens) == eos)
+    docs, start, total = [], 0, 0
+    for end in ends:
+        if end > start:
+            docs.append(np.asarray(tokens[start:end]))
+            total += end - start
+        start = end + 1
+        if total >= max_tokens:
+            break
+    if not docs:
+        raise StageError(f"no validation documents to score ({len(tokens)} validation tokens); "
+                         "raise corpus.val_fraction")
+    return docs
+
+
+def router_weights(spec: dict, docs: list[np.ndarray]) -> list[np.ndarray]:
+    """cBTM weights of the composition's experts for each document's prefixes, top-1."""
+    from routing.ensemble import document_weights
+    from routing.router import ClusterRouter
+
+    router = ClusterRouter.from_state(spec["router"]["tensors"], spec["router"]["meta"])
+    return [document_weights(router, bytes(np.asarray(d, dtype=np.uint8)), spec["clusters"], 1) for d in docs]
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -172,46 +186,117 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
     if central_uri is None or not expert_uris:
         default_central, default_experts = pipeline_models(tracker, pipeline_id)
         central_uri, expert_uris = central_uri or default_central, expert_uris or default_experts
-    versions = {uri: resolve_version(tracker, uri) for uri in [central_uri, *expert_uris]}
-    tokenizer = check_tokenizers(versions)
+    central, experts = resolve_version(tracker, central_uri), [resolve_version(tracker, u) for u in expert_uris]
     with tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
-        dirs = {uri: model_dir(tracker, v, Path(tmp) / f"m{i}") for i, (uri, v) in enumerate(versions.items())}
-        c = cfg.compose
-        spec = {"central_dir": dirs[central_uri], "expert_dirs": [dirs[u] for u in expert_uris],
-                "expert_data": [data_path(cfg, versions[u], "train") for u in expert_uris],
-                # joint training and evaluation read the whole corpus the central model was trained on
-                "train": data_path(cfg, versions[central_uri], "train", DENSE),
-                "val": data_path(cfg, versions[central_uri], "val", DENSE),
-                "n_points": c.n_points, "routing": c.routing, "k": c.k, "threshold": c.threshold,
-                "pool": c.pool, "center_tokens": c.center_tokens,
-                "blocks_train": {**c.blocks_train, "seed": cfg.seed},
-                "gates_train": {**c.gates_train, "seed": cfg.seed},
-                "joint_train": {**c.joint_train, "seed": cfg.seed}, "balance_weight": c.balance_weight,
-                "num_cpus": c.num_cpus, "eval_tokens": c.eval_tokens, "seed": cfg.seed}
-        connect_ray(cfg.ray)
-        check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
+        spec = _spec(cfg, tracker, central, experts, Path(tmp))
         import ray
 
-        spec["centers"] = ray.get(ray.remote(centers_task).options(num_cpus=c.num_cpus).remote(spec))
-        return {mode: _compose_mode(tracker, cfg, pipeline_id, mode, spec, central_uri, expert_uris, tokenizer)
-                for mode in c.modes}
+        spec["centers"] = ray.get(ray.remote(centers_task).options(num_cpus=cfg.compose.num_cpus).remote(spec))
+        return {mode: _compose_mode(tracker, cfg, pipeline_id, mode, spec) for mode in cfg.compose.modes}
 
 
-def _compose_mode(tracker: Tracker, cfg: Config, pipeline_id: str, mode: str, spec: dict, central_uri: str,
-                  expert_uris: list[str], tokenizer: str) -> str:
+def run_add(cfg: Config, expert_uri: str, composition_uri: str, pipeline_id: str | None = None) -> str:
+    """A new version of a composition with one more expert: only that expert's blocks and gates
+    train (independent mode); every parameter of the composition is kept bit for bit."""
+    tracker = Tracker(cfg)
+    base = resolve_version(tracker, composition_uri)
+    if base.name != COMPOSITION_MODEL:
+        raise StageError(f"--to must name a {COMPOSITION_MODEL} version, got {composition_uri} ({base.name})")
+    pipeline_id = pipeline_id or base.tags["moie.pipeline"]
+    tracker.pipeline_run(pipeline_id)
+    with tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
+        state, manifest = composition_parts(tracker, base, Path(tmp) / "base")
+        new = resolve_version(tracker, expert_uri)
+        if exact_uri(new) in manifest["experts"]:
+            raise StageError(f"{exact_uri(new)} is already an expert of {exact_uri(base)}")
+        central = resolve_version(tracker, manifest["central"])
+        experts = [resolve_version(tracker, u) for u in manifest["experts"]] + [new]
+        # the composition's own routing settings, not the config's: the old gates were trained with them
+        compose = {"n_points": manifest["n_points"], "k": manifest["k"], "threshold": manifest["threshold"],
+                   "routing": manifest["routing"], "pool": manifest.get("pool", "token")}
+        spec = _spec(cfg, tracker, central, experts, Path(tmp), compose)
+        spec["centers"] = {k: v for k, v in state.items() if k.startswith("centers.")}
+        return _compose_mode(tracker, cfg, pipeline_id, "independent", spec, base_state=state,
+                             train_only=[len(experts) - 1], added={"moie.added_to": exact_uri(base),
+                                                                   "moie.added": exact_uri(new)})
+
+
+def _spec(cfg: Config, tracker: Tracker, central, experts: list, tmp: Path, settings: dict | None = None) -> dict:
+    """Everything a composition task needs: checked model directories, data, settings."""
+    versions = {exact_uri(v): v for v in [central, *experts]}
+    if len(versions) != len(experts) + 1:
+        raise StageError("a composition names each model once; got " + ", ".join(exact_uri(v) for v in experts))
+    tokenizer = check_tokenizers(versions)
+    dirs = {uri: model_dir(tracker, v, tmp / f"m{i}") for i, (uri, v) in enumerate(versions.items())}
+    c = cfg.compose
+    settings = settings or {"n_points": c.n_points, "routing": c.routing, "k": c.k, "threshold": c.threshold,
+                            "pool": c.pool}
+    router = shared_router(tracker, experts, tmp)
+    spec = {"central": exact_uri(central), "experts": [exact_uri(v) for v in experts], "tokenizer": tokenizer,
+            "central_dir": dirs[exact_uri(central)], "expert_dirs": [dirs[exact_uri(v)] for v in experts],
+            "expert_data": [data_path(cfg, v, "train") for v in experts],
+            # joint training and evaluation read the whole corpus the central model was trained on
+            "train": data_path(cfg, central, "train", DENSE), "val": data_path(cfg, central, "val", DENSE),
+            **settings, "center_tokens": c.center_tokens,
+            "blocks_train": {**c.blocks_train, "seed": cfg.seed}, "gates_train": {**c.gates_train, "seed": cfg.seed},
+            "joint_train": {**c.joint_train, "seed": cfg.seed}, "balance_weight": c.balance_weight,
+            "num_cpus": c.num_cpus, "eval_tokens": c.eval_tokens, "seed": cfg.seed, **router}
+    connect_ray(cfg.ray)
+    check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
+    return spec
+
+
+def shared_router(tracker: Tracker, experts: list, tmp: Path) -> dict:
+    """The cBTM router of the experts' clustering, when they all come from one:
+    {"router": {tensors, meta}, "router_run", "clusters"}; {} otherwise."""
+    from pipeline.artifacts import load_state
+    from pipeline.stages import ROUTER_NAME
+
+    runs = {v.tags.get("moie.cluster_run") for v in experts}
+    if len(runs) != 1 or None in runs or any("moie.cluster" not in v.tags for v in experts):
+        return {}
+    (run_id,) = runs
+    tensors, meta = load_state(tracker.download_artifacts(run_id, "", tmp / "router"), ROUTER_NAME)
+    return {"router": {"tensors": tensors, "meta": meta}, "router_run": run_id,
+            "clusters": [int(v.tags["moie.cluster"]) for v in experts]}
+
+
+def mode_routing(spec: dict, mode: str) -> str:
+    """Inference routing of a mode: joint routes as it trained (top-k in the loop); independent
+    routes as configured, by the experts' cBTM router only when they share one."""
+    if mode == "joint":
+        return "topk"
+    if spec["routing"] == "router" and "router" not in spec:
+        print("compose: the experts come from different clusterings (no shared router): routing top-k by "
+              "their gates instead", flush=True)
+        return "topk"
+    return spec["routing"]
+
+
+def _compose_mode(tracker: Tracker, cfg: Config, pipeline_id: str, mode: str, spec: dict,
+                  base_state: dict | None = None, train_only: list[int] | None = None,
+                  added: dict | None = None) -> str:
+    """Train one mode (independent: one Ray task per expert in `train_only`, default all), score it
+    against the central model, save the new parameters with a manifest, register a version."""
     import ray
+    import torch
 
     opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
+    central_uri, expert_uris = spec["central"], spec["experts"]
+    spec = {**spec, "routing": mode_routing(spec, mode)}
     with tracker.stage_run(pipeline_id, "compose", name=f"compose-{mode}", tags={"moie.mode": mode}) as run_id:
         tracker.log_params(run_id, {"mode": mode, "central": central_uri, "experts": ",".join(expert_uris),
                                     "n_points": spec["n_points"], "routing": spec["routing"], "k": spec["k"],
-                                    "pool": spec["pool"], "center_tokens": spec["center_tokens"]})
+                                    "pool": spec["pool"], "center_tokens": spec["center_tokens"],
+                                    **({"added": added["moie.added"]} if added else {})})
+        state = {k: torch.from_numpy(v.copy()) for k, v in (base_state or {}).items()}
         if mode == "independent":
             # one task per expert; each could start as soon as its expert exists
-            refs = [ray.remote(train_independent_task).options(**opts).remote(spec, e) for e in range(len(expert_uris))]
-            results = ray.get(refs)
-            state = {k: v for r in results for k, v in r["state"].items()}
-            for e, r in enumerate(results):
+            todo = range(len(expert_uris)) if train_only is None else train_only
+            refs = {e: ray.remote(train_independent_task).options(**opts).remote(spec, e) for e in todo}
+            for e, r in zip(refs, ray.get(list(refs.values()))):
+                state |= {k: v for k, v in r["state"].items() if k.startswith((f"blocks.{e}.", f"gates.{e}."))
+                          or (k.startswith("centers.") and k not in state)}
                 tracker.log_metrics(run_id, {f"expert{e}_blocks_loss": r["blocks_loss"],
                                              f"expert{e}_gates_loss": r["gates_loss"]})
         else:
@@ -220,23 +305,24 @@ def _compose_mode(tracker: Tracker, cfg: Config, pipeline_id: str, mode: str, sp
             tracker.log_metrics(run_id, {"joint_loss": result["joint_loss"]})
         scores = ray.get(ray.remote(evaluate_task).options(**opts).remote(spec, state))
         tracker.log_metrics(run_id, scores)
-        gate_norms = {f"gate_norm_{k.replace('.', '_')}": float(v.norm()) for k, v in state.items()
-                      if k.startswith("gates.")}
-        tracker.log_metrics(run_id, gate_norms)
+        tracker.log_metrics(run_id, {f"gate_norm_{k.replace('.', '_')}": float(v.norm()) for k, v in state.items()
+                                     if k.startswith("gates.")})
         with tempfile.TemporaryDirectory() as tmp:
             from experts.checkpoint import save_tensors_json
 
-            manifest = {"central": central_uri, "experts": expert_uris, "mode": mode, "tokenizer": tokenizer,
-                        "n_points": spec["n_points"], "routing": spec["routing"], "k": spec["k"],
-                        "threshold": spec["threshold"], "pool": spec["pool"], **scores}
+            manifest = {"format": MANIFEST_FORMAT, "central": central_uri, "experts": expert_uris, "mode": mode,
+                        "tokenizer": spec["tokenizer"], "n_points": spec["n_points"], "routing": spec["routing"],
+                        "k": spec["k"], "threshold": spec["threshold"], "pool": spec["pool"], **scores,
+                        **({"router_run": spec["router_run"], "clusters": spec["clusters"]} if "router" in spec else {}),
+                        **({"added_to": added["moie.added_to"]} if added else {})}
             save_tensors_json(Path(tmp), "composition", state, manifest)
             write_json(Path(tmp) / "composition_manifest.json", manifest)
             files = tracker.log_artifact_dir(run_id, tmp, "composition")
         run = tracker.client.get_run(run_id)
         version = register_model(tracker, COMPOSITION_MODEL, f"{run.info.artifact_uri}/composition", run_id,
-                                 {"moie.pipeline": pipeline_id, "moie.mode": mode, "moie.tokenizer": tokenizer,
+                                 {"moie.pipeline": pipeline_id, "moie.mode": mode, "moie.tokenizer": spec["tokenizer"],
                                   "moie.central": central_uri, "moie.experts": json.dumps(expert_uris),
-                                  "moie.sha256": files["composition.safetensors"]})
+                                  "moie.sha256": files["composition.safetensors"], **(added or {})})
         uri = f"models:/{COMPOSITION_MODEL}/{version}"
         tracker.set_tags(run_id, {"moie.model_version": uri})
         print(f"compose {mode}: val_bpb {scores['val_bpb']:.4f} vs central {scores['central_val_bpb']:.4f}; "

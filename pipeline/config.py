@@ -77,7 +77,9 @@ class CentralConfig:
 class ComposeConfig:
     modes: list[str] = field(default_factory=lambda: ["independent", "joint"])  # one run (and version) each
     n_points: int = 2  # composition points spread over the central model's depth
-    routing: str = "topk"  # inference routing: topk | adaptive
+    # inference routing of independent compositions: router (the experts' cBTM router picks per
+    # token from the text so far, each expert's gate scales its block) | topk | adaptive (gates)
+    routing: str = "router"
     k: int = 2  # experts per token (top-k routing)
     threshold: float = 0.5  # adaptive routing: a token takes every expert whose gate exceeds it
     pool: str = "token"  # what routing looks at: each token's state, or the running mean of its prefix
@@ -231,8 +233,8 @@ def validate(cfg: Config) -> None:
     bad_modes = set(cfg.compose.modes) - {"independent", "joint"}
     if bad_modes or not cfg.compose.modes:
         raise ConfigError(f"compose.modes must be a non-empty list of 'independent' and 'joint', got {cfg.compose.modes}")
-    if cfg.compose.routing not in ("topk", "adaptive"):
-        raise ConfigError(f"compose.routing must be 'topk' or 'adaptive', got {cfg.compose.routing!r}")
+    if cfg.compose.routing not in ("router", "topk", "adaptive"):
+        raise ConfigError(f"compose.routing must be 'router', 'topk' or 'adaptive', got {cfg.compose.routing!r}")
     if cfg.compose.pool not in ("token", "prefix"):
         raise ConfigError(f"compose.pool must be 'token' or 'prefix', got {cfg.compose.pool!r}")
     if cfg.compose.center_tokens < 0:

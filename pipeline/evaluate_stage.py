@@ -17,7 +17,6 @@ is the expert of the document's domain.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import tempfile
 from dataclasses import replace
@@ -26,15 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.artifacts import load_state
-from pipeline.compose_stage import (
-    COMPOSITION_MODEL,
-    model_dir,
-    pipeline_models,
-    resolve_version,
-)
+from pipeline.compose_stage import pipeline_models
 from pipeline.config import Config
 from pipeline.corpus import load_corpus
 from pipeline.expert_stage import CENTRAL_MODEL, cluster_assignments
+from pipeline.library import (
+    COMPOSITION_MODEL,
+    composition_parts,
+    model_dir,
+    resolve_version,
+)
 from pipeline.ray_runtime import check_resources, connect_ray
 from pipeline.stages import ROUTER_NAME, StageError
 from pipeline.tokenizer import ByteTokenizer
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CBTM = {"cbtm_top1": 1, "cbtm_top2": 2}  # and cbtm_all: every expert
 COMPOSED = {"independent": "composed_independent", "joint": "composed_joint"}
+COMPOSED_SYSTEMS = ("composed_independent", "composed_independent_topk", "composed_joint", "composed_adaptive")
 HEADLINE = ("bpb/", "routing_accuracy/", "experts_per_token/")
 
 
@@ -113,7 +114,8 @@ def score_model_task(directory: str, docs: list[np.ndarray], settings: dict) -> 
             "params": sum(p.numel() for p in model.parameters()), "flops": forward_flops_per_token(model, seq)}
 
 
-def score_composition_task(spec: dict, state: dict, docs: list[np.ndarray], settings: dict) -> dict:
+def score_composition_task(spec: dict, state: dict, docs: list[np.ndarray], settings: dict,
+                           routes: list[np.ndarray] | None = None) -> dict:
     """Per-byte log-probabilities of a composition, and which experts its rows were routed to."""
     import torch
 
@@ -129,7 +131,7 @@ def score_composition_task(spec: dict, state: dict, docs: list[np.ndarray], sett
     composed.record_routing = True
     n = len(spec["expert_dirs"])
     scores = score_documents(composed, docs, settings["eos_id"], seq, settings["stride"] or None,
-                             settings["batch_size"], n_experts=n)
+                             settings["batch_size"], n_experts=n, route_weights=routes)
     composed.record_routing = False
     return {"log_probs": scores.log_probs, "top1_counts": scores.top1_counts, "experts_per_token": scores.experts_per_row,
             "ms_per_token": 1e3 * scores.seconds / scores.tokens,
@@ -202,9 +204,6 @@ def _score_all(cfg: Config, tracker: Tracker, docs: list[np.ndarray], dirs: dict
                dense_uri: str | None, expert_uris: list[str], compositions: dict, tmp: Path) -> dict:
     """Ray tasks: one per model, one per composition (and routing); {system: result}."""
     import ray
-    from safetensors.numpy import load_file
-
-    from experts.checkpoint import load_tensors_json
 
     connect_ray(cfg.ray)
     ev = cfg.evaluate
@@ -215,6 +214,7 @@ def _score_all(cfg: Config, tracker: Tracker, docs: list[np.ndarray], dirs: dict
     model_task = ray.remote(score_model_task).options(num_cpus=ev.num_cpus)
     comp_task = ray.remote(score_composition_task).options(num_cpus=ev.num_cpus)
     refs = {"central": model_task.remote(dirs[central_uri], docs_ref, settings)}
+    used: dict[str, list[str]] = {}  # composed system -> its experts, in its own order
     if dense_uri and dense_uri != central_uri:
         refs["dense"] = model_task.remote(dirs[dense_uri], docs_ref, settings)
     for e, uri in enumerate(expert_uris):
@@ -222,32 +222,42 @@ def _score_all(cfg: Config, tracker: Tracker, docs: list[np.ndarray], dirs: dict
     for mode, version in compositions.items():
         if mode not in COMPOSED:
             continue
-        path = tracker.download_artifacts(version.run_id, "composition", tmp / f"composition-{mode}")
-        _, manifest = load_tensors_json(path, "composition")
-        state = load_file(str(path / "composition.safetensors"))
+        state, manifest = composition_parts(tracker, version, tmp / f"composition-{mode}")
         uris = manifest["experts"]
         for uri in [manifest["central"], *uris]:
             if uri not in dirs:
                 dirs[uri] = model_dir(tracker, resolve_version(tracker, uri), tmp / f"m{len(dirs)}")
         spec = {"central_dir": dirs[manifest["central"]], "expert_dirs": [dirs[u] for u in uris],
-                "n_points": manifest["n_points"], "routing": "topk", "k": manifest["k"],
+                "n_points": manifest["n_points"], "routing": manifest["routing"], "k": manifest["k"],
                 "threshold": manifest["threshold"], "pool": manifest.get("pool", "token"), "num_cpus": ev.num_cpus,
                 "seed": cfg.seed, "experts": uris}
-        refs[COMPOSED[mode]] = comp_task.remote(spec, state, docs_ref, settings)
-        if mode == "independent":  # the same gates, each token taking every expert whose gate is open
-            refs["composed_adaptive"] = comp_task.remote({**spec, "routing": "adaptive"}, state, docs_ref, settings)
+        routes = None
+        if manifest["routing"] == "router":  # cBTM weights of each document's prefixes, top-1
+            routes = ray.put(_document_routes(tracker, manifest, docs, tmp))
+        name = COMPOSED[mode]
+        refs[name] = comp_task.remote(spec, state, docs_ref, settings, routes)
+        used[name] = uris
+        if mode == "independent":  # the same gates routing on their own: top-k affinity, and adaptive
+            for variant, routing in (("composed_independent_topk", "topk"), ("composed_adaptive", "adaptive")):
+                refs[variant] = comp_task.remote({**spec, "routing": routing}, state, docs_ref, settings)
+                used[variant] = uris
     results = dict(zip(refs, ray.get(list(refs.values()))))
     results["dense"] = results.get("dense", results["central"])
-    return {"results": results, "experts": expert_uris,
-            "composition_experts": {COMPOSED[m]: json.loads(v.tags.get("moie.experts", "[]"))
-                                    for m, v in compositions.items() if m in COMPOSED}}
+    return {"results": results, "experts": expert_uris, "composition_experts": used}
+
+
+def _document_routes(tracker: Tracker, manifest: dict, docs: list[np.ndarray], tmp: Path) -> list[np.ndarray]:
+    from routing.ensemble import document_weights
+
+    router = _router(tracker, manifest["router_run"], tmp / f"router-{manifest['router_run']}")
+    return [document_weights(router, bytes(d), manifest["clusters"], 1) for d in docs]
 
 
 def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, router, expert_clusters: list[int],
               domain_expert: dict[str, int]) -> dict:
     """bpb per system and domain, routing accuracy and load, cost; the results table."""
     from composition.evaluation import bits_per_byte, keep_top_k, mixture
-    from routing.ensemble import byte_prefix_weights
+    from routing.ensemble import document_weights
 
     results, expert_uris = scored["results"], scored["experts"]
     n_experts = len(expert_uris)
@@ -260,12 +270,7 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, router, 
     oracle_of = {dom: domain_expert.get(dom, min(range(n_experts), key=lambda e: per_domain[e][dom])) for dom in names}
     log_probs["oracle"] = [stacked[d][oracle_of[dom]] for d, dom in enumerate(domains)]
     # cBTM: the router's weights for each byte's prefix, restricted to clusters that have experts
-    weights = []
-    for doc in docs:
-        full = byte_prefix_weights(router, bytes(doc), top_k=router.k)  # (n, K): row t routes doc[:t+1]
-        empty = router.route_prefix("", top_k=router.k)[None]  # the first byte is predicted from no text
-        w = np.concatenate([empty, full[:-1]])[:, expert_clusters]  # (n, E): row j routes doc[:j]
-        weights.append(w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30))
+    weights = [document_weights(router, bytes(doc), expert_clusters, len(expert_clusters)) for doc in docs]
     systems = {f"cbtm_top{kk}": kk for kk in CBTM.values()} | {"cbtm_all": n_experts}
     cbtm_routes = {}
     for name, kk in systems.items():
@@ -273,8 +278,8 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, router, 
         log_probs[name] = [mixture(stacked[d], kept[d]) for d in range(len(docs))]
         cbtm_routes[name] = kept
     metrics: dict[str, float] = {}
-    order = ["dense", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *COMPOSED.values(),
-             "composed_adaptive"] + [f"expert{e}" for e in range(n_experts)]
+    order = ["dense", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *COMPOSED_SYSTEMS] + [
+        f"expert{e}" for e in range(n_experts)]
     order = [s for s in order if s in log_probs]
     bpb = {s: {dom: bits_per_byte([lp for lp, dd in zip(log_probs[s], domains) if dd == dom]) for dom in names}
            | {"all": bits_per_byte(log_probs[s])} for s in order}
@@ -285,11 +290,10 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, router, 
     routing = {}
     top1 = np.stack([np.bincount(w.argmax(axis=1), minlength=n_experts) for w in cbtm_routes["cbtm_top1"]])
     routing["cbtm_top1"] = (top1, 1.0)
-    for s in [*COMPOSED.values(), "composed_adaptive"]:
+    for s in COMPOSED_SYSTEMS:
         if s in results:
             counts = results[s]["top1_counts"]  # over the composition's own expert list
-            comp_experts = scored["composition_experts"].get(s, scored["composition_experts"].get(
-                "composed_independent", expert_uris))
+            comp_experts = scored["composition_experts"][s]
             remap = np.zeros((counts.shape[0], n_experts), dtype=np.int64)
             for j, uri in enumerate(comp_experts):
                 if uri in expert_uris:

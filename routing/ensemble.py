@@ -30,3 +30,35 @@ def byte_prefix_weights(router: ClusterRouter, data: bytes, top_k: int | None = 
         ends.append(chars)
     text = "".join(pieces) + decoder.decode(b"", final=True)
     return router.route_prefixes(text, ends, top_k)
+
+
+def document_weights(router: ClusterRouter, doc: bytes, clusters: list[int], top_k: int) -> np.ndarray:
+    """(len(doc), E) weights over the experts of `clusters` (their order): row j routes the
+    context doc[:j] — the text before byte j, none for the first — kept to the top_k experts
+    among those clusters and renormalised."""
+    full = byte_prefix_weights(router, doc, top_k=router.k)  # (n, K): row t routes doc[:t+1]
+    empty = router.route_prefix("", top_k=router.k)[None]  # (1, K)
+    return restrict(np.concatenate([empty, full[:-1]]), clusters, top_k)
+
+
+def window_weights(router: ClusterRouter, ids: np.ndarray, clusters: list[int], top_k: int) -> np.ndarray:
+    """(T, E) weights for a window of token ids (generation): row j routes the bytes of the
+    document up to and including ids[j]; a special token (a document separator) starts anew."""
+    full = np.repeat(router.route_prefix("", top_k=router.k)[None], len(ids), axis=0)  # (T, K)
+    start = 0
+    for j in range(len(ids) + 1):
+        if j == len(ids) or ids[j] >= 256:
+            if j > start:
+                full[start:j] = byte_prefix_weights(router, bytes(np.asarray(ids[start:j], dtype=np.uint8)),
+                                                    top_k=router.k)
+            start = j + 1
+    return restrict(full, clusters, top_k)
+
+
+def restrict(weights: np.ndarray, clusters: list[int], top_k: int) -> np.ndarray:
+    """(n, K) router weights -> (n, E) over the experts of `clusters`, top_k kept, renormalised."""
+    w = weights[:, clusters].astype(np.float64)
+    k = min(top_k, len(clusters))
+    drop = np.argsort(-w, axis=1, kind="stable")[:, k:]
+    np.put_along_axis(w, drop, 0.0, axis=1)
+    return (w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)).astype(np.float32)

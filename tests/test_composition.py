@@ -221,3 +221,72 @@ def test_sequence_routing_at_initialisation_also_equals_the_central_model():
     composed = ComposedLM(central, experts_of_differing_depth(), n_points=2, routing="sequence", k=2)
     idx = torch.randint(0, V, (2, 33))
     assert torch.equal(composed(idx)[0], central(idx)[0])
+
+
+def one_hot_route(experts_per_position: list[int], n: int) -> torch.Tensor:
+    """(1, T, n) router weights: all weight on one expert per position."""
+    route = torch.zeros(1, len(experts_per_position), n)
+    route[0, torch.arange(len(experts_per_position)), torch.tensor(experts_per_position)] = 1.0
+    return route
+
+
+@pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
+def test_router_routing_weights_each_row_by_its_positions_router_weight_times_the_gate(central_kind):
+    central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
+    composed = trained_like(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing="router"))
+    composed.record_routing = True
+    route = one_hot_route([1] * 20 + [2] * 20, 3)
+    composed(torch.randint(0, V, (1, 40)), route=route)
+    assert composed.active == [0, 1, 2]  # restored after the call
+    for point, w in composed.last_routing.items():  # (1, R, 2): only experts 1 and 2 ran
+        assert w.shape[-1] == 2
+        visible = {f["name"]: f["visible"] for f in composed.central.features(torch.zeros(1, 40, dtype=torch.long))}
+        rows_of_2 = visible[point] >= 20
+        assert (w[0, ~rows_of_2, 1] == 0).all() and (w[0, rows_of_2, 0] == 0).all()
+        assert ((w > 0) & (w < 1)).sum(-1).eq(1).all()  # one expert per row, scaled by its sigmoid gate
+
+
+def test_router_routing_runs_only_the_experts_some_position_is_routed_to():
+    experts = experts_of_differing_depth()
+    calls = []
+    for e, expert in enumerate(experts):
+        original = expert.features
+        expert.features = lambda idx, e=e, original=original: calls.append(e) or original(idx)
+    composed = trained_like(ComposedLM(central_gpt(), experts, n_points=2, routing="router"))
+    calls.clear()
+    composed(torch.randint(0, V, (1, 30)), route=one_hot_route([2] * 30, 3))
+    assert calls == [2] and composed.last_experts_per_token == 1.0
+    with pytest.raises(ValueError, match="routing='router' needs route="):
+        composed(torch.randint(0, V, (1, 30)))
+
+
+def test_router_routing_is_causal_in_tokens_and_in_the_routes_of_later_positions():
+    composed = trained_like(ComposedLM(expert_hourglass(9, [4, 2], [32, 32, 48]), experts_of_differing_depth(),
+                                       n_points=2, routing="router")).eval()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, V, (1, 45), generator=g)
+    route = torch.softmax(torch.randn(1, 45, 3, generator=g), -1)  # every expert runs in every call
+    base, _ = composed(idx, route=route)
+    for j in (0, 7, 8, 16, 30, 44):
+        changed_idx, changed_route = idx.clone(), route.clone()
+        changed_idx[0, j] = (changed_idx[0, j] + 5) % V
+        changed_route[0, j:] = torch.softmax(torch.randn(45 - j, 3, generator=g), -1)
+        logits, _ = composed(changed_idx, route=changed_route)
+        assert torch.equal(logits[:, :j], base[:, :j])
+        assert not torch.equal(logits[:, j:], base[:, j:])
+
+
+def test_window_weights_route_each_position_from_its_documents_bytes_so_far():
+    from routing.ensemble import document_weights, window_weights
+
+    docs = textgen.corpus(8, ["cooking", "sailing"], seed=0)
+    router = ClusterRouter.fit([d["text"] for d in docs], k=2, svd_dim=4, min_df=1)
+    a, b = docs[0]["text"].encode()[:60], docs[1]["text"].encode()[:50]
+    ids = np.array(list(a) + [257] + list(b))
+    w = window_weights(router, ids, [0, 1], top_k=2)
+    assert w.shape == (111, 2)
+    # position j routes the bytes up to and including j: document_weights' row j + 1
+    np.testing.assert_allclose(w[:59], document_weights(router, a, [0, 1], 2)[1:60], atol=1e-6)
+    np.testing.assert_allclose(w[61:110], document_weights(router, b, [0, 1], 2)[1:50], atol=1e-6)
+    empty = document_weights(router, b, [0, 1], 2)[0]
+    np.testing.assert_allclose(w[60], empty, atol=1e-6)  # the separator: no text of the new document yet
