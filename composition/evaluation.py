@@ -91,10 +91,11 @@ def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int,
             out[w.doc][w.start + t] = logp[i, t]
             scored += len(t)
         for weights in (getattr(model, "last_routing", None) or {}).values():  # (B, R, E) per point
-            if counts is not None:
+            if counts is not None:  # rows routed nowhere (padding past a document's end) do not count
                 top = weights.float().argmax(-1).cpu().numpy()  # (B, R)
+                routed = (weights > 0).any(-1).cpu().numpy()
                 for i, w in enumerate(chunk):
-                    counts[w.doc] += np.bincount(top[i], minlength=n_experts)
+                    counts[w.doc] += np.bincount(top[i][routed[i]], minlength=n_experts)
             used += float((weights > 0).float().sum())
             rows += weights.shape[0] * weights.shape[1]
     model.train(was_training)

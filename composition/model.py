@@ -47,7 +47,8 @@ class CrossAttentionBlock(nn.Module):
         B = h.shape[0]
         kv = torch.cat([self.null.expand(B, 1, -1).to(z.dtype), self.kv_proj(z.to(h.dtype))], dim=1)  # (B, 1+T_e, d_c)
         mask = visible_e[None, :] <= visible_c[:, None]  # (T_c, T_e)
-        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # the null key is always visible
+        null = torch.ones(mask.shape[0], 1, dtype=torch.bool, device=mask.device)  # always visible
+        mask = torch.cat([null, mask], dim=1)  # (T_c, 1 + T_e); T_e may be 0 (input shorter than a group)
         return self.attn(self.ln_q(h), self.ln_kv(kv), mask=mask)
 
 
@@ -179,8 +180,10 @@ class ComposedLM(nn.Module):
                                                      states[e][self.pairs[e][name]]["visible"])
                                 for e in self.active], dim=-2)  # (B, R, E_active, d_c)
             weights = self.route(name, h, visible)  # (B, R, E_active)
-            if self.record_routing:
-                self.last_routing[name] = weights.detach()
+            if self.record_routing:  # (B, R, n_experts): experts that did not run weigh 0
+                full = weights.new_zeros(*weights.shape[:-1], len(self.experts))
+                full[..., self.active] = weights.detach()
+                self.last_routing[name] = full
             counts.append((weights > 0).float().sum(-1).mean())
             if self.balance_weight and self.training:
                 balance.append(self.load_balance(name, h, weights))
@@ -264,16 +267,16 @@ class ComposedLM(nn.Module):
         saved, self.record_routing = self.record_routing, True
         try:
             self(idx)
-            top = torch.cat([w.argmax(-1).flatten() for w in self.last_routing.values()])  # rows of every point
+            rows = torch.cat([w.reshape(-1, w.shape[-1]) for w in self.last_routing.values()])  # every point's rows
         finally:
             self.record_routing = saved
-        share = torch.bincount(top, minlength=len(self.active)).float() / max(top.numel(), 1)
-        names = names or [f"expert{e}" for e in self.active]
+        top = rows[(rows > 0).any(-1)].argmax(-1)  # rows routed somewhere
+        share = torch.bincount(top, minlength=len(self.experts)).float() / max(top.numel(), 1)
+        names = names or [f"expert{e}" for e in range(len(self.experts))]
         label = [n if isinstance(n, str) else f"{n['uri']}" + (f" [{n['domain']}]" if n.get("domain") else "")
                  for n in names]
-        order = share.argsort(descending=True).tolist()
         return "router (top-1 share of routed rows): " + ", ".join(
-            f"{label[self.active[e]]} {100 * share[e]:.0f}%" for e in order if share[e] > 0)
+            f"{label[e]} {100 * share[e]:.0f}%" for e in share.argsort(descending=True).tolist() if share[e] > 0)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -165,8 +165,11 @@ def library_command(args: argparse.Namespace) -> int:
 
     tracker = Tracker(load_config(args.config, args.overrides))
     if args.action == "list":
-        rows = list_models(tracker, parse_filters(args.filter))
-        print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+        rows = list_models(tracker, parse_filters(args.filter), args.model)
+        if args.uris:
+            print("\n".join(r["uri"] for r in rows))
+        else:
+            print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     elif args.action == "show":
         print(json.dumps(show_model(tracker, args.uri), indent=1))
     else:
@@ -180,7 +183,10 @@ def add_library_parser(sub) -> None:
     listing = actions.add_parser("list", help="every registered model: version, aliases, pipeline, domain, bpb")
     listing.add_argument("--filter", action="extend", nargs="+", default=[], metavar="TAG=VALUE",
                          help="keep versions whose tag has this value, e.g. domain=code pipeline=<run id>")
+    listing.add_argument("--model", choices=["moie-expert", "moie-central", "moie-composition"], default=None,
+                         help="only this registered model")
     listing.add_argument("--json", action="store_true", help="JSON rows for scripts")
+    listing.add_argument("--uris", action="store_true", help="only the URIs, one per line (for $(...) in a shell)")
     show = actions.add_parser("show", help="one model's lineage and the compositions that use it")
     show.add_argument("uri", help="models:/moie-expert/3 or models:/moie-expert@code")
     alias = actions.add_parser("alias", help="name a version, usable as models:/<model>@NAME wherever a URI is")

@@ -133,6 +133,8 @@ def score_composition_task(spec: dict, state: dict, docs: list[np.ndarray], sett
     scores = score_documents(composed, docs, settings["eos_id"], seq, settings["stride"] or None,
                              settings["batch_size"], n_experts=n, route_weights=routes)
     composed.record_routing = False
+    if spec["routing"] == "router":  # FLOPs of a position routed to one expert (top-1)
+        composed.prefix_router = lambda idx: torch.nn.functional.one_hot(torch.zeros_like(idx), n).float()
     return {"log_probs": scores.log_probs, "top1_counts": scores.top1_counts, "experts_per_token": scores.experts_per_row,
             "ms_per_token": 1e3 * scores.seconds / scores.tokens,
             "params": sum(p.numel() for p in composed.parameters()), "flops": forward_flops_per_token(composed, seq)}
@@ -177,6 +179,7 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         compositions = pipeline_compositions(tracker, pipeline_id)
         scored = _score_all(cfg, tracker, docs, dirs, central_uri, dense_uri, expert_uris, compositions, tmp)
         scored |= {"central_uri": central_uri, "dense_uri": dense_uri or central_uri,
+                   "seed_tokens": float(versions[expert_uris[0]].tags.get("moie.seed_tokens", 0)),
                    "train_tokens": {uri: tracker.client.get_run(v.run_id).data.metrics.get("tokens", 0.0)
                                     for uri, v in versions.items()}}
         outcome = summarise(domains, docs, scored, router, expert_clusters, domain_experts(table, expert_clusters))
@@ -326,7 +329,9 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
     def trained(r: dict, uri: str) -> float:
         return 3 * r["flops"] * tokens.get(uri, 0.0) / 1e15
 
-    experts_pflops = sum(trained(r, u) for r, u in zip(experts, uris))
+    # + the shared seed the experts branched from (the dense model's first steps), counted once
+    experts_pflops = sum(trained(r, u) for r, u in zip(experts, uris)) + 3 * results["dense"]["flops"] * scored.get(
+        "seed_tokens", 0.0) / 1e15
     central_pflops = trained(results["central"], scored["central_uri"])
     mean_flops = float(np.mean([r["flops"] for r in experts]))
     mean_ms = float(np.mean([r["ms_per_token"] for r in experts]))

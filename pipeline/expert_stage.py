@@ -195,8 +195,13 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id
         seq_len = e.train.get("seq_len") or model_config({"arch": e.arch, **e.model}).block_size
         dense_cfg = TrainConfig(**{**e.train, "max_tokens": e.train.get("max_tokens", 1_000_000) * k})
         steps = max(1, round(e.seed_fraction * dense_cfg.steps(seq_len)))
+        from experts.trainer import lr_at
+
         seed = {"steps": steps, "tokens": steps * dense_cfg.batch_size * seq_len * dense_cfg.grad_accum,
-                "dir": str(root / "seed" / "model")}
+                "dir": str(root / "seed" / "model"),
+                # a branch continues from the learning rate the seed had reached, decaying over its own
+                # steps (a fresh warm-up to the peak would shake off what the seed learned)
+                "lr": lr_at(steps, dense_cfg.steps(seq_len), dense_cfg)}
 
     for name in names:
         arch, model, train_cfg = ((cfg.central.arch, cfg.central.model, cfg.central.train) if name == CENTRAL
@@ -228,8 +233,12 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id
             tracker.client.set_terminated(run_id, "FINISHED")
             continue
         tracker.client.update_run(run_id, status="RUNNING")
+        if seed and name.startswith("expert-"):  # the shared seed's tokens count once for all experts
+            tracker.set_tags(run_id, {"moie.seed_tokens": str(seed["tokens"])})
         specs.append({"name": name, "run_id": run_id, "tracking_uri": tracker.uri, "model": model_cfg,
-                      "train_config": {**train_cfg, "max_tokens": budget, "seed": cfg.seed},
+                      "train_config": {**train_cfg, "max_tokens": budget, "seed": cfg.seed,
+                                       **({"lr": seed["lr"], "warmup_steps": min(5, train_cfg.get("warmup_steps", 5))}
+                                          if seed and name.startswith("expert-") else {})},
                       "train": data[name]["train"], "val": data[name]["val"],
                       "ckpt_dir": str(root / name), "num_cpus": e.num_cpus,
                       "num_gpus": e.num_gpus,
@@ -320,7 +329,7 @@ def _finish_expert(tracker: Tracker, pipeline_id: str, spec: dict, result: dict,
     tags = {"moie.pipeline": pipeline_id, "moie.expert": spec["name"], "moie.tokenizer": spec["tokenizer"],
             "moie.arch": json.dumps(spec["model"], sort_keys=True), "moie.sha256": manifest["model.safetensors"]}
     tags |= {k: v for k, v in run.data.tags.items()
-             if k in ("moie.cluster", "moie.domain", "moie.purity", "moie.cluster_run")}
+             if k in ("moie.cluster", "moie.domain", "moie.purity", "moie.cluster_run", "moie.seed_tokens")}
     if role:
         tags["moie.role"] = role
     version = register_model(tracker, name, f"{run.info.artifact_uri}/model", run_id, tags)

@@ -105,10 +105,10 @@ def parse_filters(items: list[str]) -> dict[str, str]:
     return out
 
 
-def list_models(tracker: Tracker, filters: dict[str, str] | None = None) -> list[dict]:
-    """One row per registered version of the library's models, newest first within each name."""
+def list_models(tracker: Tracker, filters: dict[str, str] | None = None, model: str | None = None) -> list[dict]:
+    """One row per registered version of the library's models (or of `model`), newest first within each name."""
     rows = []
-    for name in LIBRARY:
+    for name in [model] if model else LIBRARY:
         query = f"name = '{name}'" + "".join(f" and tags.`{k}` = '{v}'" for k, v in (filters or {}).items())
         for v in sorted(tracker.client.search_model_versions(query), key=lambda v: -int(v.version)):
             run = tracker.client.get_run(v.run_id)

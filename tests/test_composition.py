@@ -238,11 +238,11 @@ def test_router_routing_weights_each_row_by_its_positions_router_weight_times_th
     route = one_hot_route([1] * 20 + [2] * 20, 3)
     composed(torch.randint(0, V, (1, 40)), route=route)
     assert composed.active == [0, 1, 2]  # restored after the call
-    for point, w in composed.last_routing.items():  # (1, R, 2): only experts 1 and 2 ran
-        assert w.shape[-1] == 2
+    for point, w in composed.last_routing.items():  # (1, R, 3): expert 0 did not run
+        assert (w[..., 0] == 0).all()
         visible = {f["name"]: f["visible"] for f in composed.central.features(torch.zeros(1, 40, dtype=torch.long))}
         rows_of_2 = visible[point] >= 20
-        assert (w[0, ~rows_of_2, 1] == 0).all() and (w[0, rows_of_2, 0] == 0).all()
+        assert (w[0, ~rows_of_2, 2] == 0).all() and (w[0, rows_of_2, 1] == 0).all()
         assert ((w > 0) & (w < 1)).sum(-1).eq(1).all()  # one expert per row, scaled by its sigmoid gate
 
 
@@ -290,3 +290,10 @@ def test_window_weights_route_each_position_from_its_documents_bytes_so_far():
     np.testing.assert_allclose(w[61:110], document_weights(router, b, [0, 1], 2)[1:50], atol=1e-6)
     empty = document_weights(router, b, [0, 1], 2)[0]
     np.testing.assert_allclose(w[60], empty, atol=1e-6)  # the separator: no text of the new document yet
+
+
+def test_an_input_shorter_than_an_experts_group_attends_to_the_null_key_only():
+    experts = experts_of_differing_depth()  # group_len 8: a 3-token input gives their latents no rows
+    composed = trained_like(ComposedLM(expert_hourglass(9, [4, 2], [32, 32, 48]), experts, n_points=2, k=2))
+    logits, _ = composed(torch.randint(0, V, (1, 3)))
+    assert logits.shape == (1, 3, V) and torch.isfinite(logits).all()

@@ -127,6 +127,7 @@ def test_generate_samples_from_a_registered_composition_and_reports_the_routers_
     (uri,) = run_compose(cfg, library["a"]).values()
     model, meta = load_registered(cfg, uri, library["home"] / "gen")
     assert [e["uri"] for e in meta["experts"]] == pipeline_models(tracker, library["a"])[1]
+    capsys.readouterr()
     assert main(["generate", "--model", uri, "--prompt", "Flour butter", "--max-new-tokens", "20"]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("Flour butter")
