@@ -175,6 +175,7 @@ def test_experts_branch_from_a_shared_dense_seed_at_equal_total_compute(ray_loca
     # the seed is shared: seed + every expert's own tokens = the dense model's tokens
     expert_tokens = sum(runs[f"expert-{j}"].data.metrics["tokens"] for j in range(2))
     assert abs(seed_tokens + expert_tokens - dense_tokens) <= 2 * 8 * 64  # rounding to whole steps
+    assert runs["expert-0"].data.params["max_tokens"] == str(6000 - seed_tokens // 2)
     assert runs["dense"].info.status == "FINISHED"
 
 
