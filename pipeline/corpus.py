@@ -17,7 +17,9 @@ from pipeline.config import CorpusConfig
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# plain text (one work per file; markdown, reStructuredText and source code are text too), JSON lines, parquet
+FILE_BUILDERS = {".txt": "text", ".md": "text", ".rst": "text", ".py": "text",
+                 ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 class CorpusError(ValueError):
@@ -150,8 +152,8 @@ def _rows_from_files(cfg: CorpusConfig) -> list[dict]:
     for f in files:
         if f.suffix.lower() != ".parquet":
             _check_utf8(f, cfg.encoding_errors)
-    text_files = [f for f in files if f.suffix.lower() == ".txt"]
-    table_files = [f for f in files if f.suffix.lower() != ".txt"]
+    text_files = [f for f in files if FILE_BUILDERS[f.suffix.lower()] == "text"]
+    table_files = [f for f in files if FILE_BUILDERS[f.suffix.lower()] != "text"]
     rows = _rows_from_text_files(text_files, cfg) if text_files else []
     return rows + (_rows_from_table_files(table_files, cfg) if table_files else [])
 
@@ -171,7 +173,7 @@ def _check_utf8(path: Path, errors: str) -> None:
 
 
 def _rows_from_text_files(files: list[Path], cfg: CorpusConfig) -> list[dict]:
-    """One document per .txt file (a work), via the `datasets` text builder."""
+    """One document per text file (a work), via the `datasets` text builder."""
     import datasets
 
     # One split per file keeps the file <-> row mapping explicit.
@@ -182,7 +184,7 @@ def _rows_from_text_files(files: list[Path], cfg: CorpusConfig) -> list[dict]:
     for i, f in enumerate(files):
         texts = dsd[f"file{i}"]["text"]
         text = "\n".join(texts)
-        rows.append({"doc_id": f.name, "text": text, "source": None, "work": str(f)})
+        rows.append({"doc_id": str(f), "text": text, "source": None, "work": str(f)})  # names repeat across folders
     return rows
 
 

@@ -155,3 +155,16 @@ def test_embedded_corpus_has_six_domains_capped_with_training_works_in_each():
     assert all(len(d.text.encode()) <= cfg.max_chunk_bytes for d in docs)
     plays = [d for d in docs if d.source == "plays"]
     assert len({d.work for d in plays}) < len(plays)  # scenes of one play share its work id
+
+
+def test_markdown_and_source_files_are_text_works_and_same_named_files_stay_apart(tmp_path):
+    from pipeline.config import CorpusConfig
+    from pipeline.corpus import load_corpus
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text(f'"""package {folder}"""\nVALUE = "{folder}"\n')
+    (tmp_path / "README.md").write_text("# Title\n\nSome words.\n")
+    docs = load_corpus(CorpusConfig(source="files", files=[str(tmp_path / "**" / "*.py"), str(tmp_path / "*.md")]))
+    assert len(docs) == 3 and len({d.doc_id for d in docs}) == 3
+    assert any("package a" in d.text for d in docs) and any("Some words." in d.text for d in docs)
