@@ -244,6 +244,11 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id
     if specs:
         connect_ray(cfg.ray)
         check_resources(e.num_cpus, e.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)")
+        import ray
+
+        # one progress board for the whole stage (a named actor dies with its last handle)
+        board = ray.remote(num_cpus=0)(ProgressBoard).options(name=f"moie-progress-{pipeline_id}",
+                                                               get_if_exists=True).remote()
         if seed and any(s["init_from"] for s in specs) and not Path(seed["dir"], "model.json").is_file():
             dense = [s for s in specs if s["name"] == DENSE]
             if not dense:
@@ -252,8 +257,8 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id
             print(f"seed: the dense model to step {seed['steps']} ({seed['tokens']} tokens), then every expert "
                   "branches from it", flush=True)
             _train_all(tracker, cfg, pipeline_id, [{**dense[0], "stop_at": seed["steps"], "seed_dir": seed["dir"]}],
-                       report, register=False)
-        registered |= _train_all(tracker, cfg, pipeline_id, specs, report)
+                       report, board, register=False)
+        registered |= _train_all(tracker, cfg, pipeline_id, specs, report, board)
     return registered
 
 
@@ -273,13 +278,11 @@ def _create_run(tracker: Tracker, pipeline_id: str, cluster_run_id: str, name: s
     return run_id
 
 
-def _train_all(tracker: Tracker, cfg: Config, pipeline_id: str, specs: list[dict], report: dict,
+def _train_all(tracker: Tracker, cfg: Config, pipeline_id: str, specs: list[dict], report: dict, board,
                register: bool = True) -> dict:
     import ray
 
     e = cfg.experts
-    board = ray.remote(num_cpus=0)(ProgressBoard).options(name=f"moie-progress-{pipeline_id}",
-                                                           get_if_exists=True).remote()
     task = ray.remote(train_expert).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus, max_retries=e.max_retries)
     # longest first: the dense model (k x an expert's budget) must not start last, alone on one CPU
     ordered = sorted(specs, key=lambda spec: -spec["train_config"]["max_tokens"])

@@ -94,3 +94,10 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_files_source_without_files_is_an_error():
     with pytest.raises(ConfigError, match="corpus.files is empty"):
         load_config(CONFIGS / "tiny.yaml", ["corpus.source=files"])
+
+
+def test_a_seed_needs_the_dense_model_it_branches_from():
+    with pytest.raises(ConfigError, match="experts.seed_fraction must be in \\[0, 1\\) and needs experts.dense"):
+        load_config(CONFIGS / "tiny.yaml", ["experts.dense=false"])
+    with pytest.raises(ConfigError, match="experts.seed_fraction"):
+        load_config(CONFIGS / "tiny.yaml", ["experts.seed_fraction=1.0"])

@@ -73,7 +73,7 @@ def test_a_configured_central_model_is_trained_and_registered_beside_the_dense_b
 
 
 def test_running_the_stage_again_is_a_no_op(ray_local, moie_home, tmp_path):
-    cfg = tiny_config(tmp_path, extra=["experts.dense=false"])
+    cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.seed_fraction=0"])
     pipeline_id = run_cluster(cfg)
     first = run_experts(cfg, pipeline_id)
     tracker = Tracker(cfg)
@@ -83,7 +83,7 @@ def test_running_the_stage_again_is_a_no_op(ray_local, moie_home, tmp_path):
 
 
 def test_a_killed_expert_worker_is_retried_and_resumes_from_its_checkpoint(ray_local, moie_home, tmp_path):
-    cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.train.max_tokens=400000",
+    cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.seed_fraction=0", "experts.train.max_tokens=400000",
                                        "experts.train.ckpt_every=20", "experts.train.log_every=10"])
     pipeline_id = run_cluster(cfg)
     outcome = {}
@@ -140,7 +140,7 @@ def test_resources_the_cluster_cannot_provide_fail_at_once(ray_local, moie_home,
 
 
 def test_a_cluster_too_small_for_one_batch_is_skipped_and_recorded(ray_local, moie_home, tmp_path):
-    cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.train.batch_size=64"], n=6)
+    cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.seed_fraction=0", "experts.train.batch_size=64"], n=6)
     pipeline_id = run_cluster(cfg)
     assert run_experts(cfg, pipeline_id) == {}
     runs = Tracker(cfg).stage_runs(pipeline_id, "experts")
@@ -148,7 +148,7 @@ def test_a_cluster_too_small_for_one_batch_is_skipped_and_recorded(ray_local, mo
 
 
 def test_a_new_clustering_of_the_pipeline_trains_new_experts_on_its_own_data(ray_local, moie_home, tmp_path):
-    cfg = tiny_config(tmp_path, extra=["experts.dense=false"])
+    cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.seed_fraction=0"])
     pipeline_id = run_cluster(cfg)
     first = run_experts(cfg, pipeline_id)
     assert run_cluster(cfg, pipeline_id) == pipeline_id  # cluster again: a newer cluster run
