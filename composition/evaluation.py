@@ -90,14 +90,19 @@ def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int,
             t = t[y[i, t] >= 0]
             out[w.doc][w.start + t] = logp[i, t]
             scored += len(t)
-        for weights in (getattr(model, "last_routing", None) or {}).values():  # (B, R, E) per point
-            if counts is not None:  # rows routed nowhere (padding past a document's end) do not count
-                top = weights.float().argmax(-1).cpu().numpy()  # (B, R)
-                routed = (weights > 0).any(-1).cpu().numpy()
-                for i, w in enumerate(chunk):
-                    counts[w.doc] += np.bincount(top[i][routed[i]], minlength=n_experts)
-            used += float((weights > 0).float().sum())
-            rows += weights.shape[0] * weights.shape[1]
+        visible = getattr(model, "last_visible", {})
+        for point, weights in (getattr(model, "last_routing", None) or {}).items():  # (B, R, E) per point
+            # only rows at positions this window scores: not padding, not the overlap scored before
+            pos = visible[point].cpu().numpy()  # (R,)
+            top = weights.float().argmax(-1).cpu().numpy()  # (B, R)
+            nonzero = (weights > 0).cpu().numpy()  # (B, R, E)
+            for i, w in enumerate(chunk):
+                keep = (pos >= w.first_scored) & (pos < (y[i] >= 0).sum())
+                used += float(nonzero[i, keep].sum())
+                rows += int(keep.sum())
+                if counts is not None:  # a row routed nowhere (weight 0 everywhere) has no top-1
+                    routed = keep & nonzero[i].any(-1)
+                    counts[w.doc] += np.bincount(top[i][routed], minlength=n_experts)
     model.train(was_training)
     return Scores(out, counts, used / rows if rows else None, time.perf_counter() - began, scored)
 

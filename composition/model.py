@@ -112,6 +112,7 @@ class ComposedLM(nn.Module):
         self.prefix_router = None  # routing "router" without route=: a callable idx (B, T) -> (B, T, E) weights
         self.record_routing = False  # keep each point's weights of the last forward (evaluation)
         self.last_routing: dict[str, torch.Tensor] = {}
+        self.last_visible: dict[str, torch.Tensor] = {}  # (R,) input position of each routed row
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -183,7 +184,7 @@ class ComposedLM(nn.Module):
             if self.record_routing:  # (B, R, n_experts): experts that did not run weigh 0
                 full = weights.new_zeros(*weights.shape[:-1], len(self.experts))
                 full[..., self.active] = weights.detach()
-                self.last_routing[name] = full
+                self.last_routing[name], self.last_visible[name] = full, visible
             counts.append((weights > 0).float().sum(-1).mean())
             if self.balance_weight and self.training:
                 balance.append(self.load_balance(name, h, weights))

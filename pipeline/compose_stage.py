@@ -206,6 +206,10 @@ def run_add(cfg: Config, expert_uri: str, composition_uri: str, pipeline_id: str
     tracker.pipeline_run(pipeline_id)
     with tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
         state, manifest = composition_parts(tracker, base, Path(tmp) / "base")
+        if manifest["mode"] != "independent":
+            raise StageError(f"{exact_uri(base)} is a {manifest['mode']} composition: its blocks and gates were "
+                             "trained together, so an expert trained on its own would not fit; --add extends "
+                             "independent compositions")
         new = resolve_version(tracker, expert_uri)
         if exact_uri(new) in manifest["experts"]:
             raise StageError(f"{exact_uri(new)} is already an expert of {exact_uri(base)}")

@@ -148,7 +148,8 @@ def pipeline_compositions(tracker: Tracker, pipeline_id: str) -> dict[str, objec
     found = {}
     for v in sorted(tracker.client.search_model_versions(
             f"name = '{COMPOSITION_MODEL}' and tags.`moie.pipeline` = '{pipeline_id}'"), key=lambda v: int(v.version)):
-        found[v.tags.get("moie.mode")] = v
+        if "moie.added_to" not in v.tags:  # an expert added later makes a different system
+            found[v.tags.get("moie.mode")] = v
     return found
 
 
@@ -291,16 +292,15 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, router, 
     # routing: which expert each system's top-1 picks, per domain
     known = [d for d, dom in enumerate(domains) if dom in domain_expert]
     routing = {}
-    top1 = np.stack([np.bincount(w.argmax(axis=1), minlength=n_experts) for w in cbtm_routes["cbtm_top1"]])
+    top1 = np.stack([np.bincount(w.argmax(axis=1), minlength=n_experts + 1) for w in cbtm_routes["cbtm_top1"]])
     routing["cbtm_top1"] = (top1, 1.0)
     for s in COMPOSED_SYSTEMS:
         if s in results:
             counts = results[s]["top1_counts"]  # over the composition's own expert list
             comp_experts = scored["composition_experts"][s]
-            remap = np.zeros((counts.shape[0], n_experts), dtype=np.int64)
+            remap = np.zeros((counts.shape[0], n_experts + 1), dtype=np.int64)  # last column: other experts
             for j, uri in enumerate(comp_experts):
-                if uri in expert_uris:
-                    remap[:, expert_uris.index(uri)] += counts[:, j]
+                remap[:, expert_uris.index(uri) if uri in expert_uris else n_experts] += counts[:, j]
             routing[s] = (remap, results[s]["experts_per_token"])
     heat = {}
     for s, (counts, per_token) in routing.items():
@@ -310,8 +310,11 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, router, 
             metrics[f"routing_accuracy/{s}"] = float(hits / total)
         metrics[f"experts_per_token/{s}"] = float(per_token)
         load = counts.sum(axis=0) / max(counts.sum(), 1)
-        metrics |= {f"load/{s}/expert{e}": float(x) for e, x in enumerate(load)}
-        heat[s] = np.stack([counts[[d for d, dd in enumerate(domains) if dd == dom]].sum(axis=0) for dom in names])
+        metrics |= {f"load/{s}/expert{e}": float(x) for e, x in enumerate(load[:n_experts])}
+        if load[n_experts]:  # experts from outside the pipeline (added to a composition)
+            metrics[f"load/{s}/other"] = float(load[n_experts])
+        heat[s] = np.stack([counts[[d for d, dd in enumerate(domains) if dd == dom], :n_experts].sum(axis=0)
+                            for dom in names])
     cost = _cost(scored, order, n_experts)
     rows = [{"system": s, **{dom: bpb[s][dom] for dom in names}, "all": bpb[s]["all"],
              "routing_accuracy": metrics.get(f"routing_accuracy/{s}"),
@@ -330,8 +333,9 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
         return 3 * r["flops"] * tokens.get(uri, 0.0) / 1e15
 
     # + the shared seed the experts branched from (the dense model's first steps), counted once
-    experts_pflops = sum(trained(r, u) for r, u in zip(experts, uris)) + 3 * results["dense"]["flops"] * scored.get(
-        "seed_tokens", 0.0) / 1e15
+    seed_pflops = 3 * results["dense"]["flops"] * scored.get("seed_tokens", 0.0) / 1e15
+    own_pflops = sum(trained(r, u) for r, u in zip(experts, uris))
+    experts_pflops = own_pflops + seed_pflops
     central_pflops = trained(results["central"], scored["central_uri"])
     mean_flops = float(np.mean([r["flops"] for r in experts]))
     mean_ms = float(np.mean([r["ms_per_token"] for r in experts]))
@@ -345,8 +349,9 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
             r = results[s]
             cost.setdefault(s, {}).update(params=int(r["params"]), infer_mflops_per_token=r["flops"] / 1e6,
                                           ms_per_token=r["ms_per_token"])
-            if s.startswith("composed"):
-                cost[s]["train_pflops"] = central_pflops + experts_pflops
+            if s.startswith("composed"):  # a dense central model already contains the seed
+                same = scored["central_uri"] == scored["dense_uri"]
+                cost[s]["train_pflops"] = central_pflops + (own_pflops if same else experts_pflops)
     for s, kk in {"oracle": 1, "cbtm_top1": 1, "cbtm_top2": 2, "cbtm_all": n_experts}.items():
         kk = min(kk, n_experts)  # k expert forwards (the router's tf-idf not counted)
         cost[s] = {"params": all_params, "train_pflops": experts_pflops, "infer_mflops_per_token": kk * mean_flops / 1e6,

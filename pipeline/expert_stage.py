@@ -249,8 +249,15 @@ def _run_experts(tracker: Tracker, cfg: Config, pipeline_id: str, cluster_run_id
         # one progress board for the whole stage (a named actor dies with its last handle)
         board = ray.remote(num_cpus=0)(ProgressBoard).options(name=f"moie-progress-{pipeline_id}",
                                                                get_if_exists=True).remote()
-        if seed and any(s["init_from"] for s in specs) and not Path(seed["dir"], "model.json").is_file():
+        from experts.checkpoint import latest_checkpoint
+
+        branching = [s for s in specs if s["init_from"] and latest_checkpoint(s["ckpt_dir"]) is None]
+        if seed and branching and not Path(seed["dir"], "model.json").is_file():
             dense = [s for s in specs if s["name"] == DENSE]
+            if dense and (latest_checkpoint(dense[0]["ckpt_dir"]) or 0) > seed["steps"]:
+                raise StageError(f"the seed (the dense model at step {seed['steps']}) is missing from {seed['dir']} "
+                                 "and the dense model has trained past it; set experts.seed_fraction: 0 or start "
+                                 "a new pipeline")
             if not dense:
                 raise StageError(f"the experts branch from the dense model's seed at {seed['dir']}, which is missing "
                                  "while the dense model is registered; set experts.seed_fraction: 0 or retrain")

@@ -59,6 +59,9 @@ def model_dir(tracker: Tracker, version, dst: Path) -> str:
 
 
 def _verify(version, path: Path) -> None:
+    if "moie.sha256" not in version.tags:
+        raise ChecksumError(f"{exact_uri(version)} has no moie.sha256 tag (not registered by moie, or the tag was "
+                            "removed): refusing to load an unverifiable artifact")
     try:
         verify_sha256(path, version.tags.get("moie.sha256"))
     except ChecksumError as err:

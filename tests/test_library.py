@@ -77,6 +77,10 @@ def test_adding_an_expert_trains_only_its_parameters_and_keeps_the_rest_bit_iden
     assert extra and all(k.startswith((f"blocks.{n}.", f"gates.{n}.")) for k in extra)
     assert new_manifest["experts"] == old_manifest["experts"] + [experts_b[0]]
     assert resolve_version(tracker, added).tags["moie.added_to"] == base
+    from pipeline.evaluate_stage import pipeline_compositions
+
+    # the pipeline's own independent composition is still the base, not the one with a foreign expert
+    assert pipeline_compositions(tracker, library["a"])["independent"].version == resolve_version(tracker, base).version
     with pytest.raises(StageError, match="already an expert of"):
         run_add(cfg, experts_b[0], added)
 
@@ -184,3 +188,27 @@ def test_a_composition_manifest_from_a_newer_format_is_refused(library):
             load_registered(cfg, uri, library["home"] / "newer")
     finally:
         path.write_text(original)
+
+
+def test_an_expert_cannot_be_added_to_a_joint_composition(library):
+    from dataclasses import replace
+
+    cfg, tracker = library["cfg"], library["tracker"]
+    joint_cfg = replace(cfg, compose=replace(cfg.compose, modes=["joint"],
+                                             joint_train={"max_tokens": 2000, "batch_size": 8}))
+    (joint,) = run_compose(joint_cfg, library["a"]).values()
+    _, experts_b = pipeline_models(tracker, library["b"])
+    with pytest.raises(StageError, match="is a joint composition"):
+        run_add(cfg, experts_b[0], joint)
+
+
+def test_a_version_without_a_recorded_checksum_is_refused(library):
+    cfg, tracker = library["cfg"], library["tracker"]
+    _, experts = pipeline_models(tracker, library["a"])
+    v = resolve_version(tracker, experts[0])
+    tracker.client.delete_model_version_tag(v.name, v.version, "moie.sha256")
+    try:
+        with pytest.raises(ChecksumError, match="has no moie.sha256 tag"):
+            load_registered(cfg, experts[0], library["home"] / "untagged")
+    finally:
+        tracker.client.set_model_version_tag(v.name, v.version, "moie.sha256", v.tags["moie.sha256"])
