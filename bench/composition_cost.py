@@ -4,7 +4,7 @@ and FLOPs per token (counted from the shapes a forward uses), side by side.
     python bench/composition_cost.py [--n 2,4,8] [--batch 4] [--threads 2]
 
 Systems: central alone, one expert, composed token-level top-1 / top-2 / all, composed
-sequence-level top-2, cBTM top-1 / top-2 / all (probability mixtures of k expert forwards).
+sequence-level top-2, composed with router routing (top-1), cBTM top-1 / top-2 / all (probability mixtures of k expert forwards).
 Weights are random: cost does not depend on training. Models: bench/matched.py's hourglass
 for the central model and every expert.
 """
@@ -63,6 +63,13 @@ def main() -> None:
                                       ("composed sequence top-2", "sequence", 2)):
                 composed = ComposedLM(central, experts, n_points=2, routing=routing, k=k).eval()
                 systems[label] = (lambda c=composed: c(idx), forward_flops_per_token(composed))
+            # router routing (cBTM's router picks, the gate scales): only routed experts run. Here the
+            # batch is one document's windows, all routed to one expert; a batch that mixes documents
+            # of j experts runs j expert forwards over the whole batch.
+            routed = ComposedLM(central, experts, n_points=2, routing="router").eval()
+            route = torch.nn.functional.one_hot(torch.zeros(args.batch, T, dtype=torch.long), n).float()
+            routed.prefix_router = lambda x, route=route: route[: x.shape[0], : x.shape[1]]
+            systems["composed router top-1"] = (lambda r=routed: r(idx), forward_flops_per_token(routed))
             for label, k in (("cBTM top-1", 1), ("cBTM top-2", 2), (f"cBTM all ({n})", n)):
                 chosen = experts[:k]  # routed once per window: k expert forwards, then the mixture
 

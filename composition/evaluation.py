@@ -121,11 +121,3 @@ def mixture(expert_log_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     top = joint.max(axis=0)
     return top + np.log(np.exp(joint - top).sum(axis=0))
 
-
-def keep_top_k(weights: np.ndarray, k: int) -> np.ndarray:
-    """Zero all but each row's k largest weights and renormalise: (n, E) -> (n, E)."""
-    k = min(k, weights.shape[1])
-    drop = np.argsort(-weights, axis=1, kind="stable")[:, k:]
-    kept = weights.copy()
-    np.put_along_axis(kept, drop, 0.0, axis=1)
-    return kept / np.maximum(kept.sum(axis=1, keepdims=True), 1e-30)

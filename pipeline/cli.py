@@ -133,11 +133,11 @@ def generate_command(args: argparse.Namespace) -> int:
     from experts.checkpoint import load_any
     from pipeline.tokenizer import ByteTokenizer
 
-    tmp = tempfile.TemporaryDirectory()
     if args.model.startswith("models:/"):
         from pipeline.library import load_registered
 
-        model, meta = load_registered(load_config(args.config, args.overrides), args.model, tmp.name)
+        with tempfile.TemporaryDirectory() as tmp:  # the weights are in memory once loaded
+            model, meta = load_registered(load_config(args.config, args.overrides), args.model, tmp)
     else:
         model, meta = load_any(args.model)
     tok = ByteTokenizer()
@@ -152,7 +152,6 @@ def generate_command(args: argparse.Namespace) -> int:
     print(tok.decode(out[0].tolist()))
     if hasattr(model, "routing_report"):
         print(model.routing_report(out[:, -model.config.block_size:], meta["experts"]), file=sys.stderr)
-    tmp.cleanup()
     return 0
 
 

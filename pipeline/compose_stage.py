@@ -15,22 +15,9 @@ import numpy as np
 
 from pipeline.artifacts import write_json
 from pipeline.config import Config
-from pipeline.expert_stage import (
-    CENTRAL_MODEL,
-    DENSE,
-    EXPERT_MODEL,
-    checkpoint_root,
-    register_model,
-)
-from pipeline.library import (
-    COMPOSITION_MODEL,
-    MANIFEST_FORMAT,
-    check_tokenizers,
-    composition_parts,
-    exact_uri,
-    model_dir,
-    resolve_version,
-)
+from pipeline.expert_stage import CENTRAL_MODEL, DENSE, EXPERT_MODEL, checkpoint_root, register_model
+from pipeline.library import (COMPOSITION_MODEL, MANIFEST_FORMAT, check_tokenizers, composition_parts, exact_uri,
+                              model_dir, resolve_version, router_state)
 from pipeline.ray_runtime import check_resources, connect_ray
 from pipeline.stages import StageError
 from pipeline.tracking import Tracker
@@ -253,14 +240,11 @@ def _spec(cfg: Config, tracker: Tracker, central, experts: list, tmp: Path, sett
 def shared_router(tracker: Tracker, experts: list, tmp: Path) -> dict:
     """The cBTM router of the experts' clustering, when they all come from one:
     {"router": {tensors, meta}, "router_run", "clusters"}; {} otherwise."""
-    from pipeline.artifacts import load_state
-    from pipeline.stages import ROUTER_NAME
-
     runs = {v.tags.get("moie.cluster_run") for v in experts}
     if len(runs) != 1 or None in runs or any("moie.cluster" not in v.tags for v in experts):
         return {}
     (run_id,) = runs
-    tensors, meta = load_state(tracker.download_artifacts(run_id, "", tmp / "router"), ROUTER_NAME)
+    tensors, meta = router_state(tracker, run_id, tmp / "router")
     return {"router": {"tensors": tensors, "meta": meta}, "router_run": run_id,
             "clusters": [int(v.tags["moie.cluster"]) for v in experts]}
 
@@ -283,7 +267,6 @@ def _compose_mode(tracker: Tracker, cfg: Config, pipeline_id: str, mode: str, sp
     """Train one mode (independent: one Ray task per expert in `train_only`, default all), score it
     against the central model, save the new parameters with a manifest, register a version."""
     import ray
-    import torch
 
     opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
     central_uri, expert_uris = spec["central"], spec["experts"]
@@ -293,7 +276,7 @@ def _compose_mode(tracker: Tracker, cfg: Config, pipeline_id: str, mode: str, sp
                                     "n_points": spec["n_points"], "routing": spec["routing"], "k": spec["k"],
                                     "pool": spec["pool"], "center_tokens": spec["center_tokens"],
                                     **({"added": added["moie.added"]} if added else {})})
-        state = {k: torch.from_numpy(v.copy()) for k, v in (base_state or {}).items()}
+        state = dict(base_state or {})
         if mode == "independent":
             # one task per expert; each could start as soon as its expert exists
             todo = range(len(expert_uris)) if train_only is None else train_only

@@ -17,32 +17,24 @@ is the expert of the document's domain.
 from __future__ import annotations
 
 import csv
-import logging
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import load_state
 from pipeline.compose_stage import pipeline_models
 from pipeline.config import Config
 from pipeline.corpus import load_corpus
 from pipeline.expert_stage import CENTRAL_MODEL, cluster_assignments
-from pipeline.library import (
-    COMPOSITION_MODEL,
-    composition_parts,
-    model_dir,
-    resolve_version,
-)
+from pipeline.library import COMPOSITION_MODEL, composition_parts, load_router, model_dir, resolve_version
 from pipeline.ray_runtime import check_resources, connect_ray
-from pipeline.stages import ROUTER_NAME, StageError
+from pipeline.stages import StageError
 from pipeline.tokenizer import ByteTokenizer
 from pipeline.tracking import Tracker
+from routing.ensemble import document_weights
 
-log = logging.getLogger(__name__)
-
-CBTM = {"cbtm_top1": 1, "cbtm_top2": 2}  # and cbtm_all: every expert
+CBTM = {"cbtm_top1": 1, "cbtm_top2": 2, "cbtm_all": None}  # experts mixed per byte (None: all)
 COMPOSED = {"independent": "composed_independent", "joint": "composed_joint"}
 COMPOSED_SYSTEMS = ("composed_independent", "composed_independent_topk", "composed_joint", "composed_adaptive")
 HEADLINE = ("bpb/", "routing_accuracy/", "experts_per_token/")
@@ -124,7 +116,7 @@ def score_composition_task(spec: dict, state: dict, docs: list[np.ndarray], sett
     from pipeline.compose_stage import _composed
 
     composed = _composed(spec, spec["expert_dirs"])
-    loaded = composed.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=False)
+    loaded = composed.load_state_dict(state, strict=False)
     if loaded.unexpected_keys:
         raise StageError(f"composition parameters do not fit its manifest: {loaded.unexpected_keys[:3]}")
     seq = composed.config.block_size
@@ -176,14 +168,18 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
             versions[dense_uri] = dense[0]
         dirs = {uri: model_dir(tracker, v, tmp / f"m{i}") for i, (uri, v) in enumerate(versions.items())}
         expert_clusters = [int(versions[u].tags["moie.cluster"]) for u in expert_uris]
-        router = _router(tracker, cluster_run.info.run_id, tmp)
+        # cBTM's weights over the pipeline's experts for every byte's prefix, computed once:
+        # the cBTM systems mix with them, router-routed compositions take their top-1
+        router = load_router(tracker, cluster_run.info.run_id, tmp / "router")
+        weights = [document_weights(router, bytes(doc), expert_clusters, len(expert_clusters)) for doc in docs]
         compositions = pipeline_compositions(tracker, pipeline_id)
-        scored = _score_all(cfg, tracker, docs, dirs, central_uri, dense_uri, expert_uris, compositions, tmp)
+        routes = {"run": cluster_run.info.run_id, "clusters": expert_clusters, "weights": weights}
+        scored = _score_all(cfg, tracker, docs, dirs, central_uri, dense_uri, expert_uris, compositions, routes, tmp)
         scored |= {"central_uri": central_uri, "dense_uri": dense_uri or central_uri,
                    "seed_tokens": float(versions[expert_uris[0]].tags.get("moie.seed_tokens", 0)),
                    "train_tokens": {uri: tracker.client.get_run(v.run_id).data.metrics.get("tokens", 0.0)
                                     for uri, v in versions.items()}}
-        outcome = summarise(domains, docs, scored, router, expert_clusters, domain_experts(table, expert_clusters))
+        outcome = summarise(domains, docs, scored, weights, domain_experts(table, expert_clusters))
         metrics = outcome["metrics"]
         tracker.log_metrics(run_id, metrics)
         tracker.log_metrics(pipeline_id, headline(metrics))
@@ -196,16 +192,9 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
     return outcome
 
 
-def _router(tracker: Tracker, cluster_run_id: str, tmp: Path):
-    from routing.router import ClusterRouter
-
-    path = tracker.download_artifacts(cluster_run_id, "", tmp / "cluster")
-    tensors, meta = load_state(path, ROUTER_NAME)
-    return ClusterRouter.from_state(tensors, meta)
-
-
 def _score_all(cfg: Config, tracker: Tracker, docs: list[np.ndarray], dirs: dict, central_uri: str,
-               dense_uri: str | None, expert_uris: list[str], compositions: dict, tmp: Path) -> dict:
+               dense_uri: str | None, expert_uris: list[str], compositions: dict, pipeline_routes: dict,
+               tmp: Path) -> dict:
     """Ray tasks: one per model, one per composition (and routing); {system: result}."""
     import ray
 
@@ -237,7 +226,7 @@ def _score_all(cfg: Config, tracker: Tracker, docs: list[np.ndarray], dirs: dict
                 "seed": cfg.seed, "experts": uris}
         routes = None
         if manifest["routing"] == "router":  # cBTM weights of each document's prefixes, top-1
-            routes = ray.put(_document_routes(tracker, manifest, docs, tmp))
+            routes = ray.put(_document_routes(tracker, manifest, docs, pipeline_routes, tmp))
         name = COMPOSED[mode]
         refs[name] = comp_task.remote(spec, state, docs_ref, settings, routes)
         used[name] = uris
@@ -250,18 +239,26 @@ def _score_all(cfg: Config, tracker: Tracker, docs: list[np.ndarray], dirs: dict
     return {"results": results, "experts": expert_uris, "composition_experts": used}
 
 
-def _document_routes(tracker: Tracker, manifest: dict, docs: list[np.ndarray], tmp: Path) -> list[np.ndarray]:
-    from routing.ensemble import document_weights
+def _document_routes(tracker: Tracker, manifest: dict, docs: list[np.ndarray], pipeline_routes: dict,
+                     tmp: Path) -> list[np.ndarray]:
+    """Top-1 cBTM weights of a router-routed composition's experts for each document's prefixes:
+    from the pipeline's own weights when the composition uses its router, else from its router."""
+    from routing.ensemble import keep_top_k
 
-    router = _router(tracker, manifest["router_run"], tmp / f"router-{manifest['router_run']}")
-    return [document_weights(router, bytes(d), manifest["clusters"], 1) for d in docs]
+    clusters = manifest["clusters"]
+    if manifest["router_run"] == pipeline_routes["run"] and set(clusters) <= set(pipeline_routes["clusters"]):
+        columns = [pipeline_routes["clusters"].index(c) for c in clusters]
+        return [keep_top_k(w[:, columns], 1).astype(np.float32) for w in pipeline_routes["weights"]]
+    router = load_router(tracker, manifest["router_run"], tmp / f"router-{manifest['router_run']}")
+    return [document_weights(router, bytes(d), clusters, 1) for d in docs]
 
 
-def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, router, expert_clusters: list[int],
+def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights: list[np.ndarray],
               domain_expert: dict[str, int]) -> dict:
+    """weights: per document (n_bytes, n_experts) cBTM weights of each byte's prefix."""
     """bpb per system and domain, routing accuracy and load, cost; the results table."""
-    from composition.evaluation import bits_per_byte, keep_top_k, mixture
-    from routing.ensemble import document_weights
+    from composition.evaluation import bits_per_byte, mixture
+    from routing.ensemble import keep_top_k
 
     results, expert_uris = scored["results"], scored["experts"]
     n_experts = len(expert_uris)
@@ -274,11 +271,9 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, router, 
     oracle_of = {dom: domain_expert.get(dom, min(range(n_experts), key=lambda e: per_domain[e][dom])) for dom in names}
     log_probs["oracle"] = [stacked[d][oracle_of[dom]] for d, dom in enumerate(domains)]
     # cBTM: the router's weights for each byte's prefix, restricted to clusters that have experts
-    weights = [document_weights(router, bytes(doc), expert_clusters, len(expert_clusters)) for doc in docs]
-    systems = {f"cbtm_top{kk}": kk for kk in CBTM.values()} | {"cbtm_all": n_experts}
     cbtm_routes = {}
-    for name, kk in systems.items():
-        kept = [keep_top_k(w, kk) for w in weights]
+    for name, kk in CBTM.items():
+        kept = [keep_top_k(w, kk or n_experts) for w in weights]
         log_probs[name] = [mixture(stacked[d], kept[d]) for d in range(len(docs))]
         cbtm_routes[name] = kept
     metrics: dict[str, float] = {}
@@ -319,8 +314,7 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, router, 
     rows = [{"system": s, **{dom: bpb[s][dom] for dom in names}, "all": bpb[s]["all"],
              "routing_accuracy": metrics.get(f"routing_accuracy/{s}"),
              "experts_per_token": metrics.get(f"experts_per_token/{s}"), **cost.get(s, {})} for s in order]
-    return {"metrics": metrics, "rows": rows, "domains": names, "heat": heat, "cost": cost,
-            "domain_expert": domain_expert, "markdown": ""}
+    return {"metrics": metrics, "rows": rows, "domains": names, "heat": heat, "markdown": ""}
 
 
 def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
@@ -352,8 +346,8 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
             if s.startswith("composed"):  # a dense central model already contains the seed
                 same = scored["central_uri"] == scored["dense_uri"]
                 cost[s]["train_pflops"] = central_pflops + (own_pflops if same else experts_pflops)
-    for s, kk in {"oracle": 1, "cbtm_top1": 1, "cbtm_top2": 2, "cbtm_all": n_experts}.items():
-        kk = min(kk, n_experts)  # k expert forwards (the router's tf-idf not counted)
+    for s, kk in {"oracle": 1, **CBTM}.items():
+        kk = min(kk or n_experts, n_experts)  # k expert forwards (the router's tf-idf not counted)
         cost[s] = {"params": all_params, "train_pflops": experts_pflops, "infer_mflops_per_token": kk * mean_flops / 1e6,
                    "ms_per_token": kk * mean_ms}
     return cost

@@ -69,14 +69,32 @@ def _verify(version, path: Path) -> None:
 
 
 def composition_parts(tracker: Tracker, version, dst: Path) -> tuple[dict, dict]:
-    """(new parameters as numpy arrays, manifest) of a registered composition, checked."""
-    from safetensors.numpy import load_file
+    """(new parameters as tensors, manifest) of a registered composition, checked."""
+    from safetensors.torch import load_file
 
     path = Path(tracker.client.download_artifacts(version.run_id, "composition", str(dst)))
     _verify(version, path / "composition.safetensors")
     manifest = json.loads((path / "composition_manifest.json").read_text(encoding="utf-8"))
     check_manifest(manifest, exact_uri(version))
     return load_file(str(path / "composition.safetensors")), manifest
+
+
+def router_state(tracker: Tracker, cluster_run_id: str, dst: Path) -> tuple[dict, dict]:
+    """(tensors, meta) of a cluster run's cBTM router, checked against the sha256 the run recorded."""
+    from pipeline.artifacts import load_state
+    from pipeline.stages import ROUTER_NAME
+
+    expected = tracker.client.get_run(cluster_run_id).data.tags.get(f"moie.sha256.{ROUTER_NAME}.safetensors")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (f"{ROUTER_NAME}.safetensors", f"{ROUTER_NAME}.json"):  # not the run's other artifacts
+        tracker.download_artifacts(cluster_run_id, name, dst)
+    return load_state(dst, ROUTER_NAME, expected)
+
+
+def load_router(tracker: Tracker, cluster_run_id: str, dst: Path):
+    from routing.router import ClusterRouter
+
+    return ClusterRouter.from_state(*router_state(tracker, cluster_run_id, dst))
 
 
 def check_manifest(manifest: dict, where: str) -> None:
@@ -113,11 +131,13 @@ def list_models(tracker: Tracker, filters: dict[str, str] | None = None, model: 
     rows = []
     for name in [model] if model else LIBRARY:
         query = f"name = '{name}'" + "".join(f" and tags.`{k}` = '{v}'" for k, v in (filters or {}).items())
-        for v in sorted(tracker.client.search_model_versions(query), key=lambda v: -int(v.version)):
+        versions = sorted(tracker.client.search_model_versions(query), key=lambda v: -int(v.version))
+        aliases = _aliases(tracker, name) if versions else {}
+        for v in versions:
             run = tracker.client.get_run(v.run_id)
             metrics = run.data.metrics
             rows.append({"uri": exact_uri(v), "name": name, "version": int(v.version),
-                         "aliases": _aliases(tracker, name, v.version),
+                         "aliases": aliases.get(str(v.version), []),
                          "pipeline": v.tags.get("moie.pipeline"), "role": v.tags.get("moie.role") or
                          v.tags.get("moie.mode") or "expert", "domain": v.tags.get("moie.domain"),
                          "purity": float(v.tags["moie.purity"]) if "moie.purity" in v.tags else None,
@@ -127,9 +147,12 @@ def list_models(tracker: Tracker, filters: dict[str, str] | None = None, model: 
     return rows
 
 
-def _aliases(tracker: Tracker, name: str, version: str) -> list[str]:
-    model = tracker.client.get_registered_model(name)
-    return sorted(alias for alias, v in (model.aliases or {}).items() if str(v) == str(version))
+def _aliases(tracker: Tracker, name: str) -> dict[str, list[str]]:
+    """version -> its aliases, for one registered model (one registry call)."""
+    out: dict[str, list[str]] = {}
+    for alias, version in sorted((tracker.client.get_registered_model(name).aliases or {}).items()):
+        out.setdefault(str(version), []).append(alias)
+    return out
 
 
 def show_model(tracker: Tracker, uri: str) -> dict:
@@ -140,7 +163,7 @@ def show_model(tracker: Tracker, uri: str) -> dict:
     pipeline = tracker.client.get_run(pipeline_id) if pipeline_id else None
     corpus = {k.removeprefix("corpus."): val for k, val in (pipeline.data.params.items() if pipeline else [])
               if k.startswith("corpus.") and val not in ("None", "[]")}
-    info = {"uri": exact_uri(v), "aliases": _aliases(tracker, v.name, v.version),
+    info = {"uri": exact_uri(v), "aliases": _aliases(tracker, v.name).get(str(v.version), []),
             "tags": {k: val for k, val in v.tags.items() if k.startswith("moie.")},
             "run": {"id": run.info.run_id, "name": run.info.run_name, "status": run.info.status},
             "pipeline": {"id": pipeline_id, "name": pipeline.info.run_name if pipeline else None,
@@ -186,7 +209,6 @@ def format_table(rows: list[dict]) -> str:
 def load_registered(cfg, uri: str, tmp: str | Path):
     """(model, meta) for any registered version: an expert, a central model or a composition
     (built from its manifest's exact versions, with its routing settings)."""
-    import torch
 
     from composition.model import ComposedLM
     from experts.checkpoint import load_model
@@ -201,7 +223,7 @@ def load_registered(cfg, uri: str, tmp: str | Path):
     central, *experts = [load_model(model_dir(tracker, v, tmp / f"m{i}"))[0] for i, v in enumerate(parts)]
     composed = ComposedLM(central, experts, n_points=manifest["n_points"], routing=manifest["routing"],
                           k=manifest["k"], threshold=manifest["threshold"], pool=manifest.get("pool", "token"))
-    loaded = composed.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=False)
+    loaded = composed.load_state_dict(state, strict=False)
     if loaded.unexpected_keys or any(k.startswith(("blocks.", "gates.")) for k in loaded.missing_keys):
         raise StageError(f"{exact_uri(version)}: its parameters do not fit its manifest's models "
                          f"(unexpected {loaded.unexpected_keys[:2]}, missing {loaded.missing_keys[:2]})")
@@ -215,13 +237,9 @@ def _prefix_router(tracker: Tracker, manifest: dict, tmp: Path):
     import numpy as np
     import torch
 
-    from pipeline.artifacts import load_state
-    from pipeline.stages import ROUTER_NAME
     from routing.ensemble import window_weights
-    from routing.router import ClusterRouter
 
-    path = tracker.download_artifacts(manifest["router_run"], "", tmp / "router")
-    router = ClusterRouter.from_state(*load_state(path, ROUTER_NAME))
+    router = load_router(tracker, manifest["router_run"], tmp / "router")
 
     def route(idx: torch.Tensor) -> torch.Tensor:
         rows = [window_weights(router, row, manifest["clusters"], 1) for row in idx.cpu().numpy()]

@@ -57,8 +57,13 @@ def window_weights(router: ClusterRouter, ids: np.ndarray, clusters: list[int], 
 
 def restrict(weights: np.ndarray, clusters: list[int], top_k: int) -> np.ndarray:
     """(n, K) router weights -> (n, E) over the experts of `clusters`, top_k kept, renormalised."""
-    w = weights[:, clusters].astype(np.float64)
-    k = min(top_k, len(clusters))
-    drop = np.argsort(-w, axis=1, kind="stable")[:, k:]
-    np.put_along_axis(w, drop, 0.0, axis=1)
-    return (w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)).astype(np.float32)
+    return keep_top_k(weights[:, clusters].astype(np.float64), top_k).astype(np.float32)
+
+
+def keep_top_k(weights: np.ndarray, k: int) -> np.ndarray:
+    """Zero all but each row's k largest weights and renormalise: (n, E) -> (n, E)."""
+    k = min(k, weights.shape[1])
+    drop = np.argsort(-weights, axis=1, kind="stable")[:, k:]
+    kept = weights.copy()
+    np.put_along_axis(kept, drop, 0.0, axis=1)
+    return kept / np.maximum(kept.sum(axis=1, keepdims=True), 1e-30)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import textgen
+from stores import module_home
 from pipeline.compose_stage import COMPOSITION_MODEL, run_compose
 from pipeline.config import load_config
 from pipeline.expert_stage import run_experts
@@ -17,10 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def trained_pipeline(tmp_path_factory, ray_local):
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp("compose-home")
-        mp.setenv("MOIE_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with module_home(tmp_path_factory, "compose-home") as home:
         yield from _trained_pipeline(home)
 
 

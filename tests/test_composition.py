@@ -191,12 +191,18 @@ def test_load_balancing_loss_is_one_when_uniform_and_grows_with_skew():
     assert skewed.item() > 1.5
 
 
-def test_sequence_level_routing_runs_only_k_expert_forwards():
-    experts = experts_of_differing_depth()
+def counting_forwards(experts) -> list[int]:
+    """Record the index of every expert whose forward (features) runs, in a list it returns."""
     calls = []
     for e, expert in enumerate(experts):
         original = expert.features
         expert.features = lambda idx, e=e, original=original: calls.append(e) or original(idx)
+    return calls
+
+
+def test_sequence_level_routing_runs_only_k_expert_forwards():
+    experts = experts_of_differing_depth()
+    calls = counting_forwards(experts)
     composed = trained_like(ComposedLM(central_gpt(), experts, n_points=2, routing="sequence", k=2))
     calls.clear()  # construction reads each expert's widths once
     logits, _ = composed(torch.randint(0, V, (1, 30)))
@@ -248,10 +254,7 @@ def test_router_routing_weights_each_row_by_its_positions_router_weight_times_th
 
 def test_router_routing_runs_only_the_experts_some_position_is_routed_to():
     experts = experts_of_differing_depth()
-    calls = []
-    for e, expert in enumerate(experts):
-        original = expert.features
-        expert.features = lambda idx, e=e, original=original: calls.append(e) or original(idx)
+    calls = counting_forwards(experts)
     composed = trained_like(ComposedLM(central_gpt(), experts, n_points=2, routing="router"))
     calls.clear()
     composed(torch.randint(0, V, (1, 30)), route=one_hot_route([2] * 30, 3))

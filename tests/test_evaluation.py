@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from composition.evaluation import bits_per_byte, keep_top_k, mixture, score_documents, windows
+from composition.evaluation import bits_per_byte, mixture, score_documents, windows
 from composition.model import ComposedLM
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
 from pipeline.evaluate_stage import domain_experts, headline, markdown_table
+from routing.ensemble import keep_top_k
 
 EOS = 257
 

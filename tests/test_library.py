@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import textgen
+from stores import module_home
 from pipeline.artifacts import ChecksumError
 from pipeline.cli import main
 from pipeline.compose_stage import pipeline_models, run_add, run_compose
@@ -36,10 +37,7 @@ def pipeline_on(home: Path, domains: list[str], seed: int):
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory, ray_local):
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp("library-home")
-        mp.setenv("MOIE_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with module_home(tmp_path_factory, "library-home") as home:
         cfg_a, a = pipeline_on(home, ["cooking", "sailing"], seed=0)
         cfg_b, b = pipeline_on(home, ["finance", "astronomy"], seed=1)
         yield {"home": home, "cfg": cfg_a, "a": a, "b": b, "tracker": Tracker(cfg_a)}
