@@ -45,7 +45,7 @@ def main() -> None:
     import pipeline  # noqa: F401
     from pipeline.config import load_config
     from pipeline.corpus import load_corpus
-    from pipeline.expert_stage import write_tokens
+    from pipeline.stages.experts import write_tokens
     from pipeline.tokenizer import ByteTokenizer
 
     cfg = load_config(REPO / "configs" / "tiny.yaml")

@@ -2,23 +2,21 @@
 
 A training checkpoint holds model, optimizer state, step and RNG states, so a resumed run
 continues exactly as the uninterrupted one would. Tied weights (lm_head = wte) are stored
-once and re-linked on load. The JSON, written last, records the sha256 of the tensors.
-File I/O (atomic writes, sha256) is pipeline.artifacts', which imports neither Ray nor MLflow.
+once and re-linked on load. The files are the ground floor's safetensors + JSON pairs
+(`artifacts`): the JSON, written last, records the sha256 of the tensors.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from artifacts import ArtifactError, load_state, save_state
 from experts.gpt import GPT, GPTConfig
-from pipeline.artifacts import atomic_path, sha256_file, write_json
 from experts.hourglass import HourglassConfig, HourglassLM
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ArtifactError):
     """A checkpoint that is missing, incomplete or does not match its recorded sha256."""
 
 
@@ -53,26 +51,12 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def save_tensors_json(directory: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """`name`.safetensors, then `name`.json (meta + tensors' sha256), each written atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    st_path, json_path = directory / f"{name}.safetensors", directory / f"{name}.json"
-    with atomic_path(st_path) as tmp:
-        save_file(tensors, str(tmp))
-    write_json(json_path, {**meta, "tensors_sha256": sha256_file(st_path)})
-    return json_path
-
-
-def load_tensors_json(directory: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    st_path, json_path = Path(directory) / f"{name}.safetensors", Path(directory) / f"{name}.json"
-    if not json_path.is_file() or not st_path.is_file():
-        raise CheckpointError(f"{directory} has no complete {name}.safetensors + {name}.json")
-    meta = json.loads(json_path.read_text())
-    actual = sha256_file(st_path)
-    if actual != meta.get("tensors_sha256"):
-        raise CheckpointError(f"{st_path} has sha256 {actual}, but {meta.get('tensors_sha256')} was recorded; "
-                              "the file is corrupt or was changed")
-    return load_file(str(st_path)), meta
+def _load_checked(directory: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """`name`.safetensors + .json as torch tensors, checked; CheckpointError if missing, incomplete or changed."""
+    try:
+        return load_state(directory, name, framework="pt")
+    except ArtifactError as err:
+        raise CheckpointError(str(err)) from None
 
 
 # --- exported models ------------------------------------------------------------------
@@ -81,12 +65,12 @@ def load_tensors_json(directory: Path, name: str) -> tuple[dict[str, torch.Tenso
 def save_model(directory: str | Path, model: torch.nn.Module, extra: dict | None = None) -> Path:
     """model.safetensors + model.json (config, extra metadata such as the tokenizer fingerprint)."""
     tensors, aliases = _dedupe(model.state_dict())
-    return save_tensors_json(Path(directory), "model", tensors,
-                             {"config": model.config_dict(), "aliases": aliases, **(extra or {})})
+    save_state(directory, "model", tensors, {"config": model.config_dict(), "aliases": aliases, **(extra or {})})
+    return Path(directory) / "model.json"
 
 
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict]:
-    tensors, meta = load_tensors_json(Path(directory), "model")
+    tensors, meta = _load_checked(Path(directory), "model")
     model = build_model(meta["config"])
     _load_model_state(model, tensors, meta["aliases"])
     return model, meta
@@ -120,9 +104,10 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
     tensors["rng.data"] = generator.get_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    path = save_tensors_json(directory, checkpoint_name(step), tensors,
-                             {**meta, "step": step, "aliases": aliases, "config": model.config_dict(),
-                              "param_groups": opt["param_groups"]})
+    save_state(directory, checkpoint_name(step), tensors,
+               {**meta, "step": step, "aliases": aliases, "config": model.config_dict(),
+                "param_groups": opt["param_groups"]})
+    path = directory / f"{checkpoint_name(step)}.json"
     for old in sorted(directory.glob("step-*.json"))[:-keep]:
         old.unlink()
         old.with_suffix(".safetensors").unlink(missing_ok=True)
@@ -138,7 +123,7 @@ def latest_checkpoint(directory: str | Path) -> int | None:
 def load_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator) -> dict:
     """Restore model, optimizer and RNG states in place; return the checkpoint's metadata."""
-    tensors, meta = load_tensors_json(Path(directory), checkpoint_name(step))
+    tensors, meta = _load_checked(Path(directory), checkpoint_name(step))
     if meta["config"] != model.config_dict():
         raise CheckpointError(f"checkpoint {directory}/{checkpoint_name(step)} is of another model config; "
                               "use a fresh checkpoint directory for a new config")
@@ -165,7 +150,7 @@ def load_any(directory: str | Path) -> tuple[torch.nn.Module, dict]:
     if step is None:
         raise CheckpointError(f"{directory} holds neither model.safetensors + model.json nor a training "
                               "checkpoint step-*.safetensors + step-*.json")
-    tensors, meta = load_tensors_json(directory, checkpoint_name(step))
+    tensors, meta = _load_checked(directory, checkpoint_name(step))
     model = build_model(meta["config"])
     _load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, meta["aliases"])
     return model, meta

@@ -27,7 +27,7 @@ def add_pipeline_arg(parser: argparse.ArgumentParser) -> None:
 
 def cluster_command(args: argparse.Namespace) -> int:
     """Run the cluster stage; print the pipeline's run id as the last line."""
-    from pipeline.stages import run_cluster
+    from pipeline.stages.cluster import run_cluster
 
     cfg = load_config(args.config, args.overrides)
     pipeline_id = run_cluster(cfg, args.pipeline)
@@ -37,7 +37,7 @@ def cluster_command(args: argparse.Namespace) -> int:
 
 def experts_command(args: argparse.Namespace) -> int:
     """Train, resume or report every expert of a pipeline; print the pipeline's run id."""
-    from pipeline.expert_stage import run_experts
+    from pipeline.stages.experts import run_experts
 
     cfg = load_config(args.config, args.overrides)
     if not args.pipeline:
@@ -51,7 +51,7 @@ def experts_command(args: argparse.Namespace) -> int:
 
 def compose_command(args: argparse.Namespace) -> int:
     """Compose the pipeline's (or the named) central model and experts; print the pipeline id."""
-    from pipeline.compose_stage import run_add, run_compose
+    from pipeline.stages.compose import run_add, run_compose
 
     cfg = load_config(args.config, args.overrides)
     if args.add or args.to:
@@ -79,7 +79,7 @@ def add_compose_args(parser: argparse.ArgumentParser) -> None:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """Score every system of a pipeline on held-out text; print the results table and the pipeline id."""
-    from pipeline.evaluate_stage import run_evaluate
+    from pipeline.stages.evaluate import run_evaluate
 
     cfg = load_config(args.config, args.overrides)
     if not args.pipeline:
@@ -97,7 +97,7 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Every stage in order under one parent run; with --resume, stages already complete are skipped."""
-    from pipeline.pipeline import run_pipeline
+    from pipeline.stages.sequence import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
     pipeline_id = run_pipeline(cfg, args.resume or args.pipeline)
@@ -134,10 +134,10 @@ def generate_command(args: argparse.Namespace) -> int:
     from pipeline.tokenizer import ByteTokenizer
 
     if args.model.startswith("models:/"):
-        from pipeline.library import load_registered
+        from pipeline.catalog import Catalog
 
         with tempfile.TemporaryDirectory() as tmp:  # the weights are in memory once loaded
-            model, meta = load_registered(load_config(args.config, args.overrides), args.model, tmp)
+            model, meta = Catalog(load_config(args.config, args.overrides)).load_registered(args.model, tmp)
     else:
         model, meta = load_any(args.model)
     tok = ByteTokenizer()
@@ -159,20 +159,20 @@ def library_command(args: argparse.Namespace) -> int:
     """The registry as an expert library: list, show, alias."""
     import json
 
+    from pipeline.catalog import Catalog
     from pipeline.library import format_table, list_models, parse_filters, set_alias, show_model
-    from pipeline.tracking import Tracker
 
-    tracker = Tracker(load_config(args.config, args.overrides))
+    catalog = Catalog(load_config(args.config, args.overrides))
     if args.action == "list":
-        rows = list_models(tracker, parse_filters(args.filter), args.model)
+        rows = list_models(catalog, parse_filters(args.filter), args.model)
         if args.uris:
             print("\n".join(r["uri"] for r in rows))
         else:
             print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     elif args.action == "show":
-        print(json.dumps(show_model(tracker, args.uri), indent=1))
+        print(json.dumps(show_model(catalog, args.uri), indent=1))
     else:
-        print(set_alias(tracker, args.uri, args.name))
+        print(set_alias(catalog, args.uri, args.name))
     return 0
 
 
@@ -234,12 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse, run, and turn the errors a user can fix into one clear line and exit code 2."""
-    from experts.checkpoint import CheckpointError
-    from pipeline.artifacts import ChecksumError
+    from artifacts import ArtifactError
+    from composition.loader import CompositionError
     from pipeline.corpus import CorpusError
     from pipeline.embedded import EmbeddedCorpusError
+    from pipeline.errors import StageError
     from pipeline.ray_runtime import ResourceError
-    from pipeline.stages import StageError
     from pipeline.tracking import PipelineNotFoundError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -249,7 +249,7 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
     try:
         return args.func(args)
     except (ConfigError, CorpusError, EmbeddedCorpusError, StageError, ResourceError, PipelineNotFoundError,
-            ChecksumError, CheckpointError) as e:
+            ArtifactError, CompositionError) as e:  # ArtifactError: checksums, checkpoints
         print(f"moie: error: {e}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.chunking import chunk_text
 from pipeline.config import CorpusConfig
+from pipeline.embedded import embedded_corpus_file
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,6 @@ class Document:
 def load_corpus(cfg: CorpusConfig) -> list[Document]:
     """Load, chunk, de-duplicate and split the configured corpus."""
     if cfg.source == "embedded":
-        from pipeline.embedded import embedded_corpus_file
-
         rows = _rows_from_table_files([embedded_corpus_file(cfg.domain_bytes, cfg.max_chunk_bytes)], cfg)
     elif cfg.source == "files":
         rows = _rows_from_files(cfg)
@@ -69,48 +69,6 @@ def split_of(work: str, val_fraction: float, test_fraction: float) -> str:
     if u < test_fraction + val_fraction:
         return "validation"
     return "train"
-
-
-def chunk_text(text: str, max_bytes: int) -> list[str]:
-    """Split text into pieces of at most max_bytes UTF-8 bytes, at paragraph boundaries
-    where possible, then at line boundaries, then anywhere (on a character boundary)."""
-    if len(text.encode("utf-8")) <= max_bytes:
-        return [text]
-    pieces: list[str] = []
-    for unit in _units(text, max_bytes):
-        if pieces and len((pieces[-1] + unit).encode("utf-8")) <= max_bytes:
-            pieces[-1] += unit
-        else:
-            pieces.append(unit)
-    return pieces
-
-
-def _units(text: str, max_bytes: int) -> list[str]:
-    """Paragraphs (with their trailing blank lines); oversized ones cut into lines, then bytes."""
-    out: list[str] = []
-    for para in _split_keep(text, "\n\n"):
-        if len(para.encode("utf-8")) <= max_bytes:
-            out.append(para)
-            continue
-        for line in _split_keep(para, "\n"):
-            data = line.encode("utf-8")
-            while len(data) > max_bytes:
-                cut = max_bytes
-                while cut > 0 and (data[cut] & 0xC0) == 0x80:  # don't split a UTF-8 sequence
-                    cut -= 1
-                if cut == 0:  # one character longer than max_bytes: keep it whole
-                    cut = 1
-                    while cut < len(data) and (data[cut] & 0xC0) == 0x80:
-                        cut += 1
-                out.append(data[:cut].decode("utf-8"))
-                data = data[cut:]
-            out.append(data.decode("utf-8"))
-    return out
-
-
-def _split_keep(text: str, sep: str) -> list[str]:
-    parts = text.split(sep)
-    return [p + sep for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
 def _chunk_and_dedupe(rows: list[dict], max_bytes: int) -> list[Document]:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from platformdirs import user_cache_dir
 
-from pipeline.artifacts import atomic_path
+from artifacts import atomic_path
+from pipeline.chunking import chunk_text
 
 BUILD_VERSION = 1  # bump when the assembly below changes
 
@@ -67,8 +68,6 @@ def embedded_corpus_file(domain_bytes: int, max_chunk_bytes: int) -> Path:
     path = cache_dir() / "corpus" / f"embedded-v{BUILD_VERSION}-{py}-{domain_bytes}-{max_chunk_bytes}.jsonl"
     if path.is_file():
         return path
-    from pipeline.corpus import chunk_text
-
     works = _collect_works()
     rows = []
     for domain in DOMAINS:

@@ -41,3 +41,12 @@ def check_resources(num_cpus: float, num_gpus: float = 0, what: str = "task") ->
         raise ResourceError(f"the {what} asks for num_cpus={num_cpus}, num_gpus={num_gpus} but the largest Ray node "
                             f"has {biggest[0]:g} CPUs and {biggest[1]:g} GPUs; lower the request in the config "
                             "or add a node that has them")
+
+
+def use_granted_cpus(num_cpus: float, seed: int | None = None) -> None:
+    """Inside a task: torch runs on exactly the CPUs Ray granted (and from `seed`, when given)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    if seed is not None:
+        torch.manual_seed(seed)

@@ -13,11 +13,10 @@ import argparse
 import dataclasses
 import inspect
 import re
-import tempfile
 from pathlib import Path
 
+from artifacts import atomic_path
 from pipeline import config as config_module
-from pipeline.artifacts import atomic_path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FIELD = re.compile(r"^\s+(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$")
@@ -64,16 +63,15 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 
 def results_block(cfg, pipeline_id: str) -> str:
-    from pipeline.tracking import Tracker
+    from pipeline.catalog import Catalog
 
-    tracker = Tracker(cfg)
-    runs = tracker.stage_runs(pipeline_id, "evaluate")
+    catalog = Catalog(cfg)
+    runs = catalog.tracker.stage_runs(pipeline_id, "evaluate")
     if not runs:
         raise SystemExit(f"pipeline {pipeline_id} has no finished evaluate run")
     run = runs[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        table = tracker.download_artifacts(run.info.run_id, "results.md", Path(tmp)).read_text().strip()
-    params = tracker.client.get_run(pipeline_id).data.params
+    table = catalog.results_table(run.info.run_id).strip()
+    params = catalog.client.get_run(pipeline_id).data.params
     return (f"From `moie run` (config `{params.get('name', '?')}`, pipeline `{pipeline_id}`, evaluate run "
             f"`{run.info.run_id}`; {run.data.params.get('documents')} held-out documents, "
             f"{run.data.params.get('bytes')} bytes):\n\n{table}")

@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.artifacts import sha256_file, write_json
+from artifacts import sha256_file, write_json
 from pipeline.config import Config, flatten, to_dict
 
 PIPELINE_TAG = "moie.pipeline"

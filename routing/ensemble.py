@@ -67,3 +67,14 @@ def keep_top_k(weights: np.ndarray, k: int) -> np.ndarray:
     kept = weights.copy()
     np.put_along_axis(kept, drop, 0.0, axis=1)
     return kept / np.maximum(kept.sum(axis=1, keepdims=True), 1e-30)
+
+
+def prefix_router(router: ClusterRouter, clusters: list[int]):
+    """A callable idx (B, T) -> (B, T, E) top-1 weights over the experts of `clusters`, each row
+    routed by the text of its window up to that position (a composition's router routing)."""
+
+    def route(idx: torch.Tensor) -> torch.Tensor:
+        rows = [window_weights(router, row, clusters, 1) for row in idx.cpu().numpy()]
+        return torch.from_numpy(np.stack(rows)).to(idx.device)  # (B, T, E)
+
+    return route

@@ -9,9 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import textgen
-from pipeline.artifacts import load_state, sha256_file
+from artifacts import load_state, sha256_file
 from pipeline.config import load_config
-from pipeline.stages import StageError, run_cluster
+from pipeline.errors import StageError
+from pipeline.stages.cluster import run_cluster
 from pipeline.tracking import PipelineNotFoundError, Tracker, tracking_uri
 from routing.router import ClusterRouter
 

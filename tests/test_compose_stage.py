@@ -7,10 +7,12 @@ import pytest
 
 import textgen
 from stores import module_home
-from pipeline.compose_stage import COMPOSITION_MODEL, run_compose
+from pipeline.catalog import COMPOSITION_MODEL
 from pipeline.config import load_config
-from pipeline.expert_stage import run_experts
-from pipeline.stages import StageError, run_cluster
+from pipeline.errors import StageError
+from pipeline.stages.cluster import run_cluster
+from pipeline.stages.compose import run_compose
+from pipeline.stages.experts import run_experts
 from pipeline.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,8 +77,8 @@ def test_experts_with_different_tokenizers_are_refused(trained_pipeline):
 
 
 def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_every_stage(trained_pipeline, capsys):
-    from pipeline.evaluate_stage import COMPOSED
-    from pipeline.pipeline import run_pipeline
+    from pipeline.stages.evaluate import COMPOSED
+    from pipeline.stages.sequence import run_pipeline
 
     cfg, pipeline_id = trained_pipeline
     assert run_pipeline(cfg, pipeline_id) == pipeline_id
@@ -119,7 +121,7 @@ def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_ev
 
 
 def test_evaluate_scores_other_text_given_as_eval_data(trained_pipeline, tmp_path):
-    from pipeline.evaluate_stage import run_evaluate
+    from pipeline.stages.evaluate import run_evaluate
 
     cfg, pipeline_id = trained_pipeline
     path = tmp_path / "ood.jsonl"

@@ -8,7 +8,8 @@ import pytest
 
 import textgen
 from pipeline.config import CorpusConfig
-from pipeline.corpus import CorpusError, chunk_text, load_corpus, split_of
+from pipeline.chunking import chunk_text
+from pipeline.corpus import CorpusError, load_corpus, split_of
 
 
 def files_cfg(paths, **kw) -> CorpusConfig:

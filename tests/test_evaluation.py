@@ -9,7 +9,8 @@ from composition.evaluation import bits_per_byte, mixture, score_documents, wind
 from composition.model import ComposedLM
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
-from pipeline.evaluate_stage import domain_experts, headline, markdown_table
+from pipeline.report import markdown_table
+from pipeline.stages.evaluate import domain_experts, headline
 from routing.ensemble import keep_top_k
 
 EOS = 257

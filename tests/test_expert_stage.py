@@ -10,9 +10,11 @@ import pytest
 
 import textgen
 from pipeline.config import load_config
-from pipeline.expert_stage import CENTRAL_MODEL, EXPERT_MODEL, run_experts
+from pipeline.catalog import CENTRAL_MODEL, EXPERT_MODEL
 from pipeline.ray_runtime import ResourceError
-from pipeline.stages import StageError, run_cluster
+from pipeline.errors import StageError
+from pipeline.stages.cluster import run_cluster
+from pipeline.stages.experts import run_experts
 from pipeline.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +186,7 @@ def test_an_expert_branched_from_a_seed_starts_from_the_seeds_weights(tmp_path):
     import torch
 
     from experts.checkpoint import build_model, load_model, save_model
-    from pipeline.expert_stage import train_expert
+    from pipeline.stages.experts import ExpertTask, train_expert
     from pipeline.tokenizer import ByteTokenizer
 
     arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
@@ -201,8 +203,8 @@ def test_an_expert_branched_from_a_seed_starts_from_the_seeds_weights(tmp_path):
             "train_config": {"max_tokens": 64, "batch_size": 2, "lr": 0.0, "warmup_steps": 1, "weight_decay": 0.0},
             "train": str(tmp_path / "train.npy"), "val": str(tmp_path / "val.npy"), "ckpt_dir": str(tmp_path / "ck"),
             "num_cpus": 1, "tokenizer": ByteTokenizer().fingerprint, "seed": 0, "init_from": str(tmp_path / "seed")}
-    result = train_expert(spec)
-    trained, _ = load_model(result["model_dir"])
+    result = train_expert(ExpertTask(**spec))
+    trained, _ = load_model(result.model_dir)
     seed, _ = load_model(tmp_path / "seed")
     for (name, a), b in zip(trained.state_dict().items(), seed.state_dict().values()):
         assert torch.equal(a, b), name  # lr 0: nothing moved, so it started at the seed

@@ -8,15 +8,15 @@ import torch
 
 import textgen
 from stores import module_home
-from pipeline.artifacts import ChecksumError
+from artifacts import ChecksumError
+from pipeline.catalog import Catalog
 from pipeline.cli import main
-from pipeline.compose_stage import pipeline_models, run_add, run_compose
 from pipeline.config import load_config
-from pipeline.expert_stage import run_experts
-from pipeline.library import (composition_parts, list_models, load_registered, parse_filters, resolve_version,
-                              set_alias, show_model)
-from pipeline.stages import StageError, run_cluster
-from pipeline.tracking import Tracker
+from pipeline.errors import StageError
+from pipeline.library import list_models, parse_filters, set_alias, show_model
+from pipeline.stages.cluster import run_cluster
+from pipeline.stages.compose import run_add, run_compose
+from pipeline.stages.experts import run_experts
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.experiment=library",
@@ -40,73 +40,72 @@ def library(tmp_path_factory, ray_local):
     with module_home(tmp_path_factory, "library-home") as home:
         cfg_a, a = pipeline_on(home, ["cooking", "sailing"], seed=0)
         cfg_b, b = pipeline_on(home, ["finance", "astronomy"], seed=1)
-        yield {"home": home, "cfg": cfg_a, "a": a, "b": b, "tracker": Tracker(cfg_a)}
+        yield {"home": home, "cfg": cfg_a, "a": a, "b": b, "catalog": Catalog(cfg_a)}
 
 
-def artifact_file(tracker, version, relative: str) -> Path:
+def artifact_file(catalog, version, relative: str) -> Path:
     """The local file behind a version's artifact (sqlite backend: a file:// artifact store)."""
-    run = tracker.client.get_run(version.run_id)
+    run = catalog.client.get_run(version.run_id)
     return Path(unquote(urlparse(run.info.artifact_uri).path)) / relative
 
 
 def test_experts_of_two_pipelines_on_different_corpora_compose_together(library):
-    cfg, tracker = library["cfg"], library["tracker"]
-    central, experts_a = pipeline_models(tracker, library["a"])
-    _, experts_b = pipeline_models(tracker, library["b"])
+    cfg, catalog = library["cfg"], library["catalog"]
+    central, experts_a = catalog.pipeline_models(library["a"])
+    _, experts_b = catalog.pipeline_models(library["b"])
     (uri,) = run_compose(cfg, library["a"], central, experts_a + experts_b).values()
-    state, manifest = composition_parts(tracker, resolve_version(tracker, uri), library["home"] / "check")
+    state, manifest = catalog.composition_parts(catalog.resolve(uri), library["home"] / "check")
     assert manifest["experts"] == experts_a + experts_b and manifest["central"] == central
     assert {k.split(".")[1] for k in state if k.startswith("blocks.")} == {"0", "1", "2", "3"}
-    pipelines = {resolve_version(tracker, u).tags["moie.pipeline"] for u in manifest["experts"]}
+    pipelines = {catalog.resolve(u).tags["moie.pipeline"] for u in manifest["experts"]}
     assert pipelines == {library["a"], library["b"]}
 
 
 def test_adding_an_expert_trains_only_its_parameters_and_keeps_the_rest_bit_identical(library):
-    cfg, tracker = library["cfg"], library["tracker"]
+    cfg, catalog = library["cfg"], library["catalog"]
     (base,) = run_compose(cfg, library["a"]).values()
-    _, experts_b = pipeline_models(tracker, library["b"])
+    _, experts_b = catalog.pipeline_models(library["b"])
     added = run_add(cfg, experts_b[0], base)
-    old, old_manifest = composition_parts(tracker, resolve_version(tracker, base), library["home"] / "old")
-    new, new_manifest = composition_parts(tracker, resolve_version(tracker, added), library["home"] / "new")
+    old, old_manifest = catalog.composition_parts(catalog.resolve(base), library["home"] / "old")
+    new, new_manifest = catalog.composition_parts(catalog.resolve(added), library["home"] / "new")
     for key, value in old.items():
         assert (new[key] == value).all() and new[key].dtype == value.dtype, key
     extra = set(new) - set(old)
     n = len(old_manifest["experts"])
     assert extra and all(k.startswith((f"blocks.{n}.", f"gates.{n}.")) for k in extra)
     assert new_manifest["experts"] == old_manifest["experts"] + [experts_b[0]]
-    assert resolve_version(tracker, added).tags["moie.added_to"] == base
-    from pipeline.evaluate_stage import pipeline_compositions
+    assert catalog.resolve(added).tags["moie.added_to"] == base
 
     # the pipeline's own independent composition is still the base, not the one with a foreign expert
-    assert pipeline_compositions(tracker, library["a"])["independent"].version == resolve_version(tracker, base).version
+    assert catalog.pipeline_compositions(library["a"])["independent"].version == catalog.resolve(base).version
     with pytest.raises(StageError, match="already an expert of"):
         run_add(cfg, experts_b[0], added)
 
 
 def test_an_alias_names_a_version_wherever_a_uri_is_and_the_exact_version_is_recorded(library):
-    cfg, tracker = library["cfg"], library["tracker"]
-    central, experts_a = pipeline_models(tracker, library["a"])
-    _, experts_b = pipeline_models(tracker, library["b"])
-    alias_uri = set_alias(tracker, experts_b[1], "@second")
+    cfg, catalog = library["cfg"], library["catalog"]
+    central, experts_a = catalog.pipeline_models(library["a"])
+    _, experts_b = catalog.pipeline_models(library["b"])
+    alias_uri = set_alias(catalog, experts_b[1], "@second")
     assert alias_uri == "models:/moie-expert@second"
-    assert resolve_version(tracker, alias_uri).version == resolve_version(tracker, experts_b[1]).version
+    assert catalog.resolve(alias_uri).version == catalog.resolve(experts_b[1]).version
     (uri,) = run_compose(cfg, library["a"], central, [experts_a[0], alias_uri]).values()
-    _, manifest = composition_parts(tracker, resolve_version(tracker, uri), library["home"] / "alias")
+    _, manifest = catalog.composition_parts(catalog.resolve(uri), library["home"] / "alias")
     assert manifest["experts"] == [experts_a[0], experts_b[1]]  # the version, not the alias
     with pytest.raises(StageError, match="alias @nope of moie-expert does not exist"):
-        resolve_version(tracker, "models:/moie-expert@nope")
+        catalog.resolve("models:/moie-expert@nope")
     with pytest.raises(StageError, match="must start with a letter"):
-        set_alias(tracker, experts_b[1], "7")
+        set_alias(catalog, experts_b[1], "7")
 
 
 def test_library_list_shows_every_model_with_its_lineage_fields_and_filters_by_tag(library, capsys):
-    tracker = library["tracker"]
-    rows = list_models(tracker)
+    catalog = library["catalog"]
+    rows = list_models(catalog)
     experts = [r for r in rows if r["name"] == "moie-expert"]
     assert len(experts) == 4 and all(r["params"] > 0 and r["val_bpb"] and r["tokenizer"] for r in experts)
     assert {r["domain"] for r in experts} == {"cooking", "sailing", "finance", "astronomy"}
     assert {r["role"] for r in rows if r["name"] == "moie-central"} == {"dense+central"}
-    cooking = list_models(tracker, parse_filters(["domain=cooking"]))
+    cooking = list_models(catalog, parse_filters(["domain=cooking"]))
     assert [r["domain"] for r in cooking] == ["cooking"]
     assert main(["library", "list", "--json", "--filter", f"pipeline={library['b']}"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -114,21 +113,21 @@ def test_library_list_shows_every_model_with_its_lineage_fields_and_filters_by_t
 
 
 def test_library_show_gives_corpus_pipeline_metrics_and_the_compositions_using_a_model(library):
-    cfg, tracker = library["cfg"], library["tracker"]
-    central, experts = pipeline_models(tracker, library["a"])
+    cfg, catalog = library["cfg"], library["catalog"]
+    central, experts = catalog.pipeline_models(library["a"])
     (uri,) = run_compose(cfg, library["a"], central, experts[:1]).values()
-    info = show_model(tracker, experts[0])
+    info = show_model(catalog, experts[0])
     assert info["pipeline"]["id"] == library["a"] and info["corpus"]["source"] == "files"
     assert info["cluster_run"] and "final_val_bpb" in info["metrics"]
     assert uri in info["used_by"]
-    assert show_model(tracker, uri)["uses"] == [central, experts[0]]
+    assert show_model(catalog, uri)["uses"] == [central, experts[0]]
 
 
 def test_generate_samples_from_a_registered_composition_and_reports_the_routers_choice(library, capsys):
-    cfg, tracker = library["cfg"], library["tracker"]
+    cfg, catalog = library["cfg"], library["catalog"]
     (uri,) = run_compose(cfg, library["a"]).values()
-    model, meta = load_registered(cfg, uri, library["home"] / "gen")
-    assert [e["uri"] for e in meta["experts"]] == pipeline_models(tracker, library["a"])[1]
+    model, meta = catalog.load_registered(uri, library["home"] / "gen")
+    assert [e["uri"] for e in meta["experts"]] == catalog.pipeline_models(library["a"])[1]
     capsys.readouterr()
     assert main(["generate", "--model", uri, "--prompt", "Flour butter", "--max-new-tokens", "20"]) == 0
     out = capsys.readouterr()
@@ -139,51 +138,51 @@ def test_generate_samples_from_a_registered_composition_and_reports_the_routers_
 
 
 def test_a_tokenizer_mismatch_is_refused(library):
-    cfg, tracker = library["cfg"], library["tracker"]
-    central, experts = pipeline_models(tracker, library["a"])
-    v = resolve_version(tracker, experts[1])
-    tracker.client.set_model_version_tag(v.name, v.version, "moie.tokenizer", "0123456789abcdef")
+    cfg, catalog = library["cfg"], library["catalog"]
+    central, experts = catalog.pipeline_models(library["a"])
+    v = catalog.resolve(experts[1])
+    catalog.client.set_model_version_tag(v.name, v.version, "moie.tokenizer", "0123456789abcdef")
     try:
         with pytest.raises(StageError, match="must share one tokenizer"):
             run_compose(cfg, library["a"], central, experts)
     finally:
-        tracker.client.set_model_version_tag(v.name, v.version, "moie.tokenizer",
-                                             resolve_version(tracker, experts[0]).tags["moie.tokenizer"])
+        catalog.client.set_model_version_tag(v.name, v.version, "moie.tokenizer",
+                                             catalog.resolve(experts[0]).tags["moie.tokenizer"])
 
 
 def test_a_model_version_that_no_longer_exists_is_a_clear_error(library):
-    cfg, tracker = library["cfg"], library["tracker"]
-    central, experts = pipeline_models(tracker, library["a"])
+    cfg, catalog = library["cfg"], library["catalog"]
+    central, experts = catalog.pipeline_models(library["a"])
     with pytest.raises(StageError, match="model version models:/moie-expert/999 does not exist"):
         run_compose(cfg, library["a"], central, [experts[0], "models:/moie-expert/999"])
     with pytest.raises(StageError, match="must look like models:/"):
-        resolve_version(tracker, "runs:/abc/model")
+        catalog.resolve("runs:/abc/model")
 
 
 def test_an_artifact_whose_checksum_does_not_match_is_refused(library):
-    cfg, tracker = library["cfg"], library["tracker"]
-    _, experts = pipeline_models(tracker, library["a"])
-    path = artifact_file(tracker, resolve_version(tracker, experts[0]), "model/model.safetensors")
+    catalog = library["catalog"]
+    _, experts = catalog.pipeline_models(library["a"])
+    path = artifact_file(catalog, catalog.resolve(experts[0]), "model/model.safetensors")
     original = path.read_bytes()
     try:
         path.write_bytes(original[:-4] + bytes(4))  # same size, last bytes changed
         with pytest.raises(ChecksumError, match="refusing to load it"):
-            load_registered(cfg, experts[0], library["home"] / "tampered")
+            catalog.load_registered(experts[0], library["home"] / "tampered")
     finally:
         path.write_bytes(original)
-    model, _ = load_registered(cfg, experts[0], library["home"] / "restored")
+    model, _ = catalog.load_registered(experts[0], library["home"] / "restored")
     assert isinstance(model, torch.nn.Module)
 
 
 def test_a_composition_manifest_from_a_newer_format_is_refused(library):
-    cfg, tracker = library["cfg"], library["tracker"]
+    cfg, catalog = library["cfg"], library["catalog"]
     (uri,) = run_compose(cfg, library["a"]).values()
-    path = artifact_file(tracker, resolve_version(tracker, uri), "composition/composition_manifest.json")
+    path = artifact_file(catalog, catalog.resolve(uri), "composition/composition_manifest.json")
     original = path.read_text()
     try:
         path.write_text(json.dumps({**json.loads(original), "format": 99}))
         with pytest.raises(StageError, match="format 99, newer than this moie reads"):
-            load_registered(cfg, uri, library["home"] / "newer")
+            catalog.load_registered(uri, library["home"] / "newer")
     finally:
         path.write_text(original)
 
@@ -191,22 +190,22 @@ def test_a_composition_manifest_from_a_newer_format_is_refused(library):
 def test_an_expert_cannot_be_added_to_a_joint_composition(library):
     from dataclasses import replace
 
-    cfg, tracker = library["cfg"], library["tracker"]
+    cfg, catalog = library["cfg"], library["catalog"]
     joint_cfg = replace(cfg, compose=replace(cfg.compose, modes=["joint"],
                                              joint_train={"max_tokens": 2000, "batch_size": 8}))
     (joint,) = run_compose(joint_cfg, library["a"]).values()
-    _, experts_b = pipeline_models(tracker, library["b"])
+    _, experts_b = catalog.pipeline_models(library["b"])
     with pytest.raises(StageError, match="is a joint composition"):
         run_add(cfg, experts_b[0], joint)
 
 
 def test_a_version_without_a_recorded_checksum_is_refused(library):
-    cfg, tracker = library["cfg"], library["tracker"]
-    _, experts = pipeline_models(tracker, library["a"])
-    v = resolve_version(tracker, experts[0])
-    tracker.client.delete_model_version_tag(v.name, v.version, "moie.sha256")
+    catalog = library["catalog"]
+    _, experts = catalog.pipeline_models(library["a"])
+    v = catalog.resolve(experts[0])
+    catalog.client.delete_model_version_tag(v.name, v.version, "moie.sha256")
     try:
         with pytest.raises(ChecksumError, match="has no moie.sha256 tag"):
-            load_registered(cfg, experts[0], library["home"] / "untagged")
+            catalog.load_registered(experts[0], library["home"] / "untagged")
     finally:
-        tracker.client.set_model_version_tag(v.name, v.version, "moie.sha256", v.tags["moie.sha256"])
+        catalog.client.set_model_version_tag(v.name, v.version, "moie.sha256", v.tags["moie.sha256"])

@@ -1,36 +1,50 @@
-"""The stage sequence. Each stage finds its inputs in MLflow and writes its outputs there.
-
-cluster: load the corpus, fit the cBTM router on the training split (a Ray task with the
-configured CPUs), assign every document to its nearest centroid, log router, assignments
-and the domain x cluster report to the stage's child run.
+"""The cluster stage: load the corpus, fit the cBTM router on (a sample of) the training
+split in a Ray task with the configured CPUs, assign every document to its nearest
+centroid, and log router, assignments and the domain x cluster report to the stage's
+child run (where the catalog finds them).
 """
 from __future__ import annotations
 
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
 
-from pipeline.artifacts import save_state, write_json
+from artifacts import save_state, write_json
+from pipeline.catalog import ASSIGNMENTS, CLUSTER_REPORT, ROUTER_NAME
 from pipeline.config import Config, from_dict, to_dict, validate
 from pipeline.corpus import load_corpus
+from pipeline.errors import StageError
 from pipeline.ray_runtime import check_resources, connect_ray
+from pipeline.report import plot_domain_cluster_table
 from pipeline.tracking import Tracker
 from routing.metrics import clustering_scores, contingency, dominant_domains
 from routing.router import ClusterRouter
 
 log = logging.getLogger(__name__)
 
-ROUTER_NAME = "router"
+
+@dataclass
+class Clustering:
+    """What the clustering task returns: the router's state and every document's cluster."""
+
+    router: tuple[dict[str, np.ndarray], dict]  # (tensors, meta) of ClusterRouter.to_state()
+    clusters: np.ndarray  # (n_documents,) cluster of each document
+    doc_id: list[str]
+    work: list[str | None]
+    source: list[str | None]  # domain labels, when the corpus has them
+    split: list[str]
+    n_bytes: list[int]
+    timing: dict[str, float]
 
 
-class StageError(ValueError):
-    """A stage that cannot run on the inputs it was given."""
-
-
-def fit_clusters(cfg: Config) -> dict:
+def fit_clusters(cfg: Config) -> Clustering:
     """Load the corpus, fit the router on (a sample of) the training split, assign every document."""
     t0 = time.perf_counter()
     docs = load_corpus(cfg.corpus)
@@ -49,17 +63,15 @@ def fit_clusters(cfg: Config) -> dict:
     t2 = time.perf_counter()
     clusters = router.assign([d.text for d in docs])
     t3 = time.perf_counter()
-    return {
-        "router": router.to_state(),
-        "clusters": clusters,
-        "doc_id": [d.doc_id for d in docs], "work": [d.work for d in docs], "source": [d.source for d in docs],
-        "split": [d.split for d in docs], "n_bytes": [len(d.text.encode("utf-8")) for d in docs],
-        "timing": {"load_s": t1 - t0, "fit_s": t2 - t1, "assign_s": t3 - t2, "fit_documents": int(len(sample))},
-    }
+    return Clustering(router=router.to_state(), clusters=clusters, doc_id=[d.doc_id for d in docs],
+                      work=[d.work for d in docs], source=[d.source for d in docs], split=[d.split for d in docs],
+                      n_bytes=[len(d.text.encode("utf-8")) for d in docs],
+                      timing={"load_s": t1 - t0, "fit_s": t2 - t1, "assign_s": t3 - t2,
+                              "fit_documents": int(len(sample))})
 
 
-def _fit_clusters_task(cfg_dict: dict) -> dict:
-    """Ray task body: plain data in, plain data out."""
+def _fit_clusters_task(cfg_dict: dict) -> Clustering:
+    """Ray task body: the config as plain data in, the clustering out."""
     cfg = from_dict(Config, cfg_dict)
     validate(cfg)
     return fit_clusters(cfg)
@@ -78,9 +90,7 @@ def run_cluster(cfg: Config, pipeline_id: str | None = None) -> str:
     return pipeline_id
 
 
-def _run_on_ray(cfg: Config) -> dict:
-    import ray
-
+def _run_on_ray(cfg: Config) -> Clustering:
     connect_ray(cfg.ray)
     check_resources(cfg.cluster.num_cpus, what="clustering task (cluster.num_cpus)")
     task = ray.remote(_fit_clusters_task).options(num_cpus=cfg.cluster.num_cpus, max_retries=1)
@@ -93,60 +103,37 @@ def _run_on_ray(cfg: Config) -> dict:
         raise
 
 
-def _log_cluster_run(tracker: Tracker, run_id: str, cfg: Config, result: dict) -> dict:
+def _log_cluster_run(tracker: Tracker, run_id: str, cfg: Config, result: Clustering) -> dict:
     k = cfg.cluster.k
-    clusters = result["clusters"]
+    clusters = result.clusters
     sizes = np.bincount(clusters, minlength=k)
     metrics = {"n_documents": len(clusters), "max_cluster_ratio": float(sizes.max() / sizes.mean()),
                **{f"cluster_size_{j}": int(s) for j, s in enumerate(sizes)},
-               **{f"time_{name}": v for name, v in result["timing"].items()}}
-    labels = result["source"]
+               **{f"time_{name}": v for name, v in result.timing.items()}}
+    labels = result.source
     has_labels = all(s is not None for s in labels)
     if has_labels:
         metrics |= clustering_scores(labels, clusters, k)
     tracker.log_metrics(run_id, metrics)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tensors, meta = result["router"]
+        tensors, meta = result.router
         save_state(tmp, ROUTER_NAME, tensors, meta)
-        _write_assignments(tmp / "assignments.parquet", result)
+        _write_assignments(tmp / ASSIGNMENTS, result)
         report = {"k": k, "sizes": sizes.tolist(), "metrics": metrics}
         if has_labels:
             domains, table = contingency(labels, clusters, k)
             report |= {"domains": domains, "table": table.tolist(),
                        "dominant": [{"domain": d, "share": s} for d, s in dominant_domains(labels, clusters, k)]}
-            _plot_table(domains, table, tmp / "domain_cluster_table.png")
-        write_json(tmp / "cluster_report.json", report)
+            plot_domain_cluster_table(domains, table, tmp / "domain_cluster_table.png")
+        write_json(tmp / CLUSTER_REPORT, report)
         manifest = tracker.log_artifact_dir(run_id, tmp)
     tracker.set_tags(run_id, {f"moie.sha256.{name}": sha for name, sha in manifest.items()})
     return {key: metrics[key] for key in ("purity", "nmi", "ari", "max_cluster_ratio") if key in metrics}
 
 
-def _write_assignments(path: Path, result: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"doc_id": result["doc_id"], "work": result["work"], "source": result["source"],
-                      "split": result["split"], "n_bytes": result["n_bytes"],
-                      "cluster": np.asarray(result["clusters"], dtype=np.int32)})
+def _write_assignments(path: Path, result: Clustering) -> None:
+    table = pa.table({"doc_id": result.doc_id, "work": result.work, "source": result.source,
+                      "split": result.split, "n_bytes": result.n_bytes,
+                      "cluster": np.asarray(result.clusters, dtype=np.int32)})
     pq.write_table(table, path)
-
-
-def _plot_table(domains: list[str], table: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * table.shape[1], 1 + 0.5 * len(domains)))
-    share = table / np.maximum(table.sum(axis=0, keepdims=True), 1)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    for (i, j), n in np.ndenumerate(table):
-        ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(table.shape[1]), [f"c{j}" for j in range(table.shape[1])])
-    ax.set_yticks(range(len(domains)), domains)
-    ax.set_xlabel("cluster")
-    ax.set_title("documents per domain x cluster")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,6 +1,10 @@
-"""Artifact I/O: safetensors + JSON, written atomically, each with a sha256.
+"""Tensors on disk: `<name>.safetensors` + `<name>.json`, written atomically, checked by sha256.
 
-Nothing is pickled: tensors go to safetensors, everything else to JSON.
+The one writer and reader of every weight file moie makes — training checkpoints, exported
+models, the cBTM router, composition parameters. Nothing is pickled: tensors go to
+safetensors, everything else to JSON; the JSON is written last and records the sha256 of
+the tensors, so a reader can tell a complete, untouched pair from anything else.
+Tensors may be numpy arrays or torch tensors (read back as the framework asked for).
 """
 from __future__ import annotations
 
@@ -10,13 +14,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 
-class ChecksumError(ValueError):
+class ArtifactError(ValueError):
+    """A tensors + JSON pair that is missing or incomplete."""
+
+
+class ChecksumError(ArtifactError):
     """An artifact whose bytes do not match the sha256 recorded for it."""
 
 
@@ -50,20 +57,35 @@ def write_json(path: str | Path, data) -> str:
     return sha256_file(path)
 
 
-def write_tensors(path: str | Path, tensors: dict[str, np.ndarray]) -> str:
-    """Write numpy arrays as safetensors atomically; return the file's sha256."""
+def write_tensors(path: str | Path, tensors: dict[str, Any]) -> str:
+    """Write numpy arrays or torch tensors (not a mix) as safetensors atomically; return the sha256."""
     with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        if tensors and not isinstance(next(iter(tensors.values())), np.ndarray):
+            from safetensors.torch import save_file as save_torch
+
+            save_torch({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        else:
+            from safetensors.numpy import save_file as save_numpy
+
+            save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
     return sha256_file(path)
 
 
-def read_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, np.ndarray]:
+def read_tensors(path: str | Path, expected_sha256: str | None = None,
+                 framework: Literal["np", "pt"] = "np") -> dict[str, Any]:
     """Read a safetensors file, refusing it if its sha256 differs from the one recorded."""
     verify_sha256(path, expected_sha256)
-    return load_file(str(path))
+    if framework == "pt":
+        from safetensors.torch import load_file as load_torch
+
+        return load_torch(str(path))
+    from safetensors.numpy import load_file as load_numpy
+
+    return load_numpy(str(path))
 
 
 def verify_sha256(path: str | Path, expected: str | None) -> None:
+    """ChecksumError unless the file's sha256 is `expected` (nothing to check when None)."""
     if expected is None:
         return
     actual = sha256_file(path)
@@ -73,8 +95,8 @@ def verify_sha256(path: str | Path, expected: str | None) -> None:
                             "or fetch it again from the MLflow run")
 
 
-def save_state(directory: str | Path, name: str, tensors: dict[str, np.ndarray], meta: dict) -> dict[str, str]:
-    """Write `<name>.safetensors` and `<name>.json` (meta + the tensors' sha256) into directory.
+def save_state(directory: str | Path, name: str, tensors: dict[str, Any], meta: dict) -> dict[str, str]:
+    """Write `<name>.safetensors`, then `<name>.json` (meta + the tensors' sha256), into directory.
 
     Returns {filename: sha256} of both files, for the run's manifest."""
     directory = Path(directory)
@@ -83,14 +105,15 @@ def save_state(directory: str | Path, name: str, tensors: dict[str, np.ndarray],
     return {f"{name}.safetensors": tensors_sha, f"{name}.json": json_sha}
 
 
-def load_state(directory: str | Path, name: str, expected_sha256: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+def load_state(directory: str | Path, name: str, expected_sha256: str | None = None,
+               framework: Literal["np", "pt"] = "np") -> tuple[dict[str, Any], dict]:
     """Read what save_state wrote, verifying the tensors against the sha256 in the JSON
     (and against `expected_sha256`, e.g. from the MLflow manifest, when given)."""
     directory = Path(directory)
     meta_path, tensors_path = directory / f"{name}.json", directory / f"{name}.safetensors"
-    for p in (meta_path, tensors_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} does not exist; expected {name}.json and {name}.safetensors in {directory}")
+    if not meta_path.is_file() or not tensors_path.is_file():
+        raise ArtifactError(f"{directory} has no complete {name}.safetensors + {name}.json "
+                            f"(found: {', '.join(p.name for p in (meta_path, tensors_path) if p.is_file()) or 'neither'})")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     verify_sha256(tensors_path, meta.get("tensors_sha256"))
-    return read_tensors(tensors_path, expected_sha256), meta
+    return read_tensors(tensors_path, expected_sha256, framework), meta

@@ -1,4 +1,4 @@
-"""All stages in order under one parent run: cluster -> experts -> compose -> evaluate.
+"""`moie run`: every stage in order under one parent run: cluster -> experts -> compose -> evaluate.
 
 A resumed pipeline skips what it has completed: a finished cluster run, registered experts
 (the experts stage itself skips them and resumes the others from their checkpoints),
@@ -6,21 +6,20 @@ compositions registered for a mode, a finished evaluation (its table is printed 
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
+from pipeline.catalog import Catalog
 from pipeline.config import Config
-from pipeline.tracking import Tracker
+from pipeline.stages.cluster import run_cluster
+from pipeline.stages.compose import run_compose
+from pipeline.stages.evaluate import run_evaluate
+from pipeline.stages.experts import run_experts
 
 
 def run_pipeline(cfg: Config, resume: str | None = None) -> str:
-    from pipeline.compose_stage import run_compose
-    from pipeline.evaluate_stage import pipeline_compositions, run_evaluate
-    from pipeline.expert_stage import run_experts
-    from pipeline.stages import run_cluster
-
-    tracker = Tracker(cfg)
+    """Run (or resume) the whole pipeline; return its parent run id."""
+    catalog = Catalog(cfg)
+    tracker = catalog.tracker
     if resume and tracker.stage_runs(resume, "cluster"):
         tracker.pipeline_run(resume)
         print(f"cluster: done before, skipped (pipeline {resume})", flush=True)
@@ -29,7 +28,7 @@ def run_pipeline(cfg: Config, resume: str | None = None) -> str:
         pipeline_id = run_cluster(cfg, resume)
     print(f"pipeline {pipeline_id}", flush=True)
     run_experts(cfg, pipeline_id)
-    done = pipeline_compositions(tracker, pipeline_id)
+    done = catalog.pipeline_compositions(pipeline_id)
     modes = [m for m in cfg.compose.modes if m not in done]
     for mode in cfg.compose.modes:
         if mode in done:
@@ -38,9 +37,8 @@ def run_pipeline(cfg: Config, resume: str | None = None) -> str:
         run_compose(replace(cfg, compose=replace(cfg.compose, modes=modes)), pipeline_id)
     evaluated = tracker.stage_runs(pipeline_id, "evaluate")
     if evaluated and not modes:
-        with tempfile.TemporaryDirectory() as tmp:
-            table = tracker.download_artifacts(evaluated[0].info.run_id, "results.md", Path(tmp))
-            print(f"evaluate: done before (run {evaluated[0].info.run_id})\n{table.read_text()}", flush=True)
+        table = catalog.results_table(evaluated[0].info.run_id)
+        print(f"evaluate: done before (run {evaluated[0].info.run_id})\n{table}", flush=True)
     else:
         run_evaluate(cfg, pipeline_id)
     return pipeline_id

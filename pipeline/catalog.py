@@ -1,0 +1,294 @@
+"""Where every stage's outputs live, and the one place that knows it.
+
+Stages never import each other: each reads what an earlier stage wrote, and writes its
+own outputs, through this catalog (Kedro's data catalog is the model):
+
+| output | written by | where |
+|---|---|---|
+| router, assignments, cluster report | cluster | artifacts of the pipeline's cluster run |
+| token files, checkpoints, the seed | experts | `checkpoint_root(pipeline, cluster run)` (local or shared disk) |
+| experts, central / dense model | experts | registry: `moie-expert`, `moie-central` (+ the run's `model/`) |
+| compositions | compose | registry: `moie-composition` (+ the run's `composition/`) |
+| results | evaluate | artifacts of the pipeline's evaluate run |
+
+Every registry query is built here (values quoted), every download is checked against
+the sha256 recorded when it was written, and a manifest written by a newer moie is refused.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+
+from artifacts import ChecksumError, load_state, verify_sha256
+from pipeline.config import Config
+from pipeline.errors import StageError
+from pipeline.tracking import Tracker, workdir
+
+# registered models: the expert library
+EXPERT_MODEL = "moie-expert"
+CENTRAL_MODEL = "moie-central"
+COMPOSITION_MODEL = "moie-composition"
+LIBRARY = (EXPERT_MODEL, CENTRAL_MODEL, COMPOSITION_MODEL)
+MANIFEST_FORMAT = 1  # composition manifests this moie writes and reads
+URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))$")
+
+# the cluster run's artifacts
+ROUTER_NAME = "router"  # router.safetensors + router.json
+ASSIGNMENTS = "assignments.parquet"
+CLUSTER_REPORT = "cluster_report.json"
+RESULTS_TABLE = "results.md"  # the evaluate run's table
+
+# the experts stage's models (tag moie.expert): expert-<cluster>, the dense baseline, an optional central
+DENSE = "dense"
+CENTRAL = "central"
+
+
+def expert_name(cluster: int) -> str:
+    return f"expert-{cluster}"
+
+
+def quote(value: object) -> str:
+    """A value as a quoted MLflow filter literal (a quote inside cannot end the string)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """'models:/name/3' -> (name, '3', None); 'models:/name@code' -> (name, None, 'code')."""
+    m = URI.match(uri.strip())
+    if not m:
+        raise StageError(f"model URI {uri!r} must look like models:/<registered model>/<version> or "
+                         "models:/<registered model>@<alias>, e.g. models:/moie-expert/3 or models:/moie-expert@code")
+    return m.group("name"), m.group("version"), m.group("alias")
+
+
+def exact_uri(version) -> str:
+    return f"models:/{version.name}/{version.version}"
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    fmt = manifest.get("format", 1)
+    if not isinstance(fmt, int) or fmt > MANIFEST_FORMAT:
+        raise StageError(f"{where} has a composition manifest of format {fmt!r}, newer than this moie reads "
+                         f"(format {MANIFEST_FORMAT}); upgrade moie to use it")
+
+
+def check_tokenizers(versions: dict[str, object]) -> str:
+    """The one tokenizer fingerprint that every version shares; StageError otherwise."""
+    fingerprints = {uri: v.tags.get("moie.tokenizer") for uri, v in versions.items()}
+    if len(set(fingerprints.values())) != 1 or None in fingerprints.values():
+        raise StageError("the central model and experts must share one tokenizer, got "
+                         + ", ".join(f"{uri}: {fp}" for uri, fp in fingerprints.items()))
+    return next(iter(fingerprints.values()))
+
+
+def uses(version) -> list[str]:
+    """The exact URIs a registered composition is built from: central first, then its experts."""
+    return [version.tags.get("moie.central"), *json.loads(version.tags.get("moie.experts", "[]"))]
+
+
+class Catalog:
+    """A pipeline's outputs in one tracking store: runs, artifacts, registered versions, files."""
+
+    def __init__(self, cfg: Config, tracker: Tracker | None = None):
+        self.cfg = cfg
+        self.tracker = tracker or Tracker(cfg)
+        self.client = self.tracker.client
+
+    # --- cluster ----------------------------------------------------------------------------
+
+    def cluster_run(self, pipeline_id: str):
+        """The pipeline's newest finished cluster run."""
+        runs = self.tracker.stage_runs(pipeline_id, "cluster")
+        if not runs:
+            raise StageError(f"pipeline {pipeline_id} has no finished cluster run; run "
+                             f"`moie cluster --pipeline {pipeline_id} --config ...` first")
+        return runs[0]
+
+    def assignments(self, pipeline_id: str) -> tuple[object, dict, dict]:
+        """(cluster run, its assignments table as columns, its report) of the pipeline's clustering."""
+        import pyarrow.parquet as pq
+
+        run = self.cluster_run(pipeline_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            table = pq.read_table(self.tracker.download_artifacts(run.info.run_id, ASSIGNMENTS, tmp)).to_pydict()
+            report = json.loads(self.tracker.download_artifacts(run.info.run_id, CLUSTER_REPORT, tmp).read_text())
+        return run, table, report
+
+    def router_state(self, cluster_run_id: str, dst: Path) -> tuple[dict, dict]:
+        """(tensors, meta) of a cluster run's cBTM router, checked against the sha256 the run recorded."""
+        expected = self.client.get_run(cluster_run_id).data.tags.get(f"moie.sha256.{ROUTER_NAME}.safetensors")
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in (f"{ROUTER_NAME}.safetensors", f"{ROUTER_NAME}.json"):  # not the run's other artifacts
+            self.tracker.download_artifacts(cluster_run_id, name, dst)
+        return load_state(dst, ROUTER_NAME, expected)
+
+    def router(self, cluster_run_id: str, dst: Path):
+        from routing.router import ClusterRouter
+
+        return ClusterRouter.from_state(*self.router_state(cluster_run_id, dst))
+
+    # --- the experts stage's files ----------------------------------------------------------------
+
+    def checkpoint_root(self, pipeline_id: str, cluster_run_id: str) -> Path:
+        """Shared data and checkpoints of the experts trained on one clustering of one pipeline
+        (a new clustering of the same pipeline never reuses another's data or checkpoints)."""
+        configured = self.cfg.experts.checkpoint_dir
+        root = Path(configured).expanduser() if configured else workdir(self.cfg) / "checkpoints"
+        return root.resolve() / pipeline_id / cluster_run_id
+
+    @staticmethod
+    def token_file(root: Path, name: str, split: str) -> Path:
+        """The byte tokens of one model's split ('train' or 'val') under a checkpoint root."""
+        return root / "data" / f"{name}.{split}.npy"
+
+    @staticmethod
+    def checkpoint_dir(root: Path, name: str) -> Path:
+        return root / name
+
+    @staticmethod
+    def seed_dir(root: Path) -> Path:
+        """The dense model paused at the seed step, which every expert branches from."""
+        return root / "seed" / "model"
+
+    def data_path(self, version, split: str, name: str | None = None) -> str:
+        """A token file of the clustering a model was trained on: the model's own data by
+        default, or another model's (`name`, e.g. 'dense') of the same clustering."""
+        tags = version.tags
+        if "moie.cluster_run" not in tags:
+            raise StageError(f"{version.name}/{version.version} has no moie.cluster_run tag (registered by an older "
+                             "moie); retrain it with `moie experts`")
+        root = self.checkpoint_root(tags["moie.pipeline"], tags["moie.cluster_run"])
+        path = self.token_file(root, name or tags["moie.expert"], split)
+        if not path.is_file():
+            raise StageError(f"training data of {version.name}/{version.version} not found at {path}; "
+                             "compose on a machine that sees the experts stage's checkpoint directory")
+        return str(path)
+
+    # --- the registry ---------------------------------------------------------------------------
+
+    def versions(self, name: str, tags: dict[str, str] | None = None) -> list:
+        """Registered versions of `name` whose tags have the given values, oldest first."""
+        query = f"name = {quote(name)}" + "".join(f" and tags.`{k}` = {quote(v)}" for k, v in (tags or {}).items())
+        return sorted(self.client.search_model_versions(query), key=lambda v: int(v.version))
+
+    def resolve(self, uri: str):
+        """The registry's model version a URI names; a clear error if there is none."""
+        from mlflow.exceptions import MlflowException
+
+        name, version, alias = parse_model_uri(uri)
+        try:
+            if alias:
+                return self.client.get_model_version_by_alias(name, alias)
+            return self.client.get_model_version(name, version)
+        except MlflowException:
+            what = f"alias @{alias} of {name}" if alias else f"model version {uri}"
+            raise StageError(f"{what} does not exist in the registry at {self.tracker.uri}; see what does with "
+                             "`moie library list`") from None
+
+    def register(self, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
+        """A new version of registered model `name` for the run's safetensors artifacts; its exact URI."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # exists already
+        return f"models:/{name}/{self.client.create_model_version(name, source, run_id=run_id, tags=tags).version}"
+
+    def aliases(self, name: str) -> dict[str, list[str]]:
+        """version -> its aliases, for one registered model (one registry call)."""
+        out: dict[str, list[str]] = {}
+        for alias, version in sorted((self.client.get_registered_model(name).aliases or {}).items()):
+            out.setdefault(str(version), []).append(alias)
+        return out
+
+    def model_dir(self, version, dst: Path) -> str:
+        """Download a registered model's safetensors + JSON into dst, refusing a checksum mismatch."""
+        path = self.tracker.download_artifacts(version.run_id, "model", dst)
+        _verify(version, path / "model.safetensors")
+        return str(path)
+
+    def composition_parts(self, version, dst: Path) -> tuple[dict, dict]:
+        """(new parameters as tensors, manifest) of a registered composition, checked."""
+        from artifacts import read_tensors
+
+        path = self.tracker.download_artifacts(version.run_id, "composition", dst)
+        _verify(version, path / "composition.safetensors")
+        manifest = json.loads((path / "composition_manifest.json").read_text(encoding="utf-8"))
+        check_manifest(manifest, exact_uri(version))
+        return read_tensors(path / "composition.safetensors", framework="pt"), manifest
+
+    # --- a pipeline's registered models ------------------------------------------------------------
+
+    def pipeline_models(self, pipeline_id: str) -> tuple[str, list[str]]:
+        """The pipeline's central model URI and its experts' URIs, ordered by cluster."""
+        newest_first = self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id})[::-1]
+        central = sorted(newest_first, key=lambda v: v.tags.get("moie.role") != "central")
+        central = [v for v in central if v.tags.get("moie.role") in ("central", "dense+central")]
+        experts = sorted(self.versions(EXPERT_MODEL, {"moie.pipeline": pipeline_id}),
+                         key=lambda v: int(v.tags.get("moie.cluster", 0)))
+        if not central or not experts:
+            raise StageError(f"pipeline {pipeline_id} has no registered central model and experts; run "
+                             f"`moie experts --pipeline {pipeline_id}` first, or name models with --central/--experts")
+        return exact_uri(central[0]), [exact_uri(v) for v in experts]
+
+    def dense_model(self, pipeline_id: str):
+        """The pipeline's dense baseline version (the central model too, unless one was configured), or None."""
+        dense = [v for v in self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id})
+                 if v.tags.get("moie.role") in ("dense", "dense+central")]
+        return dense[-1] if dense else None
+
+    def pipeline_compositions(self, pipeline_id: str) -> dict[str, object]:
+        """The newest registered composition of the pipeline for each mode (not those --add made)."""
+        found = {}
+        for v in self.versions(COMPOSITION_MODEL, {"moie.pipeline": pipeline_id}):
+            if "moie.added_to" not in v.tags:  # an expert added later makes a different system
+                found[v.tags.get("moie.mode")] = v
+        return found
+
+    def users_of(self, uri: str) -> list[str]:
+        """Exact URIs of the compositions that use the model `uri`."""
+        return [exact_uri(c) for c in self.versions(COMPOSITION_MODEL) if uri in uses(c)]
+
+    def results_table(self, evaluate_run_id: str) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.tracker.download_artifacts(evaluate_run_id, RESULTS_TABLE, Path(tmp)).read_text()
+
+    # --- loading any registered model ------------------------------------------------------------
+
+    def load_registered(self, uri: str, tmp: str | Path):
+        """(model, meta) for any registered version: an expert, a central model or a composition
+        (built from its manifest's exact versions, with its routing settings)."""
+        from composition.loader import CompositionSettings, load_composed
+        from experts.checkpoint import load_model
+
+        tmp = Path(tmp)
+        version = self.resolve(uri)
+        if version.name != COMPOSITION_MODEL:
+            return load_model(self.model_dir(version, tmp / "model"))
+        state, manifest = self.composition_parts(version, tmp / "composition")
+        parts = [self.resolve(u) for u in [manifest["central"], *manifest["experts"]]]
+        check_tokenizers({exact_uri(v): v for v in parts})
+        central_dir, *expert_dirs = [self.model_dir(v, tmp / f"m{i}") for i, v in enumerate(parts)]
+        composed = load_composed(central_dir, expert_dirs, CompositionSettings.from_manifest(manifest), state)
+        if manifest["routing"] == "router":  # the experts' cBTM router, on the text of each window
+            from routing.ensemble import prefix_router
+
+            composed.prefix_router = prefix_router(self.router(manifest["router_run"], tmp / "router"),
+                                                   manifest["clusters"])
+        experts_meta = [{"uri": exact_uri(v), "domain": v.tags.get("moie.domain")} for v in parts[1:]]
+        return composed.eval(), {"tokenizer": manifest["tokenizer"], "experts": experts_meta}
+
+
+def _verify(version, path: Path) -> None:
+    if "moie.sha256" not in version.tags:
+        raise ChecksumError(f"{exact_uri(version)} has no moie.sha256 tag (not registered by moie, or the tag was "
+                            "removed): refusing to load an unverifiable artifact")
+    try:
+        verify_sha256(path, version.tags.get("moie.sha256"))
+    except ChecksumError as err:
+        raise ChecksumError(f"{exact_uri(version)}: refusing to load it. {err}") from None
+

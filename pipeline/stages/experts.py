@@ -1,0 +1,336 @@
+"""The experts stage: one hourglass expert per cluster, plus the dense baseline, each a
+Ray task that trains independently, checkpoints where every node can read, resumes after
+a crash, logs to its own MLflow child run, and is registered in the model registry.
+
+With `experts.seed_fraction` (BTM / cBTM) the dense model trains alone for that share of
+its budget first; every expert then branches from that seed, with the seed's tokens
+counted once for all of them, so seed + experts cost what the dense model costs.
+Re-running the stage for a pipeline skips every expert that is already registered and
+resumes the others from their newest checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from artifacts import atomic_path
+from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
+from experts.trainer import TrainConfig, TrainResult, encode_texts, train
+from pipeline.catalog import CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, Catalog, expert_name
+from pipeline.config import Config
+from pipeline.corpus import load_corpus
+from pipeline.errors import StageError
+from pipeline.progress import BoardPrinter, open_board
+from pipeline.ray_runtime import check_resources, connect_ray, use_granted_cpus
+from pipeline.tokenizer import ByteTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExpertTask:
+    """Everything one training task needs (a Ray task argument: plain fields, no handles)."""
+
+    name: str  # expert-<cluster>, dense or central
+    run_id: str  # its MLflow child run
+    tracking_uri: str
+    model: dict  # {"arch": ..., model config, "vocab_size": ...}
+    train_config: dict  # TrainConfig fields, the budget (max_tokens) and seed included
+    train: str  # token files (.npy, memory-mapped)
+    val: str
+    ckpt_dir: str
+    num_cpus: float
+    tokenizer: str  # fingerprint
+    seed: int
+    num_gpus: float = 0
+    has_central: bool = False  # a central model of its own is configured (the dense model is then only the baseline)
+    init_from: str | None = None  # an expert branches from the seed exported here
+    stop_at: int | None = None  # the seed phase: the dense model stops at this step ...
+    seed_dir: str | None = None  # ... and is exported here
+
+
+@dataclass
+class TrainedModel:
+    """What a training task returns."""
+
+    result: TrainResult
+    model_dir: str
+    params: int
+
+
+@dataclass
+class SeedPlan:
+    """The dense model's first `steps` (`tokens`), exported to `dir` for the experts to branch from."""
+
+    steps: int
+    tokens: int
+    dir: str
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def write_tokens(path: Path, texts: list[str], eos_id: int) -> Path:
+    """Byte tokens of texts (eos after each) as a .npy file that tasks memory-map."""
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, encode_texts(texts, eos_id))
+    return path
+
+
+def expert_data(cfg: Config, root: Path, table: dict, k: int) -> dict[str, dict]:
+    """Tokenise each cluster's documents once into shared .npy files: {name: {train, val, train_bytes}}."""
+    docs = {d.doc_id: d for d in load_corpus(cfg.corpus)}
+    missing = [i for i in table["doc_id"] if i not in docs]
+    if missing:
+        raise StageError(f"{len(missing)} clustered documents (e.g. {missing[0]!r}) are not in the corpus of this "
+                         "config; give the config the pipeline was clustered with")
+    eos = ByteTokenizer().eos_id
+    groups: dict[str, dict[str, list[str]]] = {expert_name(j): {"train": [], "validation": []} for j in range(k)}
+    groups[DENSE] = {"train": [], "validation": []}
+    for doc_id, cluster, split in zip(table["doc_id"], table["cluster"], table["split"]):
+        if split in ("train", "validation"):
+            groups[expert_name(cluster)][split].append(docs[doc_id].text)
+            groups[DENSE][split].append(docs[doc_id].text)
+    out = {}
+    for name, texts in groups.items():
+        out[name] = {"train": str(write_tokens(Catalog.token_file(root, name, "train"), texts["train"], eos)),
+                     "val": str(write_tokens(Catalog.token_file(root, name, "val"), texts["validation"], eos)),
+                     "train_bytes": sum(len(t.encode("utf-8")) for t in texts["train"])}
+    return out
+
+
+# --- the task ----------------------------------------------------------------------------
+
+
+def train_expert(task: ExpertTask, board=None) -> TrainedModel:
+    """Ray task body: train one model from its shared data, resuming from its checkpoints."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    use_granted_cpus(task.num_cpus, task.seed)
+    model = build_model(task.model)
+    if task.init_from and latest_checkpoint(task.ckpt_dir) is None:
+        model.load_state_dict(load_model(task.init_from)[0].state_dict())  # branch from the shared seed
+    if task.num_gpus:
+        import torch
+
+        if torch.cuda.is_available():
+            model.to("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
+    train_tokens = np.load(task.train, mmap_mode="r")
+    val_tokens = np.load(task.val, mmap_mode="r")
+    val_tokens = val_tokens if len(val_tokens) > 1 else None
+    client = MlflowClient(tracking_uri=task.tracking_uri)
+    cfg = TrainConfig(**task.train_config)
+    total = cfg.steps(cfg.seq_len or model.config.block_size)
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        if board is not None and "train_loss" in metrics:
+            board.update.remote(task.name, {"step": step, "total": total, "loss": metrics["train_loss"],
+                                            "tokens_per_s": metrics["tokens_per_s"], "pid": os.getpid()})
+
+    result = train(model, train_tokens, val_tokens, cfg, ckpt_dir=task.ckpt_dir, on_metrics=on_metrics,
+                   meta={"tokenizer": task.tokenizer}, stop_at=task.stop_at)
+    params = sum(p.numel() for p in model.parameters())
+    if task.stop_at:  # the seed phase: export the paused model for the experts to branch from
+        save_model(task.seed_dir, model, {"tokenizer": task.tokenizer, "name": "seed", "step": result.steps})
+        return TrainedModel(result, task.seed_dir, params)
+    model_dir = Path(task.ckpt_dir) / "model"
+    save_model(model_dir, model, {"tokenizer": task.tokenizer, "name": task.name})
+    if board is not None:
+        board.update.remote(task.name, {"step": result.steps, "total": total, "loss": result.train_loss,
+                                        "tokens_per_s": result.tokens_per_s, "pid": os.getpid(), "done": True})
+    return TrainedModel(result, str(model_dir), params)
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+
+def run_experts(cfg: Config, pipeline_id: str) -> dict[str, str]:
+    """Train (or resume, or skip) every expert and the dense model; return {name: registry URI}."""
+    catalog = Catalog(cfg)
+    catalog.tracker.pipeline_run(pipeline_id)
+    cluster_run, table, report = catalog.assignments(pipeline_id)
+    k = int(cluster_run.data.params["cluster.k"])
+    with catalog.tracker.pipeline_active(pipeline_id):
+        stage = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, k, report)
+        return stage.run(table)
+
+
+class _ExpertsStage:
+    """One run of the stage: which models still need training, the seed, the Ray tasks."""
+
+    def __init__(self, catalog: Catalog, cfg: Config, pipeline_id: str, cluster_run_id: str, k: int, report: dict):
+        self.catalog, self.tracker, self.cfg = catalog, catalog.tracker, cfg
+        self.pipeline_id, self.cluster_run_id, self.k, self.report = pipeline_id, cluster_run_id, k, report
+        self.root = catalog.checkpoint_root(pipeline_id, cluster_run_id)
+
+    def run(self, table: dict) -> dict[str, str]:
+        e = self.cfg.experts
+        data = expert_data(self.cfg, self.root, table, self.k)
+        data[CENTRAL] = data[DENSE]  # the central model reads the whole corpus too
+        names = [expert_name(j) for j in range(self.k)] + ([DENSE] if e.dense else [])
+        names += [CENTRAL] if self.cfg.central.arch else []
+        runs = self.tracker.stage_runs(self.pipeline_id, "experts", None)
+        existing = {r.data.tags.get("moie.expert"): r for r in reversed(runs)
+                    if r.data.tags.get("moie.cluster_run") == self.cluster_run_id}  # experts of this clustering
+        seed = self.seed_plan()
+        registered, tasks = {}, []
+        for name in names:
+            run = existing.get(name)
+            if run is not None and "moie.model_version" in run.data.tags:
+                registered[name] = run.data.tags["moie.model_version"]
+                print(f"{name}: already trained and registered as {registered[name]}", flush=True)
+            elif run is not None and run.data.tags.get("moie.skipped"):
+                print(f"{name}: skipped before ({run.data.tags['moie.skipped']})", flush=True)
+            else:
+                task = self.task(name, run, data[name], seed)
+                if task is not None:
+                    tasks.append(task)
+        if tasks:
+            connect_ray(self.cfg.ray)
+            check_resources(e.num_cpus, e.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)")
+            board = open_board(self.pipeline_id)  # one board for seed and branches (it dies with its last handle)
+            self.train_seed(seed, tasks, board)
+            registered |= self.train_all(tasks, board)
+        return registered
+
+    def seed_plan(self) -> SeedPlan | None:
+        """The experts branch from the dense model after seed_fraction of its steps (None: from scratch)."""
+        e = self.cfg.experts
+        if not e.seed_fraction:
+            return None
+        seq_len = e.train.get("seq_len") or model_config({"arch": e.arch, **e.model}).block_size
+        dense_cfg = TrainConfig(**{**e.train, "max_tokens": e.train.get("max_tokens", 1_000_000) * self.k})
+        steps = max(1, round(e.seed_fraction * dense_cfg.steps(seq_len)))
+        return SeedPlan(steps=steps, tokens=steps * dense_cfg.batch_size * seq_len * dense_cfg.grad_accum,
+                        dir=str(Catalog.seed_dir(self.root)))
+
+    def task(self, name: str, run, data: dict, seed: SeedPlan | None) -> ExpertTask | None:
+        """The training task of one model (its run created or reopened), or None if it cannot train."""
+        e = self.cfg.experts
+        arch, model, train_cfg = ((self.cfg.central.arch, self.cfg.central.model, self.cfg.central.train)
+                                  if name == CENTRAL else (e.arch, e.model, e.train))
+        model_cfg = {"arch": arch, **model, "vocab_size": ByteTokenizer().vocab_size}
+        seq_len = train_cfg.get("seq_len") or model_config(model_cfg).block_size  # no model built for this
+        batch = train_cfg.get("batch_size", 16)
+        budget = train_cfg.get("max_tokens", 1_000_000) * (self.k if name == DENSE else 1)
+        branch = seed is not None and name.startswith("expert-")
+        if branch:  # the seed is shared: k experts + seed = the dense budget
+            # (each branch warms up to the peak learning rate again: measured on the default config,
+            # going on from the seed's decayed rate instead left every expert ~0.03 bits per byte worse)
+            budget -= seed.tokens // self.k
+        run_id = run.info.run_id if run is not None else self.create_run(name, arch, model, train_cfg, budget)
+        n_train = len(np.load(data["train"], mmap_mode="r"))
+        if n_train < batch * (seq_len + 1):
+            why = (f"cluster has {n_train} training tokens, fewer than one batch of {batch} windows of "
+                   f"{seq_len + 1} tokens")
+            log.warning("%s skipped: %s", name, why)
+            self.tracker.set_tags(run_id, {"moie.skipped": why})
+            self.tracker.client.set_terminated(run_id, "FINISHED")
+            return None
+        self.tracker.client.update_run(run_id, status="RUNNING")
+        if branch:  # the shared seed's tokens count once for all experts
+            self.tracker.set_tags(run_id, {"moie.seed_tokens": str(seed.tokens)})
+        return ExpertTask(name=name, run_id=run_id, tracking_uri=self.tracker.uri, model=model_cfg,
+                          train_config={**train_cfg, "max_tokens": budget, "seed": self.cfg.seed},
+                          train=data["train"], val=data["val"],
+                          ckpt_dir=str(Catalog.checkpoint_dir(self.root, name)), num_cpus=e.num_cpus,
+                          num_gpus=e.num_gpus, tokenizer=ByteTokenizer().fingerprint, seed=self.cfg.seed,
+                          has_central=bool(self.cfg.central.arch), init_from=seed.dir if branch else None)
+
+    def create_run(self, name: str, arch: str, model: dict, train_cfg: dict, budget: int) -> str:
+        tags = {"moie.expert": name, "moie.cluster_run": self.cluster_run_id}
+        if name.startswith("expert-"):
+            cluster = int(name.removeprefix("expert-"))
+            tags["moie.cluster"] = str(cluster)
+            dominant = (self.report.get("dominant") or [None] * (cluster + 1))[cluster]
+            if dominant:
+                tags |= {"moie.domain": str(dominant["domain"]), "moie.purity": f"{dominant['share']:.4f}"}
+        run_id = self.tracker.create_stage_run(self.pipeline_id, "experts", name=name, tags=tags)
+        self.tracker.log_params(run_id, {f"model.{k}": v for k, v in model.items()}
+                                | {f"train.{k}": v for k, v in train_cfg.items() if k != "max_tokens"}
+                                | {"arch": arch, "max_tokens": budget, "num_cpus": self.cfg.experts.num_cpus})
+        return run_id
+
+    def train_seed(self, seed: SeedPlan | None, tasks: list[ExpertTask], board) -> None:
+        """Train the dense model to the seed step and export it, if an expert still has to branch from it."""
+        branching = [t for t in tasks if t.init_from and latest_checkpoint(t.ckpt_dir) is None]
+        if not seed or not branching or Path(seed.dir, "model.json").is_file():
+            return
+        dense = [t for t in tasks if t.name == DENSE]
+        if dense and (latest_checkpoint(dense[0].ckpt_dir) or 0) > seed.steps:
+            raise StageError(f"the seed (the dense model at step {seed.steps}) is missing from {seed.dir} "
+                             "and the dense model has trained past it; set experts.seed_fraction: 0 or start "
+                             "a new pipeline")
+        if not dense:
+            raise StageError(f"the experts branch from the dense model's seed at {seed.dir}, which is missing "
+                             "while the dense model is registered; set experts.seed_fraction: 0 or retrain")
+        print(f"seed: the dense model to step {seed.steps} ({seed.tokens} tokens), then every expert "
+              "branches from it", flush=True)
+        self.train_all([replace(dense[0], stop_at=seed.steps, seed_dir=seed.dir)], board, register=False)
+
+    def train_all(self, tasks: list[ExpertTask], board, register: bool = True) -> dict[str, str]:
+        """Run the tasks on Ray, print progress, register each model as it finishes."""
+        e = self.cfg.experts
+        remote = ray.remote(train_expert).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus,
+                                                  max_retries=e.max_retries)
+        # longest first: the dense model (k x an expert's budget) must not start last, alone on one CPU
+        ordered = sorted(tasks, key=lambda t: -t.train_config["max_tokens"])
+        pending = {remote.remote(task, board): task for task in ordered}
+        printer = BoardPrinter(board)
+        registered, failures = {}, []
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=e.progress_every)
+            printer.print_changes()  # one line per model that moved since the last print
+            for ref in done:
+                task = pending.pop(ref)
+                try:
+                    trained = ray.get(ref)
+                except Exception as err:  # the task failed after its retries: record, go on with the others
+                    failures.append(f"{task.name}: {type(err).__name__}: {str(err).splitlines()[0]}")
+                    self.tracker.client.set_terminated(task.run_id, "FAILED")
+                    continue
+                if not register:
+                    continue
+                registered[task.name] = self.register(task, trained)
+                print(f"{task.name}: registered as {registered[task.name]} (val_bpb {trained.result.val_bpb}, "
+                      f"resumed from step {trained.result.resumed_from})", flush=True)
+        if failures:
+            raise StageError("experts failed after retries (run the stage again to resume them): "
+                             + "; ".join(failures))
+        return registered
+
+    def register(self, task: ExpertTask, trained: TrainedModel) -> str:
+        """Log the model's final metrics and files, register it, finish its run; its registry URI."""
+        result, run_id = trained.result, task.run_id
+        self.tracker.log_metrics(run_id, {"final_train_loss": result.train_loss, "steps": result.steps,
+                                          "tokens": result.tokens, "params": trained.params,
+                                          "resumed_from_step": result.resumed_from or 0,
+                                          **({"final_val_bpb": result.val_bpb} if result.val_bpb is not None else {})})
+        manifest = self.tracker.log_artifact_dir(run_id, trained.model_dir, "model")
+        run = self.tracker.client.get_run(run_id)
+        name = EXPERT_MODEL if task.name.startswith("expert-") else CENTRAL_MODEL
+        # role: which central-model version composition takes by default (a configured central
+        # model wins over the dense baseline, which is then registered as the baseline only)
+        role = {CENTRAL: "central", DENSE: "dense" if task.has_central else "dense+central"}.get(task.name)
+        tags = {"moie.pipeline": self.pipeline_id, "moie.expert": task.name, "moie.tokenizer": task.tokenizer,
+                "moie.arch": json.dumps(task.model, sort_keys=True), "moie.sha256": manifest["model.safetensors"]}
+        tags |= {k: v for k, v in run.data.tags.items()
+                 if k in ("moie.cluster", "moie.domain", "moie.purity", "moie.cluster_run", "moie.seed_tokens")}
+        if role:
+            tags["moie.role"] = role
+        uri = self.catalog.register(name, f"{run.info.artifact_uri}/model", run_id, tags)
+        self.tracker.set_tags(run_id, {"moie.model_version": uri})
+        self.tracker.client.set_terminated(run_id, "FINISHED")
+        return uri
