@@ -77,6 +77,7 @@ def test_experts_with_different_tokenizers_are_refused(trained_pipeline):
 
 
 def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_every_stage(trained_pipeline, capsys):
+    from pipeline.compressors import SYSTEMS as COMPRESSORS
     from pipeline.stages.evaluate import COMPOSED
     from pipeline.stages.sequence import run_pipeline
 
@@ -87,7 +88,7 @@ def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_ev
     metrics = evaluation.data.metrics
     domains = ["cooking", "finance", "sailing"]
     systems = ["dense", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *COMPOSED.values(),
-               "composed_adaptive"]
+               "composed_adaptive", *COMPRESSORS]
     for system in systems:
         for part in [*domains, "all"]:
             assert math.isfinite(metrics[f"bpb/{system}/{part}"]), (system, part)

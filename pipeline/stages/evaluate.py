@@ -4,7 +4,8 @@ On held-out documents (the pipeline's test split: whole works never trained on; 
 source the corpus loader reads, `--eval-data`), every system is scored byte by byte
 (composition.evaluation): dense, central, each expert, the oracle expert, cBTM top-1 /
 top-2 / all, and the pipeline's compositions (independent and joint with top-k routing,
-independent with adaptive routing). Scoring runs as Ray tasks, one per model or
+independent with adaptive routing); beside them the floor every model must clear, gzip,
+bz2 and xz at their strongest settings, each document alone and each domain together. Scoring runs as Ray tasks, one per model or
 composition. Results: `bpb/<system>/<domain|all>`, `routing_accuracy/<system>`,
 `experts_per_token/<system>`, `load/<system>/<expert>`, cost per system; results.md/.csv
 and plots on the evaluate run; the headline metrics on the pipeline's parent run too.
@@ -29,6 +30,7 @@ from composition.loader import CompositionSettings, load_composed
 from experts.checkpoint import load_model
 from experts.flops import forward_flops_per_token
 from pipeline.catalog import Catalog, exact_uri
+from pipeline.compressors import compressor_bpb
 from pipeline.config import Config
 from pipeline.corpus import load_corpus
 from pipeline.errors import StageError
@@ -279,6 +281,10 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights:
     rows = [{"system": s, **{dom: bpb[s][dom] for dom in names}, "all": bpb[s]["all"],
              "routing_accuracy": metrics.get(f"routing_accuracy/{s}"),
              "experts_per_token": metrics.get(f"experts_per_token/{s}"), **cost.get(s, {})} for s in order]
+    # the floor a language model must clear: gzip, bz2, xz on the same documents
+    for system, values in compressor_bpb(domains, [bytes(d) for d in docs]).items():
+        metrics |= {f"bpb/{system}/{part}": v for part, v in values.items()}
+        rows.append({"system": system, **values})
     return {"metrics": metrics, "rows": rows, "domains": names, "heat": heat, "markdown": ""}
 
 
