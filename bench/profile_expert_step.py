@@ -1,0 +1,122 @@
+"""Where one training step of the expert goes: torch.profiler's operators by self CPU time,
+for the hourglass expert of a config and (side by side) the matched plain GPT.
+
+    python bench/profile_expert_step.py [--config configs/default.yaml] [--threads 2] [--steps 5]
+    python bench/profile_expert_step.py --compile      # eager vs torch.compile, side by side
+
+Prints each model's step time, tokens/s and its top operators (share of self CPU time).
+With --compile: the default expert's training step eager and under torch.compile (the CPU
+inductor backend; it needs a C++ compiler), each step time and the compile time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def profile(model, batch: int, steps: int, top: int) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from experts.trainer import TrainConfig, configure_optimizer
+
+    seq = model.config.block_size
+    x = torch.randint(0, 256, (batch, seq))
+    opt = configure_optimizer(model, TrainConfig())
+
+    def step():
+        _, loss = model(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm-up: allocator, kernels
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    per_step = (time.perf_counter() - t0) / steps
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = [f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, batch "
+             f"{batch} x {seq}: {1e3 * per_step:.1f} ms/step, {batch * seq / per_step:,.0f} tokens/s",
+             "| operator | calls/step | self CPU share |", "|---|---|---|"]
+    for e in events[:top]:
+        lines.append(f"| `{e.key}` | {e.count / steps:.0f} | {100 * e.self_cpu_time_total / total:.1f} % |")
+    return "\n".join(lines)
+
+
+def compare_compile(model, batch: int, steps: int) -> str:
+    """Eager vs torch.compile of the same training step: ms/step each, and the compile time."""
+    import torch
+
+    from experts.trainer import TrainConfig, configure_optimizer
+
+    seq = model.config.block_size
+    x = torch.randint(0, 256, (batch, seq))
+    opt = configure_optimizer(model, TrainConfig())
+    out = []
+    for name, fn in (("eager", model), ("compiled", torch.compile(model))):
+        t0 = time.perf_counter()
+        for i in range(steps + 2):
+            if i == 2:  # the first calls compile (and warm up)
+                warm, t0 = time.perf_counter() - t0, time.perf_counter()
+            _, loss = fn(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        per_step = (time.perf_counter() - t0) / steps
+        out.append(f"{name}: {1e3 * per_step:.1f} ms/step, {batch * seq / per_step:,.0f} tokens/s "
+                   f"(first two steps {warm:.1f} s)")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--compile", action="store_true", help="eager vs torch.compile of the expert's step")
+    args = parser.parse_args()
+    import torch
+
+    import pipeline  # noqa: F401
+    from experts.checkpoint import build_model
+    from pipeline.config import load_config
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config(args.config)
+    e = cfg.experts
+    hourglass = build_model({"arch": e.arch, **e.model, "vocab_size": 259})
+    batch = e.train.get("batch_size", 16)
+    if args.compile:
+        print(compare_compile(hourglass, batch, args.steps))
+        return
+    print(profile(hourglass, batch, args.steps, args.top))
+    print()
+    # the plain GPT with about as many parameters, at the same context
+    width = 64
+    while True:
+        gpt = build_model({"arch": "gpt", "block_size": hourglass.config.block_size, "n_layer": 4, "n_head": 4,
+                           "n_embd": width + 32, "vocab_size": 259})
+        if sum(p.numel() for p in gpt.parameters()) > sum(p.numel() for p in hourglass.parameters()):
+            break
+        width += 32
+    gpt = build_model({"arch": "gpt", "block_size": hourglass.config.block_size, "n_layer": 4, "n_head": 4,
+                       "n_embd": width, "vocab_size": 259})
+    print(profile(gpt, batch, args.steps, args.top))
+
+
+if __name__ == "__main__":
+    main()
