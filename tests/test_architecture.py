@@ -70,3 +70,14 @@ def test_every_registry_query_is_built_in_the_catalog():
     for path in (p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")):
         if path.relative_to(REPO).as_posix() != "pipeline/catalog.py":
             assert "search_model_versions" not in path.read_text(encoding="utf-8"), path.relative_to(REPO)
+
+
+def test_model_packages_export_their_public_classes():
+    from composition import ComposedLM, CompositionSettings, load_composed
+    from experts import GPT, HourglassConfig, HourglassLM, train
+    from routing import ClusterRouter, balanced_kmeans
+
+    config = HourglassConfig(block_size=64, group_len=16, latents=[8, 2], widths=[16, 24, 32], n_head=2)
+    assert isinstance(HourglassLM(config), HourglassLM)
+    assert all(callable(x) for x in (GPT, train, ClusterRouter, balanced_kmeans, ComposedLM, load_composed))
+    assert CompositionSettings(n_points=1, routing="topk", k=1, threshold=0.5).pool == "token"
