@@ -8,6 +8,7 @@ checkpoints, and a token budget so runs compare at equal compute.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 
 from experts.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class TrainConfig:
     latent_loss_warmup: int = 100
     log_every: int = 10
     seed: int = 0
+    compile: bool = False  # torch.compile the training forward (CPU: inductor + a C++ compiler); eager if it fails
 
     def steps(self, seq_len: int) -> int:
         return max(1, self.max_tokens // (self.batch_size * seq_len * self.grad_accum))
@@ -147,6 +151,19 @@ def bits_per_byte(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, max_
     return nll / math.log(2) / max(count, 1)
 
 
+def compiled_loss(forward, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """(forward to use from now on, loss): a compiled forward that fails to compile (no C++
+    compiler, an unsupported operator) is replaced by the eager model, with a warning."""
+    if forward is model:
+        return model, model(x, y)[1]
+    try:
+        return forward, forward(x, y)[1]
+    except Exception as err:  # inductor raises many types: a compiler missing, a lowering failing
+        log.warning("torch.compile failed (%s: %s); training eagerly", type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "")
+        return model, model(x, y)[1]
+
+
 def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
           ckpt_dir: str | Path | None = None, on_metrics: Callable[[int, dict], None] | None = None,
           meta: dict | None = None, stop_at: int | None = None) -> TrainResult:
@@ -169,6 +186,7 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
     tokens_per_s = 0.0
     end = total if stop_at is None else min(stop_at, total)
+    forward = torch.compile(model) if cfg.compile else model  # compiled lazily, at its first call
     while step < end:
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
@@ -179,7 +197,7 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
         for _ in range(cfg.grad_accum):
             x, y = sample_batch(train_tokens, cfg.batch_size, seq_len, generator, device)
             with autocast_context(device, cfg.precision):
-                _, loss = model(x, y)
+                forward, loss = compiled_loss(forward, model, x, y)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
         if cfg.grad_clip > 0:

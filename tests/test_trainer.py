@@ -200,3 +200,32 @@ def test_moie_generate_on_a_directory_without_a_model_is_a_clear_error(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "--model", str(tmp_path)],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "holds neither model.safetensors" in proc.stderr
+
+
+def test_compile_without_a_cxx_compiler_falls_back_to_eager_and_trains_the_same(monkeypatch, caplog):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    torch._dynamo.reset()  # nothing compiled earlier in this process may be reused
+    data = tokens()
+    eager, compiled = small_model(seed=3), small_model(seed=3)
+    a = train(eager, data, None, cfg(max_tokens=3 * 4 * 64, precision="fp32"))
+    with caplog.at_level("WARNING", logger="experts.trainer"):
+        b = train(compiled, data, None, cfg(max_tokens=3 * 4 * 64, precision="fp32", compile=True))
+    assert "torch.compile failed" in caplog.text
+    assert b.steps == a.steps == 3 and b.train_loss == a.train_loss
+    assert all(torch.equal(x, y) for x, y in zip(state(eager).values(), state(compiled).values()))
+
+
+def test_compiled_training_learns_what_eager_training_learns(caplog):
+    torch._dynamo.reset()
+    data = tokens()
+    eager, compiled = small_model(seed=3), small_model(seed=3)
+    a = train(eager, data, None, cfg(max_tokens=4 * 8 * 32))
+    with caplog.at_level("WARNING", logger="experts.trainer"):
+        b = train(compiled, data, None, cfg(max_tokens=4 * 8 * 32, compile=True))
+    assert "torch.compile failed" not in caplog.text  # it really ran compiled
+    assert b.steps == a.steps == 4
+    assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)  # fused kernels round differently
+    for (name, x), y in zip(state(eager).items(), state(compiled).values()):
+        assert torch.allclose(x, y, atol=1e-4), name
