@@ -3,6 +3,7 @@ for the hourglass expert of a config and (side by side) the matched plain GPT.
 
     python bench/profile_expert_step.py [--config configs/default.yaml] [--threads 2] [--steps 5]
     python bench/profile_expert_step.py --compile      # eager vs torch.compile, side by side
+    python bench/profile_expert_step.py --precision    # fp32 vs bf16 autocast, side by side
 
 Prints each model's step time, tokens/s and its top operators (share of self CPU time).
 With --compile: the default expert's training step eager and under torch.compile (the CPU
@@ -80,6 +81,49 @@ def compare_compile(model, batch: int, steps: int) -> str:
     return "\n".join(out)
 
 
+def compare_precision(model, batch: int, steps: int) -> str:
+    """fp32 vs bf16 autocast of the same training step; refuses where bf16 would be emulated."""
+    import torch
+
+    from experts.trainer import TrainConfig, bf16_supported, configure_optimizer
+
+    if not bf16_supported(torch.device("cpu")):
+        return f"{type(model).__name__}: this CPU has no bf16 units (AMX / AVX-512 BF16): bf16 not timed"
+    seq = model.config.block_size
+    x = torch.randint(0, 256, (batch, seq))
+    opt = configure_optimizer(model, TrainConfig())
+    rates = {}
+    for precision in ("fp32", "bf16"):
+        for i in range(steps + 2):
+            if i == 2:
+                t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        rates[precision] = batch * seq * steps / (time.perf_counter() - t0)
+    return (f"{type(model).__name__} batch {batch} x {seq}: fp32 {rates['fp32']:,.0f} tokens/s, bf16 "
+            f"{rates['bf16']:,.0f} tokens/s ({rates['bf16'] / rates['fp32']:.2f}x)")
+
+
+def matched_gpt(hourglass):
+    """The plain 4-layer GPT at the hourglass's context whose parameter count is nearest to it."""
+    from experts.checkpoint import build_model
+
+    def gpt(width: int):
+        return build_model({"arch": "gpt", "block_size": hourglass.config.block_size, "n_layer": 4, "n_head": 4,
+                            "n_embd": width, "vocab_size": 259})
+
+    def size(model) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    target, width = size(hourglass), 64
+    while size(gpt(width + 32)) < target:
+        width += 32
+    return min(gpt(width), gpt(width + 32), key=lambda m: abs(size(m) - target))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
@@ -87,6 +131,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--compile", action="store_true", help="eager vs torch.compile of the expert's step")
+    parser.add_argument("--precision", action="store_true", help="fp32 vs bf16 autocast, expert and GPT")
     args = parser.parse_args()
     import torch
 
@@ -103,18 +148,13 @@ def main() -> None:
     if args.compile:
         print(compare_compile(hourglass, batch, args.steps))
         return
+    gpt = matched_gpt(hourglass)
+    if args.precision:
+        print(compare_precision(hourglass, batch, args.steps))
+        print(compare_precision(gpt, batch, args.steps))
+        return
     print(profile(hourglass, batch, args.steps, args.top))
     print()
-    # the plain GPT with about as many parameters, at the same context
-    width = 64
-    while True:
-        gpt = build_model({"arch": "gpt", "block_size": hourglass.config.block_size, "n_layer": 4, "n_head": 4,
-                           "n_embd": width + 32, "vocab_size": 259})
-        if sum(p.numel() for p in gpt.parameters()) > sum(p.numel() for p in hourglass.parameters()):
-            break
-        width += 32
-    gpt = build_model({"arch": "gpt", "block_size": hourglass.config.block_size, "n_layer": 4, "n_head": 4,
-                       "n_embd": width, "vocab_size": 259})
     print(profile(gpt, batch, args.steps, args.top))
 
 
