@@ -151,17 +151,26 @@ def bits_per_byte(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, max_
     return nll / math.log(2) / max(count, 1)
 
 
-def compiled_loss(forward, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """(forward to use from now on, loss): a compiled forward that fails to compile (no C++
-    compiler, an unsupported operator) is replaced by the eager model, with a warning."""
-    if forward is model:
-        return model, model(x, y)[1]
-    try:
-        return forward, forward(x, y)[1]
-    except Exception as err:  # inductor raises many types: a compiler missing, a lowering failing
-        log.warning("torch.compile failed (%s: %s); training eagerly", type(err).__name__,
-                    str(err).splitlines()[0] if str(err) else "")
-        return model, model(x, y)[1]
+class CompileOnce:
+    """torch.compile(model), checked at its first call: if compiling fails there (no C++
+    compiler, an unsupported operator) the eager model is used from then on, with a warning.
+    Errors of later calls are the model's own and propagate."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.forward, self.checked = model, torch.compile(model), False
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        if self.checked:
+            return self.forward(x, y)
+        try:
+            out = self.forward(x, y)
+        except Exception as err:  # inductor raises many types: a compiler missing, a lowering failing
+            log.warning("torch.compile failed (%s: %s); training eagerly", type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "")
+            self.forward = self.model
+            out = self.model(x, y)
+        self.checked = True
+        return out
 
 
 def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
@@ -186,7 +195,7 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
     tokens_per_s = 0.0
     end = total if stop_at is None else min(stop_at, total)
-    forward = torch.compile(model) if cfg.compile else model  # compiled lazily, at its first call
+    forward = CompileOnce(model) if cfg.compile else model  # compiled lazily, at its first call
     while step < end:
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
@@ -197,7 +206,7 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
         for _ in range(cfg.grad_accum):
             x, y = sample_batch(train_tokens, cfg.batch_size, seq_len, generator, device)
             with autocast_context(device, cfg.precision):
-                forward, loss = compiled_loss(forward, model, x, y)
+                _, loss = forward(x, y)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
         if cfg.grad_clip > 0:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
 from artifacts import atomic_path
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
@@ -120,11 +121,8 @@ def train_expert(task: ExpertTask, board=None) -> TrainedModel:
     model = build_model(task.model)
     if task.init_from and latest_checkpoint(task.ckpt_dir) is None:
         model.load_state_dict(load_model(task.init_from)[0].state_dict())  # branch from the shared seed
-    if task.num_gpus:
-        import torch
-
-        if torch.cuda.is_available():
-            model.to("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
+    if task.num_gpus and torch.cuda.is_available():
+        model.to("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
     train_tokens = np.load(task.train, mmap_mode="r")
     val_tokens = np.load(task.val, mmap_mode="r")
     val_tokens = val_tokens if len(val_tokens) > 1 else None
