@@ -83,18 +83,29 @@ class ComposeConfig:
     k: int = 2  # experts per token (top-k routing)
     threshold: float = 0.5  # adaptive routing: a token takes every expert whose gate exceeds it
     pool: str = "token"  # what routing looks at: each token's state, or the running mean of its prefix
-    center_tokens: int = 32_768  # central-model tokens whose mean state centers the routing (0: uncentred)
+    # tokens whose mean central state centers the routing (0: uncentred): an equal share drawn at
+    # random from each expert's training data, so the centre is the mean over clusters, not one domain
+    center_tokens: int = 32_768
     blocks_train: dict = field(default_factory=dict)  # independent: an expert's blocks (TrainConfig keys)
-    gates_train: dict = field(default_factory=lambda: {"max_tokens": 50_000, "lr": 5e-3})  # then its gates
+    # then its gates: about 100 steps, as PHATGOOSE trains them (steps = max_tokens / (batch x block))
+    gates_train: dict = field(default_factory=lambda: {"max_tokens": 102_400, "batch_size": 4, "lr": 5e-3})
     joint_train: dict = field(default_factory=dict)  # joint: all blocks and gates
     balance_weight: float = 0.01  # joint: weight of the load-balancing loss
     num_cpus: float = 1.0  # Ray resources of one composition task
     eval_tokens: int = 65_536  # validation tokens scored for composed vs central
+    # the dense model trained on (its own data, its schedule) for the compute the composed systems
+    # spend beyond it, so "composition vs training the dense model longer" compares equal compute
+    dense_matched: bool = True
 
 
 @dataclass
 class EvaluateConfig:
-    max_bytes_per_domain: int = 32_768  # held-out bytes scored per domain (whole documents, in order)
+    max_bytes_per_domain: int = 49_152  # held-out bytes scored per domain (whole documents, in order)
+    # near-duplicates: a held-out document whose bytes are covered by training shingles of
+    # shingle_words words above this share is dropped (1: keep every document)
+    max_overlap: float = 0.5
+    shingle_words: int = 8
+    bootstrap: int = 2000  # paired bootstrap resamples (over documents) of every difference reported
     stride: int = 0  # window overlap: each window adds `stride` new bytes (0: half the block size)
     batch_size: int = 8  # windows scored at once
     num_cpus: float = 1.0  # Ray resources of one scoring task
@@ -237,6 +248,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"compose.routing must be 'router', 'topk' or 'adaptive', got {cfg.compose.routing!r}")
     if cfg.compose.pool not in ("token", "prefix"):
         raise ConfigError(f"compose.pool must be 'token' or 'prefix', got {cfg.compose.pool!r}")
+    if not 0 <= cfg.evaluate.max_overlap <= 1 or cfg.evaluate.shingle_words < 1 or cfg.evaluate.bootstrap < 1:
+        raise ConfigError("evaluate.max_overlap must be between 0 and 1 (1: keep every held-out document), "
+                          "evaluate.shingle_words >= 1 and evaluate.bootstrap >= 1; got "
+                          f"{cfg.evaluate.max_overlap}, {cfg.evaluate.shingle_words}, {cfg.evaluate.bootstrap}")
     if cfg.compose.center_tokens < 0:
         raise ConfigError(f"compose.center_tokens must be >= 0 (0: uncentred routing), got {cfg.compose.center_tokens}")
     ev = cfg.evaluate

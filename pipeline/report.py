@@ -25,18 +25,32 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, rows: list[dict], domains: list[str], heat: dict[str, np.ndarray]) -> str:
-    """results.md, results.csv, bpb_by_domain.png, routing_heatmap.png; returns the markdown table."""
+DELTA_COLUMNS = ["system", "baseline", "mean", "ci_low", "ci_high", "holds"]
+
+
+def write_results(out: Path, rows: list[dict], domains: list[str], heat: dict[str, np.ndarray],
+                  deltas: list[dict] | None = None) -> str:
+    """results.md, results.csv, deltas.csv, bpb_by_domain.png, routing_heatmap.png; returns the
+    markdown of both tables (bits per byte; differences from the baselines with intervals)."""
     columns = ["system", *domains, "all", *RESULT_COLUMNS]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(out / "results.csv", rows, columns)
     markdown = markdown_table(rows, columns)
+    if deltas:
+        _write_csv(out / "deltas.csv", deltas, DELTA_COLUMNS)
+        markdown += ("\n\ndifference in bits per byte from each baseline (negative = better), with its paired "
+                     "bootstrap 95% interval over documents; holds: the interval lies below zero\n\n"
+                     + markdown_table([{**d, "holds": "yes" if d["holds"] else "no"} for d in deltas], DELTA_COLUMNS))
     (out / "results.md").write_text("bits per byte on held-out text (lower is better)\n\n" + markdown + "\n")
     plot_bpb(rows, domains, out / "bpb_by_domain.png")
     plot_heatmap(heat, domains, out / "routing_heatmap.png")
     return markdown
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _plt():

@@ -26,14 +26,16 @@ import numpy as np
 import ray
 
 from composition.evaluation import bits_per_byte, mixture, score_documents
+from composition.intervals import paired_bootstrap
 from composition.loader import CompositionSettings, load_composed
 from experts.checkpoint import load_model
 from experts.flops import forward_flops_per_token
-from pipeline.catalog import Catalog, exact_uri
+from pipeline.catalog import DENSE_MATCHED, Catalog, exact_uri
 from pipeline.compressors import compressor_bpb
 from pipeline.config import Config
 from pipeline.corpus import load_corpus
 from pipeline.errors import StageError
+from pipeline.overlap import ShingleIndex
 from pipeline.ray_runtime import check_resources, connect_ray, use_granted_cpus
 from pipeline.report import plot_curves, write_results
 from pipeline.tokenizer import ByteTokenizer
@@ -60,25 +62,58 @@ def eval_corpus(cfg: Config, eval_data: str | None):
     return replace(cfg.corpus, source="hub", name=eval_data), None  # offline: read from the local cache
 
 
-def held_out(cfg: Config, eval_data: str | None) -> tuple[list[str], list[np.ndarray], str]:
-    """(domain of each document, its byte tokens, a description), at most
-    evaluate.max_bytes_per_domain bytes of whole documents per domain, in a fixed order."""
+@dataclass
+class HeldOut:
+    """The documents to score and how much of them the training split already holds."""
+
+    domains: list[str]  # each document's domain
+    tokens: list[np.ndarray]  # its bytes
+    described: str
+    overlap: dict[str, float]  # domain -> share of kept bytes covered by training shingles
+    overlap_before: dict[str, float]  # ... of every held-out document of the domain, before dropping
+    dropped: dict[str, int]  # domain -> documents dropped as near-duplicates of training text
+
+
+def held_out(cfg: Config, eval_data: str | None) -> HeldOut:
+    """At most evaluate.max_bytes_per_domain bytes of whole documents per domain, in a fixed
+    order, dropping every document whose bytes sit in training shingles above evaluate.max_overlap."""
     corpus, split = eval_corpus(cfg, eval_data)
-    docs = [d for d in load_corpus(corpus) if split is None or d.split == split]
+    everything = load_corpus(corpus)
+    docs = [d for d in everything if split is None or d.split == split]
     if not docs:
         raise StageError(f"no held-out documents to score in {eval_data or 'the pipeline corpus'}"
                          f"{f' (split {split})' if split else ''}; raise corpus.test_fraction or give --eval-data")
+    training = everything if corpus == cfg.corpus else load_corpus(cfg.corpus)
+    ev = cfg.evaluate
+    index = ShingleIndex((d.text.encode("utf-8") for d in training if d.split == "train"), ev.shingle_words)
     budget: dict[str, int] = {}
-    domains, tokens = [], []
+    covered: dict[str, list[int]] = {}  # domain -> [covered bytes kept, bytes kept, covered all, bytes all]
+    out = HeldOut([], [], f"{eval_data or 'pipeline corpus'}{f' ({split} split)' if split else ''}", {}, {}, {})
     for doc in sorted(docs, key=lambda d: d.doc_id):
         domain = doc.source or "unlabelled"
-        data = np.frombuffer(doc.text.encode("utf-8"), dtype=np.uint8)
-        if not len(data) or budget.get(domain, 0) >= cfg.evaluate.max_bytes_per_domain:
+        data = doc.text.encode("utf-8")
+        if not data:
+            continue
+        hits = int(index.covered(data).sum())
+        tally = covered.setdefault(domain, [0, 0, 0, 0])
+        tally[2:] = [tally[2] + hits, tally[3] + len(data)]
+        if hits > ev.max_overlap * len(data):
+            out.dropped[domain] = out.dropped.get(domain, 0) + 1
+            continue
+        if budget.get(domain, 0) >= ev.max_bytes_per_domain:
             continue
         budget[domain] = budget.get(domain, 0) + len(data)
-        domains.append(domain)
-        tokens.append(data)
-    return domains, tokens, f"{eval_data or 'pipeline corpus'}{f' ({split} split)' if split else ''}"
+        tally[:2] = [tally[0] + hits, tally[1] + len(data)]
+        out.domains.append(domain)
+        out.tokens.append(np.frombuffer(data, dtype=np.uint8))
+    if not out.tokens:
+        raise StageError(f"every held-out document of {out.described} overlaps the training split by more than "
+                         f"evaluate.max_overlap={ev.max_overlap}; raise it (1 keeps every document)")
+    for domain, (hits, n, hits_all, n_all) in covered.items():
+        out.overlap_before[domain] = hits_all / n_all
+        if n:
+            out.overlap[domain] = hits / n
+    return out
 
 
 def domain_experts(table: dict, expert_clusters: list[int]) -> dict[str, int]:
@@ -154,8 +189,10 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
     tracker.pipeline_run(pipeline_id)
     cluster_run, table, _ = catalog.assignments(pipeline_id)
     central_uri, expert_uris = catalog.pipeline_models(pipeline_id)
-    domains, docs, described = held_out(cfg, eval_data)
-    print(f"evaluate: {len(docs)} documents, {sum(len(d) for d in docs)} bytes from {described}", flush=True)
+    held = held_out(cfg, eval_data)
+    domains, docs, described = held.domains, held.tokens, held.described
+    print(f"evaluate: {len(docs)} documents, {sum(len(d) for d in docs)} bytes from {described}; dropped as "
+          f"near-duplicates of training text: {held.dropped or 'none'}", flush=True)
     with tracker.pipeline_active(pipeline_id), tracker.stage_run(pipeline_id, "evaluate") as run_id, \
             tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -167,6 +204,10 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         dense_uri = exact_uri(dense) if dense else None
         if dense:
             versions[dense_uri] = dense
+        matched = catalog.matched_model(pipeline_id)
+        matched_uri = exact_uri(matched) if matched else None
+        if matched:
+            versions[matched_uri] = matched
         dirs = {uri: catalog.model_dir(v, tmp / f"m{i}") for i, (uri, v) in enumerate(versions.items())}
         expert_clusters = [int(versions[u].tags["moie.cluster"]) for u in expert_uris]
         # cBTM's weights over the pipeline's experts for every byte's prefix, computed once:
@@ -174,19 +215,24 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         router = catalog.router(cluster_run.info.run_id, tmp / "router")
         weights = [document_weights(router, bytes(doc), expert_clusters, len(expert_clusters)) for doc in docs]
         routes = {"run": cluster_run.info.run_id, "clusters": expert_clusters, "weights": weights}
-        scored = _score_all(cfg, catalog, docs, dirs, central_uri, dense_uri, expert_uris,
-                            catalog.pipeline_compositions(pipeline_id), routes, tmp)
-        scored |= {"central_uri": central_uri, "dense_uri": dense_uri or central_uri,
+        compositions = catalog.pipeline_compositions(pipeline_id)
+        scored = _score_all(cfg, catalog, docs, dirs, central_uri, dense_uri, matched_uri, expert_uris,
+                            compositions, routes, tmp)
+        scored |= {"central_uri": central_uri, "dense_uri": dense_uri or central_uri, "matched_uri": matched_uri,
+                   "compose_pflops": {mode: tracker.client.get_run(v.run_id).data.metrics.get("train_pflops", 0.0)
+                                      for mode, v in compositions.items()},
                    "seed_tokens": float(versions[expert_uris[0]].tags.get("moie.seed_tokens", 0)),
                    "train_tokens": {uri: tracker.client.get_run(v.run_id).data.metrics.get("tokens", 0.0)
                                     for uri, v in versions.items()}}
-        outcome = summarise(domains, docs, scored, weights, domain_experts(table, expert_clusters))
-        metrics = outcome["metrics"]
+        outcome = summarise(domains, docs, scored, weights, domain_experts(table, expert_clusters),
+                            cfg.evaluate.bootstrap, cfg.seed)
+        metrics = outcome["metrics"] | overlap_metrics(held)
         tracker.log_metrics(run_id, metrics)
         tracker.log_metrics(pipeline_id, headline(metrics))
         out = tmp / "results"
         out.mkdir()
-        outcome["markdown"] = write_results(out, outcome["rows"], outcome["domains"], outcome["heat"])
+        outcome["markdown"] = write_results(out, outcome["rows"], outcome["domains"], outcome["heat"],
+                                            outcome["deltas"])
         plot_curves(training_curves(catalog, pipeline_id), out / "curves")
         tracker.log_artifact_dir(run_id, out)
         print(outcome["markdown"], flush=True)
@@ -194,8 +240,8 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
 
 
 def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], dirs: dict, central_uri: str,
-               dense_uri: str | None, expert_uris: list[str], compositions: dict, pipeline_routes: dict,
-               tmp: Path) -> dict:
+               dense_uri: str | None, matched_uri: str | None, expert_uris: list[str], compositions: dict,
+               pipeline_routes: dict, tmp: Path) -> dict:
     """Ray tasks: one per model, one per composition (and routing); {system: result}."""
     connect_ray(cfg.ray)
     ev = cfg.evaluate
@@ -209,6 +255,8 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], dirs: dict
     used: dict[str, list[str]] = {}  # composed system -> its experts, in its own order
     if dense_uri and dense_uri != central_uri:
         refs["dense"] = model_task.remote(dirs[dense_uri], docs_ref, scoring)
+    if matched_uri:
+        refs[DENSE_MATCHED] = model_task.remote(dirs[matched_uri], docs_ref, scoring)
     for e, uri in enumerate(expert_uris):
         refs[f"expert{e}"] = model_task.remote(dirs[uri], docs_ref, scoring)
     for mode, version in compositions.items():
@@ -263,13 +311,14 @@ def training_curves(catalog: Catalog, pipeline_id: str) -> dict[str, dict[str, l
 
 
 def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights: list[np.ndarray],
-              domain_expert: dict[str, int]) -> dict:
-    """bpb per system and domain, routing accuracy and load, cost; the results table's rows.
+              domain_expert: dict[str, int], resamples: int = 2000, seed: int = 0) -> dict:
+    """bpb per system and domain, routing accuracy and load, cost, and each system's difference
+    from the baselines with its paired bootstrap interval; the results table's rows.
     weights: per document (n_bytes, n_experts) cBTM weights of each byte's prefix."""
     results, n_experts = scored["results"], len(scored["experts"])
     log_probs, cbtm_routes = _system_log_probs(domains, docs, results, weights, domain_expert, n_experts)
     names = sorted(set(domains))
-    order = ["dense", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *COMPOSED_SYSTEMS] + [
+    order = ["dense", DENSE_MATCHED, "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *COMPOSED_SYSTEMS] + [
         f"expert{e}" for e in range(n_experts)]
     order = [s for s in order if s in log_probs]
     bpb = {s: {dom: bits_per_byte([lp for lp, dd in zip(log_probs[s], domains) if dd == dom]) for dom in names}
@@ -278,6 +327,9 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights:
     routing_metrics, heat = _routing(domains, scored, cbtm_routes["cbtm_top1"], domain_expert)
     metrics |= routing_metrics
     cost = _cost(scored, order, n_experts)
+    metrics |= {f"train_pflops/{s}": c["train_pflops"] for s, c in cost.items() if "train_pflops" in c}
+    deltas = differences(log_probs, [s for s in order if not s.startswith("expert")], resamples, seed)
+    metrics |= {f"delta/{d['system']}_vs_{d['baseline']}/{k}": d[k] for d in deltas for k in ("mean", "ci_low", "ci_high")}
     rows = [{"system": s, **{dom: bpb[s][dom] for dom in names}, "all": bpb[s]["all"],
              "routing_accuracy": metrics.get(f"routing_accuracy/{s}"),
              "experts_per_token": metrics.get(f"experts_per_token/{s}"), **cost.get(s, {})} for s in order]
@@ -285,7 +337,34 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights:
     for system, values in compressor_bpb(domains, [bytes(d) for d in docs]).items():
         metrics |= {f"bpb/{system}/{part}": v for part, v in values.items()}
         rows.append({"system": system, **values})
-    return {"metrics": metrics, "rows": rows, "domains": names, "heat": heat, "markdown": ""}
+    return {"metrics": metrics, "rows": rows, "domains": names, "heat": heat, "deltas": deltas, "markdown": ""}
+
+
+BASELINES = ("dense", DENSE_MATCHED)
+
+
+def differences(log_probs: dict[str, list[np.ndarray]], systems: list[str], resamples: int,
+                seed: int) -> list[dict]:
+    """bpb(system) - bpb(baseline) for every system against each baseline scored, with its paired
+    bootstrap interval over documents (the same resamples for every pair)."""
+    out = []
+    for baseline in (b for b in BASELINES if b in log_probs):
+        for system in (s for s in systems if s != baseline and s in log_probs):
+            if system in ("dense", "central") and baseline == DENSE_MATCHED or (
+                    system == "central" and log_probs["central"] is log_probs["dense"]):
+                continue  # a baseline against the other one is reported once (dense_matched vs dense)
+            interval = paired_bootstrap(log_probs[system], log_probs[baseline], resamples, seed=seed)
+            out.append({"system": system, "baseline": baseline, "mean": interval.mean, "ci_low": interval.ci_low,
+                        "ci_high": interval.ci_high, "holds": interval.excludes_zero() and interval.mean < 0})
+    return out
+
+
+def overlap_metrics(held: HeldOut) -> dict[str, float]:
+    """heldout_overlap/<domain>: share of the scored bytes in training shingles (after dropping);
+    heldout_overlap_before/<domain>, heldout_dropped/<domain>: before, and documents dropped."""
+    return ({f"heldout_overlap/{d}": v for d, v in held.overlap.items()}
+            | {f"heldout_overlap_before/{d}": v for d, v in held.overlap_before.items()}
+            | {f"heldout_dropped/{d}": float(held.dropped.get(d, 0)) for d in held.overlap_before})
 
 
 def _system_log_probs(domains: list[str], docs: list[np.ndarray], results: dict, weights: list[np.ndarray],
@@ -344,8 +423,8 @@ def _routing(domains: list[str], scored: dict, cbtm_top1: list[np.ndarray],
 
 
 def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
-    """Parameters, training PFLOPs (3 x forward FLOPs x tokens of every model a system uses;
-    composition training not included), inference MFLOPs and ms per token."""
+    """Parameters, training PFLOPs (3 x forward FLOPs x tokens of every model a system uses, plus
+    for compositions what the compose stage spent training them), inference MFLOPs and ms per token."""
     results, uris, tokens = scored["results"], scored["experts"], scored["train_tokens"]
     experts = [results[f"expert{e}"] for e in range(n_experts)]
 
@@ -357,13 +436,16 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
     own_pflops = sum(trained(r, u) for r, u in zip(experts, uris))
     experts_pflops = own_pflops + seed_pflops
     central_pflops = trained(results["central"], scored["central_uri"])
+    dense_pflops = trained(results["dense"], scored["dense_uri"])
     mean_flops = float(np.mean([r["flops"] for r in experts]))
     mean_ms = float(np.mean([r["ms_per_token"] for r in experts]))
     all_params = int(sum(r["params"] for r in experts))
-    cost = {"dense": {"train_pflops": trained(results["dense"], scored["dense_uri"])},
-            "central": {"train_pflops": central_pflops}}
+    cost = {"dense": {"train_pflops": dense_pflops}, "central": {"train_pflops": central_pflops}}
+    if DENSE_MATCHED in results:  # the dense model's training, then its continuation
+        cost[DENSE_MATCHED] = {"train_pflops": dense_pflops + trained(results[DENSE_MATCHED], scored["matched_uri"])}
     for e, (r, u) in enumerate(zip(experts, uris)):
         cost[f"expert{e}"] = {"train_pflops": trained(r, u)}
+    compose = scored.get("compose_pflops", {})
     for s in order:
         if s in results:
             r = results[s]
@@ -371,7 +453,9 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
                                           ms_per_token=r["ms_per_token"])
             if s.startswith("composed"):  # a dense central model already contains the seed
                 same = scored["central_uri"] == scored["dense_uri"]
-                cost[s]["train_pflops"] = central_pflops + (own_pflops if same else experts_pflops)
+                mode = "joint" if s == "composed_joint" else "independent"
+                cost[s]["train_pflops"] = (central_pflops + (own_pflops if same else experts_pflops)
+                                           + compose.get(mode, 0.0))
     for s, kk in {"oracle": 1, **CBTM}.items():
         kk = min(kk or n_experts, n_experts)  # k expert forwards (the router's tf-idf not counted)
         cost[s] = {"params": all_params, "train_pflops": experts_pflops, "infer_mflops_per_token": kk * mean_flops / 1e6,
