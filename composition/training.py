@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from composition.model import ComposedLM
+from experts.flops import forward_flops_per_token
 from experts.trainer import TrainConfig, TrainResult, train
 
 
@@ -26,16 +27,40 @@ def set_trainable(composed: ComposedLM, modules: list[nn.Module]) -> None:
             p.requires_grad_(True)
 
 
-def fit_centers(composed: ComposedLM, tokens: np.ndarray, n_tokens: int, seq_len: int | None = None,
-                batch_size: int = 8) -> None:
-    """Center the routing on the central model's mean states over the first n_tokens of `tokens`
-    (the central model's own training data: a property of the central, shared by every expert)."""
+def fit_centers(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: int, seed: int = 0,
+                seq_len: int | None = None, batch_size: int = 8) -> None:
+    """Center the routing on the mean over clusters of the central model's mean state: an equal
+    share of n_tokens from each of `token_sets` (each expert's training data), as windows at
+    seeded random offsets, so no one domain (or the corpus's first documents) sets the centre."""
     seq = seq_len or composed.config.block_size
-    n = min(len(tokens) - 1, n_tokens) // seq * seq
-    if n < seq:
-        raise ValueError(f"need at least {seq + 1} tokens to fit routing centers, got {len(tokens)}")
-    x = torch.from_numpy(np.asarray(tokens[:n]).astype(np.int64)).view(-1, seq)  # (n / seq, seq)
-    composed.fit_centers(x.split(batch_size))
+    if not token_sets:
+        raise ValueError("fit_centers needs at least one token set (one per expert)")
+    per_set = max(1, n_tokens // len(token_sets) // seq)  # windows from each set
+    rng = np.random.default_rng(seed)
+    means = []
+    for tokens in token_sets:
+        if len(tokens) < seq + 1:
+            raise ValueError(f"need at least {seq + 1} tokens in every set to fit routing centers, got {len(tokens)}")
+        starts = np.sort(rng.integers(0, len(tokens) - seq, size=per_set))
+        x = torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq]) for s in starts]).astype(np.int64))  # (W, seq)
+        composed.fit_centers(x.split(batch_size))
+        means.append({p: c.detach().clone() for p, c in composed.centers.items()})
+    for p in composed.points:
+        composed.centers[p].copy_(torch.stack([m[p] for m in means]).mean(dim=0))
+
+
+def train_flops_per_token(composed: ComposedLM, experts: list[int], routing: str) -> float:
+    """Training FLOPs per token of a composition phase that runs `experts` with `routing`: forward
+    and backward (3x forward) through the central model and the blocks, forward only through
+    the frozen experts (no weight of theirs and none of their states needs a gradient)."""
+    saved = composed.routing, composed.active
+    try:
+        composed.routing, composed.active = routing, list(experts)
+        total = forward_flops_per_token(composed)
+    finally:
+        composed.routing, composed.active = saved
+    frozen = sum(forward_flops_per_token(composed.experts[e]) for e in experts)
+    return 3 * total - 2 * frozen
 
 
 def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blocks_cfg: TrainConfig,

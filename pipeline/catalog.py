@@ -43,6 +43,7 @@ RESULTS_TABLE = "results.md"  # the evaluate run's table
 
 # the experts stage's models (tag moie.expert): expert-<cluster>, the dense baseline, an optional central
 DENSE = "dense"
+DENSE_MATCHED = "dense_matched"  # the dense model trained on for the compute composition spends beyond it
 CENTRAL = "central"
 
 
@@ -240,6 +241,11 @@ class Catalog:
         dense = [v for v in self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id})
                  if v.tags.get("moie.role") in ("dense", "dense+central")]
         return dense[-1] if dense else None
+
+    def matched_model(self, pipeline_id: str):
+        """The pipeline's matched-compute dense baseline version, or None."""
+        matched = self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id, "moie.role": DENSE_MATCHED})
+        return matched[-1] if matched else None
 
     def pipeline_compositions(self, pipeline_id: str) -> dict[str, object]:
         """The newest registered composition of the pipeline for each mode (not those --add made)."""

@@ -44,7 +44,8 @@ def test_compose_stage_runs_both_modes_and_registers_compositions_better_than_ce
     assert sorted(registered) == ["independent", "joint"]
     tracker = Tracker(cfg)
     runs = tracker.stage_runs(pipeline_id, "compose")
-    assert sorted(r.data.tags["moie.mode"] for r in runs) == ["independent", "joint"]
+    assert sorted(r.data.tags["moie.mode"] for r in runs) == ["dense_matched", "independent", "joint"]
+    runs = [r for r in runs if r.data.tags["moie.mode"] != "dense_matched"]
     for run in runs:
         assert run.data.metrics["val_bpb"] < run.data.metrics["central_val_bpb"]
         files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition")}
@@ -102,8 +103,21 @@ def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_ev
     for domain in domains:
         assert min(metrics[f"bpb/expert{e}/{domain}"] for e in range(3)) <= metrics[f"bpb/oracle/{domain}"] + 1e-9
         assert metrics[f"bpb/oracle/{domain}"] in {metrics[f"bpb/expert{e}/{domain}"] for e in range(3)}
+    # the matched-compute baseline: the dense model trained on for what composition spent beyond
+    # it (experts' own steps and the compose stage's, counted in every composed system's cost)
+    assert metrics["bpb/dense_matched/all"] < metrics["bpb/dense/all"]
+    composed = max(metrics[f"train_pflops/{s}"] for s in COMPOSED.values())
+    assert composed > metrics["train_pflops/dense"]
+    assert 0 <= metrics["train_pflops/dense_matched"] - composed <= 0.01 * composed  # whole steps: at most one more
+    for system in ["composed_independent", "composed_joint", "cbtm_top1"]:
+        for baseline in ["dense", "dense_matched"]:
+            key = f"delta/{system}_vs_{baseline}"
+            assert metrics[f"{key}/ci_low"] <= metrics[f"{key}/mean"] <= metrics[f"{key}/ci_high"]
+            assert metrics[f"{key}/mean"] == pytest.approx(metrics[f"bpb/{system}/all"] - metrics[f"bpb/{baseline}/all"])
+    for domain in domains:
+        assert 0 <= metrics[f"heldout_overlap/{domain}"] <= cfg.evaluate.max_overlap
     files = {a.path for a in tracker.client.list_artifacts(evaluation.info.run_id)}
-    assert {"results.md", "results.csv", "bpb_by_domain.png", "routing_heatmap.png", "curves", "manifest.json"} <= files
+    assert {"results.md", "results.csv", "deltas.csv", "bpb_by_domain.png", "routing_heatmap.png", "curves", "manifest.json"} <= files
     curves = {a.path for a in tracker.client.list_artifacts(evaluation.info.run_id, "curves")}
     assert {"curves/expert-0.png", "curves/dense.png"} <= curves
     parent = tracker.client.get_run(pipeline_id).data.metrics

@@ -23,7 +23,8 @@ SMALL = ["cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.exper
          "experts.train.max_tokens=6000", "experts.train.ckpt_every=0", "compose.modes=[independent]",
          "compose.blocks_train={max_tokens: 4000, batch_size: 8, lr: 0.003, warmup_steps: 1}",
          "compose.gates_train={max_tokens: 2000, batch_size: 8, lr: 0.005, warmup_steps: 1}",
-         "compose.eval_tokens=2048", "compose.center_tokens=2048"]
+         "compose.eval_tokens=2048", "compose.center_tokens=2048",
+         "compose.dense_matched=false"]
 
 
 def pipeline_on(home: Path, domains: list[str], seed: int):

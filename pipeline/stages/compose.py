@@ -8,7 +8,9 @@ version; only the new parameters are saved, with a manifest naming the exact ver
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,9 +21,12 @@ from artifacts import save_state, write_json
 from composition.evaluation import bits_per_byte, score_documents
 from composition.loader import CompositionSettings, load_composed, new_parameters
 from composition.model import ComposedLM
-from composition.training import fit_centers, train_independent, train_joint
-from experts.trainer import TrainConfig
-from pipeline.catalog import COMPOSITION_MODEL, DENSE, MANIFEST_FORMAT, Catalog, check_tokenizers, exact_uri
+from composition.training import fit_centers, train_flops_per_token, train_independent, train_joint
+from experts.flops import forward_flops_per_token
+from experts.checkpoint import load_model, save_model
+from experts.trainer import TrainConfig, train
+from pipeline.catalog import (CENTRAL_MODEL, COMPOSITION_MODEL, DENSE, DENSE_MATCHED, MANIFEST_FORMAT, Catalog,
+                              check_tokenizers, exact_uri)
 from pipeline.config import Config
 from pipeline.errors import StageError
 from pipeline.ray_runtime import check_resources, connect_ray, use_granted_cpus
@@ -55,6 +60,24 @@ class CompositionTask:
     router_run: str | None = None
     clusters: list[int] | None = None  # each expert's cluster in that clustering
     centers: dict | None = None  # the routing centres every expert's training shares
+    flops: dict | None = None  # forward / training FLOPs per token of the models and of each phase (prepare_task)
+
+
+@dataclass
+class MatchedTask:
+    """The dense model trained on, from its final weights, for a given number of tokens."""
+
+    name: str
+    run_id: str
+    tracking_uri: str
+    dense_dir: str
+    train: str  # the dense model's own training and validation tokens
+    val: str
+    ckpt_dir: str  # resumable, under the pipeline's checkpoint root
+    train_config: dict  # the dense model's TrainConfig fields, with the matched budget
+    tokenizer: str
+    num_cpus: float
+    seed: int
 
 
 # --- Ray task bodies -------------------------------------------------------------------------
@@ -66,13 +89,21 @@ def _composed(task: CompositionTask, expert_dirs: list[str]) -> ComposedLM:
     return load_composed(task.central_dir, expert_dirs, task.settings, task.centers, complete=False)
 
 
-def centers_task(task: CompositionTask) -> dict:
-    """The central model's mean state at each composition point, on its own training data:
-    computed once and shared by every expert's training, so independent gates agree on it."""
-    composed = _composed(replace(task, centers=None), task.expert_dirs[:1])
+def prepare_task(task: CompositionTask) -> dict:
+    """What every mode's training shares, computed once: the routing centres (the central
+    model's mean state at each composition point, averaged over the experts' clusters, so
+    independent gates agree on it) and the training FLOPs per token of each phase."""
+    composed = _composed(replace(task, centers=None), task.expert_dirs)
     if task.center_tokens:
-        fit_centers(composed, np.load(task.train, mmap_mode="r"), task.center_tokens)
-    return {k: v for k, v in new_parameters(composed).items() if k.startswith("centers.")}
+        fit_centers(composed, [np.load(path, mmap_mode="r") for path in task.expert_data], task.center_tokens,
+                    seed=task.seed)
+    n = len(task.expert_dirs)
+    flops = {"seq": composed.config.block_size, "central": forward_flops_per_token(composed.central),
+             "experts": [forward_flops_per_token(expert) for expert in composed.experts],
+             "independent": [train_flops_per_token(composed, [e], "gate") for e in range(n)],
+             "joint": train_flops_per_token(composed, list(range(n)), "topk")}
+    return {"centers": {k: v for k, v in new_parameters(composed).items() if k.startswith("centers.")},
+            "flops": flops}
 
 
 def train_independent_task(task: CompositionTask, e: int) -> dict:
@@ -83,14 +114,40 @@ def train_independent_task(task: CompositionTask, e: int) -> dict:
                                       TrainConfig(**task.gates_train))
     state = {k.replace("blocks.0.", f"blocks.{e}.", 1).replace("gates.0.", f"gates.{e}.", 1): v
              for k, v in new_parameters(composed).items()}
-    return {"state": state, "blocks_loss": blocks.train_loss, "gates_loss": gates.train_loss}
+    return {"state": state, "blocks_loss": blocks.train_loss, "gates_loss": gates.train_loss,
+            "tokens": blocks.tokens + gates.tokens}
 
 
 def train_joint_task(task: CompositionTask) -> dict:
     composed = _composed(task, task.expert_dirs)
     result = train_joint(composed, np.load(task.train, mmap_mode="r"), TrainConfig(**task.joint_train),
                          task.balance_weight)
-    return {"state": new_parameters(composed), "joint_loss": result.train_loss}
+    return {"state": new_parameters(composed), "joint_loss": result.train_loss, "tokens": result.tokens}
+
+
+def train_matched_task(task: MatchedTask) -> dict:
+    """The dense model continued on its own data with its schedule (warm-up + cosine over the
+    extra tokens, as every expert's branch restarts it); logged to its run, exported."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    use_granted_cpus(task.num_cpus, task.seed)
+    model, _ = load_model(task.dense_dir)
+    val = np.load(task.val, mmap_mode="r")
+    client = MlflowClient(tracking_uri=task.tracking_uri)
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    result = train(model, np.load(task.train, mmap_mode="r"), val if len(val) > 1 else None,
+                   TrainConfig(**task.train_config), ckpt_dir=task.ckpt_dir, on_metrics=on_metrics,
+                   meta={"tokenizer": task.tokenizer})
+    model_dir = Path(task.ckpt_dir) / "model"
+    save_model(model_dir, model, {"tokenizer": task.tokenizer, "name": task.name})
+    return {"model_dir": str(model_dir), "tokens": result.tokens, "steps": result.steps,
+            "train_loss": result.train_loss, "val_bpb": result.val_bpb,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def evaluate_task(task: CompositionTask, state: dict) -> dict:
@@ -138,18 +195,131 @@ def router_weights(task: CompositionTask, docs: list[np.ndarray]) -> list[np.nda
 
 def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
                 expert_uris: list[str] | None = None) -> dict[str, str]:
-    """Compose, train each configured mode, register each; return {mode: registry URI}."""
+    """Compose, train each configured mode, register each; return {mode: registry URI}. For the
+    pipeline's own models, the dense model also trains on for the compute the composed systems
+    spend beyond it (`dense_matched`), alongside the compositions."""
     catalog = Catalog(cfg)
     catalog.tracker.pipeline_run(pipeline_id)
+    own = central_uri is None and not expert_uris
     if central_uri is None or not expert_uris:
         default_central, default_experts = catalog.pipeline_models(pipeline_id)
         central_uri, expert_uris = central_uri or default_central, expert_uris or default_experts
     central, experts = catalog.resolve(central_uri), [catalog.resolve(u) for u in expert_uris]
     with catalog.tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
         task = composition_task(cfg, catalog, central, experts, Path(tmp))
-        centers = ray.get(ray.remote(centers_task).options(num_cpus=cfg.compose.num_cpus).remote(task))
-        task = replace(task, centers=centers)
-        return {mode: _compose_mode(catalog, cfg, pipeline_id, mode, task) for mode in cfg.compose.modes}
+        prepared = ray.get(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task))
+        task = replace(task, centers=prepared["centers"], flops=prepared["flops"])
+        matched = _start_matched(catalog, cfg, pipeline_id, task, central, experts) if own else None
+        uris = {mode: _compose_mode(catalog, cfg, pipeline_id, mode, task) for mode in cfg.compose.modes}
+        if matched is not None:
+            _finish_matched(catalog, pipeline_id, *matched)
+        return uris
+
+
+# --- the matched-compute dense baseline ----------------------------------------------------------
+
+
+def center_tokens_used(task: CompositionTask) -> int:
+    """Tokens the routing centres were fitted on (fit_centers: equal whole windows per expert)."""
+    if not task.center_tokens:
+        return 0
+    n, seq = len(task.expert_dirs), _block_size(task)
+    return max(1, task.center_tokens // n // seq) * seq * n
+
+
+def _block_size(task: CompositionTask) -> int:
+    return int(task.flops["seq"])
+
+
+def phase_tokens(train_cfg: dict, seq: int) -> int:
+    """Tokens a training phase runs: whole steps of its budget."""
+    cfg = TrainConfig(**train_cfg)
+    return cfg.steps(cfg.seq_len or seq) * cfg.batch_size * (cfg.seq_len or seq) * cfg.grad_accum
+
+
+def compose_flops(task: CompositionTask, mode: str, tokens: list[int] | int) -> float:
+    """Training FLOPs the compose stage spends on one mode: the routing centres' forward passes
+    plus the mode's training (tokens: per expert for independent, in all for joint)."""
+    f = task.flops
+    centres = center_tokens_used(task) * f["central"]
+    if mode == "independent":
+        return centres + sum(n * f["independent"][e] for e, n in enumerate(tokens))
+    return centres + tokens * f["joint"]
+
+
+def matched_budget(catalog: Catalog, task: CompositionTask, experts: list, modes: set[str]) -> float:
+    """Training FLOPs a composed system spends beyond the dense model it is built on: the
+    experts' own training after the shared seed (the seed is the dense model's first steps)
+    plus the compose stage's, for the costliest of `modes`."""
+    f, seq = task.flops, _block_size(task)
+    own = sum(3 * f["experts"][e] * catalog.tracker.client.get_run(v.run_id).data.metrics.get("tokens", 0.0)
+              for e, v in enumerate(experts))
+    spend = {"independent": compose_flops(task, "independent", [phase_tokens(task.blocks_train, seq)
+                                                                  + phase_tokens(task.gates_train, seq)] * len(experts)),
+             "joint": compose_flops(task, "joint", phase_tokens(task.joint_train, seq))}
+    return own + max(spend[m] for m in modes)
+
+
+def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: CompositionTask, central,
+                   experts: list):
+    """Launch the dense model's continuation for the composed systems' extra compute, unless it
+    is not wanted, not comparable (a configured central model is not the dense one) or done."""
+    if not cfg.compose.dense_matched:
+        return None
+    if central.tags.get("moie.role") != "dense+central":
+        print("compose: no dense_matched baseline (the central model is not the pipeline's dense model)", flush=True)
+        return None
+    done = catalog.matched_model(pipeline_id)
+    if done is not None:
+        print(f"{DENSE_MATCHED}: already trained and registered as {exact_uri(done)}", flush=True)
+        return None
+    modes = set(cfg.compose.modes) | (set(catalog.pipeline_compositions(pipeline_id)) & {"independent", "joint"})
+    extra = matched_budget(catalog, task, experts, modes)
+    train_cfg = {**cfg.experts.train, "seed": cfg.seed + 1}  # the dense model's schedule; batches it has not drawn
+    seq = _block_size(task)
+    step_tokens = phase_tokens({**train_cfg, "max_tokens": 1}, seq)
+    steps = math.ceil(extra / (3 * task.flops["central"]) / step_tokens)  # whole steps: never less compute
+    train_cfg["max_tokens"] = steps * step_tokens
+    root = catalog.checkpoint_root(pipeline_id, central.tags["moie.cluster_run"])
+    run_id = catalog.tracker.create_stage_run(pipeline_id, "compose", name=DENSE_MATCHED, tags={
+        "moie.mode": DENSE_MATCHED, "moie.expert": DENSE_MATCHED, "moie.continued_from": task.central,
+        "moie.cluster_run": central.tags["moie.cluster_run"]})
+    catalog.tracker.log_params(run_id, {"continued_from": task.central, "matched_modes": ",".join(sorted(modes)),
+                                        "max_tokens": train_cfg["max_tokens"],
+                                        **{f"train.{k}": v for k, v in train_cfg.items() if k != "max_tokens"}})
+    catalog.tracker.log_metrics(run_id, {"matched_pflops": extra / 1e15})
+    matched = MatchedTask(name=DENSE_MATCHED, run_id=run_id, tracking_uri=catalog.tracker.uri,
+                          dense_dir=task.central_dir, train=task.train, val=task.val,
+                          ckpt_dir=str(Catalog.checkpoint_dir(root, DENSE_MATCHED)), train_config=train_cfg,
+                          tokenizer=task.tokenizer, num_cpus=cfg.compose.num_cpus, seed=cfg.seed)
+    print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
+          "PFLOPs, what the composed systems spend beyond it), beside the compositions", flush=True)
+    ref = ray.remote(train_matched_task).options(num_cpus=cfg.compose.num_cpus, max_retries=1).remote(matched)
+    return ref, matched, central
+
+
+def _finish_matched(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTask, dense) -> str:
+    """Wait for the continuation, log it and register it as a central-model version (role dense_matched)."""
+    tracker = catalog.tracker
+    try:
+        out = ray.get(ref)
+    except BaseException:
+        tracker.client.set_terminated(matched.run_id, "FAILED")
+        raise
+    tracker.log_metrics(matched.run_id, {"tokens": out["tokens"], "steps": out["steps"], "params": out["params"],
+                                         "final_train_loss": out["train_loss"],
+                                         **({"final_val_bpb": out["val_bpb"]} if out["val_bpb"] is not None else {})})
+    files = tracker.log_artifact_dir(matched.run_id, out["model_dir"], "model")
+    run = tracker.client.get_run(matched.run_id)
+    tags = {k: v for k, v in dense.tags.items() if k in ("moie.tokenizer", "moie.arch", "moie.cluster_run")}
+    uri = catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", matched.run_id, {
+        **tags, "moie.pipeline": pipeline_id, "moie.expert": DENSE_MATCHED, "moie.role": DENSE_MATCHED,
+        "moie.continued_from": exact_uri(dense),
+        "moie.sha256": files["model.safetensors"]})
+    tracker.set_tags(matched.run_id, {"moie.model_version": uri})
+    tracker.client.set_terminated(matched.run_id, "FINISHED")
+    print(f"{DENSE_MATCHED}: registered as {uri} (val_bpb {out['val_bpb']})", flush=True)
+    return uri
 
 
 def run_add(cfg: Config, expert_uri: str, composition_uri: str, pipeline_id: str | None = None) -> str:
@@ -231,22 +401,25 @@ def mode_routing(task: CompositionTask, mode: str) -> str:
 
 
 def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask, opts: dict,
-                base_state: dict | None, train_only: list[int] | None) -> dict:
-    """The new parameters of one mode (independent: one Ray task per expert in `train_only`, default all)."""
+                base_state: dict | None, train_only: list[int] | None) -> tuple[dict, list[int] | int]:
+    """The new parameters of one mode (independent: one Ray task per expert in `train_only`,
+    default all) and the tokens it trained on (independent: per expert)."""
     state = dict(base_state or {})
     if mode == "independent":
         # one task per expert; each could start as soon as its expert exists
         todo = range(len(task.experts)) if train_only is None else train_only
         refs = {e: ray.remote(train_independent_task).options(**opts).remote(task, e) for e in todo}
+        tokens = [0] * len(task.experts)
         for e, r in zip(refs, ray.get(list(refs.values()))):
             state |= {k: v for k, v in r["state"].items() if k.startswith((f"blocks.{e}.", f"gates.{e}."))
                       or (k.startswith("centers.") and k not in state)}
+            tokens[e] = r["tokens"]
             catalog.tracker.log_metrics(run_id, {f"expert{e}_blocks_loss": r["blocks_loss"],
                                                  f"expert{e}_gates_loss": r["gates_loss"]})
-        return state
+        return state, tokens
     result = ray.get(ray.remote(train_joint_task).options(**opts).remote(task))
     catalog.tracker.log_metrics(run_id, {"joint_loss": result["joint_loss"]})
-    return result["state"]
+    return result["state"], result["tokens"]
 
 
 def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, task: CompositionTask,
@@ -263,7 +436,10 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                                     "n_points": s.n_points, "routing": s.routing, "k": s.k, "pool": s.pool,
                                     "center_tokens": task.center_tokens,
                                     **({"added": added["moie.added"]} if added else {})})
-        state = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only)
+        state, tokens = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only)
+        if task.flops is not None:  # what this stage spent training the mode (centres included)
+            tracker.log_metrics(run_id, {"train_pflops": compose_flops(task, mode, tokens) / 1e15,
+                                         "train_tokens": sum(tokens) if isinstance(tokens, list) else tokens})
         scores = ray.get(ray.remote(evaluate_task).options(**opts).remote(task, state))
         tracker.log_metrics(run_id, scores)
         tracker.log_metrics(run_id, {f"gate_norm_{k.replace('.', '_')}": float(v.norm()) for k, v in state.items()
