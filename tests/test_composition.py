@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import textgen
+from randomise import randomise_
 from composition.model import ComposedLM, composition_points, paired_stage
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
-from routing.ensemble import byte_prefix_weights, mixture_log_probs
+from routing.ensemble import byte_prefix_weights, document_weights, mixture_log_probs, restrict
 from routing.router import ClusterRouter
 
 V = 64
@@ -40,6 +41,18 @@ def trained_like(composed):
     return composed
 
 
+def randomised(composed, seed=7):
+    """Every weight random, the central's and the experts' included: a fresh expert's upsamplers
+    project to zero and a fresh block's output projection, null key, gates and centres are zero,
+    so without this a leak through them could not change any logit."""
+    return randomise_(composed, seed).eval()
+
+
+def softmax_route(T, n, seed):
+    """(1, T, n) router weights, every expert > 0 at every position (so every expert runs)."""
+    return torch.softmax(torch.randn(1, T, n, generator=torch.Generator().manual_seed(seed)), -1)
+
+
 @pytest.mark.parametrize("routing", ["topk", "gate", "adaptive"])
 def test_composed_logits_equal_the_central_models_exactly_at_initialisation(routing):
     central = central_gpt()
@@ -55,20 +68,22 @@ def test_gates_start_at_one_half():
         assert torch.equal(composed.route(point, h), torch.full((2, 5, 3), 0.5))
 
 
-@pytest.mark.parametrize("routing", ["topk", "gate", "adaptive"])
+@pytest.mark.parametrize("routing", ["topk", "gate", "adaptive", "router"])
 @pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
 def test_composed_model_is_causal_with_experts_of_other_compression(routing, central_kind):
     central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
-    composed = trained_like(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing,
-                                       threshold=0.5, k=2)).eval()
+    composed = randomised(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing,
+                                     threshold=0.5, k=2))
+    kwargs = {"route": softmax_route(45, 3, seed=2)} if routing == "router" else {}
     idx = torch.randint(0, V, (1, 45), generator=torch.Generator().manual_seed(1))
-    base, _ = composed(idx)
+    base, _ = composed(idx, **kwargs)
     assert not torch.equal(base, central(idx)[0])  # the experts do contribute
     for j in (0, 3, 7, 8, 16, 30, 44):
         changed = idx.clone()
         changed[0, j] = (changed[0, j] + 5) % V
-        logits, _ = composed(changed)
+        logits, _ = composed(changed, **kwargs)
         assert torch.equal(logits[:, :j], base[:, :j])
+        assert not torch.equal(logits[:, j], base[:, j])
 
 
 def test_top_k_routing_uses_exactly_k_experts_per_token():
@@ -200,35 +215,6 @@ def counting_forwards(experts) -> list[int]:
     return calls
 
 
-def test_sequence_level_routing_runs_only_k_expert_forwards():
-    experts = experts_of_differing_depth()
-    calls = counting_forwards(experts)
-    composed = trained_like(ComposedLM(central_gpt(), experts, n_points=2, routing="sequence", k=2))
-    calls.clear()  # construction reads each expert's widths once
-    logits, _ = composed(torch.randint(0, V, (1, 30)))
-    assert len(calls) == 2 and len(set(calls)) == 2
-    assert composed.last_experts_per_token == 2.0 and composed.active == [0, 1, 2]
-    seen = {}
-    composed.central(torch.zeros(1, 1, dtype=torch.long))  # warm-up, no effect
-    idx = torch.randint(0, V, (1, 30), generator=torch.Generator().manual_seed(3))
-    composed.central(idx, inject=lambda name, h, vis: seen.setdefault(name, h) if name in composed.points else h)
-    mean = torch.stack([composed.scores(p, seen[p]).float().mean(dim=(0, 1)) for p in composed.points]).mean(0)
-    calls.clear()
-    composed(idx)
-    assert sorted(calls) == sorted(mean.topk(2).indices.tolist())  # the experts of largest mean affinity
-    # the chosen experts are the ones with the largest mean affinity over the window
-    composed.routing, calls[:] = "topk", []
-    composed.k = 3
-    assert logits.shape == composed(torch.randint(0, V, (1, 30)))[0].shape and len(calls) == 3
-
-
-def test_sequence_routing_at_initialisation_also_equals_the_central_model():
-    central = central_gpt()
-    composed = ComposedLM(central, experts_of_differing_depth(), n_points=2, routing="sequence", k=2)
-    idx = torch.randint(0, V, (2, 33))
-    assert torch.equal(composed(idx)[0], central(idx)[0])
-
-
 def one_hot_route(experts_per_position: list[int], n: int) -> torch.Tensor:
     """(1, T, n) router weights: all weight on one expert per position."""
     route = torch.zeros(1, len(experts_per_position), n)
@@ -264,8 +250,8 @@ def test_router_routing_runs_only_the_experts_some_position_is_routed_to():
 
 
 def test_router_routing_is_causal_in_tokens_and_in_the_routes_of_later_positions():
-    composed = trained_like(ComposedLM(expert_hourglass(9, [4, 2], [32, 32, 48]), experts_of_differing_depth(),
-                                       n_points=2, routing="router")).eval()
+    composed = randomised(ComposedLM(expert_hourglass(9, [4, 2], [32, 32, 48]), experts_of_differing_depth(),
+                                     n_points=2, routing="router"))
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, V, (1, 45), generator=g)
     route = torch.softmax(torch.randn(1, 45, 3, generator=g), -1)  # every expert runs in every call
@@ -277,6 +263,41 @@ def test_router_routing_is_causal_in_tokens_and_in_the_routes_of_later_positions
         logits, _ = composed(changed_idx, route=changed_route)
         assert torch.equal(logits[:, :j], base[:, :j])
         assert not torch.equal(logits[:, j:], base[:, j:])
+
+
+@pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
+def test_router_routing_uses_at_input_t_the_route_of_the_context_up_to_t(central_kind):
+    """route[:, t] weighs the experts for the context up to input t (the one that predicts
+    byte t + 1): changing the route at p alone changes the logit at p and no earlier one."""
+    central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
+    composed = randomised(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing="router"))
+    idx = torch.randint(0, V, (1, 45), generator=torch.Generator().manual_seed(4))
+    route = softmax_route(45, 3, seed=5)
+    base, _ = composed(idx, route=route)
+    for p in (0, 1, 7, 8, 21, 44):
+        changed = route.clone()
+        changed[0, p] = softmax_route(1, 3, seed=100 + p)[0, 0]  # another route at p only
+        logits, _ = composed(idx, route=changed)
+        assert torch.equal(logits[:, :p], base[:, :p]), f"a logit before {p} read the route of position {p}"
+        assert not torch.allclose(logits[:, p], base[:, p]), f"logit {p} ignores the route of position {p}"
+
+
+def test_document_weights_row_j_routes_the_text_before_byte_j():
+    docs = textgen.corpus(8, ["cooking", "sailing"], seed=0)
+    router = ClusterRouter.fit([d["text"] for d in docs], k=2, svd_dim=4, min_df=1, temperature=2.0)  # soft weights
+    doc = docs[0]["text"].encode()[:90]
+    w = document_weights(router, doc, [1, 0], top_k=2)
+    assert w.shape == (len(doc), 2)
+    for j in range(len(doc)):  # explicitly: the router's weights for doc[:j], over clusters [1, 0]
+        expected = restrict(router.route_prefix(doc[:j].decode(), top_k=router.k)[None], [1, 0], 2)[0]
+        np.testing.assert_allclose(w[j], expected, atol=1e-5, err_msg=f"row {j}")
+    # byte j never changes rows 0 .. j (they route the text before it), and it does reach later rows
+    other = docs[1]["text"].encode()
+    for j in (0, 9, 40, 89):
+        changed = document_weights(router, doc[:j] + other[:90 - j], [1, 0], top_k=2)
+        np.testing.assert_array_equal(changed[:j + 1], w[:j + 1])
+        if j < 89:
+            assert not np.allclose(changed[j + 1:], w[j + 1:])
 
 
 def test_window_weights_route_each_position_from_its_documents_bytes_so_far():

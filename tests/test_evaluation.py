@@ -10,6 +10,7 @@ from composition.model import ComposedLM
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
 from pipeline.report import markdown_table
+from randomise import randomise_
 from pipeline.stages.evaluate import domain_experts, headline
 from routing.ensemble import keep_top_k
 
@@ -92,6 +93,54 @@ def test_a_composed_model_reports_its_top1_experts_and_experts_per_row():
     # a GPT central routes one row per position: each scored byte counts once per point (2 points),
     # neither the overlap a later window re-reads nor the padding after a document's end
     assert scores.top1_counts.sum(axis=1).tolist() == [40 * 2, 10 * 2]
+
+
+class RouteEcho(torch.nn.Module):
+    """A model whose logits at input t are 8 x route[:, t] on the first E byte values: what it
+    predicts for a byte is a known function of the route row it was given for that byte."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # score_documents reads the device from it
+
+    def forward(self, idx, route=None):
+        logits = torch.zeros(*idx.shape, 259)
+        logits[..., :route.shape[-1]] = 8 * route
+        return logits, None
+
+
+@pytest.mark.parametrize("seq,stride", [(16, 8), (16, 16), (16, 5)])
+def test_route_weights_row_j_is_the_route_of_the_input_that_predicts_byte_j(seq, stride):
+    rng = np.random.default_rng(0)
+    many = [rng.integers(0, 4, n).astype(np.uint8) for n in (1, 15, 16, 17, 50)]
+    routes = [rng.dirichlet(np.ones(3), len(d)).astype(np.float32) for d in many]
+    scores = score_documents(RouteEcho(), many, EOS, seq_len=seq, stride=stride, batch_size=3,
+                             precision="fp32", route_weights=routes)
+    for doc, route, lp in zip(many, routes, scores.log_probs):
+        logits = torch.zeros(len(doc), 259)
+        logits[:, :3] = 8 * torch.from_numpy(route)
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(doc)), torch.from_numpy(doc).long()]
+        np.testing.assert_allclose(lp, expected.numpy(), atol=1e-4)
+
+
+def test_a_routed_composed_models_byte_j_depends_on_route_row_j_and_no_earlier_byte_does():
+    torch.manual_seed(0)
+    experts = [HourglassLM(HourglassConfig(vocab_size=259, block_size=16, group_len=8, latents=[4], widths=[16, 24],
+                                           n_head=2, n_latent_layers=1)) for _ in range(2)]
+    composed = randomise_(ComposedLM(gpt(block=16), experts, n_points=2, routing="router"), seed=1).eval()
+    rng = np.random.default_rng(1)
+    many = docs([40, 13], seed=2)
+    routes = [rng.dirichlet(np.ones(2), len(d)).astype(np.float32) for d in many]
+    score = lambda r: score_documents(composed, many, EOS, seq_len=16, stride=8, precision="fp32",  # noqa: E731
+                                      route_weights=r).log_probs
+    base = score(routes)
+    for d, j in ((0, 0), (0, 7), (0, 20), (0, 39), (1, 5)):
+        changed = [r.copy() for r in routes]
+        changed[d][j] = changed[d][j][::-1]  # another route for byte j only
+        lp = score(changed)
+        np.testing.assert_array_equal(lp[d][:j], base[d][:j])
+        assert lp[d][j] != base[d][j], f"byte {j} ignores route row {j}"
+        np.testing.assert_array_equal(lp[1 - d], base[1 - d])  # the other document is untouched
 
 
 def test_bits_per_byte_is_nats_over_ln2_over_bytes():

@@ -1,6 +1,12 @@
-"""The hourglass must be causal before anything is built from it."""
+"""The hourglass must be causal before anything is built from it.
+
+Causality is checked with every weight randomised (tests/randomise.py): at initialisation the
+upsamplers' output projections are zero, so logits do not depend on the compressed path at all
+and a leak there could not show.
+"""
 import pytest
 import torch
+from randomise import randomise_
 
 from experts.blocks import Block, MultiChannelBlock
 from experts.gpt import GPT, GPTConfig
@@ -21,10 +27,16 @@ OPTIONS = {
 }
 
 
-def model_for(name: str, seed: int = 0) -> HourglassLM:
+def model_for(name: str, seed: int = 0, random_weights: bool = True, **change) -> HourglassLM:
+    """The model of OPTIONS[name] (+ change); random_weights: every path carries signal."""
     torch.manual_seed(seed)
-    model = HourglassLM(HourglassConfig(**{**BASE, **OPTIONS[name]}))
-    return model.eval()
+    model = HourglassLM(HourglassConfig(**{**BASE, **OPTIONS[name], **change}))
+    return (randomise_(model, seed) if random_weights else model).eval()
+
+
+def small_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return randomise_(GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)), seed).eval()
 
 
 def perturbed(idx: torch.Tensor, j: int) -> torch.Tensor:
@@ -66,10 +78,9 @@ def test_logits_of_a_prefix_equal_the_first_logits_of_the_full_sequence(name):
 
 
 @pytest.mark.parametrize("make", [lambda: model_for("perceiver-repeat"), lambda: model_for("transformer-attn"),
-                                  lambda: GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16))])
+                                  small_gpt])
 def test_greedy_generation_equals_teacher_forced_argmax(make):
-    torch.manual_seed(0)
-    model = make().eval()
+    model = make()
     prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
     out = model.generate(prompt, max_new_tokens=40, temperature=0)  # runs past block_size for the GPT
     assert out.shape == (2, 45)
@@ -117,7 +128,7 @@ def test_perceiver_latent_r_sees_exactly_group_positions_0_to_G_minus_K_plus_r(r
 
 
 def test_denseformer_is_the_identity_at_initialisation():
-    plain = model_for("perceiver-repeat")
+    plain = model_for("perceiver-repeat")  # random weights elsewhere: the identity must not depend on them
     torch.manual_seed(0)
     dense = HourglassLM(HourglassConfig(**{**BASE, "denseformer": True})).eval()
     missing = dense.load_state_dict(plain.state_dict(), strict=False).missing_keys
@@ -153,18 +164,18 @@ def test_gpt_features_visible_are_the_positions():
 
 
 def test_gpt_is_causal():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
-    idx = torch.randint(0, 64, (2, 32))
+    model = small_gpt()
+    idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
     base, _ = model(idx)
     for j in (0, 9, 31):
         logits, _ = model(perturbed(idx, j))
         assert torch.equal(logits[:, :j], base[:, :j])
+        assert not torch.equal(logits[:, j], base[:, j])
 
 
 @pytest.mark.parametrize("name", ["perceiver-repeat", "channels-shared-denseformer-latentloss"])
 def test_a_tiny_model_overfits_one_batch(name):
-    model = model_for(name).train()
+    model = model_for(name, random_weights=False).train()  # trains from the real initialisation
     torch.manual_seed(0)
     idx = torch.randint(0, 64, (4, 33))
     x, y = idx[:, :-1], idx[:, 1:]
@@ -222,9 +233,24 @@ def test_every_option_combination_is_causal(compressor, upsample, interleave, ch
     cfg = HourglassConfig(**{**BASE, "compressor": compressor, "upsample": upsample, "interleave": interleave,
                              "n_local": 2, "channels": channels, "channels_every": 1, "denseformer": denseformer,
                              "shared_channels": channels > 1, "latent_loss": 0.1 if denseformer else 0.0})
-    model = HourglassLM(cfg).eval()
+    model = randomise_(HourglassLM(cfg), seed=5).eval()
     idx = torch.randint(0, 64, (1, 29), generator=torch.Generator().manual_seed(5))  # not a multiple of G
     base, _ = model(idx)
     for j in (0, G - 1, G, 2 * G + 3, 28):
         logits, _ = model(perturbed(idx, j))
         assert torch.equal(logits[:, :j], base[:, :j])
+        assert not torch.equal(logits[:, j], base[:, j])
+
+
+@pytest.mark.parametrize("name", ["perceiver-repeat", "transformer-attn", "three-levels"])
+def test_the_last_logit_sees_the_first_token_only_through_the_upsampled_latents(name):
+    """With no global layer at full resolution (n_global=0) a byte sees other groups only through
+    the compressed path: token 0 must reach the last logit, and must stop reaching it once the
+    last upsampler's output projection is zero again (the compressed path cut)."""
+    model = model_for(name, n_global=0)
+    idx = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(6))
+    first = perturbed(idx, 0)
+    with torch.no_grad():
+        assert not torch.allclose(model(first)[0][:, -1], model(idx)[0][:, -1])
+        model.up[0].proj.weight.zero_()
+        assert torch.equal(model(first)[0][:, -1], model(idx)[0][:, -1])
