@@ -3,8 +3,9 @@ and FLOPs per token (counted from the shapes a forward uses), side by side.
 
     python bench/composition_cost.py [--n 2,4,8] [--batch 4] [--threads 2]
 
-Systems: central alone, one expert, composed token-level top-1 / top-2 / all, composed
-sequence-level top-2, composed with router routing (top-1), cBTM top-1 / top-2 / all (probability mixtures of k expert forwards).
+Systems: central alone, one expert, composed token-level top-1 / top-2 / all, composed with
+router routing (top-1: only the experts some position is routed to run), cBTM top-1 / top-2 / all
+(probability mixtures of k expert forwards).
 Weights are random: cost does not depend on training. Models: bench/matched.py's hourglass
 for the central model and every expert.
 """
@@ -59,8 +60,7 @@ def main() -> None:
             systems = {"central alone": (lambda: central(idx), forward_flops_per_token(central)),
                        "one expert": (lambda: experts[0](idx), one)}
             for label, routing, k in (("composed token top-1", "topk", 1), ("composed token top-2", "topk", 2),
-                                      (f"composed token all ({n})", "topk", n),
-                                      ("composed sequence top-2", "sequence", 2)):
+                                      (f"composed token all ({n})", "topk", n)):
                 composed = ComposedLM(central, experts, n_points=2, routing=routing, k=k).eval()
                 systems[label] = (lambda c=composed: c(idx), forward_flops_per_token(composed))
             # router routing (cBTM's router picks, the gate scales): only routed experts run. Here the

@@ -10,10 +10,10 @@ projection starts at zero, so the composed model starts equal to the central mod
 
 Routing at inference (per token): score_e = LN(h) . LN(v_e) / sqrt(d_c), keep the top k,
 softmax over their scores; or adaptively every expert whose sigmoid gate exceeds a
-threshold (0 .. k_max experts, a number that varies with the input). Sequence-level
-routing chooses k experts once per window from the mean score of the central model's own
-states, so only k expert forwards run; the choice sees the whole window (route a window
-from its preceding context to keep it causal).
+threshold (0 .. k_max experts, a number that varies with the input); or by an outside
+router's weights for each position's context (routing "router", e.g. cBTM's), where only
+the experts some position is routed to run. Every routing decides each row from what that
+row may see, so the composed model stays causal and the rows of a batch independent.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from experts.blocks import Attention, RMSNorm
 
-ROUTINGS = ("gate", "topk", "adaptive", "sequence", "router")
+ROUTINGS = ("gate", "topk", "adaptive", "router")
 POOLS = ("token", "prefix")
 
 
@@ -133,8 +133,6 @@ class ComposedLM(nn.Module):
             if route is None:
                 raise ValueError("routing='router' needs route=(B, T, n_experts) weights or a prefix_router")
             return self._forward_routed(idx, targets, route)
-        if self.routing == "sequence":
-            return self._forward_sequence(idx, targets)
         return self._forward(idx, targets)
 
     def _forward_routed(self, idx: torch.Tensor, targets: torch.Tensor | None, route: torch.Tensor):
@@ -147,28 +145,6 @@ class ComposedLM(nn.Module):
             return self._forward(idx, targets)
         finally:
             self.active, self._route = saved, None
-
-    def _forward_sequence(self, idx: torch.Tensor, targets: torch.Tensor | None):
-        """Choose k experts for the whole window from the central's mean scores; run only them."""
-        seen: dict[str, torch.Tensor] = {}
-
-        def record(name, h, visible):
-            if name in self.points:
-                seen[name] = h
-            return h
-
-        with torch.no_grad():
-            self.central(idx, inject=record)  # the central alone, to read its states at the points
-            mean = torch.stack([self.scores(p, seen[p]).float().mean(dim=(0, 1)) for p in self.points]).mean(0)
-        k = min(self.k, len(self.active))
-        top = mean.topk(k)
-        saved = self.active
-        self.active = [saved[i] for i in top.indices.tolist()]
-        self._sequence_weights = torch.softmax(top.values, -1)
-        try:
-            return self._forward(idx, targets)
-        finally:
-            self.active, self._sequence_weights = saved, None
 
     def _forward(self, idx: torch.Tensor, targets: torch.Tensor | None):
         states = {e: {f["name"]: f for f in self.experts[e].features(idx)} for e in self.active}
@@ -245,8 +221,6 @@ class ComposedLM(nn.Module):
         if self.routing == "router":  # the router's weight for the row's position x the expert's gate
             rows = visible.clamp(max=self._route.shape[1] - 1)  # rows past the end only serve padding
             return self._route[:, rows].to(h.dtype) * torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
-        if self.routing == "sequence":  # fixed for the window by _forward_sequence
-            return self._sequence_weights.to(h.dtype).expand(*h.shape[:-1], -1)
         if self.routing == "gate":
             return torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
         if self.routing == "adaptive":
