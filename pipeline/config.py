@@ -104,7 +104,7 @@ class EvaluateConfig:
     # near-duplicates: a held-out document whose bytes are covered by training shingles of
     # shingle_words words above this share is dropped (1: keep every document)
     max_overlap: float = 0.5
-    shingle_words: int = 8
+    shingle_words: int = 8  # words in a shingle (a run of words held-out text shares with training text)
     bootstrap: int = 2000  # paired bootstrap resamples (over documents) of every difference reported
     stride: int = 0  # window overlap: each window adds `stride` new bytes (0: half the block size)
     batch_size: int = 8  # windows scored at once
