@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,20 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from quality_per_second import cpu_name  # noqa: E402  (bench/ is on the path: this script's folder)
+
 SYSTEMS = ("dense", "dense_matched", "cbtm_top1", "oracle", "composed_independent", "composed_independent_topk",
            "composed_joint", "composed_adaptive")
 ROUTED = ("cbtm_top1", "composed_independent_topk", "composed_adaptive", "composed_joint")
 CLAIMS = [(s, b) for s in ("cbtm_top1", "composed_independent", "composed_joint") for b in ("dense", "dense_matched")]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_seed(seed: int, config: str, home: Path, overrides: list[str]) -> dict:
