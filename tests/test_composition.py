@@ -321,3 +321,25 @@ def test_an_input_shorter_than_an_experts_group_attends_to_the_null_key_only():
     composed = trained_like(ComposedLM(expert_hourglass(9, [4, 2], [32, 32, 48]), experts, n_points=2, k=2))
     logits, _ = composed(torch.randint(0, V, (1, 3)))
     assert logits.shape == (1, 3, V) and torch.isfinite(logits).all()
+
+
+def test_the_routing_centre_weighs_every_cluster_equally_whatever_its_size_or_order():
+    """fit_centers: the mean over clusters of each cluster's mean central state, not the mean
+    of the first tokens of one concatenated stream (which was one domain)."""
+    from composition.training import fit_centers
+
+    composed = ComposedLM(randomise_(central_gpt(), 1), experts_of_differing_depth()[:2], n_points=2)
+    seq = composed.config.block_size
+    small = np.full(3 * seq, 5, dtype=np.uint16)  # every window of a constant text has one mean state
+    large = np.full(100 * seq, 9, dtype=np.uint16)
+
+    def centre_of(*sets):
+        fit_centers(composed, list(sets), n_tokens=8 * seq, seed=0)
+        return {p: c.clone() for p, c in composed.centers.items()}
+
+    only_small, only_large = centre_of(small), centre_of(large)
+    both = centre_of(large, small)
+    assert not torch.allclose(only_small[composed.points[0]], only_large[composed.points[0]])
+    for p in composed.points:
+        torch.testing.assert_close(both[p], (only_small[p] + only_large[p]) / 2)
+        torch.testing.assert_close(centre_of(small, large)[p], both[p])
