@@ -46,6 +46,27 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False  # torch.compile the training forward (CPU: inductor + a C++ compiler); eager if it fails
 
+    def __post_init__(self):
+        """Refuse values no run can use, naming the field and what is valid."""
+        at_least = {"max_tokens": 1, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "eval_every": 0,
+                    "eval_tokens": 1, "ckpt_every": 0, "keep_checkpoints": 1, "latent_loss_warmup": 0, "log_every": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
+            raise ValueError(f"seq_len must be null (the model's block size) or an integer >= 1, got {self.seq_len!r}")
+        checks = {"lr": 0 < self.lr < math.inf, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+                  "weight_decay": 0 <= self.weight_decay < math.inf, "beta1": 0 <= self.beta1 < 1,
+                  "beta2": 0 <= self.beta2 < 1, "grad_clip": 0 < self.grad_clip <= math.inf}
+        valid = {"lr": "> 0 and finite", "min_lr_ratio": "in [0, 1]", "weight_decay": ">= 0 and finite",
+                 "beta1": "in [0, 1)", "beta2": "in [0, 1)", "grad_clip": "> 0 (inf: no clipping)"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name} must be {valid[name]}, got {getattr(self, name)!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be one of auto, bf16, fp32; got {self.precision!r}")
+
     def steps(self, seq_len: int) -> int:
         return max(1, self.max_tokens // (self.batch_size * seq_len * self.grad_accum))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from artifacts import ChecksumError, load_state, verify_sha256
 from pipeline.config import Config
 from pipeline.errors import StageError
-from pipeline.tracking import Tracker, workdir
+from pipeline.tracking import Tracker, quote, workdir
 
 # registered models: the expert library
 EXPERT_MODEL = "moie-expert"
@@ -49,11 +49,6 @@ CENTRAL = "central"
 
 def expert_name(cluster: int) -> str:
     return f"expert-{cluster}"
-
-
-def quote(value: object) -> str:
-    """A value as a quoted MLflow filter literal (a quote inside cannot end the string)."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:

@@ -243,6 +243,7 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
     from pipeline.tracking import PipelineNotFoundError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: noise on stderr
     # SIGTERM (ray job stop) exits through the run context managers, so runs end KILLED.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ names the key (`cluster.k`) and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -238,8 +239,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.k must be at least 2 (one cluster is the dense model), got {k.k}")
     if not 1 <= k.top_k <= k.k:
         raise ConfigError(f"cluster.top_k must be between 1 and cluster.k={k.k}, got {k.top_k}")
-    if k.temperature <= 0:
-        raise ConfigError(f"cluster.temperature must be > 0, got {k.temperature}")
+    if not 0 < k.temperature < math.inf:
+        raise ConfigError(f"cluster.temperature must be > 0 and finite, got {k.temperature}")
+    if c.max_documents is not None and c.max_documents < 1:
+        raise ConfigError(f"corpus.max_documents must be null (all documents) or >= 1, got {c.max_documents}")
     validate_experts(cfg.experts)
     bad_modes = set(cfg.compose.modes) - {"independent", "joint"}
     if bad_modes or not cfg.compose.modes:
@@ -252,6 +255,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("evaluate.max_overlap must be between 0 and 1 (1: keep every held-out document), "
                           "evaluate.shingle_words >= 1 and evaluate.bootstrap >= 1; got "
                           f"{cfg.evaluate.max_overlap}, {cfg.evaluate.shingle_words}, {cfg.evaluate.bootstrap}")
+    for phase in ("blocks_train", "gates_train", "joint_train"):
+        validate_train_section(f"compose.{phase}", getattr(cfg.compose, phase))
+    if not 1 <= cfg.compose.n_points or not 1 <= cfg.compose.k or not 0 <= cfg.compose.threshold <= 1:
+        raise ConfigError("compose.n_points and compose.k must be >= 1 (compose.k = 0 would route to no expert) and "
+                          f"compose.threshold in [0, 1]; got {cfg.compose.n_points}, {cfg.compose.k}, "
+                          f"{cfg.compose.threshold}")
+    if cfg.compose.num_cpus <= 0 or cfg.compose.eval_tokens < 1 or cfg.compose.balance_weight < 0:
+        raise ConfigError("compose.num_cpus must be > 0, compose.eval_tokens >= 1 and compose.balance_weight >= 0; "
+                          f"got {cfg.compose.num_cpus}, {cfg.compose.eval_tokens}, {cfg.compose.balance_weight}")
     if cfg.compose.center_tokens < 0:
         raise ConfigError(f"compose.center_tokens must be >= 0 (0: uncentred routing), got {cfg.compose.center_tokens}")
     ev = cfg.evaluate
@@ -263,21 +275,35 @@ def validate(cfg: Config) -> None:
 
 
 def validate_model_section(section: str, arch: str, model: dict, train: dict) -> None:
-    """`section`.model must build a model of `arch` and `section`.train a TrainConfig
-    (imported lazily: loading a config stays light)."""
+    """`section`.model must build a model of `arch` and `section`.train a TrainConfig, every
+    key known and of its type (imported lazily: loading a config stays light)."""
     from experts.checkpoint import build_model
-    from experts.trainer import TrainConfig
+    from experts.gpt import GPTConfig
+    from experts.hourglass import HourglassConfig
 
     if arch not in ("hourglass", "gpt"):
         raise ConfigError(f"{section}.arch must be 'hourglass' or 'gpt', got {arch!r}")
+    model_cls = HourglassConfig if arch == "hourglass" else GPTConfig
     try:
+        from_dict(model_cls, {k: v for k, v in model.items() if k != "vocab_size"}, f"{section}.model.")
         build_model({"arch": arch, **model})
     except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(f"{section}.model does not build a {arch}: {err}") from None
+    validate_train_section(f"{section}.train", train)
+
+
+def validate_train_section(section: str, train: dict) -> None:
+    """`section` must be TrainConfig keys of the right types and ranges."""
+    from experts.trainer import TrainConfig
+
     try:
-        TrainConfig(**train)
-    except TypeError as err:
-        raise ConfigError(f"{section}.train: {err}; valid keys are the fields of experts.trainer.TrainConfig") from None
+        from_dict(TrainConfig, train, f"{section}.")
+    except ConfigError:
+        raise
+    except ValueError as err:  # TrainConfig's own range check names the field
+        raise ConfigError(f"{section}.{err}") from None
 
 
 def validate_experts(e: "ExpertsConfig") -> None:
@@ -285,6 +311,8 @@ def validate_experts(e: "ExpertsConfig") -> None:
     if not 0 <= e.seed_fraction < 1 or (e.seed_fraction and not e.dense):
         raise ConfigError(f"experts.seed_fraction must be in [0, 1) and needs experts.dense: true (the seed is the "
                           f"dense model's early checkpoint); got {e.seed_fraction} with dense={e.dense}")
+    if not 0 < e.progress_every < math.inf:
+        raise ConfigError(f"experts.progress_every must be > 0 seconds and finite, got {e.progress_every}")
     if e.num_cpus <= 0 or e.num_gpus < 0 or e.max_retries < 0:
         raise ConfigError("experts.num_cpus must be > 0, experts.num_gpus and experts.max_retries >= 0; got "
                           f"{e.num_cpus}, {e.num_gpus}, {e.max_retries}")

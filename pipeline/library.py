@@ -12,6 +12,8 @@ import re
 from pipeline.catalog import COMPOSITION_MODEL, LIBRARY, Catalog, exact_uri, uses
 from pipeline.errors import StageError
 
+TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
+
 
 def parse_filters(items: list[str]) -> dict[str, str]:
     """['domain=code', 'moie.pipeline=abc'] -> tag filters (keys without a dot get 'moie.')."""
@@ -20,6 +22,8 @@ def parse_filters(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise StageError(f"filter {item!r} must look like TAG=VALUE, e.g. domain=code or pipeline=<run id>")
+        if not TAG_KEY.fullmatch(key):
+            raise StageError(f"filter tag {key!r} may hold only letters, digits, '_', '-' and '.', e.g. domain=code")
         out[key if "." in key else f"moie.{key}"] = value
     return out
 

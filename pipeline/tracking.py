@@ -29,6 +29,11 @@ class PipelineNotFoundError(LookupError):
     """A --pipeline id that names no pipeline run in the tracking store."""
 
 
+def quote(value: object) -> str:
+    """A value as a quoted MLflow filter literal (a quote inside cannot end the string)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def workdir(cfg: Config) -> Path:
     """Where the default MLflow database and artifacts live: config, $MOIE_HOME, or ~/.moie."""
     raw = cfg.workdir or os.environ.get("MOIE_HOME") or "~/.moie"
@@ -135,9 +140,9 @@ class Tracker:
 
     def stage_runs(self, pipeline_id: str, stage: str, status: str | None = "FINISHED") -> list:
         """Child runs of a pipeline for one stage, newest first."""
-        query = f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' and tags.`{STAGE_TAG}` = '{stage}'"
+        query = f"tags.`{PIPELINE_TAG}` = {quote(pipeline_id)} and tags.`{STAGE_TAG}` = {quote(stage)}"
         if status:
-            query += f" and attributes.status = '{status}'"
+            query += f" and attributes.status = {quote(status)}"
         return self.client.search_runs([self.experiment_id], query, order_by=["attributes.start_time DESC"])
 
     # --- logging ------------------------------------------------------------------------
