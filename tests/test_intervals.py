@@ -39,14 +39,17 @@ def test_differences_that_change_sign_from_document_to_document_give_an_interval
     assert interval.ci_low < 0 < interval.ci_high and not interval.excludes_zero()
 
 
-def test_documents_are_the_resampled_unit_so_one_outlier_document_widens_the_interval():
+def test_documents_are_the_resampled_unit_so_differences_that_vary_by_document_widen_the_interval():
+    """Bytes of one document share its shift: resampling documents must see that spread,
+    resampling bytes (each byte its own 'document') would not."""
     b = documents(40, seed=5)
-    spread = [lp - 0.05 for lp in b]  # every document a little worse
-    outlier = list(b)
-    outlier[0] = b[0] - 0.05 * sum(len(lp) for lp in b) / len(b[0])  # the same total, all in one document
-    wide, narrow = paired_bootstrap(outlier, b, resamples=1000), paired_bootstrap(spread, b, resamples=1000)
-    assert wide.mean == pytest.approx(narrow.mean)
-    assert wide.ci_high - wide.ci_low > 5 * (narrow.ci_high - narrow.ci_low)
+    shifts = np.random.default_rng(6).normal(0.1, 0.3, size=len(b))
+    a = [lp - s for lp, s in zip(b, shifts)]
+    by_document = paired_bootstrap(a, b, resamples=1000)
+    by_byte = paired_bootstrap([np.array([x]) for lp in a for x in lp], [np.array([x]) for lp in b for x in lp],
+                               resamples=1000)
+    assert by_document.mean == pytest.approx(by_byte.mean)
+    assert by_document.ci_high - by_document.ci_low > 3 * (by_byte.ci_high - by_byte.ci_low)
 
 
 def test_the_same_seed_gives_the_same_interval():

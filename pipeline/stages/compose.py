@@ -210,9 +210,15 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
         prepared = ray.get(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task))
         task = replace(task, centers=prepared["centers"], flops=prepared["flops"])
         matched = _start_matched(catalog, cfg, pipeline_id, task, central, experts) if own else None
-        uris = {mode: _compose_mode(catalog, cfg, pipeline_id, mode, task) for mode in cfg.compose.modes}
-        if matched is not None:
-            _finish_matched(catalog, pipeline_id, *matched)
+        try:
+            uris = {mode: _compose_mode(catalog, cfg, pipeline_id, mode, task) for mode in cfg.compose.modes}
+            if matched is not None:
+                _finish_matched(catalog, pipeline_id, *matched)
+        except BaseException as err:
+            if matched is not None:  # never leave its run RUNNING or its task training on
+                _abandon_matched(catalog, matched[0], matched[1], killed=isinstance(err, (KeyboardInterrupt,
+                                                                                          SystemExit)))
+            raise
         return uris
 
 
@@ -298,14 +304,17 @@ def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: Compos
     return ref, matched, central
 
 
+def _abandon_matched(catalog: Catalog, ref, matched: MatchedTask, killed: bool) -> None:
+    """Cancel the continuation and end its run KILLED or FAILED (a re-run resumes it from its checkpoints)."""
+    ray.cancel(ref, force=True)
+    if catalog.tracker.client.get_run(matched.run_id).info.status == "RUNNING":
+        catalog.tracker.client.set_terminated(matched.run_id, "KILLED" if killed else "FAILED")
+
+
 def _finish_matched(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTask, dense) -> str:
     """Wait for the continuation, log it and register it as a central-model version (role dense_matched)."""
     tracker = catalog.tracker
-    try:
-        out = ray.get(ref)
-    except BaseException:
-        tracker.client.set_terminated(matched.run_id, "FAILED")
-        raise
+    out = ray.get(ref)
     tracker.log_metrics(matched.run_id, {"tokens": out["tokens"], "steps": out["steps"], "params": out["params"],
                                          "final_train_loss": out["train_loss"],
                                          **({"final_val_bpb": out["val_bpb"]} if out["val_bpb"] is not None else {})})

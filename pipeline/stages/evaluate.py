@@ -227,6 +227,11 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         outcome = summarise(domains, docs, scored, weights, domain_experts(table, expert_clusters),
                             cfg.evaluate.bootstrap, cfg.seed)
         metrics = outcome["metrics"] | overlap_metrics(held)
+        matched_pflops = metrics.get(f"train_pflops/{DENSE_MATCHED}", float("inf"))
+        costlier = [s for s in COMPOSED_SYSTEMS if metrics.get(f"train_pflops/{s}", 0.0) > matched_pflops * (1 + 1e-9)]
+        if costlier:  # e.g. a mode composed after dense_matched was matched to the others
+            print(f"evaluate: warning: {', '.join(costlier)} cost more training compute than {DENSE_MATCHED} "
+                  f"({matched_pflops:.4f} PFLOPs): their comparison with it is not at equal compute", flush=True)
         tracker.log_metrics(run_id, metrics)
         tracker.log_metrics(pipeline_id, headline(metrics))
         out = tmp / "results"

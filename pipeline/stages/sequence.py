@@ -33,10 +33,14 @@ def run_pipeline(cfg: Config, resume: str | None = None) -> str:
     for mode in cfg.compose.modes:
         if mode in done:
             print(f"compose {mode}: done before, models:/{done[mode].name}/{done[mode].version}", flush=True)
-    if modes:
+    # the matched-compute baseline is part of the compose stage: a run that stopped after the
+    # compositions but before it finishes it now (run_compose skips it where it does not apply)
+    matched_missing = cfg.compose.dense_matched and catalog.matched_model(pipeline_id) is None
+    if modes or matched_missing:
         run_compose(replace(cfg, compose=replace(cfg.compose, modes=modes)), pipeline_id)
+    matched_added = matched_missing and catalog.matched_model(pipeline_id) is not None
     evaluated = tracker.stage_runs(pipeline_id, "evaluate")
-    if evaluated and not modes:
+    if evaluated and not modes and not matched_added:
         table = catalog.results_table(evaluated[0].info.run_id)
         print(f"evaluate: done before (run {evaluated[0].info.run_id})\n{table}", flush=True)
     else:
