@@ -7,7 +7,7 @@ import pytest
 
 import textgen
 from stores import module_home
-from pipeline.catalog import COMPOSITION_MODEL
+from pipeline.catalog import COMPOSITION_MODEL, Catalog
 from pipeline.config import load_config
 from pipeline.errors import StageError
 from pipeline.stages.cluster import run_cluster
@@ -145,3 +145,48 @@ def test_evaluate_scores_other_text_given_as_eval_data(trained_pipeline, tmp_pat
     assert outcome["domains"] == ["astronomy"]
     assert math.isfinite(outcome["metrics"]["bpb/cbtm_top1/astronomy"])
     assert "routing_accuracy/cbtm_top1" not in outcome["metrics"]  # no expert's domain: nothing to be accurate about
+
+
+def _drop_matched(cfg, pipeline_id):
+    """Delete the pipeline's registered dense_matched version (as if the stage stopped before it)."""
+    catalog = Catalog(cfg)
+    version = catalog.matched_model(pipeline_id)
+    if version is not None:
+        catalog.client.delete_model_version(version.name, version.version)
+    assert catalog.matched_model(pipeline_id) is None
+    return catalog
+
+
+def test_a_failing_compose_stage_cancels_dense_matched_and_ends_its_run_failed(trained_pipeline, monkeypatch):
+    import pipeline.stages.compose as compose
+
+    cfg, pipeline_id = trained_pipeline
+    catalog = _drop_matched(cfg, pipeline_id)
+
+    def broken_mode(*args, **kwargs):
+        raise RuntimeError("a composition failed")
+
+    monkeypatch.setattr(compose, "_compose_mode", broken_mode)
+    with pytest.raises(RuntimeError, match="a composition failed"):
+        run_compose(cfg, pipeline_id)
+    runs = [r for r in catalog.tracker.stage_runs(pipeline_id, "compose", None)
+            if r.data.tags.get("moie.mode") == "dense_matched"]
+    assert runs[0].info.status == "FAILED"  # the newest: not left RUNNING
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert catalog.matched_model(pipeline_id) is None
+
+
+def test_a_resumed_pipeline_trains_a_missing_dense_matched_and_evaluates_again(trained_pipeline):
+    from pipeline.stages.sequence import run_pipeline
+
+    cfg, pipeline_id = trained_pipeline
+    run_pipeline(cfg, pipeline_id)  # everything done (a no-op after the tests above) ...
+    catalog = _drop_matched(cfg, pipeline_id)  # ... but the matched baseline
+    compositions = {m: v.version for m, v in catalog.pipeline_compositions(pipeline_id).items()}
+    evaluations = len(catalog.tracker.stage_runs(pipeline_id, "evaluate"))
+    run_pipeline(cfg, pipeline_id)
+    assert catalog.matched_model(pipeline_id) is not None
+    assert {m: v.version for m, v in catalog.pipeline_compositions(pipeline_id).items()} == compositions
+    newest = catalog.tracker.stage_runs(pipeline_id, "evaluate")
+    assert len(newest) == evaluations + 1 and "bpb/dense_matched/all" in newest[0].data.metrics
+
