@@ -56,10 +56,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
             raise ValueError(f"seq_len must be null (the model's block size) or an integer >= 1, got {self.seq_len!r}")
-        checks = {"lr": 0 < self.lr < math.inf, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+        checks = {"lr": 0 <= self.lr < math.inf, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
                   "weight_decay": 0 <= self.weight_decay < math.inf, "beta1": 0 <= self.beta1 < 1,
                   "beta2": 0 <= self.beta2 < 1, "grad_clip": 0 < self.grad_clip <= math.inf}
-        valid = {"lr": "> 0 and finite", "min_lr_ratio": "in [0, 1]", "weight_decay": ">= 0 and finite",
+        valid = {"lr": ">= 0 and finite", "min_lr_ratio": "in [0, 1]", "weight_decay": ">= 0 and finite",
                  "beta1": "in [0, 1)", "beta2": "in [0, 1)", "grad_clip": "> 0 (inf: no clipping)"}
         for name, ok in checks.items():
             if not ok:

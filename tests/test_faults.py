@@ -26,6 +26,7 @@ DEGENERATE = [
     ("experts.train.batch_size=0", "experts.train.batch_size"),
     ("experts.train.log_every=0", "experts.train.log_every"),
     ("experts.train.lr=.nan", "experts.train.lr"),
+    ("experts.train.lr=-0.001", "experts.train.lr"),
     ("cluster.temperature=.inf", "cluster.temperature"),
     ("experts.progress_every=0", "experts.progress_every"),
     ("experts.model.block_size='256'", "experts.model.block_size"),
