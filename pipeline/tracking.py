@@ -105,7 +105,10 @@ class Tracker:
 
     @contextlib.contextmanager
     def pipeline_active(self, pipeline_id: str) -> Iterator[None]:
-        """The parent run is RUNNING while a stage works on it, then FINISHED, KILLED or FAILED."""
+        """The parent run is RUNNING while a stage works on it, then FINISHED, KILLED or FAILED.
+        A command that fails on a pipeline that had finished leaves it FINISHED: what it holds is
+        still complete and true, and the failed stage's own run records the failure."""
+        before = self.client.get_run(pipeline_id).info.status
         self.client.update_run(pipeline_id, status="RUNNING")
         status = "FAILED"
         try:
@@ -115,7 +118,7 @@ class Tracker:
             status = "KILLED"
             raise
         finally:
-            self.finish_pipeline(pipeline_id, status)
+            self.finish_pipeline(pipeline_id, "FINISHED" if before == "FINISHED" else status)
 
     @contextlib.contextmanager
     def stage_run(self, pipeline_id: str, stage: str, name: str | None = None,

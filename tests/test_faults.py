@@ -1,9 +1,9 @@
 """Faults a user can cause, and what they leave behind (issue: "Nothing half-done").
 
 Each case is numbered as in the issue. Covered so far: 8 (degenerate config values are
-refused at load time, naming the key, before Ray or the store is touched) and 11 (filter
-values cannot break or extend an MLflow search string). The other cases are listed in the
-README's fault table as open."""
+refused at load time, naming the key, before Ray or the store is touched), 9 (a failing
+command does not flip a finished pipeline to FAILED) and 11 (filter values cannot break or
+extend an MLflow search string). The other cases are listed in the README's fault table as open."""
 import os
 import subprocess
 import sys
@@ -81,3 +81,21 @@ def test_case11_a_crafted_filter_value_matches_nothing_and_a_crafted_tag_key_is_
     assert catalog.versions(EXPERT_MODEL, parse_filters(["domain=x' or name = 'moie-expert"])) == []
     with pytest.raises(StageError, match="filter tag"):
         parse_filters(["domain` = 'code' or tags.`x=1"])
+
+
+# case 9: a later failing command must not flip a finished pipeline to FAILED
+def test_case9_a_failing_command_leaves_a_finished_pipeline_finished_and_an_unfinished_one_failed(moie_home):
+    from pipeline.errors import StageError
+    from pipeline.tracking import Tracker
+
+    cfg = load_config(TINY)
+    tracker = Tracker(cfg)
+    finished = tracker.start_pipeline(cfg)
+    tracker.finish_pipeline(finished)
+    with pytest.raises(StageError), tracker.pipeline_active(finished):
+        raise StageError("--to must name a moie-composition version")
+    assert tracker.client.get_run(finished).info.status == "FINISHED"
+    unfinished = tracker.start_pipeline(cfg)  # RUNNING: its first stage fails
+    with pytest.raises(StageError), tracker.pipeline_active(unfinished):
+        raise StageError("a stage failed")
+    assert tracker.client.get_run(unfinished).info.status == "FAILED"
