@@ -96,7 +96,7 @@ def main() -> None:
         print(f"seed {seed} ({row['seconds']:.0f} s, pipeline {row['pipeline']}): "
               + ", ".join(f"{s} {row[f'bpb/{s}']:.4f}" for s in SYSTEMS if f"bpb/{s}" in row), flush=True)
     print("\nspread over seeds " + ",".join(str(r["seed"]) for r in rows) + f" ({rows[0].get('cpu', cpu)})")
-    print(f"| figure | mean | sd | min | max |\n|---|---|---|---|---|")
+    print("| figure | mean | sd | min | max |\n|---|---|---|---|---|")
     for key, s in spread(rows).items():
         if not key.startswith(("train_pflops/", "heldout_overlap/")):
             print(f"| {key} | {s['mean']:.4f} | {s['sd']:.4f} | {s['min']:.4f} | {s['max']:.4f} |")

@@ -28,10 +28,11 @@ def set_trainable(composed: ComposedLM, modules: list[nn.Module]) -> None:
 
 
 def fit_centers(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: int, seed: int = 0,
-                seq_len: int | None = None, batch_size: int = 8) -> None:
+                seq_len: int | None = None, batch_size: int = 8) -> int:
     """Center the routing on the mean over clusters of the central model's mean state: an equal
     share of n_tokens from each of `token_sets` (each expert's training data), as windows at
-    seeded random offsets, so no one domain (or the corpus's first documents) sets the centre."""
+    seeded random offsets, so no one domain (or the corpus's first documents) sets the centre.
+    Returns the tokens the central model read (whole windows)."""
     seq = seq_len or composed.config.block_size
     if not token_sets:
         raise ValueError("fit_centers needs at least one token set (one per expert)")
@@ -47,6 +48,7 @@ def fit_centers(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: in
         means.append({p: c.detach().clone() for p, c in composed.centers.items()})
     for p in composed.points:
         composed.centers[p].copy_(torch.stack([m[p] for m in means]).mean(dim=0))
+    return per_set * seq * len(token_sets)
 
 
 def train_flops_per_token(composed: ComposedLM, experts: list[int], routing: str) -> float:

@@ -67,8 +67,11 @@ class TrainConfig:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be one of auto, bf16, fp32; got {self.precision!r}")
 
+    def tokens_per_step(self, seq_len: int) -> int:
+        return self.batch_size * seq_len * self.grad_accum
+
     def steps(self, seq_len: int) -> int:
-        return max(1, self.max_tokens // (self.batch_size * seq_len * self.grad_accum))
+        return max(1, self.max_tokens // self.tokens_per_step(seq_len))
 
 
 @dataclass
@@ -213,7 +216,7 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
     model.train()
     loss_value, val_bpb = float("nan"), None
     window_t0, window_tokens = time.perf_counter(), 0
-    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
+    tokens_per_step = cfg.tokens_per_step(seq_len)
     tokens_per_s = 0.0
     end = total if stop_at is None else min(stop_at, total)
     forward = CompileOnce(model) if cfg.compile else model  # compiled lazily, at its first call

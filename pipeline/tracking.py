@@ -34,6 +34,20 @@ def quote(value: object) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def metrics_logger(tracking_uri: str, run_id: str):
+    """on_metrics(step, metrics) for a training loop in a Ray task: each call is one batch of
+    metrics logged to the run (its own client: a task holds no Tracker)."""
+    import time
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    return on_metrics
+
+
 def workdir(cfg: Config) -> Path:
     """Where the default MLflow database and artifacts live: config, $MOIE_HOME, or ~/.moie."""
     raw = cfg.workdir or os.environ.get("MOIE_HOME") or "~/.moie"

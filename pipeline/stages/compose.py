@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from pipeline.catalog import (CENTRAL_MODEL, COMPOSITION_MODEL, DENSE, DENSE_MAT
 from pipeline.config import Config
 from pipeline.errors import StageError
 from pipeline.ray_runtime import check_resources, connect_ray, use_granted_cpus
+from pipeline.tracking import metrics_logger
 from pipeline.tokenizer import ByteTokenizer
 from routing.ensemble import document_weights
 from routing.router import ClusterRouter
@@ -94,11 +94,13 @@ def prepare_task(task: CompositionTask) -> dict:
     model's mean state at each composition point, averaged over the experts' clusters, so
     independent gates agree on it) and the training FLOPs per token of each phase."""
     composed = _composed(replace(task, centers=None), task.expert_dirs)
+    center_tokens = 0
     if task.center_tokens:
-        fit_centers(composed, [np.load(path, mmap_mode="r") for path in task.expert_data], task.center_tokens,
-                    seed=task.seed)
+        center_tokens = fit_centers(composed, [np.load(path, mmap_mode="r") for path in task.expert_data],
+                                    task.center_tokens, seed=task.seed)
     n = len(task.expert_dirs)
-    flops = {"seq": composed.config.block_size, "central": forward_flops_per_token(composed.central),
+    flops = {"seq": composed.config.block_size, "center_tokens": center_tokens,
+             "central": forward_flops_per_token(composed.central),
              "experts": [forward_flops_per_token(expert) for expert in composed.experts],
              "independent": [train_flops_per_token(composed, [e], "gate") for e in range(n)],
              "joint": train_flops_per_token(composed, list(range(n)), "topk")}
@@ -128,20 +130,12 @@ def train_joint_task(task: CompositionTask) -> dict:
 def train_matched_task(task: MatchedTask) -> dict:
     """The dense model continued on its own data with its schedule (warm-up + cosine over the
     extra tokens, as every expert's branch restarts it); logged to its run, exported."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
     use_granted_cpus(task.num_cpus, task.seed)
     model, _ = load_model(task.dense_dir)
     val = np.load(task.val, mmap_mode="r")
-    client = MlflowClient(tracking_uri=task.tracking_uri)
-
-    def on_metrics(step: int, metrics: dict) -> None:
-        now = int(time.time() * 1000)
-        client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
     result = train(model, np.load(task.train, mmap_mode="r"), val if len(val) > 1 else None,
-                   TrainConfig(**task.train_config), ckpt_dir=task.ckpt_dir, on_metrics=on_metrics,
+                   TrainConfig(**task.train_config), ckpt_dir=task.ckpt_dir,
+                   on_metrics=metrics_logger(task.tracking_uri, task.run_id),
                    meta={"tokenizer": task.tokenizer})
     model_dir = Path(task.ckpt_dir) / "model"
     save_model(model_dir, model, {"tokenizer": task.tokenizer, "name": task.name})
@@ -225,29 +219,17 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
 # --- the matched-compute dense baseline ----------------------------------------------------------
 
 
-def center_tokens_used(task: CompositionTask) -> int:
-    """Tokens the routing centres were fitted on (fit_centers: equal whole windows per expert)."""
-    if not task.center_tokens:
-        return 0
-    n, seq = len(task.expert_dirs), _block_size(task)
-    return max(1, task.center_tokens // n // seq) * seq * n
-
-
-def _block_size(task: CompositionTask) -> int:
-    return int(task.flops["seq"])
-
-
 def phase_tokens(train_cfg: dict, seq: int) -> int:
     """Tokens a training phase runs: whole steps of its budget."""
     cfg = TrainConfig(**train_cfg)
-    return cfg.steps(cfg.seq_len or seq) * cfg.batch_size * (cfg.seq_len or seq) * cfg.grad_accum
+    return cfg.steps(cfg.seq_len or seq) * cfg.tokens_per_step(cfg.seq_len or seq)
 
 
 def compose_flops(task: CompositionTask, mode: str, tokens: list[int] | int) -> float:
     """Training FLOPs the compose stage spends on one mode: the routing centres' forward passes
     plus the mode's training (tokens: per expert for independent, in all for joint)."""
     f = task.flops
-    centres = center_tokens_used(task) * f["central"]
+    centres = f["center_tokens"] * f["central"]  # forward passes only
     if mode == "independent":
         return centres + sum(n * f["independent"][e] for e, n in enumerate(tokens))
     return centres + tokens * f["joint"]
@@ -257,7 +239,7 @@ def matched_budget(catalog: Catalog, task: CompositionTask, experts: list, modes
     """Training FLOPs a composed system spends beyond the dense model it is built on: the
     experts' own training after the shared seed (the seed is the dense model's first steps)
     plus the compose stage's, for the costliest of `modes`."""
-    f, seq = task.flops, _block_size(task)
+    f, seq = task.flops, task.flops["seq"]
     own = sum(3 * f["experts"][e] * catalog.tracker.client.get_run(v.run_id).data.metrics.get("tokens", 0.0)
               for e, v in enumerate(experts))
     spend = {"independent": compose_flops(task, "independent", [phase_tokens(task.blocks_train, seq)
@@ -282,8 +264,8 @@ def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: Compos
     modes = set(cfg.compose.modes) | (set(catalog.pipeline_compositions(pipeline_id)) & {"independent", "joint"})
     extra = matched_budget(catalog, task, experts, modes)
     train_cfg = {**cfg.experts.train, "seed": cfg.seed + 1}  # the dense model's schedule; batches it has not drawn
-    seq = _block_size(task)
-    step_tokens = phase_tokens({**train_cfg, "max_tokens": 1}, seq)
+    seq = task.flops["seq"]
+    step_tokens = TrainConfig(**train_cfg).tokens_per_step(train_cfg.get("seq_len") or seq)
     steps = math.ceil(extra / (3 * task.flops["central"]) / step_tokens)  # whole steps: never less compute
     train_cfg["max_tokens"] = steps * step_tokens
     root = catalog.checkpoint_root(pipeline_id, central.tags["moie.cluster_run"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from pipeline.errors import StageError
 from pipeline.progress import BoardPrinter, open_board
 from pipeline.ray_runtime import check_resources, connect_ray, use_granted_cpus
 from pipeline.tokenizer import ByteTokenizer
+from pipeline.tracking import metrics_logger
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,6 @@ def expert_data(cfg: Config, root: Path, table: dict, k: int) -> dict[str, dict]
 
 def train_expert(task: ExpertTask, board=None) -> TrainedModel:
     """Ray task body: train one model from its shared data, resuming from its checkpoints."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
     use_granted_cpus(task.num_cpus, task.seed)
     model = build_model(task.model)
     if task.init_from and latest_checkpoint(task.ckpt_dir) is None:
@@ -126,13 +123,12 @@ def train_expert(task: ExpertTask, board=None) -> TrainedModel:
     train_tokens = np.load(task.train, mmap_mode="r")
     val_tokens = np.load(task.val, mmap_mode="r")
     val_tokens = val_tokens if len(val_tokens) > 1 else None
-    client = MlflowClient(tracking_uri=task.tracking_uri)
     cfg = TrainConfig(**task.train_config)
     total = cfg.steps(cfg.seq_len or model.config.block_size)
+    log_metrics = metrics_logger(task.tracking_uri, task.run_id)
 
     def on_metrics(step: int, metrics: dict) -> None:
-        now = int(time.time() * 1000)
-        client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        log_metrics(step, metrics)
         if board is not None and "train_loss" in metrics:
             board.update.remote(task.name, {"step": step, "total": total, "loss": metrics["train_loss"],
                                             "tokens_per_s": metrics["tokens_per_s"], "pid": os.getpid()})
@@ -211,7 +207,7 @@ class _ExpertsStage:
         seq_len = e.train.get("seq_len") or model_config({"arch": e.arch, **e.model}).block_size
         dense_cfg = TrainConfig(**{**e.train, "max_tokens": e.train.get("max_tokens", 1_000_000) * self.k})
         steps = max(1, round(e.seed_fraction * dense_cfg.steps(seq_len)))
-        return SeedPlan(steps=steps, tokens=steps * dense_cfg.batch_size * seq_len * dense_cfg.grad_accum,
+        return SeedPlan(steps=steps, tokens=steps * dense_cfg.tokens_per_step(seq_len),
                         dir=str(Catalog.seed_dir(self.root)))
 
     def task(self, name: str, run, data: dict, seed: SeedPlan | None) -> ExpertTask | None:
