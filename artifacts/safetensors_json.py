@@ -84,15 +84,16 @@ def read_tensors(path: str | Path, expected_sha256: str | None = None,
     return load_numpy(str(path))
 
 
-def verify_sha256(path: str | Path, expected: str | None) -> None:
-    """ChecksumError unless the file's sha256 is `expected` (nothing to check when None)."""
+def verify_sha256(path: str | Path, expected: str | None, shown: str | None = None,
+                  fix: str = "re-create it, or fetch it again from the MLflow run") -> None:
+    """ChecksumError unless the file's sha256 is `expected` (nothing to check when None).
+    `shown`: what to call the file in the message (e.g. where it was downloaded from)."""
     if expected is None:
         return
     actual = sha256_file(path)
     if actual != expected:
-        raise ChecksumError(f"{path} has sha256 {actual} but {expected} was recorded for it: "
-                            "the file was changed or corrupted; re-create it (run the stage again) "
-                            "or fetch it again from the MLflow run")
+        raise ChecksumError(f"{shown or path} has sha256 {actual} but {expected} was recorded for it: "
+                            f"the file was changed or corrupted" + (f"; {fix}" if fix else ""))
 
 
 def save_state(directory: str | Path, name: str, tensors: dict[str, Any], meta: dict) -> dict[str, str]:
@@ -106,14 +107,25 @@ def save_state(directory: str | Path, name: str, tensors: dict[str, Any], meta: 
 
 
 def load_state(directory: str | Path, name: str, expected_sha256: str | None = None,
-               framework: Literal["np", "pt"] = "np") -> tuple[dict[str, Any], dict]:
+               framework: Literal["np", "pt"] = "np",
+               fix: str = "re-create it, or fetch it again from the MLflow run") -> tuple[dict[str, Any], dict]:
     """Read what save_state wrote, verifying the tensors against the sha256 in the JSON
-    (and against `expected_sha256`, e.g. from the MLflow manifest, when given)."""
+    (and against `expected_sha256`, e.g. from the MLflow manifest, when given); `fix`: what a
+    checksum error tells the user to do ('' to leave it to the caller)."""
     directory = Path(directory)
     meta_path, tensors_path = directory / f"{name}.json", directory / f"{name}.safetensors"
     if not meta_path.is_file() or not tensors_path.is_file():
         raise ArtifactError(f"{directory} has no complete {name}.safetensors + {name}.json "
                             f"(found: {', '.join(p.name for p in (meta_path, tensors_path) if p.is_file()) or 'neither'})")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    verify_sha256(tensors_path, meta.get("tensors_sha256"))
-    return read_tensors(tensors_path, expected_sha256, framework), meta
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{meta_path} is not valid JSON ({err}): the file was changed or cut short; "
+                            "re-create it, or fetch it again from the MLflow run") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tensors_sha256"), str):
+        raise ArtifactError(f"{meta_path} records no tensors_sha256 (not written by moie, or edited): "
+                            f"refusing to load {tensors_path.name} unverified")
+    verify_sha256(tensors_path, meta["tensors_sha256"], fix=fix)
+    if expected_sha256 is not None:
+        verify_sha256(tensors_path, expected_sha256, fix=fix)
+    return read_tensors(tensors_path, None, framework), meta

@@ -51,10 +51,10 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def _load_checked(directory: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+def _load_checked(directory: Path, name: str, fix: str = "re-create it") -> tuple[dict[str, torch.Tensor], dict]:
     """`name`.safetensors + .json as torch tensors, checked; CheckpointError if missing, incomplete or changed."""
     try:
-        return load_state(directory, name, framework="pt")
+        return load_state(directory, name, framework="pt", fix=fix)
     except ArtifactError as err:
         raise CheckpointError(str(err)) from None
 
@@ -72,15 +72,19 @@ def save_model(directory: str | Path, model: torch.nn.Module, extra: dict | None
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict]:
     tensors, meta = _load_checked(Path(directory), "model")
     model = build_model(meta["config"])
-    _load_model_state(model, tensors, meta["aliases"])
+    _load_model_state(model, tensors, meta["aliases"], str(Path(directory) / "model.safetensors"))
     return model, meta
 
 
-def _load_model_state(model: torch.nn.Module, tensors: dict, aliases: dict) -> None:
+def _load_model_state(model: torch.nn.Module, tensors: dict, aliases: dict, where: str = "the file") -> None:
     state = dict(tensors)
     for dropped, kept in aliases.items():
-        state[dropped] = state[kept]
-    model.load_state_dict(state)
+        state[dropped] = state.get(kept)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as err:
+        raise CheckpointError(f"the tensors of {where} do not fit the model its JSON describes "
+                              f"({str(err).splitlines()[0]}); re-create it with moie") from None
 
 
 # --- training checkpoints -------------------------------------------------------------
@@ -123,7 +127,13 @@ def latest_checkpoint(directory: str | Path) -> int | None:
 def load_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator) -> dict:
     """Restore model, optimizer and RNG states in place; return the checkpoint's metadata."""
-    tensors, meta = _load_checked(Path(directory), checkpoint_name(step))
+    try:
+        tensors, meta = _load_checked(Path(directory), checkpoint_name(step), fix="")
+    except CheckpointError as err:
+        earlier = sorted(p.stem for p in Path(directory).glob("step-*.json") if p.stem < checkpoint_name(step))
+        fallback = f"resume from {earlier[-1]}" if earlier else "train from the start"
+        raise CheckpointError(f"{err}. To {fallback}, delete {Path(directory) / checkpoint_name(step)}.json and "
+                              ".safetensors, then run the stage again") from None
     if meta["config"] != model.config_dict():
         raise CheckpointError(f"checkpoint {directory}/{checkpoint_name(step)} is of another model config; "
                               "use a fresh checkpoint directory for a new config")

@@ -209,15 +209,17 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = configure_optimizer(model, cfg)
     step, resumed_from = 0, None
+    loss_value, val_bpb, tokens_per_s = float("nan"), None, 0.0
     if ckpt_dir is not None and (latest := latest_checkpoint(ckpt_dir)) is not None:
-        load_checkpoint(ckpt_dir, latest, model, optimizer, generator)
+        saved = load_checkpoint(ckpt_dir, latest, model, optimizer, generator)
         step = resumed_from = latest
+        # the figures of the step it was saved at: a run resumed at its end reports them, not NaN and 0
+        loss_value = saved.get("train_loss", loss_value)
+        val_bpb, tokens_per_s = saved.get("val_bpb"), saved.get("tokens_per_s", tokens_per_s)
     emit = on_metrics or (lambda step, metrics: None)
     model.train()
-    loss_value, val_bpb = float("nan"), None
     window_t0, window_tokens = time.perf_counter(), 0
     tokens_per_step = cfg.tokens_per_step(seq_len)
-    tokens_per_s = 0.0
     end = total if stop_at is None else min(stop_at, total)
     forward = CompileOnce(model) if cfg.compile else model  # compiled lazily, at its first call
     while step < end:
@@ -250,6 +252,9 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
             emit(step, {"val_bpb": val_bpb})
         if ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end):
             save_checkpoint(ckpt_dir, step, model, optimizer, generator,
-                            {**(meta or {}), "train_config": asdict(cfg), "tokens": step * tokens_per_step},
+                            {**(meta or {}), "train_config": asdict(cfg), "tokens": step * tokens_per_step,
+                             "train_loss": loss_value, "val_bpb": val_bpb, "tokens_per_s": tokens_per_s},
                             keep=cfg.keep_checkpoints)
+    if step == total and val_tokens is not None and val_bpb is None:  # resumed at the end of an older run
+        val_bpb = bits_per_byte(model, val_tokens, seq_len, cfg.eval_tokens, precision=cfg.precision)
     return TrainResult(step, step * tokens_per_step, loss_value, val_bpb, tokens_per_s, resumed_from)
