@@ -58,6 +58,35 @@ def load_corpus(cfg: CorpusConfig) -> list[Document]:
     return docs
 
 
+def text_sha256(text: str) -> str:
+    """The content hash of a document, as the cluster stage records it beside its cluster."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def clustered_documents(table: dict, docs: list[Document]) -> dict[str, Document]:
+    """doc_id -> document for every document of a clustering's assignments table, each checked
+    against the content hash recorded when it was clustered: a corpus edited since then would be
+    trained or scored against a clustering it no longer matches."""
+    if "text_sha256" not in table:
+        raise CorpusError("the pipeline's assignments.parquet records no content hashes (clustered by an older "
+                          "moie); cluster again with `moie cluster --pipeline <id>`")
+    by_id = {d.doc_id: d for d in docs}
+    missing = [i for i in table["doc_id"] if i not in by_id]
+    if missing:
+        raise CorpusError(f"{len(missing)} clustered documents (e.g. {missing[0]!r}) are not in the corpus of this "
+                          "config; give the config the pipeline was clustered with")
+    for doc_id, expected in zip(table["doc_id"], table["text_sha256"]):
+        if text_sha256(by_id[doc_id].text) != expected:
+            raise CorpusError(f"document {doc_id!r} changed since the pipeline was clustered (its text no longer "
+                              "has the sha256 recorded in assignments.parquet); restore the corpus as it was, or "
+                              "cluster it again (`moie cluster --pipeline <id>`) to train on the new text")
+    extra = len(by_id) - len(table["doc_id"])
+    if extra > 0:
+        log.warning("%d documents of the corpus were not there when it was clustered: they are left out "
+                    "(cluster again to use them)", extra)
+    return by_id
+
+
 def split_of(work: str, val_fraction: float, test_fraction: float) -> str:
     """Deterministic split of a whole work: the first 8 bytes of sha256 of the salted work id
     as a fraction. (The salt keeps it independent of other hash orders, e.g. the embedded
@@ -97,7 +126,11 @@ def _expand_files(patterns: list[str]) -> list[Path]:
         matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
         if not matches:
             raise CorpusError(f"corpus.files entry {pattern!r} matches no file")
-        files.extend(Path(m) for m in matches if Path(m).is_file())
+        found = [Path(m) for m in matches if Path(m).is_file()]
+        if not found:
+            raise CorpusError(f"corpus.files entry {pattern!r} names only directories; give the files in them, "
+                              f"e.g. {str(Path(pattern) / '**' / '*.txt')!r}")
+        files.extend(found)
     for f in files:
         if f.suffix.lower() not in FILE_BUILDERS:
             raise CorpusError(f"corpus file {str(f)!r} has an unsupported type {f.suffix!r}; "

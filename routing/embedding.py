@@ -60,11 +60,18 @@ class TfidfSvd:
     @classmethod
     def fit(cls, texts: list[str], max_features: int, min_df: int, dim: int, seed: int) -> "TfidfSvd":
         """Fit the vocabulary, idf and SVD basis on a sample of documents."""
-        min_df = min(min_df, max(1, len(texts) // 2))  # tiny corpora: keep terms seen in a few docs
+        if min_df > len(texts):
+            raise ValueError(f"min_df={min_df} is more than the {len(texts)} documents the router is fitted on: "
+                             "no term can occur in that many; lower min_df")
+        asked, min_df = min_df, min(min_df, max(1, len(texts) // 2))  # tiny corpora: terms seen in a few docs
         counter = CountVectorizer(analyzer=analyze, max_features=max_features, min_df=min_df, dtype=np.float32)
+        too_rare = (f"terms must occur in at least min_df={asked} documents (used: {min_df}, at most half of the "
+                    f"{len(texts)} documents)")
         try:
             counts = counter.fit_transform(texts)
-        except ValueError as e:  # sklearn: "empty vocabulary"
+        except ValueError as e:  # sklearn: "empty vocabulary" (after pruning, or only stop words)
+            if min_df > 1:
+                raise ValueError(f"no term is left to cluster on: {too_rare}; lower min_df") from None
             raise ValueError(f"no usable terms in the {len(texts)} documents to cluster ({e}); "
                              "the corpus needs words other than stop words") from e
         vocabulary = counter.get_feature_names_out().tolist()
@@ -73,7 +80,9 @@ class TfidfSvd:
         tfidf = _normalise_rows(_sublinear(counts).multiply(idf).tocsr())
         dim = min(dim, tfidf.shape[1] - 1, tfidf.shape[0] - 1)
         if dim < 1:
-            raise ValueError(f"too few documents ({len(texts)}) or terms ({tfidf.shape[1]}) for an SVD embedding")
+            hint = f": {too_rare}; lower min_df" if min_df > 1 else "; give more documents"
+            raise ValueError(f"too few documents ({len(texts)}) or terms ({tfidf.shape[1]}) for an SVD embedding"
+                             + hint)
         svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed).fit(tfidf)
         return cls(vocabulary, idf, svd.components_.T.astype(np.float32).copy())
 

@@ -18,10 +18,11 @@ import ray
 
 from artifacts import save_state, write_json
 from pipeline.catalog import ASSIGNMENTS, CLUSTER_REPORT, ROUTER_NAME
-from pipeline.config import Config, from_dict, to_dict, validate
-from pipeline.corpus import load_corpus
+from pipeline.config import Config, ConfigError, from_dict, to_dict, validate
+from pipeline.corpus import CorpusError, load_corpus, text_sha256
+from pipeline.embedded import EmbeddedCorpusError
 from pipeline.errors import StageError
-from pipeline.ray_runtime import check_resources, connect_ray
+from pipeline.ray_runtime import TaskFailedError, check_resources, connect_ray, describe_failure, task_cause
 from pipeline.report import plot_domain_cluster_table
 from pipeline.tracking import Tracker
 from routing.metrics import clustering_scores, contingency, dominant_domains
@@ -41,6 +42,7 @@ class Clustering:
     source: list[str | None]  # domain labels, when the corpus has them
     split: list[str]
     n_bytes: list[int]
+    text_sha256: list[str]  # each document's content hash: later stages check the corpus still holds it
     timing: dict[str, float]
 
 
@@ -57,15 +59,20 @@ def fit_clusters(cfg: Config) -> Clustering:
     sample = np.sort(rng.choice(len(train), size=min(cfg.cluster.fit_sample, len(train)), replace=False))
     t1 = time.perf_counter()
     c = cfg.cluster
-    router = ClusterRouter.fit([train[i].text for i in sample], k, max_features=c.max_features, min_df=c.min_df,
-                               svd_dim=c.svd_dim, iterations=c.iterations, temperature=c.temperature,
-                               top_k=c.top_k, seed=cfg.seed)
+    try:
+        router = ClusterRouter.fit([train[i].text for i in sample], k, max_features=c.max_features,
+                                   min_df=c.min_df, svd_dim=c.svd_dim, iterations=c.iterations,
+                                   temperature=c.temperature, top_k=c.top_k, seed=cfg.seed)
+    except ValueError as err:  # the corpus and the cluster.* settings do not fit together
+        raise StageError(f"cannot fit the cBTM router on {len(sample)} training documents with these cluster.* "
+                         f"settings: {err}") from None
     t2 = time.perf_counter()
     clusters = router.assign([d.text for d in docs])
     t3 = time.perf_counter()
     return Clustering(router=router.to_state(), clusters=clusters, doc_id=[d.doc_id for d in docs],
                       work=[d.work for d in docs], source=[d.source for d in docs], split=[d.split for d in docs],
                       n_bytes=[len(d.text.encode("utf-8")) for d in docs],
+                      text_sha256=[text_sha256(d.text) for d in docs],
                       timing={"load_s": t1 - t0, "fit_s": t2 - t1, "assign_s": t3 - t2,
                               "fit_documents": int(len(sample))})
 
@@ -96,11 +103,11 @@ def _run_on_ray(cfg: Config) -> Clustering:
     task = ray.remote(_fit_clusters_task).options(num_cpus=cfg.cluster.num_cpus, max_retries=1)
     try:
         return ray.get(task.remote(to_dict(cfg)))
-    except ray.exceptions.RayTaskError as e:
-        # Surface the task's own error (bad corpus, too few documents) rather than Ray's wrapper.
-        if isinstance(e.cause, Exception):
-            raise e.cause from None
-        raise
+    except ray.exceptions.RayError as err:
+        # the task's own error about its input (a bad corpus, too few documents) as itself, not Ray's wrapper
+        if isinstance(task_cause(err), (StageError, CorpusError, ConfigError, EmbeddedCorpusError)):
+            raise task_cause(err) from None
+        raise TaskFailedError(describe_failure("clustering task", err)) from None
 
 
 def _log_cluster_run(tracker: Tracker, run_id: str, cfg: Config, result: Clustering) -> dict:
@@ -134,6 +141,6 @@ def _log_cluster_run(tracker: Tracker, run_id: str, cfg: Config, result: Cluster
 
 def _write_assignments(path: Path, result: Clustering) -> None:
     table = pa.table({"doc_id": result.doc_id, "work": result.work, "source": result.source,
-                      "split": result.split, "n_bytes": result.n_bytes,
+                      "split": result.split, "n_bytes": result.n_bytes, "text_sha256": result.text_sha256,
                       "cluster": np.asarray(result.clusters, dtype=np.int32)})
     pq.write_table(table, path)

@@ -33,10 +33,10 @@ from experts.flops import forward_flops_per_token
 from pipeline.catalog import DENSE_MATCHED, Catalog, exact_uri
 from pipeline.compressors import compressor_bpb
 from pipeline.config import Config
-from pipeline.corpus import load_corpus
+from pipeline.corpus import FILE_BUILDERS, clustered_documents, load_corpus
 from pipeline.errors import StageError
 from pipeline.overlap import ShingleIndex
-from pipeline.ray_runtime import check_resources, connect_ray, use_granted_cpus
+from pipeline.ray_runtime import check_resources, connect_ray, get_or_fail, use_granted_cpus
 from pipeline.report import plot_curves, write_results
 from pipeline.tokenizer import ByteTokenizer
 from routing.ensemble import document_weights, keep_top_k
@@ -59,7 +59,18 @@ def eval_corpus(cfg: Config, eval_data: str | None):
         return replace(cfg.corpus, source="embedded"), "test"
     if glob.glob(str(Path(eval_data).expanduser()), recursive=True):
         return replace(cfg.corpus, source="files", files=[eval_data]), None
+    if looks_like_path(eval_data):
+        raise StageError(f"--eval-data {eval_data!r} matches no file; give existing files or a glob (.txt, .jsonl, "
+                         ".parquet, ...), 'embedded', or a hub data set name")
     return replace(cfg.corpus, source="hub", name=eval_data), None  # offline: read from the local cache
+
+
+def looks_like_path(value: str) -> bool:
+    """A path or glob rather than a hub data set name ('owner/name'): a file suffix moie reads, a
+    leading / . or ~, glob characters, or a first folder that exists."""
+    first = value.split("/", 1)[0]
+    return (Path(value).suffix.lower() in FILE_BUILDERS or value.startswith(("/", ".", "~"))
+            or any(c in value for c in "*?[") or ("/" in value and Path(first).is_dir()))
 
 
 @dataclass
@@ -74,9 +85,10 @@ class HeldOut:
     dropped: dict[str, int]  # domain -> documents dropped as near-duplicates of training text
 
 
-def held_out(cfg: Config, eval_data: str | None) -> HeldOut:
+def held_out(cfg: Config, eval_data: str | None, table: dict | None = None) -> HeldOut:
     """At most evaluate.max_bytes_per_domain bytes of whole documents per domain, in a fixed
-    order, dropping every document whose bytes sit in training shingles above evaluate.max_overlap."""
+    order, dropping every document whose bytes sit in training shingles above evaluate.max_overlap.
+    `table`: the pipeline's assignments, which the pipeline's corpus must still match."""
     corpus, split = eval_corpus(cfg, eval_data)
     everything = load_corpus(corpus)
     docs = [d for d in everything if split is None or d.split == split]
@@ -84,6 +96,8 @@ def held_out(cfg: Config, eval_data: str | None) -> HeldOut:
         raise StageError(f"no held-out documents to score in {eval_data or 'the pipeline corpus'}"
                          f"{f' (split {split})' if split else ''}; raise corpus.test_fraction or give --eval-data")
     training = everything if corpus == cfg.corpus else load_corpus(cfg.corpus)
+    if table is not None:
+        clustered_documents(table, training)
     ev = cfg.evaluate
     index = ShingleIndex((d.text.encode("utf-8") for d in training if d.split == "train"), ev.shingle_words)
     budget: dict[str, int] = {}
@@ -189,7 +203,7 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
     tracker.pipeline_run(pipeline_id)
     cluster_run, table, _ = catalog.assignments(pipeline_id)
     central_uri, expert_uris = catalog.pipeline_models(pipeline_id)
-    held = held_out(cfg, eval_data)
+    held = held_out(cfg, eval_data, table)
     domains, docs, described = held.domains, held.tokens, held.described
     print(f"evaluate: {len(docs)} documents, {sum(len(d) for d in docs)} bytes from {described}; dropped as "
           f"near-duplicates of training text: {held.dropped or 'none'}", flush=True)
@@ -285,7 +299,7 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], dirs: dict
                 gated = replace(system, settings=replace(system.settings, routing=routing))
                 refs[variant] = comp_task.remote(gated, state, docs_ref, scoring)
                 used[variant] = uris
-    results = dict(zip(refs, ray.get(list(refs.values()))))
+    results = dict(zip(refs, get_or_fail(list(refs.values()), "evaluation's scoring task")))
     results["dense"] = results.get("dense", results["central"])
     return {"results": results, "experts": expert_uris, "composition_experts": used}
 
