@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 
-from artifacts import ChecksumError, load_state, verify_sha256
+from artifacts import ChecksumError, load_state, sha256_file, verify_sha256
 from pipeline.config import Config
-from pipeline.errors import StageError
+from pipeline.errors import StageError, one_line
 from pipeline.tracking import Tracker, quote, workdir
 
 # registered models: the expert library
@@ -33,6 +33,8 @@ CENTRAL_MODEL = "moie-central"
 COMPOSITION_MODEL = "moie-composition"
 LIBRARY = (EXPERT_MODEL, CENTRAL_MODEL, COMPOSITION_MODEL)
 MANIFEST_FORMAT = 1  # composition manifests this moie writes and reads
+COMPOSITION_MANIFEST = "composition_manifest.json"
+MANIFEST_SHA = "moie.sha256.manifest"  # a composition version's tag: the sha256 of its manifest
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))$")
 
 # the cluster run's artifacts
@@ -40,6 +42,10 @@ ROUTER_NAME = "router"  # router.safetensors + router.json
 ASSIGNMENTS = "assignments.parquet"
 CLUSTER_REPORT = "cluster_report.json"
 RESULTS_TABLE = "results.md"  # the evaluate run's table
+
+# sha256 of a model's training and validation token files: moie.sha256.tokens.train / .val,
+# tags of its run and of its registered version (the files live under the checkpoint root)
+TOKENS_SHA = "moie.sha256.tokens"
 
 # the experts stage's models (tag moie.expert): expert-<cluster>, the dense baseline, an optional central
 DENSE = "dense"
@@ -49,6 +55,16 @@ CENTRAL = "central"
 
 def expert_name(cluster: int) -> str:
     return f"expert-{cluster}"
+
+
+def check_token_files(owner: str, tags: dict[str, str], files: dict[str, str]) -> None:
+    """Each token file ({split: path}) against the sha256 recorded in `tags` (where one is)."""
+    for split, path in files.items():
+        expected = tags.get(f"{TOKENS_SHA}.{split}")
+        if expected is not None and sha256_file(path) != expected:
+            raise ChecksumError(f"the {split} tokens of {owner} at {path} changed since they were recorded "
+                                f"(sha256 {expected}); delete the file and run `moie experts` for the pipeline "
+                                "again to write it anew from the corpus")
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -104,14 +120,36 @@ class Catalog:
         return runs[0]
 
     def assignments(self, pipeline_id: str) -> tuple[object, dict, dict]:
-        """(cluster run, its assignments table as columns, its report) of the pipeline's clustering."""
+        """(cluster run, its assignments table as columns, its report) of the pipeline's clustering,
+        each file checked against the sha256 the cluster run recorded."""
         import pyarrow.parquet as pq
 
         run = self.cluster_run(pipeline_id)
         with tempfile.TemporaryDirectory() as tmp:
-            table = pq.read_table(self.tracker.download_artifacts(run.info.run_id, ASSIGNMENTS, tmp)).to_pydict()
-            report = json.loads(self.tracker.download_artifacts(run.info.run_id, CLUSTER_REPORT, tmp).read_text())
+            table = pq.read_table(self.run_file(run, ASSIGNMENTS, Path(tmp))).to_pydict()
+            report = json.loads(self.run_file(run, CLUSTER_REPORT, Path(tmp)).read_text(encoding="utf-8"))
         return run, table, report
+
+    def run_file(self, run, name: str, dst: Path) -> Path:
+        """One artifact of a run (which recorded its sha256 as tag moie.sha256.<name>), downloaded and checked."""
+        expected = run.data.tags.get(f"moie.sha256.{name}")
+        where = f"{run.info.artifact_uri}/{name}"
+        if expected is None:
+            raise ChecksumError(f"run {run.info.run_id} recorded no sha256 for {name} (tag moie.sha256.{name}): "
+                                "refusing to use it unverified; run the stage that made it again")
+        path = self.download(run.info.run_id, name, dst, where)
+        verify_sha256(path, expected, shown=where, fix=f"run the stage that made it (run {run.info.run_id}) again")
+        return path
+
+    def download(self, run_id: str, path: str, dst: Path, where: str) -> Path:
+        """A run's artifact, or a StageError saying that the store has lost it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.tracker.download_artifacts(run_id, path, dst)
+        except (MlflowException, OSError) as err:
+            raise StageError(f"{where} cannot be read from the artifact store ({one_line(err)}): it was deleted "
+                             "or the store moved; run the stage that made it again") from None
 
     def router_state(self, cluster_run_id: str, dst: Path) -> tuple[dict, dict]:
         """(tensors, meta) of a cluster run's cBTM router, checked against the sha256 the run recorded."""
@@ -161,6 +199,9 @@ class Catalog:
         if not path.is_file():
             raise StageError(f"training data of {version.name}/{version.version} not found at {path}; "
                              "compose on a machine that sees the experts stage's checkpoint directory")
+        own = tags["moie.expert"]
+        if name in (None, own) or (own == CENTRAL and name == DENSE):  # the files its run recorded
+            check_token_files(exact_uri(version), tags, {split: str(path)})
         return str(path)
 
     # --- the registry ---------------------------------------------------------------------------
@@ -203,19 +244,28 @@ class Catalog:
 
     def model_dir(self, version, dst: Path) -> str:
         """Download a registered model's safetensors + JSON into dst, refusing a checksum mismatch."""
-        path = self.tracker.download_artifacts(version.run_id, "model", dst)
-        _verify(version, path / "model.safetensors")
+        path = self.version_files(version, "model", dst)
+        _verify(version, path, "model.safetensors")
         return str(path)
 
     def composition_parts(self, version, dst: Path) -> tuple[dict, dict]:
-        """(new parameters as tensors, manifest) of a registered composition, checked."""
+        """(new parameters as tensors, manifest) of a registered composition, both checked."""
         from artifacts import read_tensors
 
-        path = self.tracker.download_artifacts(version.run_id, "composition", dst)
-        _verify(version, path / "composition.safetensors")
-        manifest = json.loads((path / "composition_manifest.json").read_text(encoding="utf-8"))
+        path = self.version_files(version, "composition", dst)
+        _verify(version, path, "composition.safetensors")
+        _verify(version, path, COMPOSITION_MANIFEST, tag=MANIFEST_SHA)
+        manifest = json.loads((path / COMPOSITION_MANIFEST).read_text(encoding="utf-8"))
         check_manifest(manifest, exact_uri(version))
         return read_tensors(path / "composition.safetensors", framework="pt"), manifest
+
+    def version_files(self, version, folder: str, dst: Path) -> Path:
+        """The run folder a registered version was made from, downloaded."""
+        path = self.download(version.run_id, folder, dst, f"{exact_uri(version)} ({version.source})")
+        if not path.is_dir() or not any(path.iterdir()):
+            raise StageError(f"the files of {exact_uri(version)} are gone from {version.source}; retrain it, or "
+                             "delete the version (`mlflow ui` > Models)")
+        return path
 
     # --- a pipeline's registered models ------------------------------------------------------------
 
@@ -284,12 +334,13 @@ class Catalog:
         return composed.eval(), {"tokenizer": manifest["tokenizer"], "experts": experts_meta}
 
 
-def _verify(version, path: Path) -> None:
-    if "moie.sha256" not in version.tags:
-        raise ChecksumError(f"{exact_uri(version)} has no moie.sha256 tag (not registered by moie, or the tag was "
+def _verify(version, folder: Path, name: str, tag: str = "moie.sha256") -> None:
+    """A downloaded file of a registered version against the sha256 its tag records."""
+    if tag not in version.tags:
+        raise ChecksumError(f"{exact_uri(version)} has no {tag} tag (not registered by moie, or the tag was "
                             "removed): refusing to load an unverifiable artifact")
-    try:
-        verify_sha256(path, version.tags.get("moie.sha256"))
-    except ChecksumError as err:
-        raise ChecksumError(f"{exact_uri(version)}: refusing to load it. {err}") from None
+    if not (folder / name).is_file():
+        raise StageError(f"{exact_uri(version)} has no {name} at {version.source}; retrain it, or delete the version")
+    verify_sha256(folder / name, version.tags[tag], shown=f"{version.source}/{name} of {exact_uri(version)}",
+                  fix="refusing to load it; retrain it, or delete the version")
 

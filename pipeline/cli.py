@@ -100,6 +100,8 @@ def run_command(args: argparse.Namespace) -> int:
     from pipeline.stages.sequence import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
+    if args.resume and args.pipeline:
+        raise ConfigError("give --resume RUN_ID (continue that pipeline) or --pipeline RUN_ID, not both")
     pipeline_id = run_pipeline(cfg, args.resume or args.pipeline)
     print(pipeline_id)
     return 0
@@ -111,16 +113,56 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def ui_command(args: argparse.Namespace) -> int:
-    """Start the MLflow UI on the pipeline's tracking store, bound to 127.0.0.1."""
+    """Start the MLflow UI on the pipeline's tracking store, bound to 127.0.0.1; it stops with
+    this command (Ctrl-C, SIGTERM), never outliving it."""
+    from pipeline.errors import StageError
     from pipeline.tracking import tracking_uri
 
     cfg = load_config(args.config, args.overrides)
     uri = tracking_uri(cfg)
+    check_port_free(args.port)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped whole, below
+    try:
+        code = server.wait()
+    finally:
+        stop_process_group(server)
+    if code != 0:
+        raise StageError(f"the MLflow UI server exited with code {code} (its own messages are above)")
+    return 0
+
+
+def check_port_free(port: int) -> None:
+    """StageError unless a server could listen on 127.0.0.1:port."""
+    import socket
+
+    from pipeline.errors import StageError
+
+    if not 1 <= port <= 65535:
+        raise StageError(f"--port must be between 1 and 65535, got {port}")
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise StageError(f"port {port} on 127.0.0.1 is in use ({err.strerror}): another `moie ui` or server "
+                             "holds it; stop that one or choose another with --port") from None
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to a child's process group (it and its workers), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                break
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -133,6 +175,7 @@ def generate_command(args: argparse.Namespace) -> int:
     from experts.checkpoint import load_any
     from pipeline.tokenizer import ByteTokenizer
 
+    check_sampling(args)
     if args.model.startswith("models:/"):
         from pipeline.catalog import Catalog
 
@@ -153,6 +196,23 @@ def generate_command(args: argparse.Namespace) -> int:
     if hasattr(model, "routing_report"):
         print(model.routing_report(out[:, -model.config.block_size:], meta["experts"]), file=sys.stderr)
     return 0
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """ConfigError for a prompt or sampling setting no sampler can use."""
+    import math
+
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # bytes that are not UTF-8 arrive as surrogates
+        raise ConfigError(f"--prompt is not valid UTF-8 (bad byte at character {err.start}); pass UTF-8 text, "
+                          "e.g. convert it with iconv -t utf-8") from None
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (0 <= args.temperature < math.inf):
+        raise ConfigError(f"--temperature must be >= 0 and finite (0: always the likeliest byte), got {args.temperature}")
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1 (sample among the k likeliest bytes), got {args.top_k}")
 
 
 def library_command(args: argparse.Namespace) -> int:
@@ -234,25 +294,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse, run, and turn the errors a user can fix into one clear line and exit code 2."""
+    from mlflow.exceptions import MlflowException
+
     from artifacts import ArtifactError
     from composition.loader import CompositionError
     from pipeline.corpus import CorpusError
     from pipeline.embedded import EmbeddedCorpusError
-    from pipeline.errors import StageError
+    from pipeline.errors import StageError, one_line
     from pipeline.ray_runtime import ResourceError
     from pipeline.tracking import PipelineNotFoundError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: noise on stderr
     # SIGTERM (ray job stop) exits through the run context managers, so runs end KILLED.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    terminated = []
+
+    def on_sigterm(*_):
+        terminated.append(True)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except SystemExit:
+        if not terminated:
+            raise
+        # (Ray, waiting on tasks when the signal came, re-raises it as SystemExit(1))
+        print("moie: terminated: runs left unfinished are marked KILLED; the same command goes on from "
+              "what was saved", file=sys.stderr)
+        return 143
     except (ConfigError, CorpusError, EmbeddedCorpusError, StageError, ResourceError, PipelineNotFoundError,
             ArtifactError, CompositionError) as e:  # ArtifactError: checksums, checkpoints
-        print(f"moie: error: {e}", file=sys.stderr)
+        print(f"moie: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except MlflowException as e:  # the store refused a request (unreachable, read-only, full)
+        print(f"moie: error: the MLflow tracking store refused a request ({one_line(e)}); check that "
+              "MLFLOW_TRACKING_URI (or MOIE_HOME) names a store this user can reach and write", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moie: interrupted: runs left unfinished are marked KILLED; the same command goes on from "
+              "what was saved", file=sys.stderr)
+        return 130
 
 
 def stage_main(prog: str, description: str, func, argv: list[str] | None = None, extra=None) -> int:

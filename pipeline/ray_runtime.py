@@ -5,13 +5,75 @@ defaults set when `pipeline` is imported).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from pipeline.config import RayConfig
+from pipeline.errors import StageError, one_line
 
 
 class ResourceError(RuntimeError):
     """A task asks for more than the Ray cluster has."""
+
+
+class TaskFailedError(StageError):
+    """A Ray task that failed: its cause in full, and whether running the stage again can help."""
+
+
+def task_cause(err: BaseException) -> BaseException:
+    """The exception a Ray task raised in its own code (Ray wraps it), else the error itself."""
+    import ray.exceptions
+
+    if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
+        return err.cause
+    return err
+
+
+def lost_to_ray(err: BaseException) -> bool:
+    """A failure of the cluster rather than of the task's code (a worker or node lost, memory
+    pressure, a cancelled task, an unreachable owner): running the stage again can succeed.
+    Anything the task's own code raised fails the same way on every attempt."""
+    import ray.exceptions
+
+    if isinstance(err, ray.exceptions.RayTaskError):
+        return not isinstance(err.cause, Exception)
+    return isinstance(err, ray.exceptions.RayError)
+
+
+def describe_failure(name: str, err: BaseException) -> str:
+    """'<name>: <Cause>: <its whole message, one line>', with the advice that fits the cause."""
+    cause = task_cause(err)
+    text = f"{name}: {type(cause).__name__}: {one_line(cause)}"
+    if lost_to_ray(err):
+        return text + " (Ray lost the task: run the stage again to resume it from its newest checkpoint)"
+    return text + " (this fails the same way on every attempt: fix the cause first)"
+
+
+def get_or_fail(refs, what: str):
+    """ray.get(refs) (one ref or a list); if a task fails, or the wait is interrupted, every
+    task of `refs` still running is cancelled, and a failure is raised as one TaskFailedError
+    naming `what`."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayError as err:
+        cancel(refs)
+        raise TaskFailedError(describe_failure(what, err)) from None
+    except BaseException:
+        cancel(refs)
+        raise
+
+
+def cancel(refs) -> None:
+    """Stop tasks that no one will wait for (finished ones are left alone)."""
+    import ray
+
+    for ref in refs if isinstance(refs, list) else [refs]:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - already finished or lost: nothing to stop
+            pass
 
 
 def connect_ray(cfg: RayConfig) -> str:
@@ -21,13 +83,30 @@ def connect_ray(cfg: RayConfig) -> str:
     if ray.is_initialized():
         return "existing"
     address = os.environ.get("RAY_ADDRESS") or cfg.address
-    if address:
-        # Inside `ray job submit` RAY_ADDRESS is set: a plain init joins the job's cluster.
-        ray.init(address=address, log_to_driver=True)
-        return address
-    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=True)
+    with keep_sigterm_handler():
+        if address:
+            # Inside `ray job submit` RAY_ADDRESS is set: a plain init joins the job's cluster.
+            ray.init(address=address, log_to_driver=True)
+            return address
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
     return "local"
+
+
+@contextlib.contextmanager
+def keep_sigterm_handler():
+    """Ray's core worker installs a SIGTERM handler that aborts the process (exit -6): the
+    driver's own handler, which ends its runs KILLED (`moie`, `ray job stop`), is put back."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def check_resources(num_cpus: float, num_gpus: float = 0, what: str = "task") -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -19,7 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from artifacts import sha256_file, write_json
 from pipeline.config import Config, flatten, to_dict
+from pipeline.errors import StageError, one_line
 
+log = logging.getLogger(__name__)
 PIPELINE_TAG = "moie.pipeline"
 STAGE_TAG = "moie.stage"
 PARENT_TAG = "mlflow.parentRunId"
@@ -29,9 +32,23 @@ class PipelineNotFoundError(LookupError):
     """A --pipeline id that names no pipeline run in the tracking store."""
 
 
+class StoreError(StageError):
+    """A tracking store that cannot be reached or written."""
+
+
 def quote(value: object) -> str:
     """A value as a quoted MLflow filter literal (a quote inside cannot end the string)."""
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def param_strings(params: dict[str, Any]) -> dict[str, str]:
+    """Param values as MLflow stores them (lists and dicts as JSON)."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
+
+
+def changed_params(recorded: dict[str, str], wanted: dict[str, str]) -> dict[str, tuple[str | None, str]]:
+    """key -> (recorded, wanted) for every wanted param a run recorded otherwise (or not at all)."""
+    return {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
 
 
 def metrics_logger(tracking_uri: str, run_id: str):
@@ -63,14 +80,25 @@ def tracking_uri(cfg: Config) -> str:
 
 
 class Tracker:
-    """The pipeline's view of MLflow: runs, params, metrics, checksummed artifacts."""
+    """The pipeline's view of MLflow: runs, params, metrics, checksummed artifacts.
+
+    The one rule for run statuses lives here: a run this tracker opens is FINISHED only by
+    the code that logged all of its artifacts and registered versions (`end_run`); when a
+    stage stops early, `pipeline_active` ends every run it left open KILLED (interrupt) or
+    FAILED (error), so nothing stays RUNNING."""
 
     def __init__(self, cfg: Config):
         self.uri = tracking_uri(cfg)
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        self.experiment_id = self._experiment(cfg)
+        self._open: set[str] = set()  # runs this tracker created or reopened and has not ended
+        try:
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self.experiment_id = self._experiment(cfg)
+        except (OSError, MlflowException) as err:
+            raise StoreError(f"the MLflow tracking store {self.uri} cannot be opened or written "
+                             f"({one_line(err)}); point MLFLOW_TRACKING_URI (or MOIE_HOME) at a store "
+                             "this user can write") from None
 
     def _experiment(self, cfg: Config) -> str:
         name = cfg.tracking.experiment
@@ -119,7 +147,8 @@ class Tracker:
 
     @contextlib.contextmanager
     def pipeline_active(self, pipeline_id: str) -> Iterator[None]:
-        """The parent run is RUNNING while a stage works on it, then FINISHED, KILLED or FAILED.
+        """The parent run is RUNNING while a stage works on it, then FINISHED, KILLED or FAILED;
+        every child run the stage left open ends KILLED or FAILED with it.
         A command that fails on a pipeline that had finished leaves it FINISHED: what it holds is
         still complete and true, and the failed stage's own run records the failure."""
         before = self.client.get_run(pipeline_id).info.status
@@ -132,7 +161,31 @@ class Tracker:
             status = "KILLED"
             raise
         finally:
-            self.finish_pipeline(pipeline_id, "FINISHED" if before == "FINISHED" else status)
+            # a run still open after a successful stage lacks something it should hold: FAILED
+            self.end_open_runs("FAILED" if status == "FINISHED" else status)
+            self._best_effort(self.finish_pipeline, pipeline_id, "FINISHED" if before == "FINISHED" else status)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """End a run: FINISHED only once it holds all of its artifacts and registered versions."""
+        self.client.set_terminated(run_id, status=status)
+        self._open.discard(run_id)
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark an unfinished run RUNNING again (a resumed stage goes on with it)."""
+        self.client.update_run(run_id, status="RUNNING")
+        self._open.add(run_id)
+
+    def end_open_runs(self, status: str) -> None:
+        """End every run this tracker left open (best effort: the store itself may be failing)."""
+        for run_id in sorted(self._open):
+            self._best_effort(self.end_run, run_id, status)
+        self._open.clear()
+
+    def _best_effort(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001 - cleanup must not hide the error that stopped the stage
+            log.warning("could not record the end of run %s in %s: %s", args[0], self.uri, one_line(err))
 
     @contextlib.contextmanager
     def stage_run(self, pipeline_id: str, stage: str, name: str | None = None,
@@ -142,18 +195,20 @@ class Tracker:
         try:
             yield run_id
         except (KeyboardInterrupt, SystemExit):
-            self.client.set_terminated(run_id, status="KILLED")
+            self._best_effort(self.end_run, run_id, "KILLED")
             raise
         except BaseException:
-            self.client.set_terminated(run_id, status="FAILED")
+            self._best_effort(self.end_run, run_id, "FAILED")
             raise
-        self.client.set_terminated(run_id, status="FINISHED")
+        self.end_run(run_id, "FINISHED")
 
     def create_stage_run(self, pipeline_id: str, stage: str, name: str | None = None,
                          tags: dict[str, str] | None = None) -> str:
         """A RUNNING child run of the pipeline, tagged with pipeline and stage; the caller ends it."""
         all_tags = {PARENT_TAG: pipeline_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: stage, **(tags or {})}
-        return self.client.create_run(self.experiment_id, run_name=name or stage, tags=all_tags).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name or stage, tags=all_tags).info.run_id
+        self._open.add(run_id)
+        return run_id
 
     def stage_runs(self, pipeline_id: str, stage: str, status: str | None = "FINISHED") -> list:
         """Child runs of a pipeline for one stage, newest first."""
@@ -165,7 +220,7 @@ class Tracker:
     # --- logging ------------------------------------------------------------------------
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        items = [Param(k, v) for k, v in param_strings(params).items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(run_id, params=items[start:start + 100])
 

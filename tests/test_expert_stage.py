@@ -141,14 +141,6 @@ def test_resources_the_cluster_cannot_provide_fail_at_once(ray_local, moie_home,
     assert time.time() - t0 < 60
 
 
-def test_a_cluster_too_small_for_one_batch_is_skipped_and_recorded(ray_local, moie_home, tmp_path):
-    cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.seed_fraction=0", "experts.train.batch_size=64"], n=6)
-    pipeline_id = run_cluster(cfg)
-    assert run_experts(cfg, pipeline_id) == {}
-    runs = Tracker(cfg).stage_runs(pipeline_id, "experts")
-    assert len(runs) == 2 and all("fewer than one batch" in r.data.tags["moie.skipped"] for r in runs)
-
-
 def test_a_new_clustering_of_the_pipeline_trains_new_experts_on_its_own_data(ray_local, moie_home, tmp_path):
     cfg = tiny_config(tmp_path, extra=["experts.dense=false", "experts.seed_fraction=0"])
     pipeline_id = run_cluster(cfg)

@@ -1,20 +1,113 @@
 """Faults a user can cause, and what they leave behind (issue: "Nothing half-done").
 
-Each case is numbered as in the issue. Covered so far: 8 (degenerate config values are
-refused at load time, naming the key, before Ray or the store is touched), 9 (a failing
-command does not flip a finished pipeline to FAILED) and 11 (filter values cannot break or
-extend an MLflow search string). The other cases are listed in the README's fault table as open."""
+Each case is numbered as in the issue; each test asserts what the user sees (one
+`moie: error:` line, the exit code) and the state of the store afterwards (run statuses,
+registered versions, files). The stage-level cases run the real experts stage on a small
+generated corpus: in this process on the session's local Ray, or as `moie experts` in a
+subprocess with its own Ray where a signal must reach the driver (Ctrl-C, SIGTERM, kill -9)."""
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import textgen
 from pipeline.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
+
+
+# --- a small experts stage to break ------------------------------------------------------------
+
+
+def small_overrides(tmp_path, n=25, extra=()):
+    """configs/tiny.yaml on a generated two-domain corpus, two experts (no dense model, no seed),
+    checkpoints every 5 steps, long enough to interrupt (117 steps an expert)."""
+    path = tmp_path / "docs.jsonl"
+    if not path.exists():
+        path.write_text("".join(json.dumps(r) + "\n" for r in textgen.corpus(n, ["cooking", "sailing"], seed=0)))
+    return ["corpus.source=files", f"corpus.files=[{path}]", "cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1",
+            "tracking.experiment=faults", "experts.dense=false", "experts.seed_fraction=0",
+            "experts.train.max_tokens=60000", "experts.train.ckpt_every=5", "experts.train.log_every=5",
+            "experts.progress_every=0.5", *extra]
+
+
+def clustered(tmp_path, overrides):
+    """(config, pipeline id) of a pipeline whose cluster stage has run, in this process."""
+    from pipeline.stages.cluster import run_cluster
+
+    cfg = load_config(TINY, overrides)
+    return cfg, run_cluster(cfg)
+
+
+def experts_cli(moie_home, overrides, pipeline_id, log_path):
+    """`moie experts` in its own process group (with its own local Ray), output to log_path."""
+    env = {**os.environ, "MOIE_HOME": str(moie_home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "pipeline.cli", "experts", "--config", str(TINY), "--pipeline", pipeline_id,
+           "--set", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def checkpoints(moie_home, name):
+    return sorted(Path(moie_home).glob(f"checkpoints/*/*/{name}/step-*.json"))
+
+
+def wait_for_checkpoint(proc, moie_home, name, log_path, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if checkpoints(moie_home, name):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the stage ended ({proc.returncode}) before {name} checkpointed:\n"
+                                 + Path(log_path).read_text()[-3000:])
+        time.sleep(0.2)
+    raise AssertionError(f"{name} wrote no checkpoint in {timeout}s:\n" + Path(log_path).read_text()[-3000:])
+
+
+def stop(proc, sig, timeout=120):
+    """Send sig to the driver alone; return its exit code; sweep its process group afterwards."""
+    os.kill(proc.pid, sig)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray's own processes, if any outlived the driver
+        except ProcessLookupError:
+            pass
+
+
+def interrupted_experts(tmp_path, moie_home, sig=signal.SIGINT, extra=()):
+    """A pipeline whose experts stage was stopped by `sig` once expert-0 had a checkpoint:
+    (config, pipeline id, overrides, exit code, output)."""
+    overrides = small_overrides(tmp_path, extra=extra)
+    cfg, pipeline_id = clustered(tmp_path, overrides)
+    log_path = tmp_path / "experts.log"
+    proc = experts_cli(moie_home, overrides, pipeline_id, log_path)
+    wait_for_checkpoint(proc, moie_home, "expert-0", log_path)
+    code = stop(proc, sig)
+    return cfg, pipeline_id, overrides, code, log_path.read_text()
+
+
+def runs_of(cfg, pipeline_id, stage="experts"):
+    from pipeline.tracking import Tracker
+
+    return Tracker(cfg).stage_runs(pipeline_id, stage, None)
+
+
+def expert_versions(cfg):
+    from pipeline.catalog import EXPERT_MODEL
+    from pipeline.tracking import Tracker
+
+    return Tracker(cfg).client.search_model_versions(f"name = '{EXPERT_MODEL}'")
+
 
 # case 8: values that used to register a degenerate model, crash inside a Ray task or fail late
 DEGENERATE = [
@@ -99,3 +192,417 @@ def test_case9_a_failing_command_leaves_a_finished_pipeline_finished_and_an_unfi
     with pytest.raises(StageError), tracker.pipeline_active(unfinished):
         raise StageError("a stage failed")
     assert tracker.client.get_run(unfinished).info.status == "FAILED"
+
+
+# case 1: a model whose data is too small to train is not FINISHED, and trains once the config is fixed
+def test_case1_a_cluster_too_small_to_train_fails_its_run_and_trains_once_the_config_is_fixed(ray_local, moie_home,
+                                                                                               tmp_path):
+    from pipeline.errors import StageError
+    from pipeline.stages.experts import run_experts
+    from pipeline.tracking import Tracker
+
+    overrides = small_overrides(tmp_path, n=6, extra=["experts.train.max_tokens=2000"])
+    cfg, pipeline_id = clustered(tmp_path, [*overrides, "experts.train.batch_size=128"])
+    with pytest.raises(StageError, match=r"cannot train expert-0, expert-1 .*fewer than one batch.*batch_size"):
+        run_experts(cfg, pipeline_id)
+    first = runs_of(cfg, pipeline_id)
+    assert sorted(r.info.status for r in first) == ["FAILED", "FAILED"]
+    assert all("fewer than one batch" in r.data.tags["moie.skipped"] for r in first)
+    assert expert_versions(cfg) == []
+
+    fixed = load_config(TINY, [*overrides, "experts.train.batch_size=2"])
+    assert sorted(run_experts(fixed, pipeline_id)) == ["expert-0", "expert-1"]
+    assert len(expert_versions(fixed)) == 2
+    finished = [r for r in runs_of(fixed, pipeline_id) if r.info.status == "FINISHED"]
+    assert len(finished) == 2
+    # case 4 as well: the runs that trained record the batch size they trained with, not the first attempt's
+    assert {r.data.params["train.batch_size"] for r in finished} == {"2"}
+    client = Tracker(fixed).client
+    assert all("train.batch_size 128 -> 2" in client.get_run(r.info.run_id).data.tags["moie.superseded"]
+               for r in first)
+
+
+def test_case1_a_model_left_out_for_a_small_cluster_does_not_stop_the_others(ray_local, moie_home, tmp_path):
+    """One cluster too small: the other expert is registered, the small one's run FAILED (not FINISHED)."""
+    from pipeline.catalog import Catalog
+    from pipeline.stages.experts import _ExpertsStage
+
+    overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=2000", "experts.train.batch_size=32"])
+    cfg, pipeline_id = clustered(tmp_path, overrides)
+    catalog = Catalog(cfg)
+    cluster_run, table, report = catalog.assignments(pipeline_id)
+    # move all but one of cluster 1's training documents to cluster 0: cluster 1 cannot fill one batch
+    ones = [i for i, (c, s) in enumerate(zip(table["cluster"], table["split"])) if c == 1 and s == "train"]
+    for i in ones[1:]:
+        table["cluster"][i] = 0
+    with catalog.tracker.pipeline_active(pipeline_id):
+        registered = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, 2, report).run(table)
+    assert sorted(registered) == ["expert-0"]
+    status = {r.data.tags["moie.expert"]: r.info.status for r in runs_of(cfg, pipeline_id)}
+    assert status == {"expert-0": "FINISHED", "expert-1": "FAILED"}
+
+
+# case 2: an interrupted stage leaves nothing RUNNING, exits 130 (143 for SIGTERM), and stops training
+def test_case2_ctrl_c_exits_130_ends_every_run_killed_and_stops_training(ray_local, moie_home, tmp_path):
+    from pipeline.tracking import Tracker
+
+    cfg, pipeline_id, _, code, output = interrupted_experts(tmp_path, moie_home, signal.SIGINT)
+    assert code == 130, output[-3000:]
+    assert any(line.startswith("moie: interrupted") for line in output.splitlines()), output[-3000:]
+    assert "Traceback" not in output
+    # the pipeline had finished its cluster stage: it stays FINISHED (case 9), its stage's runs say KILLED
+    assert Tracker(cfg).client.get_run(pipeline_id).info.status == "FINISHED"
+    statuses = [r.info.status for r in runs_of(cfg, pipeline_id)]
+    assert statuses and "RUNNING" not in statuses and "KILLED" in statuses
+    before = {p: p.stat().st_mtime_ns for p in Path(moie_home).glob("checkpoints/**/step-*.json")}
+    time.sleep(3)  # no task trains on once its driver is gone
+    assert {p: p.stat().st_mtime_ns for p in Path(moie_home).glob("checkpoints/**/step-*.json")} == before
+
+
+def test_case2_sigterm_exits_143_and_ends_every_run_killed(ray_local, moie_home, tmp_path):
+    cfg, pipeline_id, _, code, output = interrupted_experts(tmp_path, moie_home, signal.SIGTERM)
+    assert code == 143, output[-3000:]
+    assert any(line.startswith("moie: terminated") for line in output.splitlines()), output[-3000:]
+    statuses = [r.info.status for r in runs_of(cfg, pipeline_id)]
+    assert statuses and "RUNNING" not in statuses and "KILLED" in statuses
+
+
+def test_case2_a_store_write_error_mid_stage_leaves_no_run_running_and_a_rerun_completes(ray_local, moie_home,
+                                                                                         tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.stages.experts import _ExpertsStage, run_experts
+
+    cfg, pipeline_id = clustered(tmp_path, small_overrides(tmp_path, extra=["experts.train.max_tokens=4000"]))
+
+    def store_fails(self, task, trained):  # the first model to finish cannot be registered
+        raise MlflowException("sqlite3.OperationalError: disk I/O error")
+
+    with monkeypatch.context() as patch, pytest.raises(MlflowException, match="disk I/O error"):
+        patch.setattr(_ExpertsStage, "register", store_fails)
+        run_experts(cfg, pipeline_id)
+    statuses = [r.info.status for r in runs_of(cfg, pipeline_id)]
+    assert sorted(statuses) == ["FAILED", "FAILED"]  # the one being registered, and the other
+    assert sorted(run_experts(cfg, pipeline_id)) == ["expert-0", "expert-1"]
+    runs = runs_of(cfg, pipeline_id)
+    assert len(expert_versions(cfg)) == 2 and len(runs) == 2
+    import math  # (case 3 at the stage: a model resumed at its final checkpoint registers its real figures)
+
+    assert all(math.isfinite(r.data.metrics["final_train_loss"]) for r in runs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_an_interrupted_experts_stage_resumes_to_completion_with_nothing_trained_twice(ray_local, moie_home,
+                                                                                      tmp_path, sig):
+    from pipeline.stages.experts import run_experts
+    from pipeline.tracking import Tracker
+
+    cfg, pipeline_id, _, _, _ = interrupted_experts(tmp_path, moie_home, sig)
+    interrupted = {r.data.tags["moie.expert"]: r.info.run_id for r in runs_of(cfg, pipeline_id)
+                   if "moie.model_version" not in r.data.tags}
+    saved = max(int(p.stem.removeprefix("step-")) for p in checkpoints(moie_home, "expert-0"))
+    assert "expert-0" in interrupted
+    assert sorted(run_experts(cfg, pipeline_id)) == ["expert-0", "expert-1"]
+    runs = runs_of(cfg, pipeline_id)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # the same runs, finished
+    assert len(expert_versions(cfg)) == 2  # each model registered once
+    for run in runs:
+        name = run.data.tags["moie.expert"]
+        if name in interrupted:
+            assert run.info.run_id == interrupted[name]  # went on in its own run
+    expert0 = next(r for r in runs if r.data.tags["moie.expert"] == "expert-0")
+    assert expert0.data.metrics["resumed_from_step"] >= saved > 0  # from its checkpoint, not from step 0
+    assert Tracker(cfg).client.get_run(pipeline_id).info.status == "FINISHED"
+
+
+# case 4: a retried run's params are the config it trained with
+def test_case4_a_changed_config_trains_afresh_in_a_new_run_that_records_it(ray_local, moie_home, tmp_path):
+    from pipeline.stages.experts import run_experts
+    from pipeline.tracking import Tracker
+
+    cfg, pipeline_id, overrides, _, _ = interrupted_experts(tmp_path, moie_home, signal.SIGINT)
+    old = {r.data.tags["moie.expert"]: r for r in runs_of(cfg, pipeline_id) if r.info.status == "KILLED"}
+    assert "expert-0" in old and old["expert-0"].data.params["train.lr"] == "0.003"
+    changed = load_config(TINY, [*overrides, "experts.train.lr=0.002"])
+    run_experts(changed, pipeline_id)
+    runs = {r.data.tags["moie.expert"]: r for r in runs_of(changed, pipeline_id) if r.info.status == "FINISHED"}
+    assert runs["expert-0"].info.run_id != old["expert-0"].info.run_id
+    assert runs["expert-0"].data.params["train.lr"] == "0.002"
+    assert runs["expert-0"].data.metrics["resumed_from_step"] == 0  # the old config's checkpoints were not used
+    superseded = Tracker(cfg).client.get_run(old["expert-0"].info.run_id).data.tags["moie.superseded"]
+    assert "train.lr 0.003 -> 0.002" in superseded
+
+
+# case 6: a task that fails for a deterministic cause says so in full, without colour codes
+def test_case6_a_corrupt_checkpoint_is_reported_in_full_with_the_fix_and_its_run_ends_failed(ray_local, moie_home,
+                                                                                             tmp_path):
+    from pipeline.errors import StageError
+    from pipeline.stages.experts import run_experts
+
+    cfg, pipeline_id, _, _, _ = interrupted_experts(tmp_path, moie_home, signal.SIGINT)
+    newest = checkpoints(moie_home, "expert-0")[-1].with_suffix(".safetensors")
+    newest.write_bytes(newest.read_bytes()[:-16])  # cut short
+    with pytest.raises(StageError) as caught:
+        run_experts(cfg, pipeline_id)
+    message = str(caught.value)
+    assert "expert-0: CheckpointError:" in message and newest.name in message and "was recorded" in message
+    assert f"delete {newest.with_suffix('')}.json and .safetensors" in message
+    assert "fails the same way on every attempt" in message and "Ray lost the task" not in message
+    assert "\x1b[" not in message and "\n" not in message
+    statuses = {r.data.tags["moie.expert"]: r.info.status for r in runs_of(cfg, pipeline_id)}
+    assert statuses["expert-0"] == "FAILED" and "RUNNING" not in statuses.values()
+    for path in (newest, newest.with_suffix(".json")):  # the fix the message gives
+        path.unlink()
+    assert sorted(run_experts(cfg, pipeline_id)) == ["expert-0", "expert-1"]
+
+
+def test_case6_a_task_lost_to_ray_is_told_apart_from_one_that_failed_in_its_own_code():
+    import ray.exceptions
+
+    from pipeline.ray_runtime import describe_failure
+
+    lost = describe_failure("expert-0", ray.exceptions.WorkerCrashedError())
+    assert "Ray lost the task: run the stage again" in lost
+    coloured = ray.exceptions.RayTaskError("train_expert", "Traceback ...", ValueError("\x1b[31mbad\x1b[0m\nvalue"))
+    own = describe_failure("expert-0", coloured)
+    assert own.startswith("expert-0: ValueError: bad value") and "fails the same way" in own and "\x1b" not in own
+
+
+# case 3: a run resumed at its final checkpoint reports the figures it finished with
+def test_case3_a_run_resumed_at_its_final_checkpoint_reports_its_final_loss_bpb_and_speed(tmp_path):
+    import math
+
+    import numpy as np
+    import torch
+
+    from experts.checkpoint import build_model
+    from experts.trainer import TrainConfig, train
+
+    arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    tokens = np.random.default_rng(0).integers(0, 256, 4000).astype(np.uint16)
+    cfg = TrainConfig(max_tokens=16 * 2 * 6, batch_size=2, warmup_steps=1, eval_every=0, eval_tokens=256, log_every=2)
+    torch.manual_seed(0)
+    first = train(build_model(arch), tokens, tokens[:600], cfg, ckpt_dir=tmp_path / "ck")
+    again = train(build_model(arch), tokens, tokens[:600], cfg, ckpt_dir=tmp_path / "ck")
+    assert again.resumed_from == first.steps == again.steps == 6
+    assert math.isfinite(again.train_loss) and again.train_loss == first.train_loss
+    assert again.val_bpb is not None and again.val_bpb == first.val_bpb
+    assert again.tokens_per_s == first.tokens_per_s > 0
+
+
+# case 5: what a stage consumes is checked against what the stage that made it recorded
+def test_case5_a_corpus_file_edited_after_clustering_is_refused_before_any_expert_trains(ray_local, moie_home,
+                                                                                         tmp_path):
+    from pipeline.corpus import CorpusError
+    from pipeline.stages.experts import run_experts
+
+    overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=2000"])
+    cfg, pipeline_id = clustered(tmp_path, overrides)
+    path = tmp_path / "docs.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[3]["text"] = rows[3]["text"].replace("e", "a")  # same path, same document ids, other text
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(CorpusError, match=r"document '.*:3' changed since the pipeline was clustered"):
+        run_experts(cfg, pipeline_id)
+    assert runs_of(cfg, pipeline_id) == [] and expert_versions(cfg) == []
+    assert not list(Path(moie_home).glob("checkpoints/**/*.npy"))  # nothing tokenised from the edited corpus
+
+
+def test_case5_assignments_changed_in_the_store_are_refused_naming_the_artifact(ray_local, moie_home, tmp_path):
+    from artifacts import ChecksumError
+    from pipeline.catalog import ASSIGNMENTS, Catalog
+
+    cfg, pipeline_id = clustered(tmp_path, small_overrides(tmp_path))
+    catalog = Catalog(cfg)
+    run = catalog.cluster_run(pipeline_id)
+    stored = Path(run.info.artifact_uri.removeprefix("file://")) / ASSIGNMENTS
+    stored.write_bytes(stored.read_bytes()[:-100] + b"\0" * 100)
+    with pytest.raises(ChecksumError, match=rf"{run.info.artifact_uri}/{ASSIGNMENTS} has sha256"):
+        catalog.assignments(pipeline_id)
+
+
+def trained_expert(tmp_path):
+    """(config, catalog, URI, version) of one of two small experts the experts stage registered."""
+    from pipeline.catalog import Catalog
+    from pipeline.stages.experts import run_experts
+
+    cfg, pipeline_id = clustered(tmp_path, small_overrides(tmp_path, extra=["experts.train.max_tokens=2000"]))
+    uri = sorted(run_experts(cfg, pipeline_id).values())[0]
+    catalog = Catalog(cfg)
+    return cfg, catalog, uri, catalog.resolve(uri)
+
+
+def test_case5_a_token_file_changed_after_training_is_refused_to_the_compose_stage(ray_local, moie_home, tmp_path):
+    from artifacts import ChecksumError
+
+    _, catalog, uri, version = trained_expert(tmp_path)
+    path = Path(catalog.data_path(version, "train"))  # unchanged: accepted
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=rf"train tokens of {uri} at {path} changed"):
+        catalog.data_path(version, "train")
+
+
+# case 10: every bad input ends as one line, exit 2
+def moie(*args, home=None, env_extra=None, timeout=120):
+    env = {**os.environ, **({"MOIE_HOME": str(home)} if home else {}), **(env_extra or {})}
+    if not env_extra or "MLFLOW_TRACKING_URI" not in env_extra:
+        env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          timeout=timeout)
+
+
+def one_error_line(proc) -> str:
+    err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("moie: error:"), proc.stderr[-3000:]
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    from experts.checkpoint import build_model, save_model
+
+    path = tmp_path_factory.mktemp("model") / "m"
+    arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    save_model(path, build_model(arch))
+    return path
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "inf"], "--temperature must be >= 0 and finite"),
+    (["--prompt", b"caf\xe9 latin-1"], "--prompt is not valid UTF-8"),
+])
+def test_case10_a_sampling_argument_no_sampler_can_use_is_one_line(local_model, args, says):
+    assert says in one_error_line(moie("generate", "--model", str(local_model), *args))
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda d: (d / "model.json").write_text("{not json"), "model.json is not valid JSON"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 64), "model.safetensors has sha256"),
+    (lambda d: (d / "model.json").write_text(json.dumps({"config": {}})), "records no tensors_sha256"),
+    (lambda d: (d / "model.safetensors").unlink(), "no complete model.safetensors + model.json"),
+], ids=["json-not-json", "tensors-changed", "json-without-checksum", "tensors-missing"])
+def test_case10_a_damaged_local_model_directory_is_one_line(local_model, tmp_path, damage, says):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(local_model, damaged)
+    damage(damaged)
+    line = one_error_line(moie("generate", "--model", str(damaged), "--prompt", "hi"))
+    assert says in line and str(damaged) in line
+
+
+def test_case10_a_store_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    uri = f"sqlite:///{blocker}/mlflow.db"  # its folder would have to be inside a file
+    line = one_error_line(moie("library", "list", "--config", str(TINY), env_extra={"MLFLOW_TRACKING_URI": uri}))
+    assert f"the MLflow tracking store {uri} cannot be opened or written" in line
+
+
+def test_case10_min_df_above_the_corpus_is_blamed_on_min_df_not_stop_words(tmp_path):
+    from pipeline.errors import StageError
+    from pipeline.stages.cluster import fit_clusters
+
+    cfg = load_config(TINY, [*small_overrides(tmp_path), "cluster.min_df=100000"])
+    with pytest.raises(StageError, match=r"min_df=100000.*lower min_df") as caught:
+        fit_clusters(cfg)
+    assert "stop words" not in str(caught.value)
+
+
+def test_case10_a_registered_version_whose_files_were_deleted_is_one_clear_error(ray_local, moie_home, tmp_path):
+    import shutil
+
+    from pipeline.errors import StageError
+
+    _, catalog, uri, version = trained_expert(tmp_path)
+    shutil.rmtree(version.source.removeprefix("file://"))
+    with pytest.raises(StageError, match=rf"{uri} .*cannot be read from the artifact store|files of {uri} are gone"):
+        catalog.load_registered(uri, tmp_path / "load")
+
+
+def test_case12_a_checksum_error_names_the_stored_artifact_not_a_temporary_path(ray_local, moie_home, tmp_path):
+    from artifacts import ChecksumError
+
+    _, catalog, uri, version = trained_expert(tmp_path)
+    stored = Path(version.source.removeprefix("file://")) / "model.safetensors"
+    stored.write_bytes(stored.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ChecksumError) as caught:
+        catalog.load_registered(uri, tmp_path / "download")
+    assert f"{version.source}/model.safetensors of {uri}" in str(caught.value)
+    assert str(tmp_path / "download") not in str(caught.value)
+
+
+# case 7: `moie ui` never outlives itself, and a busy port is an error
+def test_case7_moie_ui_on_a_busy_port_is_one_line_with_exit_2(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = one_error_line(moie("ui", "--config", str(TINY), "--port", str(port), home=tmp_path / "home"))
+    assert f"port {port} on 127.0.0.1 is in use" in line
+
+
+def test_case7_moie_ui_stopped_with_sigterm_takes_its_server_with_it(tmp_path):
+    import socket
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "MOIE_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--config", str(TINY), "--port", str(port)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:  # serving
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "moie ui never served"
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        time.sleep(1)
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing listens there any more
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-f", f"mlflow ui .*--port {port}"], check=False)  # a server the test failed to stop
+
+
+# case 12: smaller mistakes, each one clear line
+def test_case12_a_misspelled_eval_data_path_is_not_taken_for_a_hub_data_set(tmp_path):
+    from pipeline.errors import StageError
+    from pipeline.stages.evaluate import eval_corpus
+
+    cfg = load_config(TINY)
+    for typo in (str(tmp_path / "held-out.jsonl"), "./heldout/*.txt", "data/tset.parquet"):
+        with pytest.raises(StageError, match="matches no file"):
+            eval_corpus(cfg, typo)
+    assert eval_corpus(cfg, "someone/a-dataset")[0].source == "hub"  # a hub name is still one
+
+
+def test_case12_a_directory_in_corpus_files_is_named_as_such(tmp_path):
+    from pipeline.corpus import CorpusError, load_corpus
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("some text")
+    cfg = load_config(TINY, ["corpus.source=files", f"corpus.files=[{tmp_path / 'texts'}]"])
+    with pytest.raises(CorpusError, match=r"names only directories; give the files in them, e.g. .*\*\*"):
+        load_corpus(cfg.corpus)
+
+
+def test_case12_pipeline_beside_resume_is_refused_not_ignored(tmp_path):
+    line = one_error_line(moie("run", "--config", str(TINY), "--resume", "abc", "--pipeline", "def",
+                               home=tmp_path / "home"))
+    assert "--resume" in line and "not both" in line

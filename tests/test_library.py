@@ -8,8 +8,8 @@ import torch
 
 import textgen
 from stores import module_home
-from artifacts import ChecksumError
-from pipeline.catalog import Catalog
+from artifacts import ChecksumError, sha256_file
+from pipeline.catalog import MANIFEST_SHA, Catalog
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import StageError
@@ -178,12 +178,28 @@ def test_an_artifact_whose_checksum_does_not_match_is_refused(library):
 def test_a_composition_manifest_from_a_newer_format_is_refused(library):
     cfg, catalog = library["cfg"], library["catalog"]
     (uri,) = run_compose(cfg, library["a"]).values()
-    path = artifact_file(catalog, catalog.resolve(uri), "composition/composition_manifest.json")
+    version = catalog.resolve(uri)
+    path = artifact_file(catalog, version, "composition/composition_manifest.json")
     original = path.read_text()
-    try:
+    try:  # as a newer moie would write and register it: its checksum recorded
         path.write_text(json.dumps({**json.loads(original), "format": 99}))
+        catalog.client.set_model_version_tag(version.name, version.version, MANIFEST_SHA, sha256_file(path))
         with pytest.raises(StageError, match="format 99, newer than this moie reads"):
             catalog.load_registered(uri, library["home"] / "newer")
+    finally:
+        path.write_text(original)
+        catalog.client.set_model_version_tag(version.name, version.version, MANIFEST_SHA, version.tags[MANIFEST_SHA])
+
+
+def test_a_composition_manifest_changed_in_the_store_is_refused(library):
+    cfg, catalog = library["cfg"], library["catalog"]
+    (uri,) = run_compose(cfg, library["a"]).values()
+    path = artifact_file(catalog, catalog.resolve(uri), "composition/composition_manifest.json")
+    original = path.read_text()
+    try:  # the routing it would be built with, changed behind the registry's back
+        path.write_text(json.dumps({**json.loads(original), "k": 1}))
+        with pytest.raises(ChecksumError, match=r"composition_manifest.json of models:/moie-composition/\d+ has"):
+            catalog.load_registered(uri, library["home"] / "changed")
     finally:
         path.write_text(original)
 

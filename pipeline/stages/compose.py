@@ -24,11 +24,11 @@ from composition.training import fit_centers, train_flops_per_token, train_indep
 from experts.flops import forward_flops_per_token
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
-from pipeline.catalog import (CENTRAL_MODEL, COMPOSITION_MODEL, DENSE, DENSE_MATCHED, MANIFEST_FORMAT, Catalog,
-                              check_tokenizers, exact_uri)
+from pipeline.catalog import (CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
+                              MANIFEST_FORMAT, MANIFEST_SHA, Catalog, check_tokenizers, exact_uri)
 from pipeline.config import Config
 from pipeline.errors import StageError
-from pipeline.ray_runtime import check_resources, connect_ray, use_granted_cpus
+from pipeline.ray_runtime import cancel, check_resources, connect_ray, get_or_fail, use_granted_cpus
 from pipeline.tracking import metrics_logger
 from pipeline.tokenizer import ByteTokenizer
 from routing.ensemble import document_weights
@@ -201,7 +201,8 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
     central, experts = catalog.resolve(central_uri), [catalog.resolve(u) for u in expert_uris]
     with catalog.tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
         task = composition_task(cfg, catalog, central, experts, Path(tmp))
-        prepared = ray.get(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task))
+        prepared = get_or_fail(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task),
+                               "composition's preparation task")
         task = replace(task, centers=prepared["centers"], flops=prepared["flops"])
         matched = _start_matched(catalog, cfg, pipeline_id, task, central, experts) if own else None
         try:
@@ -288,15 +289,15 @@ def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: Compos
 
 def _abandon_matched(catalog: Catalog, ref, matched: MatchedTask, killed: bool) -> None:
     """Cancel the continuation and end its run KILLED or FAILED (a re-run resumes it from its checkpoints)."""
-    ray.cancel(ref, force=True)
+    cancel(ref)
     if catalog.tracker.client.get_run(matched.run_id).info.status == "RUNNING":
-        catalog.tracker.client.set_terminated(matched.run_id, "KILLED" if killed else "FAILED")
+        catalog.tracker.end_run(matched.run_id, "KILLED" if killed else "FAILED")
 
 
 def _finish_matched(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTask, dense) -> str:
     """Wait for the continuation, log it and register it as a central-model version (role dense_matched)."""
     tracker = catalog.tracker
-    out = ray.get(ref)
+    out = get_or_fail(ref, f"{DENSE_MATCHED} training task")
     tracker.log_metrics(matched.run_id, {"tokens": out["tokens"], "steps": out["steps"], "params": out["params"],
                                          "final_train_loss": out["train_loss"],
                                          **({"final_val_bpb": out["val_bpb"]} if out["val_bpb"] is not None else {})})
@@ -308,7 +309,7 @@ def _finish_matched(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTas
         "moie.continued_from": exact_uri(dense),
         "moie.sha256": files["model.safetensors"]})
     tracker.set_tags(matched.run_id, {"moie.model_version": uri})
-    tracker.client.set_terminated(matched.run_id, "FINISHED")
+    tracker.end_run(matched.run_id, "FINISHED")
     print(f"{DENSE_MATCHED}: registered as {uri} (val_bpb {out['val_bpb']})", flush=True)
     return uri
 
@@ -401,14 +402,14 @@ def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask,
         todo = range(len(task.experts)) if train_only is None else train_only
         refs = {e: ray.remote(train_independent_task).options(**opts).remote(task, e) for e in todo}
         tokens = [0] * len(task.experts)
-        for e, r in zip(refs, ray.get(list(refs.values()))):
+        for e, r in zip(refs, get_or_fail(list(refs.values()), "independent composition's training task")):
             state |= {k: v for k, v in r["state"].items() if k.startswith((f"blocks.{e}.", f"gates.{e}."))
                       or (k.startswith("centers.") and k not in state)}
             tokens[e] = r["tokens"]
             catalog.tracker.log_metrics(run_id, {f"expert{e}_blocks_loss": r["blocks_loss"],
                                                  f"expert{e}_gates_loss": r["gates_loss"]})
         return state, tokens
-    result = ray.get(ray.remote(train_joint_task).options(**opts).remote(task))
+    result = get_or_fail(ray.remote(train_joint_task).options(**opts).remote(task), "joint composition's training task")
     catalog.tracker.log_metrics(run_id, {"joint_loss": result["joint_loss"]})
     return result["state"], result["tokens"]
 
@@ -431,7 +432,8 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
         if task.flops is not None:  # what this stage spent training the mode (centres included)
             tracker.log_metrics(run_id, {"train_pflops": compose_flops(task, mode, tokens) / 1e15,
                                          "train_tokens": sum(tokens) if isinstance(tokens, list) else tokens})
-        scores = ray.get(ray.remote(evaluate_task).options(**opts).remote(task, state))
+        scores = get_or_fail(ray.remote(evaluate_task).options(**opts).remote(task, state),
+                             f"compose-{mode} scoring task")
         tracker.log_metrics(run_id, scores)
         tracker.log_metrics(run_id, {f"gate_norm_{k.replace('.', '_')}": float(v.norm()) for k, v in state.items()
                                      if k.startswith("gates.")})
@@ -441,13 +443,14 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                         **({"router_run": task.router_run, "clusters": task.clusters} if task.router else {}),
                         **({"added_to": added["moie.added_to"]} if added else {})}
             save_state(Path(tmp), "composition", state, manifest)
-            write_json(Path(tmp) / "composition_manifest.json", manifest)
+            write_json(Path(tmp) / COMPOSITION_MANIFEST, manifest)
             files = tracker.log_artifact_dir(run_id, tmp, "composition")
         run = tracker.client.get_run(run_id)
         uri = catalog.register(COMPOSITION_MODEL, f"{run.info.artifact_uri}/composition", run_id,
                                {"moie.pipeline": pipeline_id, "moie.mode": mode, "moie.tokenizer": task.tokenizer,
                                 "moie.central": task.central, "moie.experts": json.dumps(task.experts),
-                                "moie.sha256": files["composition.safetensors"], **(added or {})})
+                                "moie.sha256": files["composition.safetensors"],
+                                MANIFEST_SHA: files[COMPOSITION_MANIFEST], **(added or {})})
         tracker.set_tags(run_id, {"moie.model_version": uri})
         print(f"compose {mode}: val_bpb {scores['val_bpb']:.4f} vs central {scores['central_val_bpb']:.4f}; "
               f"registered as {uri}", flush=True)

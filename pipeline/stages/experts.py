@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,17 +21,18 @@ import numpy as np
 import ray
 import torch
 
-from artifacts import atomic_path
+from artifacts import atomic_path, sha256_file
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
 from experts.trainer import TrainConfig, TrainResult, encode_texts, train
-from pipeline.catalog import CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, Catalog, expert_name
+from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, TOKENS_SHA, Catalog, check_token_files,
+                              expert_name)
 from pipeline.config import Config
-from pipeline.corpus import load_corpus
+from pipeline.corpus import clustered_documents, load_corpus
 from pipeline.errors import StageError
 from pipeline.progress import BoardPrinter, open_board
-from pipeline.ray_runtime import check_resources, connect_ray, use_granted_cpus
+from pipeline.ray_runtime import check_resources, connect_ray, describe_failure, use_granted_cpus
 from pipeline.tokenizer import ByteTokenizer
-from pipeline.tracking import metrics_logger
+from pipeline.tracking import changed_params, metrics_logger, param_strings
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +91,7 @@ def write_tokens(path: Path, texts: list[str], eos_id: int) -> Path:
 
 def expert_data(cfg: Config, root: Path, table: dict, k: int) -> dict[str, dict]:
     """Tokenise each cluster's documents once into shared .npy files: {name: {train, val, train_bytes}}."""
-    docs = {d.doc_id: d for d in load_corpus(cfg.corpus)}
-    missing = [i for i in table["doc_id"] if i not in docs]
-    if missing:
-        raise StageError(f"{len(missing)} clustered documents (e.g. {missing[0]!r}) are not in the corpus of this "
-                         "config; give the config the pipeline was clustered with")
+    docs = clustered_documents(table, load_corpus(cfg.corpus))
     eos = ByteTokenizer().eos_id
     groups: dict[str, dict[str, list[str]]] = {expert_name(j): {"train": [], "validation": []} for j in range(k)}
     groups[DENSE] = {"train": [], "validation": []}
@@ -168,6 +166,7 @@ class _ExpertsStage:
         self.catalog, self.tracker, self.cfg = catalog, catalog.tracker, cfg
         self.pipeline_id, self.cluster_run_id, self.k, self.report = pipeline_id, cluster_run_id, k, report
         self.root = catalog.checkpoint_root(pipeline_id, cluster_run_id)
+        self.cannot_train: dict[str, str] = {}  # model -> why its data cannot make one batch
 
     def run(self, table: dict) -> dict[str, str]:
         e = self.cfg.experts
@@ -176,7 +175,7 @@ class _ExpertsStage:
         names = [expert_name(j) for j in range(self.k)] + ([DENSE] if e.dense else [])
         names += [CENTRAL] if self.cfg.central.arch else []
         runs = self.tracker.stage_runs(self.pipeline_id, "experts", None)
-        existing = {r.data.tags.get("moie.expert"): r for r in reversed(runs)
+        existing = {r.data.tags.get("moie.expert"): r for r in reversed(runs)  # the newest run of each model
                     if r.data.tags.get("moie.cluster_run") == self.cluster_run_id}  # experts of this clustering
         seed = self.seed_plan()
         registered, tasks = {}, []
@@ -185,12 +184,11 @@ class _ExpertsStage:
             if run is not None and "moie.model_version" in run.data.tags:
                 registered[name] = run.data.tags["moie.model_version"]
                 print(f"{name}: already trained and registered as {registered[name]}", flush=True)
-            elif run is not None and run.data.tags.get("moie.skipped"):
-                print(f"{name}: skipped before ({run.data.tags['moie.skipped']})", flush=True)
-            else:
-                task = self.task(name, run, data[name], seed)
-                if task is not None:
-                    tasks.append(task)
+                continue
+            task = self.task(name, run, data[name], seed)
+            if task is not None:
+                tasks.append(task)
+        self.check_trainable(names)
         if tasks:
             connect_ray(self.cfg.ray)
             check_resources(e.num_cpus, e.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)")
@@ -198,6 +196,19 @@ class _ExpertsStage:
             self.train_seed(seed, tasks, board)
             registered |= self.train_all(tasks, board)
         return registered
+
+    def check_trainable(self, names: list[str]) -> None:
+        """Go on without a cluster too small to train (its run FAILED, tagged moie.skipped, and
+        tried again on the next run of the stage), but not without the dense model or every expert."""
+        if not self.cannot_train:
+            return
+        why = "; ".join(f"{name}: {reason}" for name, reason in self.cannot_train.items())
+        fix = ("lower experts.train.batch_size or experts.train.seq_len, or cluster into fewer, larger clusters "
+               "(cluster.k), then run the stage again")
+        experts = [n for n in names if n.startswith("expert-")]
+        if DENSE in self.cannot_train or CENTRAL in self.cannot_train or set(experts) <= set(self.cannot_train):
+            raise StageError(f"cannot train {', '.join(self.cannot_train)} ({why}); {fix}")
+        log.warning("going on without %s (%s); to train them, %s", ", ".join(self.cannot_train), why, fix)
 
     def seed_plan(self) -> SeedPlan | None:
         """The experts branch from the dense model after seed_fraction of its steps (None: from scratch)."""
@@ -211,7 +222,8 @@ class _ExpertsStage:
                         dir=str(Catalog.seed_dir(self.root)))
 
     def task(self, name: str, run, data: dict, seed: SeedPlan | None) -> ExpertTask | None:
-        """The training task of one model (its run created or reopened), or None if it cannot train."""
+        """The training task of one model (its run created, or reopened when the config that made
+        it is unchanged), or None if its data is too small to train on."""
         e = self.cfg.experts
         arch, model, train_cfg = ((self.cfg.central.arch, self.cfg.central.model, self.cfg.central.train)
                                   if name == CENTRAL else (e.arch, e.model, e.train))
@@ -224,27 +236,40 @@ class _ExpertsStage:
             # (each branch warms up to the peak learning rate again: measured on the default config,
             # going on from the seed's decayed rate instead left every expert ~0.03 bits per byte worse)
             budget -= seed.tokens // self.k
-        run_id = run.info.run_id if run is not None else self.create_run(name, arch, model, train_cfg, budget)
+        params = param_strings({f"model.{k}": v for k, v in model.items()}
+                               | {f"train.{k}": v for k, v in train_cfg.items() if k != "max_tokens"}
+                               | {"arch": arch, "max_tokens": budget, "seed": self.cfg.seed})
+        ckpt_dir = Catalog.checkpoint_dir(self.root, name)
+        if run is not None and (changed := changed_params(run.data.params, params)):
+            self.supersede(name, run, changed, ckpt_dir)
+            run = None
+        files = {split: data[split] for split in ("train", "val")}
+        if run is None:
+            run_id = self.create_run(name, params, files)
+        else:
+            run_id = run.info.run_id
+            self.tracker.reopen_run(run_id)
+            check_token_files(name, run.data.tags, files)
         n_train = len(np.load(data["train"], mmap_mode="r"))
         if n_train < batch * (seq_len + 1):
-            why = (f"cluster has {n_train} training tokens, fewer than one batch of {batch} windows of "
+            why = (f"its data has {n_train} training tokens, fewer than one batch of {batch} windows of "
                    f"{seq_len + 1} tokens")
-            log.warning("%s skipped: %s", name, why)
             self.tracker.set_tags(run_id, {"moie.skipped": why})
-            self.tracker.client.set_terminated(run_id, "FINISHED")
+            self.tracker.end_run(run_id, "FAILED")  # not FINISHED: it holds no model; tried again next time
+            self.cannot_train[name] = why
             return None
-        self.tracker.client.update_run(run_id, status="RUNNING")
         if branch:  # the shared seed's tokens count once for all experts
             self.tracker.set_tags(run_id, {"moie.seed_tokens": str(seed.tokens)})
         return ExpertTask(name=name, run_id=run_id, tracking_uri=self.tracker.uri, model=model_cfg,
                           train_config={**train_cfg, "max_tokens": budget, "seed": self.cfg.seed},
-                          train=data["train"], val=data["val"],
-                          ckpt_dir=str(Catalog.checkpoint_dir(self.root, name)), num_cpus=e.num_cpus,
+                          train=data["train"], val=data["val"], ckpt_dir=str(ckpt_dir), num_cpus=e.num_cpus,
                           num_gpus=e.num_gpus, tokenizer=ByteTokenizer().fingerprint, seed=self.cfg.seed,
                           has_central=bool(self.cfg.central.arch), init_from=seed.dir if branch else None)
 
-    def create_run(self, name: str, arch: str, model: dict, train_cfg: dict, budget: int) -> str:
-        tags = {"moie.expert": name, "moie.cluster_run": self.cluster_run_id}
+    def create_run(self, name: str, params: dict[str, str], files: dict[str, str]) -> str:
+        tags = {"moie.expert": name, "moie.cluster_run": self.cluster_run_id,
+                "moie.num_cpus": str(self.cfg.experts.num_cpus)}
+        tags |= {f"{TOKENS_SHA}.{split}": sha256_file(path) for split, path in files.items()}
         if name.startswith("expert-"):
             cluster = int(name.removeprefix("expert-"))
             tags["moie.cluster"] = str(cluster)
@@ -252,10 +277,21 @@ class _ExpertsStage:
             if dominant:
                 tags |= {"moie.domain": str(dominant["domain"]), "moie.purity": f"{dominant['share']:.4f}"}
         run_id = self.tracker.create_stage_run(self.pipeline_id, "experts", name=name, tags=tags)
-        self.tracker.log_params(run_id, {f"model.{k}": v for k, v in model.items()}
-                                | {f"train.{k}": v for k, v in train_cfg.items() if k != "max_tokens"}
-                                | {"arch": arch, "max_tokens": budget, "num_cpus": self.cfg.experts.num_cpus})
+        self.tracker.log_params(run_id, params)
         return run_id
+
+    def supersede(self, name: str, run, changed: dict[str, tuple], ckpt_dir: Path) -> None:
+        """A model whose config changed since its unfinished run trains afresh, in a new run (a
+        run's params are what made its model); the old run's checkpoints, of the old config, go."""
+        what = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in sorted(changed.items()))
+        print(f"{name}: the config changed since run {run.info.run_id} ({what}): it trains afresh in a new run",
+              flush=True)
+        self.tracker.set_tags(run.info.run_id, {"moie.superseded": what})
+        if run.info.status == "RUNNING":  # left so by a driver that was killed
+            self.tracker.end_run(run.info.run_id, "FAILED")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if name == DENSE:  # the seed is the dense model's early state: of the old config too
+            shutil.rmtree(Path(Catalog.seed_dir(self.root)).parent, ignore_errors=True)
 
     def train_seed(self, seed: SeedPlan | None, tasks: list[ExpertTask], board) -> None:
         """Train the dense model to the seed step and export it, if an expert still has to branch from it."""
@@ -275,7 +311,8 @@ class _ExpertsStage:
         self.train_all([replace(dense[0], stop_at=seed.steps, seed_dir=seed.dir)], board, register=False)
 
     def train_all(self, tasks: list[ExpertTask], board, register: bool = True) -> dict[str, str]:
-        """Run the tasks on Ray, print progress, register each model as it finishes."""
+        """Run the tasks on Ray, print progress, register each model as it finishes. If the stage
+        stops early (an interrupt, an error) every task still pending is cancelled."""
         e = self.cfg.experts
         remote = ray.remote(train_expert).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus,
                                                   max_retries=e.max_retries)
@@ -284,25 +321,28 @@ class _ExpertsStage:
         pending = {remote.remote(task, board): task for task in ordered}
         printer = BoardPrinter(board)
         registered, failures = {}, []
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=e.progress_every)
-            printer.print_changes()  # one line per model that moved since the last print
-            for ref in done:
-                task = pending.pop(ref)
-                try:
-                    trained = ray.get(ref)
-                except Exception as err:  # the task failed after its retries: record, go on with the others
-                    failures.append(f"{task.name}: {type(err).__name__}: {str(err).splitlines()[0]}")
-                    self.tracker.client.set_terminated(task.run_id, "FAILED")
-                    continue
-                if not register:
-                    continue
-                registered[task.name] = self.register(task, trained)
-                print(f"{task.name}: registered as {registered[task.name]} (val_bpb {trained.result.val_bpb}, "
-                      f"resumed from step {trained.result.resumed_from})", flush=True)
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=e.progress_every)
+                printer.print_changes()  # one line per model that moved since the last print
+                for ref in done:
+                    task = pending.pop(ref)
+                    try:
+                        trained = ray.get(ref)
+                    except ray.exceptions.RayError as err:  # failed after its retries: go on with the others
+                        failures.append(describe_failure(task.name, err))
+                        self.tracker.end_run(task.run_id, "FAILED")
+                        continue
+                    if register:
+                        registered[task.name] = self.register(task, trained)
+                        print(f"{task.name}: registered as {registered[task.name]} (val_bpb "
+                              f"{trained.result.val_bpb}, resumed from step {trained.result.resumed_from})",
+                              flush=True)
+        finally:
+            for ref in pending:  # the stage stopped early: no task trains on unwatched
+                ray.cancel(ref, force=True)
         if failures:
-            raise StageError("experts failed after retries (run the stage again to resume them): "
-                             + "; ".join(failures))
+            raise StageError("training failed: " + "; ".join(failures))
         return registered
 
     def register(self, task: ExpertTask, trained: TrainedModel) -> str:
@@ -321,10 +361,11 @@ class _ExpertsStage:
         tags = {"moie.pipeline": self.pipeline_id, "moie.expert": task.name, "moie.tokenizer": task.tokenizer,
                 "moie.arch": json.dumps(task.model, sort_keys=True), "moie.sha256": manifest["model.safetensors"]}
         tags |= {k: v for k, v in run.data.tags.items()
-                 if k in ("moie.cluster", "moie.domain", "moie.purity", "moie.cluster_run", "moie.seed_tokens")}
+                 if k in ("moie.cluster", "moie.domain", "moie.purity", "moie.cluster_run", "moie.seed_tokens")
+                 or k.startswith(TOKENS_SHA)}
         if role:
             tags["moie.role"] = role
         uri = self.catalog.register(name, f"{run.info.artifact_uri}/model", run_id, tags)
         self.tracker.set_tags(run_id, {"moie.model_version": uri})
-        self.tracker.client.set_terminated(run_id, "FINISHED")
+        self.tracker.end_run(run_id, "FINISHED")
         return uri
