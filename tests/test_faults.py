@@ -273,7 +273,9 @@ def test_case2_a_store_write_error_mid_stage_leaves_no_run_running_and_a_rerun_c
 
     from pipeline.stages.experts import _ExpertsStage, run_experts
 
-    cfg, pipeline_id = clustered(tmp_path, small_overrides(tmp_path, extra=["experts.train.max_tokens=4000"]))
+    # two CPUs a task: one expert trains at a time, the other waits in Ray's queue
+    overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=4000", "experts.num_cpus=2"])
+    cfg, pipeline_id = clustered(tmp_path, overrides)
 
     def store_fails(self, task, trained):  # the first model to finish cannot be registered
         raise MlflowException("sqlite3.OperationalError: disk I/O error")
@@ -282,7 +284,9 @@ def test_case2_a_store_write_error_mid_stage_leaves_no_run_running_and_a_rerun_c
         patch.setattr(_ExpertsStage, "register", store_fails)
         run_experts(cfg, pipeline_id)
     statuses = [r.info.status for r in runs_of(cfg, pipeline_id)]
-    assert sorted(statuses) == ["FAILED", "FAILED"]  # the one being registered, and the other
+    assert sorted(statuses) == ["FAILED", "FAILED"]  # the one being registered, and the one waiting
+    time.sleep(5)  # the waiting task was cancelled: it never starts training
+    assert sum(bool(checkpoints(moie_home, f"expert-{j}")) for j in range(2)) == 1
     assert sorted(run_experts(cfg, pipeline_id)) == ["expert-0", "expert-1"]
     runs = runs_of(cfg, pipeline_id)
     assert len(expert_versions(cfg)) == 2 and len(runs) == 2
