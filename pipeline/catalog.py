@@ -153,11 +153,11 @@ class Catalog:
 
     def router_state(self, cluster_run_id: str, dst: Path) -> tuple[dict, dict]:
         """(tensors, meta) of a cluster run's cBTM router, checked against the sha256 the run recorded."""
-        expected = self.client.get_run(cluster_run_id).data.tags.get(f"moie.sha256.{ROUTER_NAME}.safetensors")
+        run = self.client.get_run(cluster_run_id)
         dst.mkdir(parents=True, exist_ok=True)
         for name in (f"{ROUTER_NAME}.safetensors", f"{ROUTER_NAME}.json"):  # not the run's other artifacts
-            self.tracker.download_artifacts(cluster_run_id, name, dst)
-        return load_state(dst, ROUTER_NAME, expected)
+            self.run_file(run, name, dst)
+        return load_state(dst, ROUTER_NAME)
 
     def router(self, cluster_run_id: str, dst: Path):
         from routing.router import ClusterRouter
@@ -211,6 +211,11 @@ class Catalog:
         query = f"name = {quote(name)}" + "".join(f" and tags.`{k}` = {quote(v)}" for k, v in (tags or {}).items())
         return sorted(self.client.search_model_versions(query), key=lambda v: int(v.version))
 
+    def version_of_run(self, name: str, run_id: str):
+        """The version of registered model `name` made from run `run_id`, or None."""
+        found = self.client.search_model_versions(f"name = {quote(name)} and run_id = {quote(run_id)}")
+        return found[0] if found else None
+
     def resolve(self, uri: str):
         """The registry's model version a URI names; a clear error if there is none."""
         from mlflow.exceptions import MlflowException
@@ -254,7 +259,8 @@ class Catalog:
 
         path = self.version_files(version, "composition", dst)
         _verify(version, path, "composition.safetensors")
-        _verify(version, path, COMPOSITION_MANIFEST, tag=MANIFEST_SHA)
+        if MANIFEST_SHA in version.tags:  # (compositions registered before moie recorded it have none)
+            _verify(version, path, COMPOSITION_MANIFEST, tag=MANIFEST_SHA)
         manifest = json.loads((path / COMPOSITION_MANIFEST).read_text(encoding="utf-8"))
         check_manifest(manifest, exact_uri(version))
         return read_tensors(path / "composition.safetensors", framework="pt"), manifest

@@ -11,6 +11,7 @@ import sys
 from pipeline.config import ConfigError, load_config
 
 DEFAULT_CONFIG = "configs/default.yaml"
+RESUMABLE = ": the runs it left unfinished are marked KILLED; the same command goes on from what was saved"
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
@@ -144,6 +145,7 @@ def check_port_free(port: int) -> None:
     if not 1 <= port <= 65535:
         raise StageError(f"--port must be between 1 and 65535, got {port}")
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is free
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as err:
@@ -272,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_pipeline_arg(stage)
         if extra is not None:
             extra(stage)
-        stage.set_defaults(func=func)
+        stage.set_defaults(func=func, stage=True)
     gen = sub.add_parser("generate", help="sample text from a model directory (model.json or step-*.json)")
     gen.add_argument("--model", required=True, help="a registry URI (models:/moie-composition/2, "
                      "models:/moie-expert@code), a directory with model.safetensors + model.json, "
@@ -321,20 +323,22 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
         if not terminated:
             raise
         # (Ray, waiting on tasks when the signal came, re-raises it as SystemExit(1))
-        print("moie: terminated: runs left unfinished are marked KILLED; the same command goes on from "
-              "what was saved", file=sys.stderr)
+        print("moie: terminated" + RESUMABLE * getattr(args, "stage", False), file=sys.stderr)
         return 143
     except (ConfigError, CorpusError, EmbeddedCorpusError, StageError, ResourceError, PipelineNotFoundError,
             ArtifactError, CompositionError) as e:  # ArtifactError: checksums, checkpoints
         print(f"moie: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except MlflowException as e:  # the store refused a request (unreachable, read-only, full)
-        print(f"moie: error: the MLflow tracking store refused a request ({one_line(e)}); check that "
-              "MLFLOW_TRACKING_URI (or MOIE_HOME) names a store this user can reach and write", file=sys.stderr)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"):
+            print(f"moie: error: {one_line(e)}", file=sys.stderr)  # a name or value the store does not know
+        else:  # the store itself failed a request (unreachable, read-only, locked, full)
+            print(f"moie: error: the MLflow tracking store refused a request ({one_line(e)}); check that "
+                  "MLFLOW_TRACKING_URI (or MOIE_HOME) names a store this user can reach and write",
+                  file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("moie: interrupted: runs left unfinished are marked KILLED; the same command goes on from "
-              "what was saved", file=sys.stderr)
+        print("moie: interrupted" + RESUMABLE * getattr(args, "stage", False), file=sys.stderr)
         return 130
 
 
@@ -345,7 +349,7 @@ def stage_main(prog: str, description: str, func, argv: list[str] | None = None,
     add_pipeline_arg(parser)
     if extra is not None:
         extra(parser)
-    parser.set_defaults(func=func)
+    parser.set_defaults(func=func, stage=True)
     return run_main(parser, argv)
 
 

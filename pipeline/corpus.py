@@ -67,15 +67,15 @@ def clustered_documents(table: dict, docs: list[Document]) -> dict[str, Document
     """doc_id -> document for every document of a clustering's assignments table, each checked
     against the content hash recorded when it was clustered: a corpus edited since then would be
     trained or scored against a clustering it no longer matches."""
-    if "text_sha256" not in table:
-        raise CorpusError("the pipeline's assignments.parquet records no content hashes (clustered by an older "
-                          "moie); cluster again with `moie cluster --pipeline <id>`")
     by_id = {d.doc_id: d for d in docs}
     missing = [i for i in table["doc_id"] if i not in by_id]
     if missing:
         raise CorpusError(f"{len(missing)} clustered documents (e.g. {missing[0]!r}) are not in the corpus of this "
                           "config; give the config the pipeline was clustered with")
-    for doc_id, expected in zip(table["doc_id"], table["text_sha256"]):
+    if "text_sha256" not in table:  # clustered by an older moie
+        log.warning("the pipeline's assignments.parquet records no content hashes (clustered by an older moie): "
+                    "the corpus cannot be checked against its clustering; cluster again to have it checked")
+    for doc_id, expected in zip(table["doc_id"], table.get("text_sha256", [])):
         if text_sha256(by_id[doc_id].text) != expected:
             raise CorpusError(f"document {doc_id!r} changed since the pipeline was clustered (its text no longer "
                               "has the sha256 recorded in assignments.parquet); restore the corpus as it was, or "

@@ -46,7 +46,10 @@ class BoardPrinter:
     def print_changes(self) -> None:
         import ray
 
-        rows = ray.get(self.board.snapshot.remote())
+        try:
+            rows = ray.get(self.board.snapshot.remote())
+        except ray.exceptions.RayError:  # the board actor was lost: progress lines are cosmetic, training goes on
+            return
         changed = {name: row for name, row in rows.items() if self.shown.get(name) != row}
         for line in progress_lines(changed):
             print(line, flush=True)

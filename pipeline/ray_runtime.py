@@ -42,10 +42,14 @@ def lost_to_ray(err: BaseException) -> bool:
 
 def describe_failure(name: str, err: BaseException) -> str:
     """'<name>: <Cause>: <its whole message, one line>', with the advice that fits the cause."""
+    from mlflow.exceptions import MlflowException
+
     cause = task_cause(err)
     text = f"{name}: {type(cause).__name__}: {one_line(cause)}"
     if lost_to_ray(err):
-        return text + " (Ray lost the task: run the stage again to resume it from its newest checkpoint)"
+        return text + " (Ray lost the task: run the stage again; it goes on from what was saved)"
+    if isinstance(cause, (OSError, MlflowException)):  # the store or the disk, not the task's logic
+        return text + " (a store or file-system error: once it is resolved, run the stage again)"
     return text + " (this fails the same way on every attempt: fix the cause first)"
 
 

@@ -46,9 +46,11 @@ def param_strings(params: dict[str, Any]) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
 
 
-def changed_params(recorded: dict[str, str], wanted: dict[str, str]) -> dict[str, tuple[str | None, str]]:
-    """key -> (recorded, wanted) for every wanted param a run recorded otherwise (or not at all)."""
-    return {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
+def changed_params(recorded: dict[str, str], wanted: dict[str, str],
+                   ignore: set[str] = frozenset()) -> dict[str, tuple[str, str]]:
+    """key -> (recorded, wanted) for every wanted param a run recorded with another value (a key
+    it did not record, from an older moie, or one in `ignore` is not a change)."""
+    return {k: (recorded[k], v) for k, v in wanted.items() if k in recorded and k not in ignore and recorded[k] != v}
 
 
 def metrics_logger(tracking_uri: str, run_id: str):
@@ -149,9 +151,10 @@ class Tracker:
     def pipeline_active(self, pipeline_id: str) -> Iterator[None]:
         """The parent run is RUNNING while a stage works on it, then FINISHED, KILLED or FAILED;
         every child run the stage left open ends KILLED or FAILED with it.
-        A command that fails on a pipeline that had finished leaves it FINISHED: what it holds is
-        still complete and true, and the failed stage's own run records the failure."""
-        before = self.client.get_run(pipeline_id).info.status
+        A command that fails on a complete pipeline (evaluated, FINISHED) leaves it FINISHED: what
+        it holds is still complete and true, and the failed stage's own run records the failure."""
+        complete = self.client.get_run(pipeline_id).info.status == "FINISHED" and bool(
+            self.stage_runs(pipeline_id, "evaluate"))  # every stage done: what it holds stays true
         self.client.update_run(pipeline_id, status="RUNNING")
         status = "FAILED"
         try:
@@ -163,7 +166,7 @@ class Tracker:
         finally:
             # a run still open after a successful stage lacks something it should hold: FAILED
             self.end_open_runs("FAILED" if status == "FINISHED" else status)
-            self._best_effort(self.finish_pipeline, pipeline_id, "FINISHED" if before == "FINISHED" else status)
+            self._best_effort(self.finish_pipeline, pipeline_id, "FINISHED" if complete else status)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """End a run: FINISHED only once it holds all of its artifacts and registered versions."""
@@ -182,9 +185,11 @@ class Tracker:
         self._open.clear()
 
     def _best_effort(self, fn, *args) -> None:
+        """Cleanup that must neither hide the error that stopped the stage nor stop half-way
+        (a second Ctrl-C while runs are being ended is ignored: the first one is on its way)."""
         try:
             fn(*args)
-        except Exception as err:  # noqa: BLE001 - cleanup must not hide the error that stopped the stage
+        except BaseException as err:  # noqa: BLE001
             log.warning("could not record the end of run %s in %s: %s", args[0], self.uri, one_line(err))
 
     @contextlib.contextmanager
@@ -241,7 +246,12 @@ class Tracker:
         manifest = {p.relative_to(directory).as_posix(): sha256_file(p)
                     for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "manifest.json"}
         write_json(directory / "manifest.json", manifest)
-        self.client.log_artifacts(run_id, str(directory), artifact_path)
+        try:
+            self.client.log_artifacts(run_id, str(directory), artifact_path)
+        except OSError as err:  # a full disk, a read-only artifact directory
+            raise StoreError(f"the artifacts of run {run_id} cannot be written to the artifact store "
+                             f"({one_line(err)}); free space or point MOIE_HOME / MLFLOW_TRACKING_URI at a "
+                             "writable store, then run the stage again") from None
         return manifest
 
     def download_artifacts(self, run_id: str, path: str, dst: str | Path) -> Path:

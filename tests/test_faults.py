@@ -177,13 +177,15 @@ def test_case11_a_crafted_filter_value_matches_nothing_and_a_crafted_tag_key_is_
 
 
 # case 9: a later failing command must not flip a finished pipeline to FAILED
-def test_case9_a_failing_command_leaves_a_finished_pipeline_finished_and_an_unfinished_one_failed(moie_home):
+def test_case9_a_failing_command_leaves_a_complete_pipeline_finished_and_an_incomplete_one_failed(moie_home):
     from pipeline.errors import StageError
     from pipeline.tracking import Tracker
 
     cfg = load_config(TINY)
     tracker = Tracker(cfg)
     finished = tracker.start_pipeline(cfg)
+    with tracker.stage_run(finished, "evaluate"):  # complete: its last stage has run
+        pass
     tracker.finish_pipeline(finished)
     with pytest.raises(StageError), tracker.pipeline_active(finished):
         raise StageError("--to must name a moie-composition version")
@@ -191,6 +193,11 @@ def test_case9_a_failing_command_leaves_a_finished_pipeline_finished_and_an_unfi
     unfinished = tracker.start_pipeline(cfg)  # RUNNING: its first stage fails
     with pytest.raises(StageError), tracker.pipeline_active(unfinished):
         raise StageError("a stage failed")
+    assert tracker.client.get_run(unfinished).info.status == "FAILED"
+    with tracker.pipeline_active(unfinished):  # a stage that succeeds: FINISHED, but not complete ...
+        pass
+    with pytest.raises(StageError), tracker.pipeline_active(unfinished):  # ... so a later failure shows
+        raise StageError("the next stage failed")
     assert tracker.client.get_run(unfinished).info.status == "FAILED"
 
 
@@ -250,8 +257,8 @@ def test_case2_ctrl_c_exits_130_ends_every_run_killed_and_stops_training(ray_loc
     assert code == 130, output[-3000:]
     assert any(line.startswith("moie: interrupted") for line in output.splitlines()), output[-3000:]
     assert "Traceback" not in output
-    # the pipeline had finished its cluster stage: it stays FINISHED (case 9), its stage's runs say KILLED
-    assert Tracker(cfg).client.get_run(pipeline_id).info.status == "FINISHED"
+    # the pipeline was not complete (only its cluster stage had run): it is KILLED with its stage
+    assert Tracker(cfg).client.get_run(pipeline_id).info.status == "KILLED"
     statuses = [r.info.status for r in runs_of(cfg, pipeline_id)]
     assert statuses and "RUNNING" not in statuses and "KILLED" in statuses
     before = {p: p.stat().st_mtime_ns for p in Path(moie_home).glob("checkpoints/**/step-*.json")}
@@ -372,6 +379,19 @@ def test_case6_a_task_lost_to_ray_is_told_apart_from_one_that_failed_in_its_own_
     assert own.startswith("expert-0: ValueError: bad value") and "fails the same way" in own and "\x1b" not in own
 
 
+def test_case4_a_model_registered_just_before_a_stop_is_marked_not_registered_again(ray_local, moie_home, tmp_path):
+    from pipeline.stages.experts import run_experts
+
+    cfg, catalog, uri, version = trained_expert(tmp_path)
+    # as if the stage had stopped between registering the version and tagging its run
+    catalog.client.delete_tag(version.run_id, "moie.model_version")
+    catalog.tracker.end_run(version.run_id, "KILLED")
+    again = run_experts(cfg, version.tags["moie.pipeline"])
+    assert uri in again.values() and len(expert_versions(cfg)) == 2  # no third version
+    run = catalog.client.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["moie.model_version"] == uri
+
+
 # case 3: a run resumed at its final checkpoint reports the figures it finished with
 def test_case3_a_run_resumed_at_its_final_checkpoint_reports_its_final_loss_bpb_and_speed(tmp_path):
     import math
@@ -410,6 +430,30 @@ def test_case5_a_corpus_file_edited_after_clustering_is_refused_before_any_exper
         run_experts(cfg, pipeline_id)
     assert runs_of(cfg, pipeline_id) == [] and expert_versions(cfg) == []
     assert not list(Path(moie_home).glob("checkpoints/**/*.npy"))  # nothing tokenised from the edited corpus
+    from pipeline.catalog import Catalog
+    from pipeline.stages.evaluate import held_out
+
+    _, table, _ = Catalog(cfg).assignments(pipeline_id)
+    with pytest.raises(CorpusError, match="changed since the pipeline was clustered"):  # nor scored
+        held_out(cfg, None, table)
+
+
+def test_case5_a_token_file_changed_under_an_unfinished_run_is_refused_when_the_stage_runs_again(ray_local, moie_home,
+                                                                                                tmp_path):
+    from artifacts import ChecksumError
+    from pipeline.errors import StageError
+    from pipeline.stages.experts import run_experts
+
+    overrides = small_overrides(tmp_path, n=6, extra=["experts.train.max_tokens=2000", "experts.train.batch_size=128"])
+    cfg, pipeline_id = clustered(tmp_path, overrides)
+    with pytest.raises(StageError, match="cannot train"):  # two unfinished runs that recorded their token files
+        run_experts(cfg, pipeline_id)
+    (path,) = Path(moie_home).glob("checkpoints/*/*/data/expert-0.train.npy")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=rf"train tokens of expert-0 at {path} changed"):
+        run_experts(cfg, pipeline_id)
 
 
 def test_case5_assignments_changed_in_the_store_are_refused_naming_the_artifact(ray_local, moie_home, tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,16 +24,21 @@ from artifacts import atomic_path, sha256_file
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
 from experts.trainer import TrainConfig, TrainResult, encode_texts, train
 from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, TOKENS_SHA, Catalog, check_token_files,
-                              expert_name)
+                              exact_uri, expert_name)
 from pipeline.config import Config
 from pipeline.corpus import clustered_documents, load_corpus
 from pipeline.errors import StageError
 from pipeline.progress import BoardPrinter, open_board
-from pipeline.ray_runtime import check_resources, connect_ray, describe_failure, use_granted_cpus
+from pipeline.ray_runtime import cancel, check_resources, connect_ray, describe_failure, use_granted_cpus
 from pipeline.tokenizer import ByteTokenizer
 from pipeline.tracking import changed_params, metrics_logger, param_strings
 
 log = logging.getLogger(__name__)
+
+
+# training settings that change how a run is watched, not what it trains: changing them goes on in the same run
+BOOKKEEPING = {f"train.{k}" for k in ("log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints",
+                                      "compile")}
 
 
 @dataclass
@@ -105,6 +109,17 @@ def expert_data(cfg: Config, root: Path, table: dict, k: int) -> dict[str, dict]
                      "val": str(write_tokens(Catalog.token_file(root, name, "val"), texts["validation"], eos)),
                      "train_bytes": sum(len(t.encode("utf-8")) for t in texts["train"])}
     return out
+
+
+def registered_model(name: str) -> str:
+    """The registered model a trained model becomes a version of."""
+    return EXPERT_MODEL if name.startswith("expert-") else CENTRAL_MODEL
+
+
+def set_aside(directory: Path, tag: str) -> None:
+    """Rename a directory of another config's training out of the way (kept, never reused)."""
+    if directory.exists():
+        directory.rename(directory.with_name(f"{directory.name}.superseded-{tag}-{os.getpid()}"))
 
 
 # --- the task ----------------------------------------------------------------------------
@@ -181,6 +196,9 @@ class _ExpertsStage:
         registered, tasks = {}, []
         for name in names:
             run = existing.get(name)
+            if run is not None and "moie.model_version" not in run.data.tags:
+                self.mark_registered(name, run)  # registered just before a stop, not yet marked
+                run = self.tracker.client.get_run(run.info.run_id)
             if run is not None and "moie.model_version" in run.data.tags:
                 registered[name] = run.data.tags["moie.model_version"]
                 print(f"{name}: already trained and registered as {registered[name]}", flush=True)
@@ -196,6 +214,14 @@ class _ExpertsStage:
             self.train_seed(seed, tasks, board)
             registered |= self.train_all(tasks, board)
         return registered
+
+    def mark_registered(self, name: str, run) -> None:
+        """A run whose model version exists although the stage stopped before tagging it: marked
+        and FINISHED now, so the model is not trained and registered a second time."""
+        version = self.catalog.version_of_run(registered_model(name), run.info.run_id)
+        if version is not None:
+            self.tracker.set_tags(run.info.run_id, {"moie.model_version": exact_uri(version)})
+            self.tracker.end_run(run.info.run_id, "FINISHED")
 
     def check_trainable(self, names: list[str]) -> None:
         """Go on without a cluster too small to train (its run FAILED, tagged moie.skipped, and
@@ -238,9 +264,10 @@ class _ExpertsStage:
             budget -= seed.tokens // self.k
         params = param_strings({f"model.{k}": v for k, v in model.items()}
                                | {f"train.{k}": v for k, v in train_cfg.items() if k != "max_tokens"}
-                               | {"arch": arch, "max_tokens": budget, "seed": self.cfg.seed})
+                               | {"arch": arch, "max_tokens": budget, "seed": self.cfg.seed}
+                               | ({"seed_fraction": e.seed_fraction} if branch else {}))
         ckpt_dir = Catalog.checkpoint_dir(self.root, name)
-        if run is not None and (changed := changed_params(run.data.params, params)):
+        if run is not None and (changed := changed_params(run.data.params, params, ignore=BOOKKEEPING)):
             self.supersede(name, run, changed, ckpt_dir)
             run = None
         files = {split: data[split] for split in ("train", "val")}
@@ -282,22 +309,28 @@ class _ExpertsStage:
 
     def supersede(self, name: str, run, changed: dict[str, tuple], ckpt_dir: Path) -> None:
         """A model whose config changed since its unfinished run trains afresh, in a new run (a
-        run's params are what made its model); the old run's checkpoints, of the old config, go."""
+        run's params are what made its model); the old run's checkpoints, of the old config, are
+        set aside (renamed, not deleted: putting the config back does not bring them into use)."""
         what = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in sorted(changed.items()))
         print(f"{name}: the config changed since run {run.info.run_id} ({what}): it trains afresh in a new run",
               flush=True)
         self.tracker.set_tags(run.info.run_id, {"moie.superseded": what})
         if run.info.status == "RUNNING":  # left so by a driver that was killed
             self.tracker.end_run(run.info.run_id, "FAILED")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        set_aside(ckpt_dir, run.info.run_id)
         if name == DENSE:  # the seed is the dense model's early state: of the old config too
-            shutil.rmtree(Path(Catalog.seed_dir(self.root)).parent, ignore_errors=True)
+            set_aside(Path(Catalog.seed_dir(self.root)).parent, run.info.run_id)
 
     def train_seed(self, seed: SeedPlan | None, tasks: list[ExpertTask], board) -> None:
         """Train the dense model to the seed step and export it, if an expert still has to branch from it."""
         branching = [t for t in tasks if t.init_from and latest_checkpoint(t.ckpt_dir) is None]
-        if not seed or not branching or Path(seed.dir, "model.json").is_file():
+        if not seed or not branching:
             return
+        exported = Path(seed.dir, "model.json")
+        if exported.is_file():
+            if json.loads(exported.read_text(encoding="utf-8")).get("step") == seed.steps:
+                return
+            set_aside(Path(seed.dir).parent, "step")  # exported at another step (seed_fraction changed)
         dense = [t for t in tasks if t.name == DENSE]
         if dense and (latest_checkpoint(dense[0].ckpt_dir) or 0) > seed.steps:
             raise StageError(f"the seed (the dense model at step {seed.steps}) is missing from {seed.dir} "
@@ -339,8 +372,7 @@ class _ExpertsStage:
                               f"{trained.result.val_bpb}, resumed from step {trained.result.resumed_from})",
                               flush=True)
         finally:
-            for ref in pending:  # the stage stopped early: no task trains on unwatched
-                ray.cancel(ref, force=True)
+            cancel(list(pending))  # the stage stopped early: no task trains on unwatched
         if failures:
             raise StageError("training failed: " + "; ".join(failures))
         return registered
@@ -354,7 +386,7 @@ class _ExpertsStage:
                                           **({"final_val_bpb": result.val_bpb} if result.val_bpb is not None else {})})
         manifest = self.tracker.log_artifact_dir(run_id, trained.model_dir, "model")
         run = self.tracker.client.get_run(run_id)
-        name = EXPERT_MODEL if task.name.startswith("expert-") else CENTRAL_MODEL
+        name = registered_model(task.name)
         # role: which central-model version composition takes by default (a configured central
         # model wins over the dense baseline, which is then registered as the baseline only)
         role = {CENTRAL: "central", DENSE: "dense" if task.has_central else "dense+central"}.get(task.name)
