@@ -32,6 +32,7 @@ EXPERT_MODEL = "moie-expert"
 CENTRAL_MODEL = "moie-central"
 COMPOSITION_MODEL = "moie-composition"
 LIBRARY = (EXPERT_MODEL, CENTRAL_MODEL, COMPOSITION_MODEL)
+CHAMPION = "champion"  # moie-composition's alias for the newest evaluated pipeline's best composition (validation)
 MANIFEST_FORMAT = 1  # composition manifests this moie writes and reads
 COMPOSITION_MANIFEST = "composition_manifest.json"
 MANIFEST_SHA = "moie.sha256.manifest"  # a composition version's tag: the sha256 of its manifest

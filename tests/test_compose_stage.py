@@ -147,6 +147,26 @@ def test_evaluate_scores_other_text_given_as_eval_data(trained_pipeline, tmp_pat
     assert "routing_accuracy/cbtm_top1" not in outcome["metrics"]  # no expert's domain: nothing to be accurate about
 
 
+def test_evaluate_points_champion_at_the_composition_best_on_validation_and_says_so(trained_pipeline, capsys):
+    from pipeline.catalog import CHAMPION, COMPOSITION_MODEL, Catalog, exact_uri
+    from pipeline.stages.evaluate import run_evaluate
+
+    cfg, pipeline_id = trained_pipeline
+    catalog = Catalog(cfg)
+    compositions = catalog.pipeline_compositions(pipeline_id)
+    assert len(compositions) == 2
+    val_bpb = {exact_uri(v): catalog.client.get_run(v.run_id).data.metrics["val_bpb"] for v in compositions.values()}
+    best = min(val_bpb, key=val_bpb.get)
+    worst = max(val_bpb, key=val_bpb.get)
+    name, _, version = worst.removeprefix("models:/").partition("/")
+    catalog.client.set_registered_model_alias(name, CHAMPION, version)  # wrong before evaluate runs
+    run_evaluate(cfg, pipeline_id)
+    assert exact_uri(catalog.client.get_model_version_by_alias(COMPOSITION_MODEL, CHAMPION)) == best
+    assert f"models:/{COMPOSITION_MODEL}@{CHAMPION} -> {best}" in capsys.readouterr().out
+    newest = Tracker(cfg).stage_runs(pipeline_id, "evaluate")[0]
+    assert newest.data.tags["moie.champion"] == best
+
+
 def _drop_matched(cfg, pipeline_id):
     """Delete the pipeline's registered dense_matched version (as if the stage stopped before it)."""
     catalog = Catalog(cfg)

@@ -30,11 +30,12 @@ from composition.intervals import paired_bootstrap
 from composition.loader import CompositionSettings, load_composed
 from experts.checkpoint import load_model
 from experts.flops import forward_flops_per_token
-from pipeline.catalog import DENSE_MATCHED, Catalog, exact_uri
+from pipeline.catalog import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Catalog, exact_uri
 from pipeline.compressors import compressor_bpb
 from pipeline.config import Config
 from pipeline.corpus import FILE_BUILDERS, clustered_documents, load_corpus
 from pipeline.errors import StageError
+from pipeline.library import set_alias
 from pipeline.overlap import ShingleIndex
 from pipeline.ray_runtime import check_resources, connect_ray, get_or_fail, use_granted_cpus
 from pipeline.report import plot_curves, write_results
@@ -248,6 +249,9 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
                   f"({matched_pflops:.4f} PFLOPs): their comparison with it is not at equal compute", flush=True)
         tracker.log_metrics(run_id, metrics)
         tracker.log_metrics(pipeline_id, headline(metrics))
+        champion = crown_champion(catalog, compositions)
+        if champion:
+            tracker.set_tags(run_id, {"moie.champion": champion})
         out = tmp / "results"
         out.mkdir()
         outcome["markdown"] = write_results(out, outcome["rows"], outcome["domains"], outcome["heat"],
@@ -256,6 +260,23 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         tracker.log_artifact_dir(run_id, out)
         print(outcome["markdown"], flush=True)
     return outcome
+
+
+def crown_champion(catalog: Catalog, compositions: dict) -> str | None:
+    """Point the alias `champion` of moie-composition at the pipeline's composition with the lowest
+    validation bits per byte (logged by the compose stage: chosen on validation, never on the
+    test split); say which it chose. Returns its exact URI (None: no composition)."""
+    scored = {exact_uri(v): catalog.client.get_run(v.run_id).data.metrics.get("val_bpb")
+              for v in compositions.values()}
+    scored = {uri: bpb for uri, bpb in scored.items() if bpb is not None}
+    if not scored:
+        return None
+    best = min(scored, key=scored.get)
+    set_alias(catalog, best, CHAMPION)
+    others = ", ".join(f"{uri} {bpb:.4f}" for uri, bpb in sorted(scored.items()) if uri != best) or "none"
+    print(f"evaluate: models:/{COMPOSITION_MODEL}@{CHAMPION} -> {best} (validation bits per byte "
+          f"{scored[best]:.4f}; the others: {others})", flush=True)
+    return best
 
 
 def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], dirs: dict, central_uri: str,
