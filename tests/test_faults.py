@@ -250,7 +250,7 @@ def test_case1_a_model_left_out_for_a_small_cluster_does_not_stop_the_others(ray
 
 
 # case 2: an interrupted stage leaves nothing RUNNING, exits 130 (143 for SIGTERM), and stops training
-def test_case2_ctrl_c_exits_130_ends_every_run_killed_and_stops_training(ray_local, moie_home, tmp_path):
+def test_case2_ctrl_c_exits_130_and_ends_every_run_killed(ray_local, moie_home, tmp_path):
     from pipeline.tracking import Tracker
 
     cfg, pipeline_id, _, code, output = interrupted_experts(tmp_path, moie_home, signal.SIGINT)
@@ -262,7 +262,7 @@ def test_case2_ctrl_c_exits_130_ends_every_run_killed_and_stops_training(ray_loc
     statuses = [r.info.status for r in runs_of(cfg, pipeline_id)]
     assert statuses and "RUNNING" not in statuses and "KILLED" in statuses
     before = {p: p.stat().st_mtime_ns for p in Path(moie_home).glob("checkpoints/**/step-*.json")}
-    time.sleep(3)  # no task trains on once its driver is gone
+    time.sleep(3)  # nothing trains on (the cancel itself is checked in the store-error test below)
     assert {p: p.stat().st_mtime_ns for p in Path(moie_home).glob("checkpoints/**/step-*.json")} == before
 
 
