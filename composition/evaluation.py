@@ -45,6 +45,7 @@ class Scores:
     log_probs: list[np.ndarray]  # per document: (n_bytes,) natural-log probability of each byte
     top1_counts: np.ndarray | None  # (n_docs, n_experts): routed rows whose top-1 is each expert
     experts_per_row: float | None  # mean number of experts with nonzero weight per routed row
+    choices: list[np.ndarray] | None  # per document: (n_bytes,) expert weighted most for each byte, -1: none
     seconds: float
     tokens: int  # targets scored
 
@@ -64,6 +65,7 @@ def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int,
     inputs = [np.concatenate([[eos_id], np.asarray(d, dtype=np.int64)]) for d in docs]  # (n + 1,) each
     out = [np.zeros(n, dtype=np.float64) for n in lengths]
     counts = np.zeros((len(docs), n_experts), dtype=np.int64) if n_experts else None
+    choices = [np.full(n, -1, dtype=np.int16) for n in lengths] if n_experts else None
     used, rows = 0.0, 0
     device = next(model.parameters()).device
     was_training = model.training
@@ -85,13 +87,18 @@ def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int,
             logits, _ = model(torch.from_numpy(x).to(device), **kwargs)
         logp = -F.cross_entropy(logits.float().transpose(1, 2), torch.from_numpy(y).clamp(min=0).to(device),
                                 reduction="none").cpu().numpy()  # (B, T)
+        recorded = getattr(model, "last_routing", None) if getattr(model, "record_routing", False) else None
+        track = choices is not None and bool(recorded)
+        chosen = model.routed_experts().numpy() if track else None  # (B, T)
         for i, w in enumerate(chunk):
             t = np.arange(w.first_scored, seq_len)
             t = t[y[i, t] >= 0]
             out[w.doc][w.start + t] = logp[i, t]
+            if track:
+                choices[w.doc][w.start + t] = chosen[i, t]
             scored += len(t)
         visible = getattr(model, "last_visible", {})
-        for point, weights in (getattr(model, "last_routing", None) or {}).items():  # (B, R, E) per point
+        for point, weights in (recorded or {}).items():  # (B, R, E) per point, of this batch's forward
             # only rows at positions this window scores: not padding, not the overlap scored before
             pos = visible[point].cpu().numpy()  # (R,)
             top = weights.float().argmax(-1).cpu().numpy()  # (B, R)
@@ -104,7 +111,7 @@ def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int,
                     routed = keep & nonzero[i].any(-1)
                     counts[w.doc] += np.bincount(top[i][routed], minlength=n_experts)
     model.train(was_training)
-    return Scores(out, counts, used / rows if rows else None, time.perf_counter() - began, scored)
+    return Scores(out, counts, used / rows if rows else None, choices, time.perf_counter() - began, scored)
 
 
 def bits_per_byte(log_probs: list[np.ndarray]) -> float:

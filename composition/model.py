@@ -113,6 +113,7 @@ class ComposedLM(nn.Module):
         self.record_routing = False  # keep each point's weights of the last forward (evaluation)
         self.last_routing: dict[str, torch.Tensor] = {}
         self.last_visible: dict[str, torch.Tensor] = {}  # (R,) input position of each routed row
+        self.last_positions = 0  # T of the last recorded forward
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -166,6 +167,8 @@ class ComposedLM(nn.Module):
                 balance.append(self.load_balance(name, h, weights))
             return h + (weights.unsqueeze(-1).to(outs.dtype) * outs).sum(dim=-2)
 
+        if self.record_routing:  # this forward's routing only
+            self.last_positions, self.last_routing, self.last_visible = idx.shape[1], {}, {}
         logits, loss = self.central(idx, targets, inject=inject)
         self.last_experts_per_token = float(torch.stack(counts).mean()) if counts else 0.0
         if loss is not None and balance:
@@ -252,6 +255,23 @@ class ComposedLM(nn.Module):
                  for n in names]
         return "router (top-1 share of routed rows): " + ", ".join(
             f"{label[e]} {100 * share[e]:.0f}%" for e in share.argsort(descending=True).tolist() if share[e] > 0)
+
+    @torch.no_grad()
+    def routed_experts(self) -> torch.Tensor:
+        """(B, T) the expert the last forward (record_routing on) weighted most for the prediction
+        at each of its T input positions t: at every point the newest row that t sees (visible
+        <= t), its weights summed over the points; -1 where no expert had any weight."""
+        total = None
+        t = torch.arange(self.last_positions)
+        for name, weights in self.last_routing.items():  # (B, R, E) per point
+            visible = self.last_visible[name].cpu().contiguous()  # (R,) ascending
+            row = torch.searchsorted(visible, t, right=True) - 1  # (T,) newest row with visible <= t; -1: none yet
+            picked = weights.float().cpu()[:, row.clamp(min=0)] * (row >= 0).view(1, -1, 1)  # (B, T, E)
+            total = picked if total is None else total + picked
+        if total is None:
+            raise ValueError("routed_experts() reads the routing of the last forward: set record_routing first")
+        choice = total.argmax(-1)
+        return torch.where(total.amax(-1) > 0, choice, torch.full_like(choice, -1))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

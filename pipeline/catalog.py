@@ -110,6 +110,12 @@ class Catalog:
         self.tracker = tracker or Tracker(cfg)
         self.client = self.tracker.client
 
+    @classmethod
+    def of_registry(cls, uri: str) -> "Catalog":
+        """A catalog that only reads registered models from the store at `uri` (no pipeline config)."""
+        cfg = Config()
+        return cls(cfg, Tracker(cfg, uri=uri, experiment=False))
+
     # --- cluster ----------------------------------------------------------------------------
 
     def cluster_run(self, pipeline_id: str):
@@ -231,6 +237,17 @@ class Catalog:
             raise StageError(f"{what} does not exist in the registry at {self.tracker.uri}; see what does with "
                              "`moie library list`") from None
 
+    def log_model(self, run_id: str, files: Path, folder: str, description: dict) -> dict[str, str]:
+        """Log a model's files (safetensors + JSON) as the MLflow pyfunc model in the run's `folder`
+        ('model' or 'composition', which is also its kind); {file name: sha256} of those files."""
+        from pipeline.serving import save_pyfunc
+
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = self.tracker.log_artifact_dir(run_id, save_pyfunc(files, Path(tmp) / folder, folder,
+                                                                         description), folder)
+        prefix = f"artifacts/{folder}/"
+        return {k.removeprefix(prefix): sha for k, sha in manifest.items() if k.startswith(prefix)}
+
     def register(self, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
         """A new version of registered model `name` for the run's safetensors artifacts; its exact URI."""
         from mlflow.exceptions import MlflowException
@@ -267,8 +284,12 @@ class Catalog:
         return read_tensors(path / "composition.safetensors", framework="pt"), manifest
 
     def version_files(self, version, folder: str, dst: Path) -> Path:
-        """The run folder a registered version was made from, downloaded."""
+        """The safetensors + JSON of a registered version, downloaded from the run folder it was
+        made from: an MLflow model's artifacts/<folder> (or, registered before moie logged
+        pyfunc models, the folder itself)."""
         path = self.download(version.run_id, folder, dst, f"{exact_uri(version)} ({version.source})")
+        if (path / "MLmodel").is_file():
+            path = path / "artifacts" / folder
         if not path.is_dir() or not any(path.iterdir()):
             raise StageError(f"the files of {exact_uri(version)} are gone from {version.source}; retrain it, or "
                              "delete the version (`mlflow ui` > Models)")
@@ -320,7 +341,6 @@ class Catalog:
     def load_registered(self, uri: str, tmp: str | Path):
         """(model, meta) for any registered version: an expert, a central model or a composition
         (built from its manifest's exact versions, with its routing settings)."""
-        from composition.loader import CompositionSettings, load_composed
         from experts.checkpoint import load_model
 
         tmp = Path(tmp)
@@ -328,6 +348,14 @@ class Catalog:
         if version.name != COMPOSITION_MODEL:
             return load_model(self.model_dir(version, tmp / "model"))
         state, manifest = self.composition_parts(version, tmp / "composition")
+        return self.load_composition(state, manifest, tmp)
+
+    def load_composition(self, state: dict, manifest: dict, tmp: str | Path):
+        """(model, meta) of a composition's parameters and manifest, its central model and experts
+        taken from this registry (exact versions, checked), with its routing settings."""
+        from composition.loader import CompositionSettings, load_composed
+
+        tmp = Path(tmp)
         parts = [self.resolve(u) for u in [manifest["central"], *manifest["experts"]]]
         check_tokenizers({exact_uri(v): v for v in parts})
         central_dir, *expert_dirs = [self.model_dir(v, tmp / f"m{i}") for i, v in enumerate(parts)]
@@ -348,6 +376,7 @@ def _verify(version, folder: Path, name: str, tag: str = "moie.sha256") -> None:
                             "removed): refusing to load an unverifiable artifact")
     if not (folder / name).is_file():
         raise StageError(f"{exact_uri(version)} has no {name} at {version.source}; retrain it, or delete the version")
-    verify_sha256(folder / name, version.tags[tag], shown=f"{version.source}/{name} of {exact_uri(version)}",
+    inside = f"artifacts/{folder.name}/{name}" if folder.parent.name == "artifacts" else name  # in the source
+    verify_sha256(folder / name, version.tags[tag], shown=f"{version.source}/{inside} of {exact_uri(version)}",
                   fix="refusing to load it; retrain it, or delete the version")
 

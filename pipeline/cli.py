@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from pipeline.config import ConfigError, load_config
+from pipeline.sampling import SAMPLING
 
 DEFAULT_CONFIG = "configs/default.yaml"
 RESUMABLE = ": the runs it left unfinished are marked KILLED; the same command goes on from what was saved"
@@ -172,12 +173,11 @@ def generate_command(args: argparse.Namespace) -> int:
     or a training checkpoint directory; for a composition, show which experts the router picked."""
     import tempfile
 
-    import torch
-
     from experts.checkpoint import load_any
+    from pipeline.sampling import check_sampling, sample
     from pipeline.tokenizer import ByteTokenizer
 
-    check_sampling(args)
+    check_sampling(args.prompt, args.max_new_tokens, args.temperature, args.top_k, cli=True)
     if args.model.startswith("models:/"):
         from pipeline.catalog import Catalog
 
@@ -189,32 +189,37 @@ def generate_command(args: argparse.Namespace) -> int:
     if meta.get("tokenizer") not in (None, tok.fingerprint):
         print(f"moie: warning: model was trained with tokenizer {meta['tokenizer']}, this is {tok.fingerprint}",
               file=sys.stderr)
-    torch.manual_seed(args.seed)
-    model.eval()
-    prompt = tok.encode(args.prompt) or [tok.bos_id]
-    idx = torch.tensor([prompt], dtype=torch.long)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
-    print(tok.decode(out[0].tolist()))
+    text, _ = sample(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(args.prompt + text)
     if hasattr(model, "routing_report"):
-        print(model.routing_report(out[:, -model.config.block_size:], meta["experts"]), file=sys.stderr)
+        import torch
+
+        out = torch.tensor([tok.encode(args.prompt + text)[-model.config.block_size:]], dtype=torch.long)
+        print(model.routing_report(out, meta["experts"]), file=sys.stderr)
     return 0
 
 
-def check_sampling(args: argparse.Namespace) -> None:
-    """ConfigError for a prompt or sampling setting no sampler can use."""
-    import math
+def serve_command(args: argparse.Namespace) -> int:
+    """`mlflow models serve` for a registered moie model on 127.0.0.1, in this Python environment;
+    it stops with this command (Ctrl-C, SIGTERM), never outliving it."""
+    from pipeline.catalog import Catalog, exact_uri
+    from pipeline.errors import StageError
 
+    catalog = Catalog(load_config(args.config, args.overrides))
+    version = catalog.resolve(args.uri)  # a clear error for a URI the registry does not know
+    check_port_free(args.port)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=catalog.tracker.uri, MLFLOW_REGISTRY_URI=catalog.tracker.uri)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    print(f"serving {args.uri} ({exact_uri(version)}) at http://127.0.0.1:{args.port}/invocations", file=sys.stderr)
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped whole, below
     try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError as err:  # bytes that are not UTF-8 arrive as surrogates
-        raise ConfigError(f"--prompt is not valid UTF-8 (bad byte at character {err.start}); pass UTF-8 text, "
-                          "e.g. convert it with iconv -t utf-8") from None
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not (0 <= args.temperature < math.inf):
-        raise ConfigError(f"--temperature must be >= 0 and finite (0: always the likeliest byte), got {args.temperature}")
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1 (sample among the k likeliest bytes), got {args.top_k}")
+        code = server.wait()
+    finally:
+        stop_process_group(server)
+    if code != 0:
+        raise StageError(f"mlflow models serve exited with code {code} (its own messages are above)")
+    return 0
 
 
 def library_command(args: argparse.Namespace) -> int:
@@ -281,16 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "or a training checkpoint directory")
     add_config_args(gen, DEFAULT_CONFIG)
     gen.add_argument("--prompt", default="")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--seed", type=int, default=0)
+    for key, default in SAMPLING.items():
+        gen.add_argument("--" + key.replace("_", "-"), type=type(default), default=default)
     gen.set_defaults(func=generate_command)
     add_library_parser(sub)
     ui = sub.add_parser("ui", help="MLflow UI on this pipeline's tracking store (127.0.0.1)")
     add_config_args(ui, DEFAULT_CONFIG)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=ui_command)
+    serve = sub.add_parser("serve", help="mlflow models serve for a registered model (127.0.0.1, this environment)")
+    serve.add_argument("uri", help="e.g. models:/moie-composition@champion or models:/moie-expert/3")
+    add_config_args(serve, DEFAULT_CONFIG)
+    serve.add_argument("--port", type=int, default=5001)
+    serve.set_defaults(func=serve_command)
     return parser
 
 

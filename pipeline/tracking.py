@@ -89,14 +89,16 @@ class Tracker:
     stage stops early, `pipeline_active` ends every run it left open KILLED (interrupt) or
     FAILED (error), so nothing stays RUNNING."""
 
-    def __init__(self, cfg: Config):
-        self.uri = tracking_uri(cfg)
+    def __init__(self, cfg: Config, uri: str | None = None, experiment: bool = True):
+        """uri: the store (default: tracking_uri(cfg)); experiment: find or create the config's
+        experiment (a reader that only loads registered models needs none)."""
+        self.uri = uri or tracking_uri(cfg)
         self._open: set[str] = set()  # runs this tracker created or reopened and has not ended
         try:
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-            self.experiment_id = self._experiment(cfg)
+            self.experiment_id = self._experiment(cfg) if experiment else None
         except (OSError, MlflowException) as err:
             raise StoreError(f"the MLflow tracking store {self.uri} cannot be opened or written "
                              f"({one_line(err)}); point MLFLOW_TRACKING_URI (or MOIE_HOME) at a store "

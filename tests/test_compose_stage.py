@@ -49,11 +49,14 @@ def test_compose_stage_runs_both_modes_and_registers_compositions_better_than_ce
     for run in runs:
         assert run.data.metrics["val_bpb"] < run.data.metrics["central_val_bpb"]
         files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition")}
-        assert {"composition/composition.safetensors", "composition/composition_manifest.json"} <= files
+        assert {"composition/MLmodel", "composition/artifacts"} <= files  # an MLflow pyfunc model
+        files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition/artifacts/composition")}
+        assert {f"composition/artifacts/composition/{f}" for f in
+                ("composition.safetensors", "composition.json", "composition_manifest.json")} == files
     versions = tracker.client.search_model_versions(f"name = '{COMPOSITION_MODEL}'")
     assert len(versions) == 2
     manifest = json.loads(Path(tracker.client.download_artifacts(
-        runs[0].info.run_id, "composition/composition_manifest.json")).read_text())
+        runs[0].info.run_id, "composition/artifacts/composition/composition_manifest.json")).read_text())
     assert manifest["central"].startswith("models:/moie-central/") and len(manifest["experts"]) == 3
 
 

@@ -54,7 +54,9 @@ def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions
         assert run.data.tags["mlflow.parentRunId"] == pipeline_id
         assert "train_loss" in run.data.metrics and "tokens_per_s" in run.data.metrics
         names = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "model")}
-        assert {"model/model.safetensors", "model/model.json", "model/manifest.json"} <= names
+        assert {"model/MLmodel", "model/artifacts", "model/manifest.json"} <= names  # an MLflow pyfunc model
+        weights = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "model/artifacts/model")}
+        assert weights == {"model/artifacts/model/model.safetensors", "model/artifacts/model/model.json"}
     dense = next(r for r in runs if r.data.tags["moie.expert"] == "dense")
     assert dense.data.params["max_tokens"] == str(2 * 6000)  # equal compute: k x one expert's budget
 

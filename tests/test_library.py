@@ -163,7 +163,7 @@ def test_a_model_version_that_no_longer_exists_is_a_clear_error(library):
 def test_an_artifact_whose_checksum_does_not_match_is_refused(library):
     catalog = library["catalog"]
     _, experts = catalog.pipeline_models(library["a"])
-    path = artifact_file(catalog, catalog.resolve(experts[0]), "model/model.safetensors")
+    path = artifact_file(catalog, catalog.resolve(experts[0]), "model/artifacts/model/model.safetensors")
     original = path.read_bytes()
     try:
         path.write_bytes(original[:-4] + bytes(4))  # same size, last bytes changed
@@ -179,7 +179,7 @@ def test_a_composition_manifest_from_a_newer_format_is_refused(library):
     cfg, catalog = library["cfg"], library["catalog"]
     (uri,) = run_compose(cfg, library["a"]).values()
     version = catalog.resolve(uri)
-    path = artifact_file(catalog, version, "composition/composition_manifest.json")
+    path = artifact_file(catalog, version, "composition/artifacts/composition/composition_manifest.json")
     original = path.read_text()
     try:  # as a newer moie would write and register it: its checksum recorded
         path.write_text(json.dumps({**json.loads(original), "format": 99}))
@@ -194,7 +194,7 @@ def test_a_composition_manifest_from_a_newer_format_is_refused(library):
 def test_a_composition_manifest_changed_in_the_store_is_refused(library):
     cfg, catalog = library["cfg"], library["catalog"]
     (uri,) = run_compose(cfg, library["a"]).values()
-    path = artifact_file(catalog, catalog.resolve(uri), "composition/composition_manifest.json")
+    path = artifact_file(catalog, catalog.resolve(uri), "composition/artifacts/composition/composition_manifest.json")
     original = path.read_text()
     try:  # the routing it would be built with, changed behind the registry's back
         path.write_text(json.dumps({**json.loads(original), "k": 1}))

@@ -39,6 +39,7 @@ from pipeline.library import set_alias
 from pipeline.overlap import ShingleIndex
 from pipeline.ray_runtime import check_resources, connect_ray, get_or_fail, use_granted_cpus
 from pipeline.report import plot_curves, write_results
+from pipeline.routing_page import render as render_routing
 from pipeline.tokenizer import ByteTokenizer
 from routing.ensemble import document_weights, keep_top_k
 
@@ -46,6 +47,8 @@ CBTM = {"cbtm_top1": 1, "cbtm_top2": 2, "cbtm_all": None}  # experts mixed per b
 COMPOSED = {"independent": "composed_independent", "joint": "composed_joint"}
 COMPOSED_SYSTEMS = ("composed_independent", "composed_independent_topk", "composed_joint", "composed_adaptive")
 HEADLINE = ("bpb/", "routing_accuracy/", "experts_per_token/")
+ROUTING_PAGE = "routing.html"  # an artifact of the evaluate run (results/), shown by the MLflow UI
+PAGE_BYTES = 2000  # of each document on the routing page
 
 
 # --- held-out documents ----------------------------------------------------------------------
@@ -190,6 +193,7 @@ def score_composition_task(system: ComposedSystem, state: dict, docs: list[np.nd
     if system.settings.routing == "router":  # FLOPs of a position routed to one expert (top-1)
         composed.prefix_router = lambda idx: torch.nn.functional.one_hot(torch.zeros_like(idx), n).float()
     return {"log_probs": scores.log_probs, "top1_counts": scores.top1_counts, "experts_per_token": scores.experts_per_row,
+            "choices": scores.choices,
             "ms_per_token": 1e3 * scores.seconds / scores.tokens,
             "params": sum(p.numel() for p in composed.parameters()), "flops": forward_flops_per_token(composed, seq)}
 
@@ -250,10 +254,13 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         tracker.log_metrics(run_id, metrics)
         tracker.log_metrics(pipeline_id, headline(metrics))
         champion = crown_champion(catalog, compositions)
-        if champion:
-            tracker.set_tags(run_id, {"moie.champion": champion})
         out = tmp / "results"
         out.mkdir()
+        if champion:
+            tracker.set_tags(run_id, {"moie.champion": champion})
+            page = routing_page(catalog, champion, compositions, scored, domains, docs)
+            if page:
+                (out / ROUTING_PAGE).write_text(page, encoding="utf-8")
         outcome["markdown"] = write_results(out, outcome["rows"], outcome["domains"], outcome["heat"],
                                             outcome["deltas"])
         plot_curves(training_curves(catalog, pipeline_id), out / "curves")
@@ -277,6 +284,33 @@ def crown_champion(catalog: Catalog, compositions: dict) -> str | None:
     print(f"evaluate: models:/{COMPOSITION_MODEL}@{CHAMPION} -> {best} (validation bits per byte "
           f"{scored[best]:.4f}; the others: {others})", flush=True)
     return best
+
+
+def routing_page(catalog: Catalog, champion: str, compositions: dict, scored: dict, domains: list[str],
+                 docs: list[np.ndarray]) -> str | None:
+    """The routing page of the champion composition on the first held-out document of each domain
+    (at most PAGE_BYTES of each): its router's expert per byte, bits saved over the central model."""
+    mode = next(m for m, v in compositions.items() if exact_uri(v) == champion)
+    system = COMPOSED.get(mode)
+    result, central = scored["results"].get(system), scored["results"]["central"]
+    if result is None or result.get("choices") is None:
+        return None
+    experts = []
+    for uri in scored["composition_experts"][system]:
+        tags = catalog.resolve(uri).tags
+        experts.append({"name": tags.get("moie.expert", uri), "cluster": tags.get("moie.cluster", "?"),
+                        "domain": tags.get("moie.domain", "?"), "uri": uri,
+                        "purity": float(tags["moie.purity"]) if "moie.purity" in tags else None})
+    documents = []
+    for domain in dict.fromkeys(domains):  # first appearance order
+        i = domains.index(domain)
+        saved = (result["log_probs"][i] - central["log_probs"][i]) / np.log(2)  # bits per byte
+        documents.append({"label": f"{domain}: held-out document {i}, {len(docs[i])} bytes; composition "
+                                   f"{bits_per_byte([result['log_probs'][i]]):.3f} vs central "
+                                   f"{bits_per_byte([central['log_probs'][i]]):.3f} bits per byte",
+                          "bytes": bytes(docs[i][:PAGE_BYTES].astype(np.uint8)),
+                          "choices": result["choices"][i][:PAGE_BYTES], "saved_bits": saved[:PAGE_BYTES]})
+    return render_routing(documents, experts, f"Routing of {champion} ({mode}) on held-out text")
 
 
 def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], dirs: dict, central_uri: str,

@@ -384,9 +384,11 @@ class _ExpertsStage:
                                           "tokens": result.tokens, "params": trained.params,
                                           "resumed_from_step": result.resumed_from or 0,
                                           **({"final_val_bpb": result.val_bpb} if result.val_bpb is not None else {})})
-        manifest = self.tracker.log_artifact_dir(run_id, trained.model_dir, "model")
         run = self.tracker.client.get_run(run_id)
         name = registered_model(task.name)
+        manifest = self.catalog.log_model(run_id, Path(trained.model_dir), "model", {
+            "registered_model": name, "model": task.name, "pipeline": self.pipeline_id,
+            "domain": run.data.tags.get("moie.domain")})
         # role: which central-model version composition takes by default (a configured central
         # model wins over the dense baseline, which is then registered as the baseline only)
         role = {CENTRAL: "central", DENSE: "dense" if task.has_central else "dense+central"}.get(task.name)
