@@ -343,3 +343,28 @@ def test_the_routing_centre_weighs_every_cluster_equally_whatever_its_size_or_or
     for p in composed.points:
         torch.testing.assert_close(both[p], (only_small[p] + only_large[p]) / 2)
         torch.testing.assert_close(centre_of(small, large)[p], both[p])
+
+
+@pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
+@pytest.mark.parametrize("routing", ["topk", "gate"])
+def test_the_expert_chosen_for_a_position_depends_only_on_inputs_up_to_it(central_kind, routing):
+    central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
+    composed = randomised(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing, k=1))
+    composed.record_routing = True
+    idx = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
+    composed(idx)
+    before = composed.routed_experts()  # (B, T)
+    assert before.shape == (2, 40) and len(set(before.flatten().tolist())) > 1  # every path carries signal
+    for t in (5, 17, 31):
+        changed = idx.clone()
+        changed[:, t + 1:] = torch.randint(0, V, (2, 40 - t - 1), generator=torch.Generator().manual_seed(t))
+        composed(changed)
+        assert torch.equal(composed.routed_experts()[:, :t + 1], before[:, :t + 1]), t
+
+
+def test_the_expert_chosen_for_a_position_is_the_one_its_rows_weigh_most():
+    composed = randomised(ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="gate"))
+    composed.record_routing = True
+    composed(torch.randint(0, V, (1, 30), generator=torch.Generator().manual_seed(2)))
+    total = sum(w for w in composed.last_routing.values())  # a GPT's rows are its positions: (1, 30, 3)
+    assert torch.equal(composed.routed_experts(), total.argmax(-1))

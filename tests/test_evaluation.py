@@ -214,3 +214,24 @@ def test_compressing_a_domain_together_reuses_what_its_other_documents_repeat():
     floors = compressor_bpb(["legal", "legal"], docs_)
     for name in ("gzip", "bz2", "xz"):
         assert floors[f"{name}_domain"]["legal"] < 0.75 * floors[name]["legal"], name  # ~0.5 ideally
+
+
+def test_the_routing_page_groups_bytes_into_characters_and_loses_no_text():
+    import numpy as np
+
+    from pipeline.routing_page import characters, render, spans
+
+    text = "naïve café — ok\n日本 x"
+    data = text.encode("utf-8") + b"\xff"  # a stray byte stays a character of its own
+    assert b"".join(data[a:b] for a, b in characters(data)) == data
+    assert len(characters(data)) == len(text) + 1
+    choices = np.zeros(len(data), dtype=np.int16)
+    choices[2], choices[3] = 1, 0  # 'ï' is bytes 2-3: it takes its first byte's expert
+    saved = np.linspace(-1, 3, len(data))
+    runs = spans(data, choices, saved)
+    assert "".join(t for t, _, _ in runs) == data.decode("utf-8", errors="replace")
+    assert [(t, e) for t, e, _ in runs[:2]] == [("na", 0), ("ï", 1)] and runs[2][0].startswith("v")
+    page = render([{"label": "<doc>", "bytes": data, "choices": choices, "saved_bits": saved}],
+                  [{"name": "expert-0", "cluster": 0, "domain": "a", "purity": 0.5, "uri": "models:/x/1"},
+                   {"name": "expert-1", "cluster": 1, "domain": "b", "purity": None, "uri": "models:/x/2"}], "t")
+    assert "&lt;doc&gt;" in page and "models:/x/2" in page and "<script" not in page

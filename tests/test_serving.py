@@ -33,7 +33,7 @@ from pipeline.stages.experts import run_experts
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.experiment=serving",
          "experts.train.max_tokens=12000", "experts.train.ckpt_every=0", "compose.modes=[independent]",
-         "compose.routing=topk",
+         "compose.routing=router",  # the default: cBTM picks, gates scale
          "compose.blocks_train={max_tokens: 8000, batch_size: 8, lr: 0.003, warmup_steps: 1}",
          "compose.gates_train={max_tokens: 4000, batch_size: 8, lr: 0.005, warmup_steps: 1}",
          "compose.eval_tokens=2048", "compose.center_tokens=2048", "compose.dense_matched=false",
