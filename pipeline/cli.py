@@ -117,7 +117,6 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 def ui_command(args: argparse.Namespace) -> int:
     """Start the MLflow UI on the pipeline's tracking store, bound to 127.0.0.1; it stops with
     this command (Ctrl-C, SIGTERM), never outliving it."""
-    from pipeline.errors import StageError
     from pipeline.tracking import tracking_uri
 
     cfg = load_config(args.config, args.overrides)
@@ -127,13 +126,21 @@ def ui_command(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", file=sys.stderr)
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped whole, below
+    return run_server(cmd, env, "the MLflow UI server")
+
+
+def run_server(cmd: list[str], env: dict, what: str) -> int:
+    """Run a server in its own process group until it exits; on any exit of this command (Ctrl-C,
+    SIGTERM, an error) its whole group is stopped, so it never outlives the command."""
+    from pipeline.errors import StageError
+
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         code = server.wait()
     finally:
         stop_process_group(server)
     if code != 0:
-        raise StageError(f"the MLflow UI server exited with code {code} (its own messages are above)")
+        raise StageError(f"{what} exited with code {code} (its own messages are above)")
     return 0
 
 
@@ -203,7 +210,6 @@ def serve_command(args: argparse.Namespace) -> int:
     """`mlflow models serve` for a registered moie model on 127.0.0.1, in this Python environment;
     it stops with this command (Ctrl-C, SIGTERM), never outliving it."""
     from pipeline.catalog import Catalog, exact_uri
-    from pipeline.errors import StageError
 
     catalog = Catalog(load_config(args.config, args.overrides))
     version = catalog.resolve(args.uri)  # a clear error for a URI the registry does not know
@@ -212,14 +218,7 @@ def serve_command(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.uri, "--env-manager", "local",
            "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     print(f"serving {args.uri} ({exact_uri(version)}) at http://127.0.0.1:{args.port}/invocations", file=sys.stderr)
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped whole, below
-    try:
-        code = server.wait()
-    finally:
-        stop_process_group(server)
-    if code != 0:
-        raise StageError(f"mlflow models serve exited with code {code} (its own messages are above)")
-    return 0
+    return run_server(cmd, env, "mlflow models serve")
 
 
 def library_command(args: argparse.Namespace) -> int:

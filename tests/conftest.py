@@ -67,7 +67,7 @@ def ray_head():
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        _wait_for_jobs_api(address, proc, Path(temp_dir) / "head.log")
+        json.loads(wait_for_http(f"{address}/api/version", proc, Path(temp_dir) / "head.log", "ray start"))
         yield address
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -79,17 +79,18 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _wait_for_jobs_api(address: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90) -> None:
+def wait_for_http(url: str, proc: subprocess.Popen, log_path: Path, what: str, timeout: float = 90) -> bytes:
+    """The body of the first successful GET of `url` while `proc` (the server, logging to
+    log_path) runs; RuntimeError with the log's tail if it exits or does not answer in time."""
     import urllib.request
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                json.loads(r.read())
-                return
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.read()
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"Ray Jobs API at {address} not up after {timeout}s:\n{log_path.read_text()[-3000:]}")
+    raise RuntimeError(f"{what} at {url} not up after {timeout}s:\n{log_path.read_text()[-3000:]}")

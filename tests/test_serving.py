@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 
 import textgen
-from conftest import free_port
+from conftest import free_port, wait_for_http
 from stores import module_home
 from artifacts import ChecksumError
 from pipeline.catalog import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL, Catalog
@@ -158,20 +157,6 @@ def post(port: int, payload: dict, timeout: float = 60) -> dict:
         raise AssertionError((err.code, err.read().decode())) from None
 
 
-def wait_until_serving(port: int, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"moie serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(1)
-    raise AssertionError(f"moie serve did not answer /ping within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 def test_moie_serve_answers_invocations_deterministically_and_stops_with_its_command(served, tmp_path):
     catalog = served["catalog"]
     uri = uris(catalog)["composition"]
@@ -184,7 +169,7 @@ def test_moie_serve_answers_invocations_deterministically_and_stops_with_its_com
                                  "--config", str(REPO / "configs" / "tiny.yaml"), "--set", "tracking.experiment=serving"],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until_serving(port, proc, log)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, log, "moie serve", timeout=180)
         payload = {"dataframe_records": [{"prompt": "The wind", "max_new_tokens": 20, "seed": 7}]}
         first, again = post(port, payload), post(port, payload)
         assert first == again
