@@ -35,6 +35,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_tree(directory: str | Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{path relative to directory (POSIX): sha256} of every file under it, but files named in skip."""
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): sha256_file(p)
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in skip}
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""

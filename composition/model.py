@@ -110,6 +110,8 @@ class ComposedLM(nn.Module):
         self.balance_weight = 0.0  # joint training: weight of the load-balancing loss
         self.last_experts_per_token: float | None = None
         self.prefix_router = None  # routing "router" without route=: a callable idx (B, T) -> (B, T, E) weights
+        self.document_router = None  # routing "router", scoring whole texts: bytes (n,) -> (n, E) weights of
+        #                              each byte's whole prefix (score_documents' route_weights)
         self.record_routing = False  # keep each point's weights of the last forward (evaluation)
         self.last_routing: dict[str, torch.Tensor] = {}
         self.last_visible: dict[str, torch.Tensor] = {}  # (R,) input position of each routed row

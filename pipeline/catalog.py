@@ -36,6 +36,7 @@ CHAMPION = "champion"  # moie-composition's alias for the newest evaluated pipel
 MANIFEST_FORMAT = 1  # composition manifests this moie writes and reads
 COMPOSITION_MANIFEST = "composition_manifest.json"
 MANIFEST_SHA = "moie.sha256.manifest"  # a composition version's tag: the sha256 of its manifest
+PARTS_SHA = "parts_sha256"  # a composition manifest's {exact URI: sha256 of its weights} of central + experts
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))$")
 
 # the cluster run's artifacts
@@ -273,15 +274,20 @@ class Catalog:
 
     def composition_parts(self, version, dst: Path) -> tuple[dict, dict]:
         """(new parameters as tensors, manifest) of a registered composition, both checked."""
-        from artifacts import read_tensors
-
         path = self.version_files(version, "composition", dst)
         _verify(version, path, "composition.safetensors")
         if MANIFEST_SHA in version.tags:  # (compositions registered before moie recorded it have none)
             _verify(version, path, COMPOSITION_MANIFEST, tag=MANIFEST_SHA)
-        manifest = json.loads((path / COMPOSITION_MANIFEST).read_text(encoding="utf-8"))
-        check_manifest(manifest, exact_uri(version))
-        return read_tensors(path / "composition.safetensors", framework="pt"), manifest
+        return read_composition(path, exact_uri(version))
+
+    def check_pyfunc(self, version) -> None:
+        """StageError unless the version's source is an MLflow model (registered by a moie that logs them)."""
+        folder = "composition" if version.name == COMPOSITION_MODEL else "model"
+        names = {a.path.rsplit("/", 1)[-1] for a in self.client.list_artifacts(version.run_id, folder)}
+        if "MLmodel" not in names:
+            raise StageError(f"{exact_uri(version)} was registered before moie logged MLflow models (its "
+                             f"{folder}/ holds no MLmodel): moie's own commands load it, MLflow's cannot; "
+                             "train or compose it again with this moie to serve it")
 
     def version_files(self, version, folder: str, dst: Path) -> Path:
         """The safetensors + JSON of a registered version, downloaded from the run folder it was
@@ -357,16 +363,35 @@ class Catalog:
 
         tmp = Path(tmp)
         parts = [self.resolve(u) for u in [manifest["central"], *manifest["experts"]]]
+        for v in parts:  # the versions it was trained with, not others of the same number in another store
+            recorded = manifest.get(PARTS_SHA, {}).get(exact_uri(v))  # (older manifests record none)
+            if recorded is not None and v.tags.get("moie.sha256") != recorded:
+                raise ChecksumError(f"{exact_uri(v)} in the registry at {self.tracker.uri} is not the model the "
+                                    f"composition was trained with (its weights had sha256 {recorded}): load the "
+                                    "composition from the registry it was registered in (MLFLOW_TRACKING_URI)")
         check_tokenizers({exact_uri(v): v for v in parts})
         central_dir, *expert_dirs = [self.model_dir(v, tmp / f"m{i}") for i, v in enumerate(parts)]
         composed = load_composed(central_dir, expert_dirs, CompositionSettings.from_manifest(manifest), state)
         if manifest["routing"] == "router":  # the experts' cBTM router, on the text of each window
             from routing.ensemble import prefix_router
 
-            composed.prefix_router = prefix_router(self.router(manifest["router_run"], tmp / "router"),
-                                                   manifest["clusters"])
+            from routing.ensemble import document_weights
+
+            router, clusters = self.router(manifest["router_run"], tmp / "router"), manifest["clusters"]
+            composed.prefix_router = prefix_router(router, clusters)  # generation: the window's text
+            composed.document_router = lambda text: document_weights(router, text, clusters, 1)  # scoring
         experts_meta = [{"uri": exact_uri(v), "domain": v.tags.get("moie.domain")} for v in parts[1:]]
         return composed.eval(), {"tokenizer": manifest["tokenizer"], "experts": experts_meta}
+
+
+def read_composition(folder: Path, where: str) -> tuple[dict, dict]:
+    """(new parameters as tensors, manifest) of a composition's files in a local folder (checked
+    by the caller); a manifest of a newer format is refused."""
+    from artifacts import read_tensors
+
+    manifest = json.loads((folder / COMPOSITION_MANIFEST).read_text(encoding="utf-8"))
+    check_manifest(manifest, where)
+    return read_tensors(folder / "composition.safetensors", framework="pt"), manifest
 
 
 def _verify(version, folder: Path, name: str, tag: str = "moie.sha256") -> None:

@@ -162,17 +162,23 @@ def check_port_free(port: int) -> None:
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to a child's process group (it and its workers), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM to a child's process group (it and its workers), SIGKILL to what lingers; also
+    when the child itself has exited already but its workers live on."""
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # no member of the group is left
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the child: a zombie would keep its group alive
             try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+                os.killpg(proc.pid, 0)
             except ProcessLookupError:
-                break
+                return
+            time.sleep(0.2)
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -196,13 +202,13 @@ def generate_command(args: argparse.Namespace) -> int:
     if meta.get("tokenizer") not in (None, tok.fingerprint):
         print(f"moie: warning: model was trained with tokenizer {meta['tokenizer']}, this is {tok.fingerprint}",
               file=sys.stderr)
-    text, _ = sample(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    print(args.prompt + text)
+    out = sample(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(args.prompt + out.text)
     if hasattr(model, "routing_report"):
         import torch
 
-        out = torch.tensor([tok.encode(args.prompt + text)[-model.config.block_size:]], dtype=torch.long)
-        print(model.routing_report(out, meta["experts"]), file=sys.stderr)
+        window = torch.tensor([out.ids[-model.config.block_size:]], dtype=torch.long)  # (1, T)
+        print(model.routing_report(window, meta["experts"]), file=sys.stderr)
     return 0
 
 
@@ -210,14 +216,17 @@ def serve_command(args: argparse.Namespace) -> int:
     """`mlflow models serve` for a registered moie model on 127.0.0.1, in this Python environment;
     it stops with this command (Ctrl-C, SIGTERM), never outliving it."""
     from pipeline.catalog import Catalog, exact_uri
+    from pipeline.tracking import tracking_uri
 
-    catalog = Catalog(load_config(args.config, args.overrides))
+    catalog = Catalog.of_registry(tracking_uri(load_config(args.config, args.overrides)))  # reads only
     version = catalog.resolve(args.uri)  # a clear error for a URI the registry does not know
+    catalog.check_pyfunc(version)
     check_port_free(args.port)
+    uri = exact_uri(version)  # what was checked is what is served, wherever the alias moves meanwhile
     env = dict(os.environ, MLFLOW_TRACKING_URI=catalog.tracker.uri, MLFLOW_REGISTRY_URI=catalog.tracker.uri)
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.uri, "--env-manager", "local",
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
            "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
-    print(f"serving {args.uri} ({exact_uri(version)}) at http://127.0.0.1:{args.port}/invocations", file=sys.stderr)
+    print(f"serving {args.uri.strip()} ({uri}) at http://127.0.0.1:{args.port}/invocations", file=sys.stderr)
     return run_server(cmd, env, "mlflow models serve")
 
 

@@ -65,7 +65,8 @@ def render(documents: list[dict], experts: list[dict], title: str) -> str:
     composition's order: {"name", "cluster", "domain", "purity", "uri"}."""
     legend = "".join(
         f'<li><span class="swatch" style="background:{shade(e, FULL_SHADE_BITS)}"></span>'
-        f'<b>{html.escape(x["name"])}</b> cluster {x["cluster"]}, domain {html.escape(str(x["domain"]))}'
+        f'<b>{html.escape(x["name"])}</b> cluster {html.escape(str(x["cluster"]))}, '
+        f'domain {html.escape(str(x["domain"]))}'
         + (f' ({100 * x["purity"]:.0f}% of its cluster)' if x.get("purity") is not None else "")
         + f' <span class="uri">{html.escape(x["uri"])}</span></li>' for e, x in enumerate(experts))
     scale = "".join(f'<span class="swatch" style="background:{shade(0, b)}"></span>{b:g}&nbsp;'

@@ -23,10 +23,11 @@ serve -m models:/...` does anyway.
 """
 from __future__ import annotations
 
-import json
 import math
+import re
 import shutil
 import tempfile
+import threading
 import warnings
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -34,32 +35,41 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from artifacts import sha256_file, verify_sha256
+from artifacts import sha256_tree, verify_sha256
 from pipeline.config import ConfigError
 from pipeline.sampling import SAMPLING, sample, score_texts
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 KINDS = ("model", "composition")  # an exported model (expert, central) or a composition's parameters
-
-
-# --- the pyfunc model ----------------------------------------------------------------------------
+LOADED = {"model": ("model.safetensors", "model.json"),  # the files a load reads: each needs its sha256
+          "composition": ("composition.safetensors", "composition.json", "composition_manifest.json")}
+MAX_NEW_TOKENS = 4096  # per request row when served: one request cannot hold the server for long
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def signature(kind: str):
-    """What predict takes and returns (MLflow checks requests against it)."""
+    """What predict takes and returns (MLflow checks requests against it). The optional numbers
+    have no fixed type: JSON integers arrive as int64, a batch that leaves one out in some rows
+    as float64 with NaN, and MLflow would refuse one or the other; `requests` checks them."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec(DataType.string, "prompt"),
-                     ColSpec(DataType.long, "max_new_tokens", required=False),
-                     ColSpec(DataType.double, "temperature", required=False),
-                     ColSpec(DataType.long, "top_k", required=False),
-                     ColSpec(DataType.long, "seed", required=False)])
+                     *(ColSpec(AnyType(), key, required=False) for key in SAMPLING)])
     outputs = [ColSpec(DataType.string, "text")]
     if kind == "composition":
         outputs.append(ColSpec(Array(DataType.long), "experts"))
     return ModelSignature(inputs=inputs, outputs=Schema(outputs),
                           params=ParamSchema([ParamSpec("score", DataType.boolean, False)]))
+
+
+def requirement() -> str:
+    """moie, pinned to this version where it is installed (MLflow records it; `moie serve`
+    uses the current environment, which has it)."""
+    try:
+        return f"moie=={package_metadata.version('moie')}"
+    except package_metadata.PackageNotFoundError:  # run from a checkout without installing it
+        return "moie"
 
 
 def save_pyfunc(files: Path, dst: Path, kind: str, description: dict) -> Path:
@@ -70,43 +80,71 @@ def save_pyfunc(files: Path, dst: Path, kind: str, description: dict) -> Path:
     staged = Path(tempfile.mkdtemp()) / kind  # MLflow names the artifact folder after its source
     try:
         shutil.copytree(files, staged)
-        checksums = {p.relative_to(staged).as_posix(): sha256_file(p) for p in sorted(staged.rglob("*"))
-                     if p.is_file()}
         with warnings.catch_warnings():  # an input example would make MLflow load the model to check it
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             mlflow.pyfunc.save_model(str(dst), python_model=str(ENTRY), artifacts={kind: str(staged)},
-                                     model_config={"kind": kind, "sha256": checksums}, signature=signature(kind),
-                                     pip_requirements=[f"moie=={package_metadata.version('moie')}"],
+                                     model_config={"kind": kind, "sha256": sha256_tree(staged)},
+                                     signature=signature(kind), pip_requirements=[requirement()],
                                      metadata={"moie": description})
     finally:
         shutil.rmtree(staged.parent, ignore_errors=True)
     return dst
 
 
-def verify_files(folder: Path, checksums: dict[str, str]) -> None:
-    """Every file recorded in the model's config, against its sha256 (ChecksumError if changed)."""
+def verify_files(folder: Path, kind: str, checksums: dict) -> None:
+    """Every file the load reads, and every other file recorded, against its sha256: a
+    ChecksumError if one changed, a ConfigError if one has no sha256 recorded."""
+    missing = [name for name in LOADED[kind] if not SHA256.fullmatch(str(checksums.get(name, "")))]
+    if missing:
+        raise ConfigError(f"this MLflow model records no sha256 for {', '.join(missing)} in its MLmodel "
+                          "model_config: refusing to load it unverified; log it again with moie")
     for name, expected in checksums.items():
         verify_sha256(folder / name, expected, shown=f"{folder.name}/{name}",
                       fix="refusing to load it; log the model again, or load an untouched copy")
 
 
-def _requests(frame: pd.DataFrame) -> list[dict]:
-    """One dict per row: prompt and sampling settings, the defaults where a column or cell is missing."""
+def _number(value, key: str, whole: bool) -> float | int:
+    """A request's setting as a float (or int where it must be whole); ConfigError otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if not whole:
+        return number
+    if not number.is_integer():
+        raise ConfigError(f"{key} must be a whole number, got {value}")
+    return int(number)
+
+
+def requests(frame: pd.DataFrame) -> list[dict]:
+    """One dict per row: prompt and sampling settings, the defaults where a column or a cell is
+    missing; a ConfigError naming the row for a value no sampler can use."""
+    from pipeline.sampling import check_sampling
+
     if "prompt" not in frame.columns:
         raise ConfigError(f"the request table needs a column 'prompt', got columns {list(frame.columns)}")
     rows = []
-    for record in frame.to_dict("records"):
+    for i, record in enumerate(frame.to_dict("records")):
         row = {"prompt": record["prompt"]}
-        for key, default in SAMPLING.items():
-            value = record.get(key)
-            missing = value is None or (isinstance(value, float) and math.isnan(value))
-            row[key] = default if missing else type(default)(value)
+        try:
+            for key, default in SAMPLING.items():
+                value = record.get(key)
+                missing = value is None or (isinstance(value, float) and math.isnan(value))
+                row[key] = default if missing else _number(value, key, whole=key != "temperature")
+            check_sampling(**{k: v for k, v in row.items() if k != "seed"})
+            if row["max_new_tokens"] > MAX_NEW_TOKENS:
+                raise ConfigError(f"max_new_tokens must be at most {MAX_NEW_TOKENS} when served, "
+                                  f"got {row['max_new_tokens']}")
+        except ConfigError as err:
+            raise ConfigError(f"row {i}: {err}") from None
         rows.append(row)
     return rows
 
 
 class MoieModel(mlflow.pyfunc.PythonModel):
-    """An expert, central model or composition behind MLflow's pyfunc interface."""
+    """An expert, central model or composition behind MLflow's pyfunc interface. One request at
+    a time uses the model (MLflow's server runs predict in threads; a forward records routing
+    on the model itself)."""
 
     def load_context(self, context) -> None:
         config = context.model_config or {}
@@ -115,18 +153,16 @@ class MoieModel(mlflow.pyfunc.PythonModel):
             raise ConfigError(f"this MLflow model's config names kind {kind!r} and no checksums: it was not logged "
                               "by moie's pipeline; log it again with `moie experts` / `moie compose`")
         folder = Path(context.artifacts[kind])
-        verify_files(folder, config["sha256"])
+        verify_files(folder, kind, config["sha256"])
+        self.lock = threading.Lock()
         if kind == "model":
             from experts.checkpoint import load_model
 
             self.model, _ = load_model(folder)
         else:
-            from artifacts import read_tensors
-            from pipeline.catalog import COMPOSITION_MANIFEST, Catalog, check_manifest
+            from pipeline.catalog import Catalog, read_composition
 
-            manifest = json.loads((folder / COMPOSITION_MANIFEST).read_text(encoding="utf-8"))
-            check_manifest(manifest, str(folder))
-            state = read_tensors(folder / "composition.safetensors", framework="pt")
+            state, manifest = read_composition(folder, str(folder))
             with tempfile.TemporaryDirectory() as tmp:  # the parts' weights are in memory once loaded
                 self.model, _ = Catalog.of_registry(mlflow.get_registry_uri()).load_composition(state, manifest, tmp)
         self.model.eval()
@@ -134,16 +170,18 @@ class MoieModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         try:
-            requests = _requests(frame)
-            if (params or {}).get("score"):
-                scored = score_texts(self.model, [r["prompt"] for r in requests])
-                return pd.DataFrame({"bits_per_byte": [bpb for bpb, _ in scored], "bytes": [n for _, n in scored]})
-            out = [sample(self.model, **r) for r in requests]
+            rows = requests(frame)
+            with self.lock:
+                if (params or {}).get("score"):
+                    scored = score_texts(self.model, [r["prompt"] for r in rows])
+                    return pd.DataFrame({"bits_per_byte": [bpb for bpb, _ in scored],
+                                         "bytes": [n for _, n in scored]})
+                out = [sample(self.model, **r) for r in rows]
         except ConfigError as err:  # a bad request: HTTP 400 with this message when served
             from mlflow.exceptions import MlflowException
 
             raise MlflowException.invalid_parameter_value(str(err)) from None
-        table = pd.DataFrame({"text": [text for text, _ in out]})
+        table = pd.DataFrame({"text": [s.text for s in out]})
         if hasattr(self.model, "routed_experts"):
-            table["experts"] = [chosen for _, chosen in out]
+            table["experts"] = [s.experts for s in out]
         return table

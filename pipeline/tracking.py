@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from artifacts import sha256_file, write_json
+from artifacts import sha256_tree, write_json
 from pipeline.config import Config, flatten, to_dict
 from pipeline.errors import StageError, one_line
 
@@ -245,8 +245,7 @@ class Tracker:
     def log_artifact_dir(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> dict[str, str]:
         """Log every file of a directory plus a manifest.json of their sha256; return the manifest."""
         directory = Path(directory)
-        manifest = {p.relative_to(directory).as_posix(): sha256_file(p)
-                    for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+        manifest = sha256_tree(directory, skip=("manifest.json",))
         write_json(directory / "manifest.json", manifest)
         try:
             self.client.log_artifacts(run_id, str(directory), artifact_path)

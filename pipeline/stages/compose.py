@@ -25,7 +25,7 @@ from experts.flops import forward_flops_per_token
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
 from pipeline.catalog import (CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
-                              MANIFEST_FORMAT, MANIFEST_SHA, Catalog, check_tokenizers, exact_uri)
+                              MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, Catalog, check_tokenizers, exact_uri)
 from pipeline.config import Config
 from pipeline.errors import StageError
 from pipeline.ray_runtime import cancel, check_resources, connect_ray, get_or_fail, use_granted_cpus
@@ -59,6 +59,7 @@ class CompositionTask:
     router: dict | None = None  # {"tensors", "meta"} of the experts' shared cBTM router, if they share one
     router_run: str | None = None
     clusters: list[int] | None = None  # each expert's cluster in that clustering
+    parts_sha256: dict | None = None  # {exact URI: sha256 of its weights}: what the manifest pins
     centers: dict | None = None  # the routing centres every expert's training shares
     flops: dict | None = None  # forward / training FLOPs per token of the models and of each phase (prepare_task)
 
@@ -363,7 +364,8 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
         settings=settings, center_tokens=c.center_tokens,
         blocks_train={**c.blocks_train, "seed": cfg.seed}, gates_train={**c.gates_train, "seed": cfg.seed},
         joint_train={**c.joint_train, "seed": cfg.seed}, balance_weight=c.balance_weight,
-        num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed)
+        num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed,
+        parts_sha256={uri: v.tags["moie.sha256"] for uri, v in versions.items()})
     task = shared_router(catalog, task, experts, tmp)
     connect_ray(cfg.ray)
     check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
@@ -440,7 +442,7 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                                      if k.startswith("gates.")})
         with tempfile.TemporaryDirectory() as tmp:
             manifest = {"format": MANIFEST_FORMAT, "central": task.central, "experts": task.experts, "mode": mode,
-                        "tokenizer": task.tokenizer, **s.to_dict(), **scores,
+                        "tokenizer": task.tokenizer, PARTS_SHA: task.parts_sha256, **s.to_dict(), **scores,
                         **({"router_run": task.router_run, "clusters": task.clusters} if task.router else {}),
                         **({"added_to": added["moie.added_to"]} if added else {})}
             save_state(Path(tmp), "composition", state, manifest)
