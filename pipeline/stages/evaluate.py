@@ -305,7 +305,8 @@ def routing_page(catalog: Catalog, champion: str, compositions: dict, scored: di
     for domain in dict.fromkeys(domains):  # first appearance order
         i = domains.index(domain)
         saved = (result["log_probs"][i] - central["log_probs"][i]) / np.log(2)  # bits per byte
-        documents.append({"label": f"{domain}: held-out document {i}, {len(docs[i])} bytes; composition "
+        shown = f" (the first {PAGE_BYTES:,} shown)" if len(docs[i]) > PAGE_BYTES else ""
+        documents.append({"label": f"{domain}: held-out document {i}, {len(docs[i])} bytes{shown}; composition "
                                    f"{bits_per_byte([result['log_probs'][i]]):.3f} vs central "
                                    f"{bits_per_byte([central['log_probs'][i]]):.3f} bits per byte",
                           "bytes": bytes(docs[i][:PAGE_BYTES].astype(np.uint8)),
