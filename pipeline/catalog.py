@@ -238,17 +238,6 @@ class Catalog:
             raise StageError(f"{what} does not exist in the registry at {self.tracker.uri}; see what does with "
                              "`moie library list`") from None
 
-    def log_model(self, run_id: str, files: Path, folder: str, description: dict) -> dict[str, str]:
-        """Log a model's files (safetensors + JSON) as the MLflow pyfunc model in the run's `folder`
-        ('model' or 'composition', which is also its kind); {file name: sha256} of those files."""
-        from pipeline.serving import save_pyfunc
-
-        with tempfile.TemporaryDirectory() as tmp:
-            manifest = self.tracker.log_artifact_dir(run_id, save_pyfunc(files, Path(tmp) / folder, folder,
-                                                                         description), folder)
-        prefix = f"artifacts/{folder}/"
-        return {k.removeprefix(prefix): sha for k, sha in manifest.items() if k.startswith(prefix)}
-
     def register(self, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
         """A new version of registered model `name` for the run's safetensors artifacts; its exact URI."""
         from mlflow.exceptions import MlflowException

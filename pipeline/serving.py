@@ -91,6 +91,16 @@ def save_pyfunc(files: Path, dst: Path, kind: str, description: dict) -> Path:
     return dst
 
 
+def log_pyfunc(tracker, run_id: str, files: Path, folder: str, description: dict) -> dict[str, str]:
+    """Log a model's files (safetensors + JSON) as the MLflow pyfunc model in the run's `folder`
+    ('model' or 'composition', which is also its kind); {file name: sha256} of those files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = tracker.log_artifact_dir(run_id, save_pyfunc(files, Path(tmp) / folder, folder, description),
+                                            folder)
+    prefix = f"artifacts/{folder}/"
+    return {k.removeprefix(prefix): sha for k, sha in manifest.items() if k.startswith(prefix)}
+
+
 def verify_files(folder: Path, kind: str, checksums: dict) -> None:
     """Every file the load reads, and every other file recorded, against its sha256: a
     ChecksumError if one changed, a ConfigError if one has no sha256 recorded."""

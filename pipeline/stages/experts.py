@@ -379,6 +379,8 @@ class _ExpertsStage:
 
     def register(self, task: ExpertTask, trained: TrainedModel) -> str:
         """Log the model's final metrics and files, register it, finish its run; its registry URI."""
+        from pipeline.serving import log_pyfunc  # (the driver's: Ray workers need no MLflow model code)
+
         result, run_id = trained.result, task.run_id
         self.tracker.log_metrics(run_id, {"final_train_loss": result.train_loss, "steps": result.steps,
                                           "tokens": result.tokens, "params": trained.params,
@@ -386,7 +388,7 @@ class _ExpertsStage:
                                           **({"final_val_bpb": result.val_bpb} if result.val_bpb is not None else {})})
         run = self.tracker.client.get_run(run_id)
         name = registered_model(task.name)
-        manifest = self.catalog.log_model(run_id, Path(trained.model_dir), "model", {
+        manifest = log_pyfunc(self.tracker, run_id, Path(trained.model_dir), "model", {
             "registered_model": name, "model": task.name, "pipeline": self.pipeline_id,
             "domain": run.data.tags.get("moie.domain")})
         # role: which central-model version composition takes by default (a configured central
