@@ -15,8 +15,17 @@ DEFAULT_CONFIG = "configs/default.yaml"
 RESUMABLE = ": the runs it left unfinished are marked KILLED; the same command goes on from what was saved"
 
 
-def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    parser.add_argument("--config", default=default_config, required=default_config is None,
+def default_config(relative: str) -> str:
+    """A default config path as given where it exists from the current directory, else the clone's
+    own (an editable install): `moie serve`, `moie ui` and the rest work from any directory."""
+    from pathlib import Path
+
+    beside_package = Path(__file__).resolve().parents[1] / relative
+    return relative if Path(relative).is_file() or not beside_package.is_file() else str(beside_package)
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--config", default=default_config(default) if default else None, required=default is None,
                         help="pipeline YAML file (configs/tiny.yaml, configs/default.yaml)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set cluster.k=4 corpus.domain_bytes=200000")

@@ -223,6 +223,16 @@ def test_moie_serve_answers_invocations_deterministically_and_stops_with_its_com
     assert server and not alive  # the server and every worker it started are gone
 
 
+def test_moie_serve_from_any_directory_refuses_a_version_the_registry_does_not_hold(served, tmp_path):
+    env = dict(os.environ, MOIE_HOME=str(served["home"]))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", f"models:/{EXPERT_MODEL}/99",
+                           "--port", str(free_port()), "--set", "tracking.experiment=serving"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # no configs/ here
+    assert done.returncode == 2
+    assert f"model version models:/{EXPERT_MODEL}/99 does not exist in the registry" in done.stderr
+
+
 def routing_page(served, tmp_path) -> Path:
     """The page of the pipeline's own evaluation (the first; another test evaluates other text)."""
     catalog = served["catalog"]
