@@ -223,6 +223,25 @@ def test_moie_serve_answers_invocations_deterministically_and_stops_with_its_com
     assert server and not alive  # the server and every worker it started are gone
 
 
+def test_moie_serve_refuses_to_serve_a_model_whose_registered_weights_were_tampered_with(served, tmp_path):
+    catalog = served["catalog"]
+    version = catalog.resolve(uris(catalog)["central"])
+    stored = Path(catalog.client.get_run(version.run_id).info.artifact_uri.removeprefix("file://"))
+    weights = stored / "model" / "artifacts" / "model" / "model.safetensors"
+    original = weights.read_bytes()
+    env = dict(os.environ, MOIE_HOME=str(served["home"]))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", uris(catalog)["central"], "--port",
+                               str(free_port()), "--set", "tracking.experiment=serving"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    finally:
+        weights.write_bytes(original)
+    assert done.returncode == 2 and "mlflow models serve exited" in done.stderr
+    assert "model.safetensors has sha256" in done.stderr  # the server's own load refused it
+
+
 def test_moie_serve_from_any_directory_refuses_a_version_the_registry_does_not_hold(served, tmp_path):
     env = dict(os.environ, MOIE_HOME=str(served["home"]))
     env.pop("MLFLOW_TRACKING_URI", None)
