@@ -281,7 +281,9 @@ def test_case2_a_store_write_error_mid_stage_leaves_no_run_running_and_a_rerun_c
     from pipeline.stages.experts import _ExpertsStage, run_experts
 
     # two CPUs a task: one expert trains at a time, the other waits in Ray's queue
-    overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=4000", "experts.num_cpus=2"])
+    # (long enough that the waiting task, which Ray may start the moment the first one's CPUs
+    # free, cannot train to its end before the driver cancels it)
+    overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=20000", "experts.num_cpus=2"])
     cfg, pipeline_id = clustered(tmp_path, overrides)
 
     def store_fails(self, task, trained):  # the first model to finish cannot be registered
@@ -292,8 +294,10 @@ def test_case2_a_store_write_error_mid_stage_leaves_no_run_running_and_a_rerun_c
         run_experts(cfg, pipeline_id)
     statuses = [r.info.status for r in runs_of(cfg, pipeline_id)]
     assert sorted(statuses) == ["FAILED", "FAILED"]  # the one being registered, and the one waiting
-    time.sleep(5)  # the waiting task was cancelled: it never trains to its end (uncancelled, it would by now)
-    # (it may have started in the moment between the first task's end and the cancel: Ray frees the CPUs first)
+    # the waiting task was cancelled: it never trains to its end. Uncancelled, it would have by
+    # now: the wait is longer than the stage took to train the first model.
+    took = max(r.info.end_time - r.info.start_time for r in runs_of(cfg, pipeline_id)) / 1000
+    time.sleep(took + 2)
     last = sorted(max((int(p.stem.removeprefix("step-")) for p in checkpoints(moie_home, f"expert-{j}")), default=0)
                   for j in range(2))
     assert last[0] < last[1]
