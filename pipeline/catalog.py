@@ -361,10 +361,8 @@ class Catalog:
         check_tokenizers({exact_uri(v): v for v in parts})
         central_dir, *expert_dirs = [self.model_dir(v, tmp / f"m{i}") for i, v in enumerate(parts)]
         composed = load_composed(central_dir, expert_dirs, CompositionSettings.from_manifest(manifest), state)
-        if manifest["routing"] == "router":  # the experts' cBTM router, on the text of each window
-            from routing.ensemble import prefix_router
-
-            from routing.ensemble import document_weights
+        if manifest["routing"] == "router":  # the experts' cBTM router, on the text before each byte
+            from routing.ensemble import document_weights, prefix_router
 
             router, clusters = self.router(manifest["router_run"], tmp / "router"), manifest["clusters"]
             composed.prefix_router = prefix_router(router, clusters)  # generation: the window's text
