@@ -199,9 +199,11 @@ class CompileOnce:
 
 def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
           ckpt_dir: str | Path | None = None, on_metrics: Callable[[int, dict], None] | None = None,
-          meta: dict | None = None, stop_at: int | None = None) -> TrainResult:
+          meta: dict | None = None, stop_at: int | None = None,
+          on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
     """Train `model` in place for cfg.max_tokens tokens, resuming from ckpt_dir's newest checkpoint.
-    stop_at: pause after that step (checkpointed there) on the full run's schedule; train again to go on."""
+    stop_at: pause after that step (checkpointed there) on the full run's schedule; train again to go on.
+    on_checkpoint: called with each checkpoint's JSON path once it is written (e.g. to upload it)."""
     device = next(model.parameters()).device
     seq_len = cfg.seq_len or model.config.block_size
     total = cfg.steps(seq_len)
@@ -251,10 +253,12 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
             val_bpb = bits_per_byte(model, val_tokens, seq_len, cfg.eval_tokens, precision=cfg.precision)
             emit(step, {"val_bpb": val_bpb})
         if ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end):
-            save_checkpoint(ckpt_dir, step, model, optimizer, generator,
-                            {**(meta or {}), "train_config": asdict(cfg), "tokens": step * tokens_per_step,
-                             "train_loss": loss_value, "val_bpb": val_bpb, "tokens_per_s": tokens_per_s},
-                            keep=cfg.keep_checkpoints)
+            saved_path = save_checkpoint(ckpt_dir, step, model, optimizer, generator,
+                                         {**(meta or {}), "train_config": asdict(cfg), "tokens": step * tokens_per_step,
+                                          "train_loss": loss_value, "val_bpb": val_bpb, "tokens_per_s": tokens_per_s},
+                                         keep=cfg.keep_checkpoints)
+            if on_checkpoint is not None:
+                on_checkpoint(saved_path)
     if step == total and val_tokens is not None and val_bpb is None:  # resumed at the end of an older run
         val_bpb = bits_per_byte(model, val_tokens, seq_len, cfg.eval_tokens, precision=cfg.precision)
     return TrainResult(step, step * tokens_per_step, loss_value, val_bpb, tokens_per_s, resumed_from)

@@ -6,7 +6,7 @@ own outputs, through this catalog (Kedro's data catalog is the model):
 | output | written by | where |
 |---|---|---|
 | router, assignments, cluster report | cluster | artifacts of the pipeline's cluster run |
-| token files, checkpoints, the seed | experts | `checkpoint_root(pipeline, cluster run)` (local or shared disk) |
+| token files, checkpoints, the seed | experts | `checkpoint_root(pipeline, cluster run)` in the storage (`storage`) |
 | experts, central / dense model | experts | registry: `moie-expert`, `moie-central` (+ the run's `model/`) |
 | compositions | compose | registry: `moie-composition` (+ the run's `composition/`) |
 | results | evaluate | artifacts of the pipeline's evaluate run |
@@ -17,12 +17,14 @@ the sha256 recorded when it was written, and a manifest written by a newer moie 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
 
 
-from artifacts import ChecksumError, load_state, sha256_file, verify_sha256
+from artifacts import ChecksumError, load_state, verify_sha256
+from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import StageError, one_line
 from pipeline.tracking import Tracker, quote, workdir
@@ -60,10 +62,10 @@ def expert_name(cluster: int) -> str:
 
 
 def check_token_files(owner: str, tags: dict[str, str], files: dict[str, str]) -> None:
-    """Each token file ({split: path}) against the sha256 recorded in `tags` (where one is)."""
+    """Each token file ({split: location in the storage}) against the sha256 recorded in `tags` (where one is)."""
     for split, path in files.items():
         expected = tags.get(f"{TOKENS_SHA}.{split}")
-        if expected is not None and sha256_file(path) != expected:
+        if expected is not None and storage.sha256(path) != expected:
             raise ChecksumError(f"the {split} tokens of {owner} at {path} changed since they were recorded "
                                 f"(sha256 {expected}); delete the file and run `moie experts` for the pipeline "
                                 "again to write it anew from the corpus")
@@ -174,26 +176,25 @@ class Catalog:
 
     # --- the experts stage's files ----------------------------------------------------------------
 
-    def checkpoint_root(self, pipeline_id: str, cluster_run_id: str) -> Path:
+    def checkpoint_root(self, pipeline_id: str, cluster_run_id: str) -> str:
         """Shared data and checkpoints of the experts trained on one clustering of one pipeline
-        (a new clustering of the same pipeline never reuses another's data or checkpoints)."""
-        configured = self.cfg.experts.checkpoint_dir
-        root = Path(configured).expanduser() if configured else workdir(self.cfg) / "checkpoints"
-        return root.resolve() / pipeline_id / cluster_run_id
+        (a new clustering of the same pipeline never reuses another's data or checkpoints): a
+        location in the storage."""
+        return storage.join(storage_location(self.cfg), pipeline_id, cluster_run_id)
 
     @staticmethod
-    def token_file(root: Path, name: str, split: str) -> Path:
+    def token_file(root: str, name: str, split: str) -> str:
         """The byte tokens of one model's split ('train' or 'val') under a checkpoint root."""
-        return root / "data" / f"{name}.{split}.npy"
+        return storage.join(root, "data", f"{name}.{split}.npy")
 
     @staticmethod
-    def checkpoint_dir(root: Path, name: str) -> Path:
-        return root / name
+    def checkpoint_dir(root: str, name: str) -> str:
+        return storage.join(root, name)
 
     @staticmethod
-    def seed_dir(root: Path) -> Path:
+    def seed_dir(root: str) -> str:
         """The dense model paused at the seed step, which every expert branches from."""
-        return root / "seed" / "model"
+        return storage.join(root, "seed", "model")
 
     def data_path(self, version, split: str, name: str | None = None) -> str:
         """A token file of the clustering a model was trained on: the model's own data by
@@ -204,13 +205,13 @@ class Catalog:
                              "moie); retrain it with `moie experts`")
         root = self.checkpoint_root(tags["moie.pipeline"], tags["moie.cluster_run"])
         path = self.token_file(root, name or tags["moie.expert"], split)
-        if not path.is_file():
-            raise StageError(f"training data of {version.name}/{version.version} not found at {path}; "
-                             "compose on a machine that sees the experts stage's checkpoint directory")
+        if storage.kind(path) != "file":
+            raise StageError(f"training data of {version.name}/{version.version} not found at {path}; compose "
+                             "with the storage the experts stage wrote to (MOIE_STORAGE or `storage` in the config)")
         own = tags["moie.expert"]
         if name in (None, own) or (own == CENTRAL and name == DENSE):  # the files its run recorded
-            check_token_files(exact_uri(version), tags, {split: str(path)})
-        return str(path)
+            check_token_files(exact_uri(version), tags, {split: path})
+        return path
 
     # --- the registry ---------------------------------------------------------------------------
 
@@ -369,6 +370,23 @@ class Catalog:
             composed.document_router = lambda text: document_weights(router, text, clusters, 1)  # scoring
         experts_meta = [{"uri": exact_uri(v), "domain": v.tags.get("moie.domain")} for v in parts[1:]]
         return composed.eval(), {"tokenizer": manifest["tokenizer"], "experts": experts_meta}
+
+
+def fetch_models(tracking_uri: str, uris: list[str], dst: Path) -> list[str]:
+    """In a Ray task: the model directories of exact registered versions, downloaded from the
+    registry at `tracking_uri` into `dst` (this node's scratch) and checked against their sha256.
+    Tasks fetch their own models, so nothing passes through the driver's disk."""
+    catalog = Catalog.of_registry(tracking_uri)
+    return [catalog.model_dir(catalog.resolve(uri), Path(dst) / f"m{i}") for i, uri in enumerate(uris)]
+
+
+def storage_location(cfg: Config) -> str:
+    """Where token files, checkpoints and the seed live: MOIE_STORAGE, else the config's
+    `storage`, else <workdir>/checkpoints."""
+    configured = os.environ.get("MOIE_STORAGE") or cfg.storage
+    if not configured:
+        return str(workdir(cfg) / "checkpoints")
+    return configured if storage.is_remote(configured) else str(Path(configured).expanduser().resolve())
 
 
 def read_composition(folder: Path, where: str) -> tuple[dict, dict]:

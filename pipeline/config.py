@@ -58,7 +58,7 @@ class ExpertsConfig:
     num_cpus: float = 1.0  # Ray resources of one expert's task
     num_gpus: float = 0.0  # GPUs of one expert's task (the model moves to the GPU when > 0)
     max_retries: int = 3  # Ray retries of a task whose worker died; it resumes from its checkpoint
-    checkpoint_dir: str | None = None  # readable by every node; default <workdir>/checkpoints
+    resources: dict = field(default_factory=dict)  # custom Ray resources of one expert's task, e.g. {expert_slot: 1}
     dense: bool = True  # also train the dense baseline (k x the expert budget); it is the central model
     # BTM / cBTM: experts branch from a shared seed, the dense model after this share of its
     # budget; each expert then trains (its budget - seed / k) tokens, so the total stays equal
@@ -94,6 +94,9 @@ class ComposeConfig:
     balance_weight: float = 0.01  # joint: weight of the load-balancing loss
     num_cpus: float = 1.0  # Ray resources of one composition task
     eval_tokens: int = 65_536  # validation tokens scored for composed vs central
+    # moie run: an independent composition's per-expert blocks and gates start as soon as the
+    # central model and that expert are registered, while the other experts still train
+    early: bool = True
     # the dense model trained on (its own data, its schedule) for the compute the composed systems
     # spend beyond it, so "composition vs training the dense model longer" compares equal compute
     dense_matched: bool = True
@@ -129,6 +132,12 @@ class Config:
     name: str = "moie"  # names the pipeline's parent run (pipeline-<name>)
     seed: int = 0  # every random choice (splits are by hash, not by seed)
     workdir: str | None = None  # MLflow database + artifacts; default $MOIE_HOME or ~/.moie
+    # token files, checkpoints, the seed: a directory, or an object store every Ray node reaches
+    # (s3://bucket/prefix); MOIE_STORAGE wins; default <workdir>/checkpoints
+    storage: str | None = None
+    # the local paths in use (storage, an sqlite store, its artifacts) lie on a file system that
+    # every Ray node mounts at the same path (NFS): a multi-node cluster may then use them
+    shared_filesystem: bool = False
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
@@ -316,6 +325,10 @@ def validate_experts(e: "ExpertsConfig") -> None:
     if e.num_cpus <= 0 or e.num_gpus < 0 or e.max_retries < 0:
         raise ConfigError("experts.num_cpus must be > 0, experts.num_gpus and experts.max_retries >= 0; got "
                           f"{e.num_cpus}, {e.num_gpus}, {e.max_retries}")
+    for name, amount in e.resources.items():
+        if name in ("CPU", "GPU", "memory") or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ConfigError(f"experts.resources maps custom Ray resource names to amounts > 0 (CPUs and GPUs "
+                              f"are experts.num_cpus / num_gpus); got {name}: {amount!r}")
 
 
 def _positive(cfg: Config, keys: list[str]) -> None:

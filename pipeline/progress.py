@@ -30,10 +30,14 @@ def progress_lines(rows: dict[str, dict]) -> list[str]:
 
 
 def open_board(key: str):
-    """The stage's one board (a named actor, so that a second caller gets the same one)."""
+    """The stage's one board (a named actor, so that a second caller gets the same one), on the
+    driver's node where it can be (a lost worker node does not take the progress lines with it)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(ProgressBoard).options(name=f"moie-progress-{key}", get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0)(ProgressBoard).options(name=f"moie-progress-{key}", get_if_exists=True,
+                                                         scheduling_strategy=here).remote()
 
 
 @dataclass

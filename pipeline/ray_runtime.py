@@ -97,6 +97,44 @@ def connect_ray(cfg: RayConfig) -> str:
     return "local"
 
 
+def connect_cluster(cfg, tracker) -> str:
+    """connect_ray, then check_cluster_storage: what every stage does before its first task."""
+    address = connect_ray(cfg.ray)
+    check_cluster_storage(cfg, tracker)
+    return address
+
+
+def check_cluster_storage(cfg, tracker) -> None:
+    """Refuse, before any work, a Ray cluster of several nodes whose MLflow store, artifact
+    store or storage lies on one machine's disk: the other nodes could not read (or would
+    silently write beside) it. `shared_filesystem: true` declares such paths mounted on every node."""
+    import ray
+
+    from pipeline import storage
+    from pipeline.catalog import storage_location
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or cfg.shared_filesystem:
+        return
+    local = []
+    if not tracker.uri.startswith(("http://", "https://", "databricks")):
+        local.append(f"the MLflow tracking store {tracker.uri}")
+    if tracker.experiment_id is not None:
+        artifacts = tracker.client.get_experiment(tracker.experiment_id).artifact_location
+        if artifacts.startswith("file:") or not storage.is_remote(artifacts):
+            local.append(f"its artifact store {artifacts}")
+    if not storage.is_remote(where := storage_location(cfg)):
+        local.append(f"the storage of token files and checkpoints {where}")
+    if local:
+        raise StageError(
+            f"this Ray cluster has {len(nodes)} alive nodes, but {'; '.join(local)} lie on one machine's disk, "
+            "which the other nodes cannot read. Run an MLflow server with artifact serving (`mlflow server "
+            "--backend-store-uri <database> --serve-artifacts --artifacts-destination s3://<bucket>/mlflow`) and "
+            "set MLFLOW_TRACKING_URI=http://<its host>:<port>; set MOIE_STORAGE (or `storage:` in the config) to an "
+            "object store such as s3://<bucket>/moie. If these paths lie on a file system that every node mounts "
+            "at the same path, set `shared_filesystem: true` instead")
+
+
 @contextlib.contextmanager
 def keep_sigterm_handler():
     """Ray's core worker installs a SIGTERM handler that aborts the process (exit -6): the
@@ -113,17 +151,28 @@ def keep_sigterm_handler():
             signal.signal(signal.SIGTERM, before)
 
 
-def check_resources(num_cpus: float, num_gpus: float = 0, what: str = "task") -> None:
+def check_resources(num_cpus: float, num_gpus: float = 0, what: str = "task", resources: dict | None = None) -> None:
     """Fail at once, instead of waiting forever, when no node could ever run the task."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     fits = any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes)
+    custom = {k: v for k, v in (resources or {}).items() if not any(r.get(k, 0) >= v for r in nodes)}
+    if custom:
+        raise ResourceError(f"the {what} asks for the custom resources {custom}, which no alive Ray node has; "
+                            "start nodes with `ray start --resources '{...}'` or drop them from experts.resources")
     if not fits:
         biggest = max(((r.get("CPU", 0), r.get("GPU", 0)) for r in nodes), default=(0, 0))
         raise ResourceError(f"the {what} asks for num_cpus={num_cpus}, num_gpus={num_gpus} but the largest Ray node "
                             f"has {biggest[0]:g} CPUs and {biggest[1]:g} GPUs; lower the request in the config "
                             "or add a node that has them")
+
+
+def current_node() -> str:
+    """The id of the Ray node this code runs on ('local' outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def use_granted_cpus(num_cpus: float, seed: int | None = None) -> None:

@@ -101,6 +101,15 @@ def log_pyfunc(tracker, run_id: str, files: Path, folder: str, description: dict
     return {k.removeprefix(prefix): sha for k, sha in manifest.items() if k.startswith(prefix)}
 
 
+def log_model(tracking_uri: str, run_id: str, model_dir: Path, description: dict) -> dict[str, str]:
+    """In the Ray task that trained it: log an exported model as the MLflow pyfunc model in its
+    run's `model/` (over HTTP to a tracking server, so no node needs another's disk); {file: sha256}."""
+    from pipeline.config import Config
+    from pipeline.tracking import Tracker
+
+    return log_pyfunc(Tracker(Config(), uri=tracking_uri, experiment=False), run_id, model_dir, "model", description)
+
+
 def verify_files(folder: Path, kind: str, checksums: dict) -> None:
     """Every file the load reads, and every other file recorded, against its sha256: a
     ChecksumError if one changed, a ConfigError if one has no sha256 recorded."""

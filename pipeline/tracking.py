@@ -67,6 +67,17 @@ def metrics_logger(tracking_uri: str, run_id: str):
     return on_metrics
 
 
+def record_attempt(tracking_uri: str, run_id: str, node_id: str, resume_step: int | None) -> None:
+    """Tag a training run with the Ray node an attempt of its task runs on (moie.node_id; every
+    attempt's node, in order, in moie.nodes) and the checkpoint step it resumes from."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    before = client.get_run(run_id).data.tags.get("moie.nodes", "")
+    tags = {"moie.node_id": node_id, "moie.nodes": ",".join([n for n in before.split(",") if n] + [node_id])}
+    if resume_step is not None:
+        tags["moie.resumed_from"] = str(resume_step)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
 def workdir(cfg: Config) -> Path:
     """Where the default MLflow database and artifacts live: config, $MOIE_HOME, or ~/.moie."""
     raw = cfg.workdir or os.environ.get("MOIE_HOME") or "~/.moie"

@@ -192,13 +192,16 @@ def test_an_expert_branched_from_a_seed_starts_from_the_seeds_weights(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("seed-test")).info.run_id
+    experiment = client.create_experiment("seed-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
     spec = {"name": "expert-0", "run_id": run_id, "tracking_uri": uri, "model": arch,
             "train_config": {"max_tokens": 64, "batch_size": 2, "lr": 0.0, "warmup_steps": 1, "weight_decay": 0.0},
             "train": str(tmp_path / "train.npy"), "val": str(tmp_path / "val.npy"), "ckpt_dir": str(tmp_path / "ck"),
             "num_cpus": 1, "tokenizer": ByteTokenizer().fingerprint, "seed": 0, "init_from": str(tmp_path / "seed")}
     result = train_expert(ExpertTask(**spec))
-    trained, _ = load_model(result.model_dir)
+    logged = Path(client.download_artifacts(run_id, "model/artifacts/model", str(tmp_path)))  # the task logged it
+    assert sorted(result.files) == sorted(p.name for p in logged.iterdir())
+    trained, _ = load_model(logged)
     seed, _ = load_model(tmp_path / "seed")
     for (name, a), b in zip(trained.state_dict().items(), seed.state_dict().values()):
         assert torch.equal(a, b), name  # lr 0: nothing moved, so it started at the seed

@@ -22,7 +22,7 @@ from pipeline.config import Config, ConfigError, from_dict, to_dict, validate
 from pipeline.corpus import CorpusError, load_corpus, text_sha256
 from pipeline.embedded import EmbeddedCorpusError
 from pipeline.errors import StageError
-from pipeline.ray_runtime import TaskFailedError, check_resources, connect_ray, describe_failure, task_cause
+from pipeline.ray_runtime import TaskFailedError, check_resources, connect_cluster, describe_failure, task_cause
 from pipeline.report import plot_domain_cluster_table
 from pipeline.tracking import Tracker
 from routing.metrics import clustering_scores, contingency, dominant_domains
@@ -87,6 +87,7 @@ def _fit_clusters_task(cfg_dict: dict) -> Clustering:
 def run_cluster(cfg: Config, pipeline_id: str | None = None) -> str:
     """Run the cluster stage of a (new or given) pipeline; return the pipeline's run id."""
     tracker = Tracker(cfg)
+    connect_cluster(cfg, tracker)  # a multi-node cluster with a single-machine store is refused here
     pipeline_id = tracker.start_pipeline(cfg, pipeline_id)
     with tracker.pipeline_active(pipeline_id), tracker.stage_run(pipeline_id, "cluster") as run_id:
         tracker.log_params(run_id, {f"cluster.{k}": v for k, v in to_dict(cfg)["cluster"].items()}
@@ -98,7 +99,6 @@ def run_cluster(cfg: Config, pipeline_id: str | None = None) -> str:
 
 
 def _run_on_ray(cfg: Config) -> Clustering:
-    connect_ray(cfg.ray)
     check_resources(cfg.cluster.num_cpus, what="clustering task (cluster.num_cpus)")
     task = ray.remote(_fit_clusters_task).options(num_cpus=cfg.cluster.num_cpus, max_retries=1)
     try:

@@ -24,11 +24,13 @@ from composition.training import fit_centers, train_flops_per_token, train_indep
 from experts.flops import forward_flops_per_token
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
+from pipeline import storage
 from pipeline.catalog import (CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
-                              MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, Catalog, check_tokenizers, exact_uri)
+                              MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, Catalog, check_tokenizers, exact_uri,
+                              CENTRAL, fetch_models)
 from pipeline.config import Config
 from pipeline.errors import StageError
-from pipeline.ray_runtime import cancel, check_resources, connect_ray, get_or_fail, use_granted_cpus
+from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.tracking import metrics_logger
 from pipeline.tokenizer import ByteTokenizer
 from routing.ensemble import document_weights
@@ -39,12 +41,11 @@ from routing.router import ClusterRouter
 class CompositionTask:
     """Everything a composition task needs: checked model directories, data, settings."""
 
-    central: str  # exact registry URIs
+    central: str  # exact registry URIs (each task fetches and checks its models from the registry)
     experts: list[str]
     tokenizer: str
-    central_dir: str  # downloaded, checksum-checked model directories
-    expert_dirs: list[str]
-    expert_data: list[str]  # each expert's own training tokens (independent mode)
+    tracking_uri: str  # the registry
+    expert_data: list[str]  # each expert's own training tokens (independent mode): locations in the storage
     train: str  # the central model's training and validation tokens (joint mode, centres, scoring)
     val: str
     settings: CompositionSettings
@@ -71,76 +72,114 @@ class MatchedTask:
     name: str
     run_id: str
     tracking_uri: str
-    dense_dir: str
-    train: str  # the dense model's own training and validation tokens
+    dense: str  # exact registry URI of the dense model
+    train: str  # the dense model's own training and validation tokens (locations in the storage)
     val: str
-    ckpt_dir: str  # resumable, under the pipeline's checkpoint root
+    ckpt_dir: str  # resumable, under the pipeline's checkpoint root in the storage
     train_config: dict  # the dense model's TrainConfig fields, with the matched budget
     tokenizer: str
     num_cpus: float
     seed: int
+    pipeline: str
 
 
 # --- Ray task bodies -------------------------------------------------------------------------
 
 
-def _composed(task: CompositionTask, expert_dirs: list[str]) -> ComposedLM:
-    """The composition of the task's central model and these experts, with the shared centres."""
+def _composed(task: CompositionTask, experts: list[int], scratch: Path, state: dict | None = None,
+              complete: bool = False) -> ComposedLM:
+    """The composition of the task's central model and these of its experts (fetched from the
+    registry into this node's scratch), with `state` or else the shared centres."""
     use_granted_cpus(task.num_cpus, task.seed)
-    return load_composed(task.central_dir, expert_dirs, task.settings, task.centers, complete=False)
+    central, *experts_dirs = fetch_models(task.tracking_uri, [task.central, *(task.experts[e] for e in experts)],
+                                          scratch)
+    return load_composed(central, experts_dirs, task.settings, task.centers if state is None else state,
+                         complete=complete)
 
 
-def prepare_task(task: CompositionTask) -> dict:
+def _tokens(location: str, scratch: Path) -> np.ndarray:
+    """A token file of the storage, memory-mapped from this node's copy (or from where it lies)."""
+    return np.load(storage.local_copy(location, scratch), mmap_mode="r")
+
+
+def prepare_task(task: CompositionTask, fitted: dict | None = None) -> dict:
     """What every mode's training shares, computed once: the routing centres (the central
     model's mean state at each composition point, averaged over the experts' clusters, so
-    independent gates agree on it) and the training FLOPs per token of each phase."""
-    composed = _composed(replace(task, centers=None), task.expert_dirs)
-    center_tokens = 0
-    if task.center_tokens:
-        center_tokens = fit_centers(composed, [np.load(path, mmap_mode="r") for path in task.expert_data],
-                                    task.center_tokens, seed=task.seed)
-    n = len(task.expert_dirs)
-    flops = {"seq": composed.config.block_size, "center_tokens": center_tokens,
+    independent gates agree on it; `fitted`: fitted already by `centres_task`) and the training
+    FLOPs per token of each phase."""
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        n = len(task.experts)
+        composed = _composed(replace(task, centers=None), list(range(n)), Path(scratch))
+        fitted = fitted or _fit_centres(composed, task, Path(scratch))
+    flops = {"seq": composed.config.block_size, "center_tokens": fitted["center_tokens"],
              "central": forward_flops_per_token(composed.central),
              "experts": [forward_flops_per_token(expert) for expert in composed.experts],
              "independent": [train_flops_per_token(composed, [e], "gate") for e in range(n)],
              "joint": train_flops_per_token(composed, list(range(n)), "topk")}
+    return {"centers": fitted["centers"], "flops": flops}
+
+
+def centres_task(task: CompositionTask) -> dict:
+    """The routing centres alone, from the central model and every expert's data (the task's
+    first expert only completes the model: centres are states of the central model). `moie run`
+    fits them as soon as the central model and one expert are registered."""
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        return _fit_centres(_composed(replace(task, centers=None), [0], Path(scratch)), task, Path(scratch))
+
+
+def _fit_centres(composed: ComposedLM, task: CompositionTask, scratch: Path) -> dict:
+    """{"centers": the centres' parameters, "center_tokens": tokens the central model read for them}."""
+    center_tokens = 0
+    if task.center_tokens:
+        center_tokens = fit_centers(composed, [_tokens(path, scratch) for path in task.expert_data],
+                                    task.center_tokens, seed=task.seed)
     return {"centers": {k: v for k, v in new_parameters(composed).items() if k.startswith("centers.")},
-            "flops": flops}
+            "center_tokens": center_tokens}
 
 
-def train_independent_task(task: CompositionTask, e: int) -> dict:
-    """Blocks then gates of expert e alone, on its own data; returns its new parameters."""
-    composed = _composed(task, [task.expert_dirs[e]])
-    tokens = np.load(task.expert_data[e], mmap_mode="r")
-    blocks, gates = train_independent(composed, 0, tokens, TrainConfig(**task.blocks_train),
-                                      TrainConfig(**task.gates_train))
-    state = {k.replace("blocks.0.", f"blocks.{e}.", 1).replace("gates.0.", f"gates.{e}.", 1): v
+def train_independent_task(task: CompositionTask, e: int, fitted: dict | None = None, slot: int | None = None) -> dict:
+    """Blocks then gates of expert e alone, on its own data; returns its new parameters, named
+    for position `slot` of the composition (default e). fitted: the shared routing centres as
+    `centres_task` returns them (`moie run` starts this task early), else the task's own."""
+    task = task if fitted is None else replace(task, centers=fitted["centers"])
+    slot = e if slot is None else slot
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        composed = _composed(task, [e], Path(scratch))
+        blocks, gates = train_independent(composed, 0, _tokens(task.expert_data[e], Path(scratch)),
+                                          TrainConfig(**task.blocks_train), TrainConfig(**task.gates_train))
+    state = {k.replace("blocks.0.", f"blocks.{slot}.", 1).replace("gates.0.", f"gates.{slot}.", 1): v
              for k, v in new_parameters(composed).items()}
     return {"state": state, "blocks_loss": blocks.train_loss, "gates_loss": gates.train_loss,
             "tokens": blocks.tokens + gates.tokens}
 
 
 def train_joint_task(task: CompositionTask) -> dict:
-    composed = _composed(task, task.expert_dirs)
-    result = train_joint(composed, np.load(task.train, mmap_mode="r"), TrainConfig(**task.joint_train),
-                         task.balance_weight)
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        composed = _composed(task, list(range(len(task.experts))), Path(scratch))
+        result = train_joint(composed, _tokens(task.train, Path(scratch)), TrainConfig(**task.joint_train),
+                             task.balance_weight)
     return {"state": new_parameters(composed), "joint_loss": result.train_loss, "tokens": result.tokens}
 
 
 def train_matched_task(task: MatchedTask) -> dict:
     """The dense model continued on its own data with its schedule (warm-up + cosine over the
     extra tokens, as every expert's branch restarts it); logged to its run, exported."""
+    from pipeline.serving import log_model  # (MLflow's model code, imported where it is used)
+
     use_granted_cpus(task.num_cpus, task.seed)
-    model, _ = load_model(task.dense_dir)
-    val = np.load(task.val, mmap_mode="r")
-    result = train(model, np.load(task.train, mmap_mode="r"), val if len(val) > 1 else None,
-                   TrainConfig(**task.train_config), ckpt_dir=task.ckpt_dir,
-                   on_metrics=metrics_logger(task.tracking_uri, task.run_id),
-                   meta={"tokenizer": task.tokenizer})
-    model_dir = Path(task.ckpt_dir) / "model"
-    save_model(model_dir, model, {"tokenizer": task.tokenizer, "name": task.name})
-    return {"model_dir": str(model_dir), "tokens": result.tokens, "steps": result.steps,
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        scratch = Path(scratch)
+        cfg = TrainConfig(**task.train_config)
+        checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
+        model, _ = load_model(fetch_models(task.tracking_uri, [task.dense], scratch)[0])
+        val = _tokens(task.val, scratch)
+        result = train(model, _tokens(task.train, scratch), val if len(val) > 1 else None, cfg,
+                       ckpt_dir=checkpoints.dir, on_metrics=metrics_logger(task.tracking_uri, task.run_id),
+                       meta={"tokenizer": task.tokenizer}, on_checkpoint=checkpoints.push)
+        save_model(scratch / "model", model, {"tokenizer": task.tokenizer, "name": task.name})
+        files = log_model(task.tracking_uri, task.run_id, scratch / "model", {
+            "registered_model": CENTRAL_MODEL, "model": DENSE_MATCHED, "pipeline": task.pipeline})
+    return {"files": files, "tokens": result.tokens, "steps": result.steps,
             "train_loss": result.train_loss, "val_bpb": result.val_bpb,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -149,10 +188,11 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
     """Validation bits per byte of the composed model and of the central model alone, on whole
     validation documents (the central's validation stream cut at its separators), routed as
     the composition routes (`router`: cBTM's weights for each document's prefix)."""
-    use_granted_cpus(task.num_cpus, task.seed)
-    composed = load_composed(task.central_dir, task.expert_dirs, task.settings, state)
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True)
+        val = np.asarray(_tokens(task.val, Path(scratch)))
     eos = ByteTokenizer().eos_id
-    docs = validation_documents(np.load(task.val, mmap_mode="r"), eos, task.eval_tokens)
+    docs = validation_documents(val, eos, task.eval_tokens)
     seq = composed.config.block_size
     routes = router_weights(task, docs) if task.settings.routing == "router" else None
     composed.record_routing = True
@@ -189,10 +229,11 @@ def router_weights(task: CompositionTask, docs: list[np.ndarray]) -> list[np.nda
 
 
 def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
-                expert_uris: list[str] | None = None) -> dict[str, str]:
+                expert_uris: list[str] | None = None, early: "EarlyIndependent | None" = None) -> dict[str, str]:
     """Compose, train each configured mode, register each; return {mode: registry URI}. For the
     pipeline's own models, the dense model also trains on for the compute the composed systems
-    spend beyond it (`dense_matched`), alongside the compositions."""
+    spend beyond it (`dense_matched`), alongside the compositions. early: the independent
+    composition's work that `moie run` started while the experts trained (taken where it fits)."""
     catalog = Catalog(cfg)
     catalog.tracker.pipeline_run(pipeline_id)
     own = central_uri is None and not expert_uris
@@ -202,12 +243,14 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
     central, experts = catalog.resolve(central_uri), [catalog.resolve(u) for u in expert_uris]
     with catalog.tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
         task = composition_task(cfg, catalog, central, experts, Path(tmp))
-        prepared = get_or_fail(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task),
+        fitted = early.centres(task) if early is not None else None
+        prepared = get_or_fail(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task, fitted),
                                "composition's preparation task")
         task = replace(task, centers=prepared["centers"], flops=prepared["flops"])
         matched = _start_matched(catalog, cfg, pipeline_id, task, central, experts) if own else None
         try:
-            uris = {mode: _compose_mode(catalog, cfg, pipeline_id, mode, task) for mode in cfg.compose.modes}
+            uris = {mode: _compose_mode(catalog, cfg, pipeline_id, mode, task, early=early)
+                    for mode in cfg.compose.modes}
             if matched is not None:
                 _finish_matched(catalog, pipeline_id, *matched)
         except BaseException as err:
@@ -279,9 +322,10 @@ def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: Compos
                                         **{f"train.{k}": v for k, v in train_cfg.items() if k != "max_tokens"}})
     catalog.tracker.log_metrics(run_id, {"matched_pflops": extra / 1e15})
     matched = MatchedTask(name=DENSE_MATCHED, run_id=run_id, tracking_uri=catalog.tracker.uri,
-                          dense_dir=task.central_dir, train=task.train, val=task.val,
-                          ckpt_dir=str(Catalog.checkpoint_dir(root, DENSE_MATCHED)), train_config=train_cfg,
-                          tokenizer=task.tokenizer, num_cpus=cfg.compose.num_cpus, seed=cfg.seed)
+                          dense=task.central, train=task.train, val=task.val,
+                          ckpt_dir=Catalog.checkpoint_dir(root, DENSE_MATCHED), train_config=train_cfg,
+                          tokenizer=task.tokenizer, num_cpus=cfg.compose.num_cpus, seed=cfg.seed,
+                          pipeline=pipeline_id)
     print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
           "PFLOPs, what the composed systems spend beyond it), beside the compositions", flush=True)
     ref = ray.remote(train_matched_task).options(num_cpus=cfg.compose.num_cpus, max_retries=1).remote(matched)
@@ -296,16 +340,14 @@ def _abandon_matched(catalog: Catalog, ref, matched: MatchedTask, killed: bool) 
 
 
 def _finish_matched(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTask, dense) -> str:
-    """Wait for the continuation, log it and register it as a central-model version (role dense_matched)."""
-    from pipeline.serving import log_pyfunc  # (the driver's: Ray workers need no MLflow model code)
-
+    """Wait for the continuation (which logged its model) and register it as a central-model
+    version (role dense_matched)."""
     tracker = catalog.tracker
     out = get_or_fail(ref, f"{DENSE_MATCHED} training task")
     tracker.log_metrics(matched.run_id, {"tokens": out["tokens"], "steps": out["steps"], "params": out["params"],
                                          "final_train_loss": out["train_loss"],
                                          **({"final_val_bpb": out["val_bpb"]} if out["val_bpb"] is not None else {})})
-    files = log_pyfunc(tracker, matched.run_id, Path(out["model_dir"]), "model", {
-        "registered_model": CENTRAL_MODEL, "model": DENSE_MATCHED, "pipeline": pipeline_id})
+    files = out["files"]
     run = tracker.client.get_run(matched.run_id)
     tags = {k: v for k, v in dense.tags.items() if k in ("moie.tokenizer", "moie.arch", "moie.cluster_run")}
     uri = catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", matched.run_id, {
@@ -353,14 +395,12 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
     if len(versions) != len(experts) + 1:
         raise StageError("a composition names each model once; got " + ", ".join(exact_uri(v) for v in experts))
     tokenizer = check_tokenizers(versions)
-    dirs = {uri: catalog.model_dir(v, tmp / f"m{i}") for i, (uri, v) in enumerate(versions.items())}
     c = cfg.compose
     settings = settings or CompositionSettings(n_points=c.n_points, routing=c.routing, k=c.k,
                                                threshold=c.threshold, pool=c.pool)
     task = CompositionTask(
         central=exact_uri(central), experts=[exact_uri(v) for v in experts], tokenizer=tokenizer,
-        central_dir=dirs[exact_uri(central)], expert_dirs=[dirs[exact_uri(v)] for v in experts],
-        expert_data=[catalog.data_path(v, "train") for v in experts],
+        tracking_uri=catalog.tracker.uri, expert_data=[catalog.data_path(v, "train") for v in experts],
         # joint training and evaluation read the whole corpus the central model was trained on
         train=catalog.data_path(central, "train", DENSE), val=catalog.data_path(central, "val", DENSE),
         settings=settings, center_tokens=c.center_tokens,
@@ -369,7 +409,7 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
         num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed,
         parts_sha256={uri: v.tags["moie.sha256"] for uri, v in versions.items()})
     task = shared_router(catalog, task, experts, tmp)
-    connect_ray(cfg.ray)
+    connect_cluster(cfg, catalog.tracker)
     check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
     return task
 
@@ -398,14 +438,16 @@ def mode_routing(task: CompositionTask, mode: str) -> str:
 
 
 def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask, opts: dict,
-                base_state: dict | None, train_only: list[int] | None) -> tuple[dict, list[int] | int]:
+                base_state: dict | None, train_only: list[int] | None,
+                early: "EarlyIndependent | None" = None) -> tuple[dict, list[int] | int]:
     """The new parameters of one mode (independent: one Ray task per expert in `train_only`,
-    default all) and the tokens it trained on (independent: per expert)."""
+    default all, or the one `early` started while the experts trained) and the tokens it
+    trained on (independent: per expert)."""
     state = dict(base_state or {})
     if mode == "independent":
-        # one task per expert; each could start as soon as its expert exists
         todo = range(len(task.experts)) if train_only is None else train_only
-        refs = {e: ray.remote(train_independent_task).options(**opts).remote(task, e) for e in todo}
+        refs = {e: (early and early.training(task, e))
+                or ray.remote(train_independent_task).options(**opts).remote(task, e) for e in todo}
         tokens = [0] * len(task.experts)
         for e, r in zip(refs, get_or_fail(list(refs.values()), "independent composition's training task")):
             state |= {k: v for k, v in r["state"].items() if k.startswith((f"blocks.{e}.", f"gates.{e}."))
@@ -421,7 +463,7 @@ def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask,
 
 def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, task: CompositionTask,
                   base_state: dict | None = None, train_only: list[int] | None = None,
-                  added: dict | None = None) -> str:
+                  added: dict | None = None, early: "EarlyIndependent | None" = None) -> str:
     """Train one mode, score it against the central model, save the new parameters with a
     manifest, register a version; its registry URI."""
     from pipeline.serving import log_pyfunc
@@ -435,7 +477,7 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                                     "n_points": s.n_points, "routing": s.routing, "k": s.k, "pool": s.pool,
                                     "center_tokens": task.center_tokens,
                                     **({"added": added["moie.added"]} if added else {})})
-        state, tokens = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only)
+        state, tokens = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only, early)
         if task.flops is not None:  # what this stage spent training the mode (centres included)
             tracker.log_metrics(run_id, {"train_pflops": compose_flops(task, mode, tokens) / 1e15,
                                          "train_tokens": sum(tokens) if isinstance(tokens, list) else tokens})
@@ -465,3 +507,91 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
         print(f"compose {mode}: val_bpb {scores['val_bpb']:.4f} vs central {scores['central_val_bpb']:.4f}; "
               f"registered as {uri}", flush=True)
     return uri
+
+
+# --- moie run: the independent composition, started per expert while the others train ---------------
+
+
+class EarlyIndependent:
+    """The independent composition's work that needs only the central model and one expert,
+    started by `moie run` while the other experts still train: the routing centres as soon as
+    the central model and a first expert are registered, then each expert's blocks and gates
+    as soon as that expert is. The compose stage takes each result where its task is exactly
+    the one it would have started itself (same central model, expert, position, data,
+    settings and centres), so the composition is the same as one started after all experts."""
+
+    def __init__(self, cfg: Config, catalog: Catalog, pipeline_id: str):
+        self.cfg, self.catalog, self.pipeline_id = cfg, catalog, pipeline_id
+        self.central_name = CENTRAL if cfg.central.arch else DENSE  # as Catalog.pipeline_models picks it
+        self.planned: list[str] | None = None  # the experts the stage will register, in cluster order
+        self.root: str | None = None
+        self.versions: dict[str, object] = {}  # model name -> registered version
+        self.centres_ref = None
+        self.centres_spec: CompositionTask | None = None
+        self.started: dict[str, tuple] = {}  # expert name -> (its slot, its task, Ray ref)
+        self.opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
+
+    # the experts stage's events
+
+    def expect(self, names: list[str], root: str) -> None:
+        """The models the experts stage will have registered when it ends (and its storage root)."""
+        self.planned = sorted((n for n in names if n.startswith("expert-")), key=lambda n: int(n.split("-")[1]))
+        self.root = root
+        self._start()
+
+    def registered(self, name: str, uri: str) -> None:
+        self.versions[name] = self.catalog.resolve(uri)
+        self._start()
+
+    def cancel(self) -> None:
+        cancel([ref for ref in [self.centres_ref, *(s[2] for s in self.started.values())] if ref is not None])
+
+    def _task(self, experts: list) -> CompositionTask:
+        with tempfile.TemporaryDirectory() as tmp:
+            task = composition_task(self.cfg, self.catalog, self.versions[self.central_name], experts, Path(tmp))
+        return replace(task, settings=replace(task.settings, routing=mode_routing(task, "independent")))
+
+    def _start(self) -> None:
+        if self.planned is None or self.central_name not in self.versions:
+            return
+        ready = [n for n in self.planned if n in self.versions]
+        if not ready:
+            return
+        if self.centres_ref is None:
+            data = [Catalog.token_file(self.root, n, "train") for n in self.planned]
+            self.centres_spec = replace(self._task([self.versions[ready[0]]]), expert_data=data)
+            self.centres_ref = ray.remote(centres_task).options(**self.opts).remote(self.centres_spec)
+        for name in ready:
+            if name not in self.started:
+                slot, task = self.planned.index(name), self._task([self.versions[name]])
+                ref = ray.remote(train_independent_task).options(**self.opts).remote(task, 0, self.centres_ref, slot)
+                self.started[name] = (slot, task, ref)
+                print(f"compose independent: {name}'s blocks and gates start now, while "
+                      f"{len(self.planned) - len(ready)} experts still train", flush=True)
+
+    # the compose stage's questions
+
+    def centres(self, task: CompositionTask) -> dict | None:
+        """The centres fitted early, if they are what `task` would fit (else None: fitted anew)."""
+        if self.centres_ref is None or not self._same(self.centres_spec, task) \
+                or self.centres_spec.expert_data != task.expert_data:
+            self.cancel()
+            self.started.clear()
+            return None
+        return get_or_fail(self.centres_ref, "routing centres' task (started early)")
+
+    def training(self, task: CompositionTask, e: int):
+        """The Ray ref of expert e's blocks and gates, if started early for exactly this task."""
+        for slot, early, ref in self.started.values():
+            if slot == e and early.experts == [task.experts[e]] and early.expert_data == [task.expert_data[e]] \
+                    and self._same(early, replace(task, settings=replace(task.settings,
+                                                                         routing=mode_routing(task, "independent")))):
+                return ref
+        return None
+
+    @staticmethod
+    def _same(early: CompositionTask, task: CompositionTask) -> bool:
+        """The settings every task of the mode shares are equal (not the experts or their data)."""
+        keys = ("central", "tokenizer", "tracking_uri", "settings", "center_tokens", "blocks_train", "gates_train",
+                "seed", "num_cpus")
+        return all(getattr(early, k) == getattr(task, k) for k in keys) and early.router_run == task.router_run

@@ -30,14 +30,14 @@ from composition.intervals import paired_bootstrap
 from composition.loader import CompositionSettings, load_composed
 from experts.checkpoint import load_model
 from experts.flops import forward_flops_per_token
-from pipeline.catalog import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Catalog, exact_uri
+from pipeline.catalog import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Catalog, exact_uri, fetch_models
 from pipeline.compressors import compressor_bpb
 from pipeline.config import Config
 from pipeline.corpus import FILE_BUILDERS, clustered_documents, load_corpus
 from pipeline.errors import StageError
 from pipeline.library import set_alias
 from pipeline.overlap import ShingleIndex
-from pipeline.ray_runtime import check_resources, connect_ray, get_or_fail, use_granted_cpus
+from pipeline.ray_runtime import check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.report import plot_curves, write_results
 from pipeline.routing_page import render as render_routing
 from pipeline.tokenizer import ByteTokenizer
@@ -158,19 +158,20 @@ class Scoring:
 
 @dataclass
 class ComposedSystem:
-    """A registered composition as a scoring task loads it."""
+    """A registered composition as a scoring task loads it (its parts fetched from the registry)."""
 
-    central_dir: str
-    expert_dirs: list[str]
-    experts: list[str]  # exact URIs, in the composition's order
+    tracking_uri: str
+    central: str  # exact URIs
+    experts: list[str]  # in the composition's order
     settings: CompositionSettings
     seed: int
 
 
-def score_model_task(directory: str, docs: list[np.ndarray], scoring: Scoring) -> dict:
-    """Per-byte log-probabilities of one exported model on every document."""
+def score_model_task(tracking_uri: str, uri: str, docs: list[np.ndarray], scoring: Scoring) -> dict:
+    """Per-byte log-probabilities of one registered model on every document."""
     use_granted_cpus(scoring.num_cpus)
-    model, _ = load_model(directory)
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        model, _ = load_model(fetch_models(tracking_uri, [uri], Path(scratch))[0])
     seq = model.config.block_size
     scores = score_documents(model, docs, scoring.eos_id, seq, scoring.stride, scoring.batch_size)
     return {"log_probs": scores.log_probs, "ms_per_token": 1e3 * scores.seconds / scores.tokens,
@@ -183,10 +184,12 @@ def score_composition_task(system: ComposedSystem, state: dict, docs: list[np.nd
     import torch
 
     use_granted_cpus(scoring.num_cpus, system.seed)
-    composed = load_composed(system.central_dir, system.expert_dirs, system.settings, state)
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        central, *experts = fetch_models(system.tracking_uri, [system.central, *system.experts], Path(scratch))
+        composed = load_composed(central, experts, system.settings, state)
     seq = composed.config.block_size
     composed.record_routing = True
-    n = len(system.expert_dirs)
+    n = len(system.experts)
     scores = score_documents(composed, docs, scoring.eos_id, seq, scoring.stride, scoring.batch_size,
                              n_experts=n, route_weights=routes)
     composed.record_routing = False
@@ -227,7 +230,6 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         matched_uri = exact_uri(matched) if matched else None
         if matched:
             versions[matched_uri] = matched
-        dirs = {uri: catalog.model_dir(v, tmp / f"m{i}") for i, (uri, v) in enumerate(versions.items())}
         expert_clusters = [int(versions[u].tags["moie.cluster"]) for u in expert_uris]
         # cBTM's weights over the pipeline's experts for every byte's prefix, computed once:
         # the cBTM systems mix with them, router-routed compositions take their top-1
@@ -235,7 +237,7 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         weights = [document_weights(router, bytes(doc), expert_clusters, len(expert_clusters)) for doc in docs]
         routes = {"run": cluster_run.info.run_id, "clusters": expert_clusters, "weights": weights}
         compositions = catalog.pipeline_compositions(pipeline_id)
-        scored = _score_all(cfg, catalog, docs, dirs, central_uri, dense_uri, matched_uri, expert_uris,
+        scored = _score_all(cfg, catalog, docs, central_uri, dense_uri, matched_uri, expert_uris,
                             compositions, routes, tmp)
         scored |= {"central_uri": central_uri, "dense_uri": dense_uri or central_uri, "matched_uri": matched_uri,
                    "compose_pflops": {mode: tracker.client.get_run(v.run_id).data.metrics.get("train_pflops", 0.0)
@@ -314,11 +316,12 @@ def routing_page(catalog: Catalog, champion: str, compositions: dict, scored: di
     return render_routing(documents, experts, f"Routing of {champion} ({mode}) on held-out text")
 
 
-def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], dirs: dict, central_uri: str,
+def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_uri: str,
                dense_uri: str | None, matched_uri: str | None, expert_uris: list[str], compositions: dict,
                pipeline_routes: dict, tmp: Path) -> dict:
-    """Ray tasks: one per model, one per composition (and routing); {system: result}."""
-    connect_ray(cfg.ray)
+    """Ray tasks: one per model, one per composition (and routing), each fetching its models
+    from the registry; {system: result}."""
+    connect_cluster(cfg, catalog.tracker)
     ev = cfg.evaluate
     check_resources(ev.num_cpus, what="evaluation task (evaluate.num_cpus)")
     scoring = Scoring(eos_id=ByteTokenizer().eos_id, stride=ev.stride or None, batch_size=ev.batch_size,
@@ -326,24 +329,22 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], dirs: dict
     docs_ref = ray.put(docs)
     model_task = ray.remote(score_model_task).options(num_cpus=ev.num_cpus)
     comp_task = ray.remote(score_composition_task).options(num_cpus=ev.num_cpus)
-    refs = {"central": model_task.remote(dirs[central_uri], docs_ref, scoring)}
+    store = catalog.tracker.uri
+    refs = {"central": model_task.remote(store, central_uri, docs_ref, scoring)}
     used: dict[str, list[str]] = {}  # composed system -> its experts, in its own order
     if dense_uri and dense_uri != central_uri:
-        refs["dense"] = model_task.remote(dirs[dense_uri], docs_ref, scoring)
+        refs["dense"] = model_task.remote(store, dense_uri, docs_ref, scoring)
     if matched_uri:
-        refs[DENSE_MATCHED] = model_task.remote(dirs[matched_uri], docs_ref, scoring)
+        refs[DENSE_MATCHED] = model_task.remote(store, matched_uri, docs_ref, scoring)
     for e, uri in enumerate(expert_uris):
-        refs[f"expert{e}"] = model_task.remote(dirs[uri], docs_ref, scoring)
+        refs[f"expert{e}"] = model_task.remote(store, uri, docs_ref, scoring)
     for mode, version in compositions.items():
         if mode not in COMPOSED:
             continue
         state, manifest = catalog.composition_parts(version, tmp / f"composition-{mode}")
         uris = manifest["experts"]
-        for uri in [manifest["central"], *uris]:
-            if uri not in dirs:
-                dirs[uri] = catalog.model_dir(catalog.resolve(uri), tmp / f"m{len(dirs)}")
-        system = ComposedSystem(central_dir=dirs[manifest["central"]], expert_dirs=[dirs[u] for u in uris],
-                                experts=uris, settings=CompositionSettings.from_manifest(manifest), seed=cfg.seed)
+        system = ComposedSystem(tracking_uri=store, central=manifest["central"], experts=uris,
+                                settings=CompositionSettings.from_manifest(manifest), seed=cfg.seed)
         routes = None
         if system.settings.routing == "router":  # cBTM weights of each document's prefixes, top-1
             routes = ray.put(_document_routes(catalog, manifest, docs, pipeline_routes, tmp))

@@ -1,6 +1,7 @@
 """The experts stage: one hourglass expert per cluster, plus the dense baseline, each a
-Ray task that trains independently, checkpoints where every node can read, resumes after
-a crash, logs to its own MLflow child run, and is registered in the model registry.
+Ray task that trains independently, checkpoints to the storage every node reaches (a local
+directory or an object store), resumes after a crash or on another node after its node is
+lost, logs to its own MLflow child run, and is registered in the model registry.
 
 With `experts.seed_fraction` (BTM / cBTM) the dense model trains alone for that share of
 its budget first; every expert then branches from that seed, with the seed's tokens
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import numpy as np
 import ray
 import torch
 
-from artifacts import atomic_path, sha256_file
+from artifacts import atomic_path
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
 from experts.trainer import TrainConfig, TrainResult, encode_texts, train
 from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, TOKENS_SHA, Catalog, check_token_files,
@@ -28,10 +30,12 @@ from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, TOKEN
 from pipeline.config import Config
 from pipeline.corpus import clustered_documents, load_corpus
 from pipeline.errors import StageError
+from pipeline import storage
 from pipeline.progress import BoardPrinter, open_board
-from pipeline.ray_runtime import cancel, check_resources, connect_ray, describe_failure, use_granted_cpus
+from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
+                                  use_granted_cpus)
 from pipeline.tokenizer import ByteTokenizer
-from pipeline.tracking import changed_params, metrics_logger, param_strings
+from pipeline.tracking import changed_params, metrics_logger, param_strings, record_attempt
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +54,27 @@ class ExpertTask:
     tracking_uri: str
     model: dict  # {"arch": ..., model config, "vocab_size": ...}
     train_config: dict  # TrainConfig fields, the budget (max_tokens) and seed included
-    train: str  # token files (.npy, memory-mapped)
+    train: str  # token files (.npy, memory-mapped), locations in the storage
     val: str
-    ckpt_dir: str
+    ckpt_dir: str  # a location in the storage
     num_cpus: float
     tokenizer: str  # fingerprint
     seed: int
     num_gpus: float = 0
     has_central: bool = False  # a central model of its own is configured (the dense model is then only the baseline)
-    init_from: str | None = None  # an expert branches from the seed exported here
+    init_from: str | None = None  # an expert branches from the seed exported here (a location in the storage)
     stop_at: int | None = None  # the seed phase: the dense model stops at this step ...
     seed_dir: str | None = None  # ... and is exported here
+    description: dict | None = None  # of the MLflow model the task logs to its run (None: the seed, not logged)
 
 
 @dataclass
 class TrainedModel:
-    """What a training task returns."""
+    """What a training task returns: its model is logged to its run's `model/` (files: {name: sha256})."""
 
     result: TrainResult
-    model_dir: str
     params: int
+    files: dict | None = None
 
 
 @dataclass
@@ -84,16 +89,19 @@ class SeedPlan:
 # --- data -------------------------------------------------------------------------------
 
 
-def write_tokens(path: Path, texts: list[str], eos_id: int) -> Path:
-    """Byte tokens of texts (eos after each) as a .npy file that tasks memory-map."""
-    if not path.is_file():
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, encode_texts(texts, eos_id))
-    return path
+def write_tokens(location: str, texts: list[str], eos_id: int) -> str:
+    """Byte tokens of texts (eos after each) as a .npy file in the storage, which tasks memory-map."""
+    if storage.kind(location) != "file":
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(location) if not storage.is_remote(location) else Path(tmp) / "tokens.npy"
+            with atomic_path(local) as part:
+                with open(part, "wb") as f:
+                    np.save(f, encode_texts(texts, eos_id))
+            storage.upload(local, location)
+    return location
 
 
-def expert_data(cfg: Config, root: Path, table: dict, k: int) -> dict[str, dict]:
+def expert_data(cfg: Config, root: str, table: dict, k: int) -> dict[str, dict]:
     """Tokenise each cluster's documents once into shared .npy files: {name: {train, val, train_bytes}}."""
     docs = clustered_documents(table, load_corpus(cfg.corpus))
     eos = ByteTokenizer().eos_id
@@ -105,8 +113,8 @@ def expert_data(cfg: Config, root: Path, table: dict, k: int) -> dict[str, dict]
             groups[DENSE][split].append(docs[doc_id].text)
     out = {}
     for name, texts in groups.items():
-        out[name] = {"train": str(write_tokens(Catalog.token_file(root, name, "train"), texts["train"], eos)),
-                     "val": str(write_tokens(Catalog.token_file(root, name, "val"), texts["validation"], eos)),
+        out[name] = {"train": write_tokens(Catalog.token_file(root, name, "train"), texts["train"], eos),
+                     "val": write_tokens(Catalog.token_file(root, name, "val"), texts["validation"], eos),
                      "train_bytes": sum(len(t.encode("utf-8")) for t in texts["train"])}
     return out
 
@@ -116,27 +124,37 @@ def registered_model(name: str) -> str:
     return EXPERT_MODEL if name.startswith("expert-") else CENTRAL_MODEL
 
 
-def set_aside(directory: Path, tag: str) -> None:
+def set_aside(location: str, tag: str) -> None:
     """Rename a directory of another config's training out of the way (kept, never reused)."""
-    if directory.exists():
-        directory.rename(directory.with_name(f"{directory.name}.superseded-{tag}-{os.getpid()}"))
+    storage.move(location, f"{location.rstrip('/')}.superseded-{tag}-{os.getpid()}")
 
 
 # --- the task ----------------------------------------------------------------------------
 
 
 def train_expert(task: ExpertTask, board=None) -> TrainedModel:
-    """Ray task body: train one model from its shared data, resuming from its checkpoints."""
+    """Ray task body: train one model from its shared data, resuming from its newest checkpoint
+    in the storage (written by an earlier attempt, on this node or another); log it to its run."""
     use_granted_cpus(task.num_cpus, task.seed)
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:  # this node's copies, gone after the task
+        return _train_expert(task, board, Path(scratch))
+
+
+def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
+    from pipeline.serving import log_model  # (MLflow's model code, imported where it is used)
+
+    cfg = TrainConfig(**task.train_config)
+    checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
+    resume_step = latest_checkpoint(checkpoints.dir)
+    record_attempt(task.tracking_uri, task.run_id, current_node(), resume_step)
     model = build_model(task.model)
-    if task.init_from and latest_checkpoint(task.ckpt_dir) is None:
-        model.load_state_dict(load_model(task.init_from)[0].state_dict())  # branch from the shared seed
+    if task.init_from and resume_step is None:  # branch from the shared seed
+        model.load_state_dict(load_model(storage.local_copy(task.init_from, scratch))[0].state_dict())
     if task.num_gpus and torch.cuda.is_available():
         model.to("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
-    train_tokens = np.load(task.train, mmap_mode="r")
-    val_tokens = np.load(task.val, mmap_mode="r")
+    train_tokens = np.load(storage.local_copy(task.train, scratch), mmap_mode="r")
+    val_tokens = np.load(storage.local_copy(task.val, scratch), mmap_mode="r")
     val_tokens = val_tokens if len(val_tokens) > 1 else None
-    cfg = TrainConfig(**task.train_config)
     total = cfg.steps(cfg.seq_len or model.config.block_size)
     log_metrics = metrics_logger(task.tracking_uri, task.run_id)
 
@@ -146,45 +164,50 @@ def train_expert(task: ExpertTask, board=None) -> TrainedModel:
             board.update.remote(task.name, {"step": step, "total": total, "loss": metrics["train_loss"],
                                             "tokens_per_s": metrics["tokens_per_s"], "pid": os.getpid()})
 
-    result = train(model, train_tokens, val_tokens, cfg, ckpt_dir=task.ckpt_dir, on_metrics=on_metrics,
-                   meta={"tokenizer": task.tokenizer}, stop_at=task.stop_at)
+    result = train(model, train_tokens, val_tokens, cfg, ckpt_dir=checkpoints.dir, on_metrics=on_metrics,
+                   meta={"tokenizer": task.tokenizer}, stop_at=task.stop_at, on_checkpoint=checkpoints.push)
     params = sum(p.numel() for p in model.parameters())
     if task.stop_at:  # the seed phase: export the paused model for the experts to branch from
-        save_model(task.seed_dir, model, {"tokenizer": task.tokenizer, "name": "seed", "step": result.steps})
-        return TrainedModel(result, task.seed_dir, params)
-    model_dir = Path(task.ckpt_dir) / "model"
-    save_model(model_dir, model, {"tokenizer": task.tokenizer, "name": task.name})
+        save_model(scratch / "seed", model, {"tokenizer": task.tokenizer, "name": "seed", "step": result.steps})
+        storage.upload(scratch / "seed", task.seed_dir)
+        return TrainedModel(result, params)
+    save_model(scratch / "model", model, {"tokenizer": task.tokenizer, "name": task.name})
+    files = log_model(task.tracking_uri, task.run_id, scratch / "model", task.description or {})
     if board is not None:
         board.update.remote(task.name, {"step": result.steps, "total": total, "loss": result.train_loss,
                                         "tokens_per_s": result.tokens_per_s, "pid": os.getpid(), "done": True})
-    return TrainedModel(result, str(model_dir), params)
+    return TrainedModel(result, params, files)
 
 
 # --- the stage ---------------------------------------------------------------------------
 
 
-def run_experts(cfg: Config, pipeline_id: str) -> dict[str, str]:
-    """Train (or resume, or skip) every expert and the dense model; return {name: registry URI}."""
+def run_experts(cfg: Config, pipeline_id: str, watcher=None) -> dict[str, str]:
+    """Train (or resume, or skip) every expert and the dense model; return {name: registry URI}.
+    watcher: told which models the stage will register (`expect(names, storage root)`), then of
+    each registered one as soon as it is (`registered(name, uri)`): `moie run` composes early."""
     catalog = Catalog(cfg)
     catalog.tracker.pipeline_run(pipeline_id)
     cluster_run, table, report = catalog.assignments(pipeline_id)
     k = int(cluster_run.data.params["cluster.k"])
     with catalog.tracker.pipeline_active(pipeline_id):
-        stage = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, k, report)
+        stage = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, k, report, watcher)
         return stage.run(table)
 
 
 class _ExpertsStage:
     """One run of the stage: which models still need training, the seed, the Ray tasks."""
 
-    def __init__(self, catalog: Catalog, cfg: Config, pipeline_id: str, cluster_run_id: str, k: int, report: dict):
-        self.catalog, self.tracker, self.cfg = catalog, catalog.tracker, cfg
+    def __init__(self, catalog: Catalog, cfg: Config, pipeline_id: str, cluster_run_id: str, k: int, report: dict,
+                 watcher=None):
+        self.catalog, self.tracker, self.cfg, self.watcher = catalog, catalog.tracker, cfg, watcher
         self.pipeline_id, self.cluster_run_id, self.k, self.report = pipeline_id, cluster_run_id, k, report
         self.root = catalog.checkpoint_root(pipeline_id, cluster_run_id)
         self.cannot_train: dict[str, str] = {}  # model -> why its data cannot make one batch
 
     def run(self, table: dict) -> dict[str, str]:
         e = self.cfg.experts
+        connect_cluster(self.cfg, self.tracker)  # before any work: a multi-node cluster needs shared stores
         data = expert_data(self.cfg, self.root, table, self.k)
         data[CENTRAL] = data[DENSE]  # the central model reads the whole corpus too
         names = [expert_name(j) for j in range(self.k)] + ([DENSE] if e.dense else [])
@@ -207,9 +230,13 @@ class _ExpertsStage:
             if task is not None:
                 tasks.append(task)
         self.check_trainable(names)
+        if self.watcher is not None:
+            self.watcher.expect([n for n in names if n not in self.cannot_train], self.root)
+            for name, uri in registered.items():
+                self.watcher.registered(name, uri)
         if tasks:
-            connect_ray(self.cfg.ray)
-            check_resources(e.num_cpus, e.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)")
+            check_resources(e.num_cpus, e.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)",
+                            resources=e.resources)
             board = open_board(self.pipeline_id)  # one board for seed and branches (it dies with its last handle)
             self.train_seed(seed, tasks, board)
             registered |= self.train_all(tasks, board)
@@ -245,7 +272,7 @@ class _ExpertsStage:
         dense_cfg = TrainConfig(**{**e.train, "max_tokens": e.train.get("max_tokens", 1_000_000) * self.k})
         steps = max(1, round(e.seed_fraction * dense_cfg.steps(seq_len)))
         return SeedPlan(steps=steps, tokens=steps * dense_cfg.tokens_per_step(seq_len),
-                        dir=str(Catalog.seed_dir(self.root)))
+                        dir=Catalog.seed_dir(self.root))
 
     def task(self, name: str, run, data: dict, seed: SeedPlan | None) -> ExpertTask | None:
         """The training task of one model (its run created, or reopened when the config that made
@@ -277,7 +304,7 @@ class _ExpertsStage:
             run_id = run.info.run_id
             self.tracker.reopen_run(run_id)
             check_token_files(name, run.data.tags, files)
-        n_train = len(np.load(data["train"], mmap_mode="r"))
+        n_train = storage.npy_length(data["train"])
         if n_train < batch * (seq_len + 1):
             why = (f"its data has {n_train} training tokens, fewer than one batch of {batch} windows of "
                    f"{seq_len + 1} tokens")
@@ -287,16 +314,19 @@ class _ExpertsStage:
             return None
         if branch:  # the shared seed's tokens count once for all experts
             self.tracker.set_tags(run_id, {"moie.seed_tokens": str(seed.tokens)})
+        domain = self.tracker.client.get_run(run_id).data.tags.get("moie.domain")
         return ExpertTask(name=name, run_id=run_id, tracking_uri=self.tracker.uri, model=model_cfg,
                           train_config={**train_cfg, "max_tokens": budget, "seed": self.cfg.seed},
-                          train=data["train"], val=data["val"], ckpt_dir=str(ckpt_dir), num_cpus=e.num_cpus,
+                          train=data["train"], val=data["val"], ckpt_dir=ckpt_dir, num_cpus=e.num_cpus,
                           num_gpus=e.num_gpus, tokenizer=ByteTokenizer().fingerprint, seed=self.cfg.seed,
-                          has_central=bool(self.cfg.central.arch), init_from=seed.dir if branch else None)
+                          has_central=bool(self.cfg.central.arch), init_from=seed.dir if branch else None,
+                          description={"registered_model": registered_model(name), "model": name,
+                                       "pipeline": self.pipeline_id, "domain": domain})
 
     def create_run(self, name: str, params: dict[str, str], files: dict[str, str]) -> str:
         tags = {"moie.expert": name, "moie.cluster_run": self.cluster_run_id,
                 "moie.num_cpus": str(self.cfg.experts.num_cpus)}
-        tags |= {f"{TOKENS_SHA}.{split}": sha256_file(path) for split, path in files.items()}
+        tags |= {f"{TOKENS_SHA}.{split}": storage.sha256(path) for split, path in files.items()}
         if name.startswith("expert-"):
             cluster = int(name.removeprefix("expert-"))
             tags["moie.cluster"] = str(cluster)
@@ -307,7 +337,7 @@ class _ExpertsStage:
         self.tracker.log_params(run_id, params)
         return run_id
 
-    def supersede(self, name: str, run, changed: dict[str, tuple], ckpt_dir: Path) -> None:
+    def supersede(self, name: str, run, changed: dict[str, tuple], ckpt_dir: str) -> None:
         """A model whose config changed since its unfinished run trains afresh, in a new run (a
         run's params are what made its model); the old run's checkpoints, of the old config, are
         set aside (renamed, not deleted: putting the config back does not bring them into use)."""
@@ -319,20 +349,20 @@ class _ExpertsStage:
             self.tracker.end_run(run.info.run_id, "FAILED")
         set_aside(ckpt_dir, run.info.run_id)
         if name == DENSE:  # the seed is the dense model's early state: of the old config too
-            set_aside(Path(Catalog.seed_dir(self.root)).parent, run.info.run_id)
+            set_aside(storage.parent(Catalog.seed_dir(self.root)), run.info.run_id)
 
     def train_seed(self, seed: SeedPlan | None, tasks: list[ExpertTask], board) -> None:
         """Train the dense model to the seed step and export it, if an expert still has to branch from it."""
-        branching = [t for t in tasks if t.init_from and latest_checkpoint(t.ckpt_dir) is None]
+        branching = [t for t in tasks if t.init_from and not storage.checkpoint_steps(t.ckpt_dir)]
         if not seed or not branching:
             return
-        exported = Path(seed.dir, "model.json")
-        if exported.is_file():
-            if json.loads(exported.read_text(encoding="utf-8")).get("step") == seed.steps:
+        exported = storage.join(seed.dir, "model.json")
+        if storage.kind(exported) == "file":
+            if json.loads(storage.read_text(exported)).get("step") == seed.steps:
                 return
-            set_aside(Path(seed.dir).parent, "step")  # exported at another step (seed_fraction changed)
+            set_aside(storage.parent(seed.dir), "step")  # exported at another step (seed_fraction changed)
         dense = [t for t in tasks if t.name == DENSE]
-        if dense and (latest_checkpoint(dense[0].ckpt_dir) or 0) > seed.steps:
+        if dense and max(storage.checkpoint_steps(dense[0].ckpt_dir), default=0) > seed.steps:
             raise StageError(f"the seed (the dense model at step {seed.steps}) is missing from {seed.dir} "
                              "and the dense model has trained past it; set experts.seed_fraction: 0 or start "
                              "a new pipeline")
@@ -347,8 +377,9 @@ class _ExpertsStage:
         """Run the tasks on Ray, print progress, register each model as it finishes. If the stage
         stops early (an interrupt, an error) every task still pending is cancelled."""
         e = self.cfg.experts
+        # a task whose worker or node dies is retried (on any node) and resumes from the storage
         remote = ray.remote(train_expert).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus,
-                                                  max_retries=e.max_retries)
+                                                  resources=e.resources or None, max_retries=e.max_retries)
         # longest first: the dense model (k x an expert's budget) must not start last, alone on one CPU
         ordered = sorted(tasks, key=lambda t: -t.train_config["max_tokens"])
         pending = {remote.remote(task, board): task for task in ordered}
@@ -368,6 +399,8 @@ class _ExpertsStage:
                         continue
                     if register:
                         registered[task.name] = self.register(task, trained)
+                        if self.watcher is not None:
+                            self.watcher.registered(task.name, registered[task.name])
                         print(f"{task.name}: registered as {registered[task.name]} (val_bpb "
                               f"{trained.result.val_bpb}, resumed from step {trained.result.resumed_from})",
                               flush=True)
@@ -378,9 +411,7 @@ class _ExpertsStage:
         return registered
 
     def register(self, task: ExpertTask, trained: TrainedModel) -> str:
-        """Log the model's final metrics and files, register it, finish its run; its registry URI."""
-        from pipeline.serving import log_pyfunc  # (the driver's: Ray workers need no MLflow model code)
-
+        """Log the model's final metrics, register the model its task logged, finish its run; its registry URI."""
         result, run_id = trained.result, task.run_id
         self.tracker.log_metrics(run_id, {"final_train_loss": result.train_loss, "steps": result.steps,
                                           "tokens": result.tokens, "params": trained.params,
@@ -388,9 +419,7 @@ class _ExpertsStage:
                                           **({"final_val_bpb": result.val_bpb} if result.val_bpb is not None else {})})
         run = self.tracker.client.get_run(run_id)
         name = registered_model(task.name)
-        manifest = log_pyfunc(self.tracker, run_id, Path(trained.model_dir), "model", {
-            "registered_model": name, "model": task.name, "pipeline": self.pipeline_id,
-            "domain": run.data.tags.get("moie.domain")})
+        manifest = trained.files
         # role: which central-model version composition takes by default (a configured central
         # model wins over the dense baseline, which is then registered as the baseline only)
         role = {CENTRAL: "central", DENSE: "dense" if task.has_central else "dense+central"}.get(task.name)

@@ -1,0 +1,71 @@
+"""`moie run` composes early: an independent composition's per-expert blocks and gates start
+as soon as the central model and that expert are registered, while other experts still
+train, and the result is the composition that waiting for every expert would have made."""
+import json
+from pathlib import Path
+
+import pytest
+
+import textgen
+from stores import module_home
+from pipeline.catalog import Catalog
+from pipeline.config import load_config
+from pipeline.stages.cluster import run_cluster
+from pipeline.stages.compose import EarlyIndependent, run_compose
+from pipeline.stages.experts import run_experts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Recorder(EarlyIndependent):
+    """EarlyIndependent that notes, for each expert whose work it starts, how many experts were
+    still unregistered then."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.waiting_at_start: dict[str, int] = {}
+
+    def _start(self) -> None:
+        before = set(self.started)
+        super()._start()
+        waiting = len([n for n in self.planned or [] if n not in self.versions])
+        self.waiting_at_start |= {name: waiting for name in set(self.started) - before}
+
+
+def test_an_independent_composition_started_per_expert_during_training_equals_one_composed_after_it(
+        tmp_path_factory, ray_local):
+    with module_home(tmp_path_factory, "early-home") as home:
+        path = home / "docs.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n"
+                                for r in textgen.corpus(30, ["cooking", "sailing", "finance"], seed=0)))
+        # three experts and a small central model of its own: on 2 CPUs two experts train first, then
+        # the third beside the central model, which is registered while the third still trains
+        cfg = load_config(REPO / "configs" / "tiny.yaml", [
+            "corpus.source=files", f"corpus.files=[{path}]", "cluster.k=3", "cluster.svd_dim=8", "cluster.min_df=1",
+            "tracking.experiment=early", "experts.dense=false", "experts.seed_fraction=0",
+            "experts.train.max_tokens=40000", "experts.train.ckpt_every=0",
+            "central.arch=gpt", "central.model={block_size: 64, n_layer: 2, n_head: 2, n_embd: 32}",
+            "central.train={max_tokens: 8000, batch_size: 8, lr: 0.003, warmup_steps: 2}",
+            "compose.modes=[independent]", "compose.dense_matched=false",
+            "compose.blocks_train={max_tokens: 8000, batch_size: 8, lr: 0.003, warmup_steps: 2}",
+            "compose.gates_train={max_tokens: 4000, batch_size: 8, lr: 0.005, warmup_steps: 1}"])
+        pipeline_id = run_cluster(cfg)
+        catalog = Catalog(cfg)
+        early = Recorder(cfg, catalog, pipeline_id)
+        try:
+            run_experts(cfg, pipeline_id, watcher=early)
+            taken = run_compose(cfg, pipeline_id, early=early)["independent"]
+        finally:
+            early.cancel()
+        assert sorted(early.started) == ["expert-0", "expert-1", "expert-2"]
+        assert max(early.waiting_at_start.values()) >= 1, early.waiting_at_start  # began while one still trained
+        waited = run_compose(cfg, pipeline_id)["independent"]  # the same, started after every expert
+        assert taken != waited
+        (early_state, early_manifest), (state, manifest) = (
+            catalog.composition_parts(catalog.resolve(uri), home / name) for uri, name in ((taken, "a"), (waited, "b")))
+        assert early_manifest["experts"] == manifest["experts"] and early_manifest["central"] == manifest["central"]
+        assert sorted(early_state) == sorted(state)
+        assert any(k.startswith("blocks.2.") for k in state) and any(k.startswith("centers.") for k in state)
+        for key, value in state.items():
+            assert early_state[key].equal(value), key
+        assert early_manifest["val_bpb"] == pytest.approx(manifest["val_bpb"], abs=1e-9)
