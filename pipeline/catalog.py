@@ -112,6 +112,7 @@ class Catalog:
         self.cfg = cfg
         self.tracker = tracker or Tracker(cfg)
         self.client = self.tracker.client
+        self._checked: set[tuple] = set()  # (token file, its size and mtime, recorded sha256) read and found equal
 
     @classmethod
     def of_registry(cls, uri: str) -> "Catalog":
@@ -209,8 +210,10 @@ class Catalog:
             raise StageError(f"training data of {version.name}/{version.version} not found at {path}; compose "
                              "with the storage the experts stage wrote to (MOIE_STORAGE or `storage` in the config)")
         own = tags["moie.expert"]
-        if name in (None, own) or (own == CENTRAL and name == DENSE):  # the files its run recorded
-            check_token_files(exact_uri(version), tags, {split: path})
+        recorded = (path, storage.stamp(path), tags.get(f"{TOKENS_SHA}.{split}", ""))
+        if (name in (None, own) or (own == CENTRAL and name == DENSE)) and recorded not in self._checked:
+            check_token_files(exact_uri(version), tags, {split: path})  # the files its run recorded
+            self._checked.add(recorded)  # once per catalog: `moie run` asks again for each early task
         return path
 
     # --- the registry ---------------------------------------------------------------------------

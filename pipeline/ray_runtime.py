@@ -108,6 +108,8 @@ def check_cluster_storage(cfg, tracker) -> None:
     """Refuse, before any work, a Ray cluster of several nodes whose MLflow store, artifact
     store or storage lies on one machine's disk: the other nodes could not read (or would
     silently write beside) it. `shared_filesystem: true` declares such paths mounted on every node."""
+    from urllib.parse import urlparse
+
     import ray
 
     from pipeline import storage
@@ -121,7 +123,7 @@ def check_cluster_storage(cfg, tracker) -> None:
         local.append(f"the MLflow tracking store {tracker.uri}")
     if tracker.experiment_id is not None:
         artifacts = tracker.client.get_experiment(tracker.experiment_id).artifact_location
-        if artifacts.startswith("file:") or not storage.is_remote(artifacts):
+        if urlparse(artifacts).scheme in ("", "file"):  # a path (mlflow-artifacts:/, s3:// ... are not)
             local.append(f"its artifact store {artifacts}")
     if not storage.is_remote(where := storage_location(cfg)):
         local.append(f"the storage of token files and checkpoints {where}")

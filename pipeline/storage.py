@@ -46,7 +46,9 @@ def _filesystem(location: str):
     if url.scheme == "s3":
         endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                     or os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
-        options = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+        # delayed open: a file smaller than one part is one PutObject, not a multipart upload
+        options = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                   "allow_delayed_open": True}
         if endpoint:
             parsed = urlparse(endpoint)
             options |= {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
@@ -74,6 +76,16 @@ def kind(location: str) -> str:
     except OSError as err:
         raise _io("read", location)(err) from None
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "directory"}.get(info.type, "missing")
+
+
+def stamp(location: str) -> tuple[int, int]:
+    """(size, modification time in ns) of a file: a change to it changes its stamp."""
+    fs, path = _filesystem(location)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise _io("read", location)(err) from None
+    return info.size or 0, info.mtime_ns or 0
 
 
 def exists(location: str) -> bool:
@@ -152,6 +164,7 @@ def local_copy(location: str, scratch: str | Path) -> Path:
     key = hashlib.sha256(location.encode()).hexdigest()[:16]
     target = Path(scratch) / key / location.rstrip("/").rsplit("/", 1)[-1]
     if not target.exists():
+        Path(scratch).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=Path(scratch).resolve(), prefix=".download-"))
         try:
             download(location, staging / target.name)

@@ -94,3 +94,32 @@ def wait_for_http(url: str, proc: subprocess.Popen, log_path: Path, what: str, t
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"{what} at {url} not up after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible object store on 127.0.0.1 (moto's server), with a bucket `moie`; yields
+    the environment that points boto3, pyarrow and MLflow at it (dummy credentials)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint}
+    try:
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="moie")
+        yield env
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This test's environment points at the S3 server."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    return s3_server

@@ -52,11 +52,12 @@ def test_every_stage_runs_as_a_submitted_ray_job_and_lands_in_mlflow(ray_head, t
 
     # The experts stage of the same pipeline, as a second job: k experts + dense, registered.
     pipeline = ["--pipeline", ids[-1], "--config", "configs/tiny.yaml", "--set", *SMALL]
-    submit(ray_head, home, "jobs.experts", *pipeline)
+    job = submit(ray_head, home, "jobs.experts", *pipeline)
     experts = client.search_model_versions("name = 'moie-expert'")
     central = client.search_model_versions("name = 'moie-central'")
     k = int(run.data.params["cluster.k"])
-    assert len(experts) + len(client.search_runs([parent.info.experiment_id], "tags.`moie.skipped` != ''")) == k
+    skipped = client.search_runs([parent.info.experiment_id], "tags.`moie.skipped` != ''")
+    assert len(experts) + len(skipped) == k, (job.stdout + job.stderr)[-4000:]
     assert len(central) == 1 and central[0].tags["moie.pipeline"] == ids[-1]
 
     # compose (both modes) and evaluate, each its own job

@@ -1,0 +1,97 @@
+"""Storage every node reaches: the same operations on a local directory and on an
+S3-compatible object store (moto's server on 127.0.0.1), and training that resumes from the
+object store's newest checkpoint on a scratch directory that never saw the first attempt."""
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path):
+    """A fresh storage location: a local directory, or a prefix in the S3 server's bucket."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("s3_env")
+    return f"s3://moie/test-{uuid.uuid4().hex[:8]}"
+
+
+def test_a_directory_round_trips_through_the_storage_byte_for_byte(location, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    np.save(src / "tokens.npy", np.arange(1000, dtype=np.uint16))
+    (src / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (src / "sub" / "model.json").write_text('{"a": 1}')
+    storage.upload(src, storage.join(location, "dir"))
+    assert storage.kind(storage.join(location, "dir")) == "directory"
+    assert storage.names(storage.join(location, "dir")) == ["model.safetensors", "tokens.npy"]
+    assert storage.npy_length(storage.join(location, "dir", "tokens.npy")) == 1000
+    assert storage.sha256(storage.join(location, "dir", "tokens.npy")) == storage.sha256(str(src / "tokens.npy"))
+    back = storage.download(storage.join(location, "dir"), tmp_path / "back")
+    for f in src.rglob("*"):
+        if f.is_file():
+            assert (back / f.relative_to(src)).read_bytes() == f.read_bytes(), f
+    copy = storage.local_copy(storage.join(location, "dir", "tokens.npy"), tmp_path / "scratch")
+    assert np.array_equal(np.load(copy, mmap_mode="r"), np.arange(1000))
+    assert storage.is_remote(location) == (copy.parent.parent == tmp_path / "scratch")  # local: read in place
+
+
+def test_a_moved_directory_is_gone_from_its_old_location(location, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.json").write_text("{}")
+    storage.upload(tmp_path / "d", storage.join(location, "old"))
+    storage.move(storage.join(location, "old"), storage.join(location, "new"))
+    assert not storage.exists(storage.join(location, "old"))
+    assert storage.names(storage.join(location, "new")) == ["x.json"]
+
+
+def test_a_missing_location_names_itself_and_what_to_do(location, tmp_path):
+    missing = storage.join(location, "nothing-here")
+    with pytest.raises(storage.StageError, match=rf"storage {missing} does not exist.*run that stage again"):
+        storage.download(missing, tmp_path / "x")
+
+
+def _train(model, tokens, ckpt_dir, stop_at=None, on_checkpoint=None):
+    from experts.trainer import TrainConfig, train
+
+    cfg = TrainConfig(max_tokens=40 * 4 * 16, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, ckpt_every=10,
+                      keep_checkpoints=2, log_every=10, seed=0)
+    return train(model, tokens, None, cfg, ckpt_dir=ckpt_dir, stop_at=stop_at, on_checkpoint=on_checkpoint)
+
+
+def test_training_resumed_from_the_object_stores_newest_checkpoint_on_a_fresh_node_ends_as_if_uninterrupted(
+        s3_env, tmp_path):
+    from experts.checkpoint import build_model
+
+    arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    tokens = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16)
+    torch.manual_seed(1)
+    whole = build_model(arch)
+    init = {k: v.clone() for k, v in whole.state_dict().items()}
+    _train(whole, tokens, tmp_path / "uninterrupted")
+
+    location = f"s3://moie/resume-{uuid.uuid4().hex[:8]}/expert-0"
+    first = storage.CheckpointMirror(location, tmp_path / "node-a", keep=2)
+    model = build_model(arch)
+    model.load_state_dict(init)
+    _train(model, tokens, first.dir, stop_at=30, on_checkpoint=first.push)  # the node is lost after step 30
+    assert storage.checkpoint_steps(location) == [20, 30]  # older ones deleted from the store
+
+    second = storage.CheckpointMirror(location, tmp_path / "node-b", keep=2)  # another node: nothing local
+    assert sorted(p.name for p in second.dir.iterdir()) == ["step-00000030.json", "step-00000030.safetensors"]
+    resumed = build_model(arch)
+    result = _train(resumed, tokens, second.dir, on_checkpoint=second.push)
+    assert result.resumed_from == 30
+    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert storage.checkpoint_steps(location) == [30, 40]
+
+
+def test_a_local_location_is_used_in_place_without_copies(tmp_path):
+    mirror = storage.CheckpointMirror(str(tmp_path / "ck"), tmp_path / "scratch")
+    assert mirror.dir == (tmp_path / "ck").resolve() and not (tmp_path / "scratch").exists()
+    assert Path(storage.join(str(tmp_path), "a", "b")) == tmp_path / "a" / "b"
