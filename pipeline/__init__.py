@@ -22,4 +22,7 @@ LOCAL_DEFAULTS = {
 }
 
 for _key, _value in LOCAL_DEFAULTS.items():
-    os.environ.setdefault(_key, _value)
+    # with RAY_ADDRESS set (`ray job submit` sets it) the process joins a cluster whose nodes
+    # have their own addresses: pinning this process to 127.0.0.1 would hide its node from it
+    if not (_key == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" and os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault(_key, _value)

@@ -94,9 +94,7 @@ class ComposeConfig:
     balance_weight: float = 0.01  # joint: weight of the load-balancing loss
     num_cpus: float = 1.0  # Ray resources of one composition task
     eval_tokens: int = 65_536  # validation tokens scored for composed vs central
-    # moie run: an independent composition's per-expert blocks and gates start as soon as the
-    # central model and that expert are registered, while the other experts still train
-    early: bool = True
+    early: bool = True  # moie run: each expert's blocks and gates start once it (and the central model) is registered
     # the dense model trained on (its own data, its schedule) for the compute the composed systems
     # spend beyond it, so "composition vs training the dense model longer" compares equal compute
     dense_matched: bool = True
@@ -132,12 +130,8 @@ class Config:
     name: str = "moie"  # names the pipeline's parent run (pipeline-<name>)
     seed: int = 0  # every random choice (splits are by hash, not by seed)
     workdir: str | None = None  # MLflow database + artifacts; default $MOIE_HOME or ~/.moie
-    # token files, checkpoints, the seed: a directory, or an object store every Ray node reaches
-    # (s3://bucket/prefix); MOIE_STORAGE wins; default <workdir>/checkpoints
-    storage: str | None = None
-    # the local paths in use (storage, an sqlite store, its artifacts) lie on a file system that
-    # every Ray node mounts at the same path (NFS): a multi-node cluster may then use them
-    shared_filesystem: bool = False
+    storage: str | None = None  # token files, checkpoints, seed: a directory or s3://bucket/prefix; MOIE_STORAGE wins
+    shared_filesystem: bool = False  # every Ray node mounts the local paths in use (NFS): multi-node may use them
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)

@@ -144,8 +144,9 @@ def download(location: str, local: str | Path) -> Path:
         if info.type == pafs.FileType.NotFound:
             raise StageError(f"storage {location} does not exist: the stage that writes it has not run, or it was "
                              "deleted; run that stage again")
+        inside = pafs.FileSelector(path, recursive=True)
         sources = ([info] if info.type == pafs.FileType.File else
-                   [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File])
+                   [i for i in fs.get_file_info(inside) if i.type == pafs.FileType.File])
         for src in sorted(sources, key=lambda i: i.path.endswith(".json")):
             dst = local if src.path == path else local / src.path[len(path):].lstrip("/")
             dst.parent.mkdir(parents=True, exist_ok=True)
