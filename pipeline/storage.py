@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from artifacts import atomic_path
 from pipeline.errors import StageError, one_line
 
 CHUNK = 8 << 20
@@ -113,17 +114,14 @@ def _files(local: Path) -> list[Path]:
 def upload(local: str | Path, location: str) -> None:
     """Copy a local file or directory to `location` (a no-op when it is that very path)."""
     local = Path(local)
-    if not is_remote(location):
-        target = Path(_filesystem(location)[1])
-        if target == local.resolve():
-            return
-        if local.is_dir():
-            shutil.copytree(local, target, dirs_exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, target)
-        return
     fs, path = _filesystem(location)
+    if not is_remote(location):
+        if Path(path) == local.resolve():
+            return
+        for src in _files(local) if local.is_dir() else [local]:  # each file whole or not at all
+            with atomic_path(Path(path) / src.relative_to(local) if src != local else Path(path)) as tmp:
+                shutil.copyfile(src, tmp)
+        return
     try:
         for src in _files(local) if local.is_dir() else [local]:
             dst = path if src == local else f"{path}/{src.relative_to(local).as_posix()}"
