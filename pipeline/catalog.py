@@ -50,6 +50,7 @@ RESULTS_TABLE = "results.md"  # the evaluate run's table
 # sha256 of a model's training and validation token files: moie.sha256.tokens.train / .val,
 # tags of its run and of its registered version (the files live under the checkpoint root)
 TOKENS_SHA = "moie.sha256.tokens"
+STORAGE_ROOT = "moie.storage_root"  # where a model's token files and checkpoints live (run and version tag)
 
 # the experts stage's models (tag moie.expert): expert-<cluster>, the dense baseline, an optional central
 DENSE = "dense"
@@ -204,7 +205,8 @@ class Catalog:
         if "moie.cluster_run" not in tags:
             raise StageError(f"{version.name}/{version.version} has no moie.cluster_run tag (registered by an older "
                              "moie); retrain it with `moie experts`")
-        root = self.checkpoint_root(tags["moie.pipeline"], tags["moie.cluster_run"])
+        # where its stage wrote it (recorded), else where this config's storage puts it
+        root = tags.get(STORAGE_ROOT) or self.checkpoint_root(tags["moie.pipeline"], tags["moie.cluster_run"])
         path = self.token_file(root, name or tags["moie.expert"], split)
         if storage.kind(path) != "file":
             raise StageError(f"training data of {version.name}/{version.version} not found at {path}; compose "
@@ -386,10 +388,15 @@ def fetch_models(tracking_uri: str, uris: list[str], dst: Path) -> list[str]:
 def storage_location(cfg: Config) -> str:
     """Where token files, checkpoints and the seed live: MOIE_STORAGE, else the config's
     `storage`, else <workdir>/checkpoints."""
+    from pipeline.config import check_storage
+
     configured = os.environ.get("MOIE_STORAGE") or cfg.storage
     if not configured:
         return str(workdir(cfg) / "checkpoints")
-    return configured if storage.is_remote(configured) else str(Path(configured).expanduser().resolve())
+    check_storage(configured, "MOIE_STORAGE" if os.environ.get("MOIE_STORAGE") else "config key 'storage'")
+    if storage.is_remote(configured):
+        return configured
+    return str(Path(configured.removeprefix("file://")).expanduser().resolve())
 
 
 def read_composition(folder: Path, where: str) -> tuple[dict, dict]:

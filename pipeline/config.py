@@ -143,6 +143,9 @@ class Config:
 
 
 CORPUS_SOURCES = ("embedded", "files", "hub")
+MOVED = {"experts.checkpoint_dir": "config key 'experts.checkpoint_dir' moved: name the storage of token files and "
+                                   "checkpoints with the top-level key 'storage' (a directory or s3://bucket/prefix), "
+                                   "or MOIE_STORAGE"}
 ENCODING_ERRORS = ("strict", "replace")
 
 
@@ -187,6 +190,9 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
+    moved = [MOVED[prefix + k] for k in unknown if prefix + k in MOVED]
+    if moved:
+        raise ConfigError(moved[0])
     if unknown:
         raise ConfigError(f"unknown config key {(prefix + unknown[0])!r}; valid keys here: {', '.join(names)}")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
@@ -222,6 +228,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def validate(cfg: Config) -> None:
     """Check value ranges that types alone do not capture."""
     c, k = cfg.corpus, cfg.cluster
+    if cfg.storage is not None:
+        check_storage(cfg.storage, "config key 'storage'")
     if c.source not in CORPUS_SOURCES:
         raise ConfigError(f"corpus.source must be one of {CORPUS_SOURCES}, got {c.source!r}")
     if c.source == "hub" and not c.name:
@@ -323,6 +331,17 @@ def validate_experts(e: "ExpertsConfig") -> None:
         if name in ("CPU", "GPU", "memory") or not isinstance(amount, (int, float)) or amount <= 0:
             raise ConfigError(f"experts.resources maps custom Ray resource names to amounts > 0 (CPUs and GPUs "
                               f"are experts.num_cpus / num_gpus); got {name}: {amount!r}")
+
+
+def check_storage(value: str, what: str) -> None:
+    """A storage setting is a directory or a URI with a scheme and '://' (s3://bucket/prefix)."""
+    import re
+
+    if not value.strip():
+        raise ConfigError(f"{what} is empty; give a directory or an object-store URI such as s3://bucket/prefix")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:(?!//)", value):
+        raise ConfigError(f"{what} {value!r} looks like a URI without '//'; write s3://bucket/prefix (or a "
+                          "directory path)")
 
 
 def _positive(cfg: Config, keys: list[str]) -> None:

@@ -8,8 +8,13 @@ from __future__ import annotations
 import contextlib
 import os
 
-from pipeline.config import RayConfig
+from typing import TYPE_CHECKING
+
+from pipeline.config import Config, RayConfig
 from pipeline.errors import StageError, one_line
+
+if TYPE_CHECKING:
+    from pipeline.tracking import Tracker
 
 
 class ResourceError(RuntimeError):
@@ -97,36 +102,27 @@ def connect_ray(cfg: RayConfig) -> str:
     return "local"
 
 
-def connect_cluster(cfg, tracker) -> str:
+def connect_cluster(cfg: Config, tracker: Tracker) -> str:
     """connect_ray, then check_cluster_storage: what every stage does before its first task."""
     address = connect_ray(cfg.ray)
     check_cluster_storage(cfg, tracker)
     return address
 
 
-def check_cluster_storage(cfg, tracker) -> None:
+def check_cluster_storage(cfg: Config, tracker: Tracker) -> None:
     """Refuse, before any work, a Ray cluster of several nodes whose MLflow store, artifact
     store or storage lies on one machine's disk: the other nodes could not read (or would
     silently write beside) it. `shared_filesystem: true` declares such paths mounted on every node."""
-    from urllib.parse import urlparse
-
     import ray
 
-    from pipeline import storage
     from pipeline.catalog import storage_location
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2 or cfg.shared_filesystem:
         return
-    local = []
-    if not tracker.uri.startswith(("http://", "https://", "databricks")):
-        local.append(f"the MLflow tracking store {tracker.uri}")
-    if tracker.experiment_id is not None:
-        artifacts = tracker.client.get_experiment(tracker.experiment_id).artifact_location
-        if urlparse(artifacts).scheme in ("", "file"):  # a path (mlflow-artifacts:/, s3:// ... are not)
-            local.append(f"its artifact store {artifacts}")
-    if not storage.is_remote(where := storage_location(cfg)):
-        local.append(f"the storage of token files and checkpoints {where}")
+    artifacts = (tracker.client.get_experiment(tracker.experiment_id).artifact_location
+                 if tracker.experiment_id is not None else None)
+    local = single_machine_stores(tracker.uri, artifacts, storage_location(cfg))
     if local:
         raise StageError(
             f"this Ray cluster has {len(nodes)} alive nodes, but {'; '.join(local)} lie on one machine's disk, "
@@ -135,6 +131,23 @@ def check_cluster_storage(cfg, tracker) -> None:
             "set MLFLOW_TRACKING_URI=http://<its host>:<port>; set MOIE_STORAGE (or `storage:` in the config) to an "
             "object store such as s3://<bucket>/moie. If these paths lie on a file system that every node mounts "
             "at the same path, set `shared_filesystem: true` instead")
+
+
+def single_machine_stores(tracking_uri: str, artifact_location: str | None, storage_location: str) -> list[str]:
+    """Which of the stores a stage uses live on one machine's disk (a database server, an
+    MLflow server, mlflow-artifacts:/ and object-store URIs do not)."""
+    from urllib.parse import urlparse
+
+    from pipeline import storage
+
+    local = []
+    if urlparse(tracking_uri).scheme in ("", "file", "sqlite"):
+        local.append(f"the MLflow tracking store {tracking_uri}")
+    if artifact_location is not None and urlparse(artifact_location).scheme in ("", "file"):
+        local.append(f"its artifact store {artifact_location}")
+    if not storage.is_remote(storage_location):
+        local.append(f"the storage of token files and checkpoints {storage_location}")
+    return local
 
 
 @contextlib.contextmanager
@@ -159,10 +172,12 @@ def check_resources(num_cpus: float, num_gpus: float = 0, what: str = "task", re
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     fits = any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes)
-    custom = {k: v for k, v in (resources or {}).items() if not any(r.get(k, 0) >= v for r in nodes)}
-    if custom:
-        raise ResourceError(f"the {what} asks for the custom resources {custom}, which no alive Ray node has; "
-                            "start nodes with `ray start --resources '{...}'` or drop them from experts.resources")
+    custom = resources or {}
+    if fits and custom and not any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus
+                                   and all(r.get(k, 0) >= v for k, v in custom.items()) for r in nodes):
+        raise ResourceError(f"the {what} asks for num_cpus={num_cpus}, num_gpus={num_gpus} and the custom resources "
+                            f"{custom}, which no alive Ray node has together; start nodes with `ray start --resources "
+                            "'{...}'` or drop them from experts.resources")
     if not fits:
         biggest = max(((r.get("CPU", 0), r.get("GPU", 0)) for r in nodes), default=(0, 0))
         raise ResourceError(f"the {what} asks for num_cpus={num_cpus}, num_gpus={num_gpus} but the largest Ray node "

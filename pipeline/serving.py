@@ -104,10 +104,9 @@ def log_pyfunc(tracker, run_id: str, files: Path, folder: str, description: dict
 def log_model(tracking_uri: str, run_id: str, model_dir: Path, description: dict) -> dict[str, str]:
     """In the Ray task that trained it: log an exported model as the MLflow pyfunc model in its
     run's `model/` (over HTTP to a tracking server, so no node needs another's disk); {file: sha256}."""
-    from pipeline.config import Config
-    from pipeline.tracking import Tracker
+    from pipeline.catalog import Catalog
 
-    return log_pyfunc(Tracker(Config(), uri=tracking_uri, experiment=False), run_id, model_dir, "model", description)
+    return log_pyfunc(Catalog.of_registry(tracking_uri).tracker, run_id, model_dir, "model", description)
 
 
 def verify_files(folder: Path, kind: str, checksums: dict) -> None:

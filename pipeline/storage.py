@@ -12,10 +12,12 @@ so a reader never takes a half-written checkpoint for a whole one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -48,11 +50,15 @@ def _filesystem(location: str):
         endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                     or os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
         # delayed open: a file smaller than one part is one PutObject, not a multipart upload
-        options = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-                   "allow_delayed_open": True}
+        options = {"allow_delayed_open": True}
+        if region := os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+            options["region"] = region
         if endpoint:
             parsed = urlparse(endpoint)
             options |= {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
+            options.setdefault("region", "us-east-1")  # an S3-compatible server ignores it
+        elif "region" not in options:
+            options["region"] = pafs.resolve_s3_region(url.netloc)
         return pafs.S3FileSystem(**options), f"{url.netloc}{url.path}".rstrip("/")
     try:
         return pafs.FileSystem.from_uri(location)
@@ -125,10 +131,23 @@ def upload(local: str | Path, location: str) -> None:
     try:
         for src in _files(local) if local.is_dir() else [local]:
             dst = path if src == local else f"{path}/{src.relative_to(local).as_posix()}"
-            with open(src, "rb") as f, fs.open_output_stream(dst) as out:
-                shutil.copyfileobj(f, out, CHUNK)
+            _put(fs, src, dst)
     except OSError as err:
         raise _io("written", location)(err) from None
+
+
+def _put(fs, src: Path, dst: str) -> None:
+    """One file to an object store, under a part name first: closing a pyarrow stream completes
+    the upload even when an error cut it short, so only a whole file is moved to `dst`."""
+    part = f"{dst}.part-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(src, "rb") as f, fs.open_output_stream(part) as out:
+            shutil.copyfileobj(f, out, CHUNK)
+        fs.move(part, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(part)
+        raise
 
 
 def download(location: str, local: str | Path) -> Path:
@@ -203,8 +222,9 @@ def move(location: str, new: str) -> None:
 
 
 def checkpoint_steps(location: str) -> list[int]:
-    """Steps of the complete checkpoints at a location, oldest first."""
-    return sorted(int(n[5:-5]) for n in names(location) if n.startswith("step-") and n.endswith(".json"))
+    """Steps of the complete checkpoints at a location (their JSON is written last), oldest first."""
+    return sorted(int(n.removeprefix("step-").removesuffix(".json")) for n in names(location)
+                  if n.startswith("step-") and n.endswith(".json"))
 
 
 class CheckpointMirror:
@@ -216,17 +236,21 @@ class CheckpointMirror:
     a task that loses its node loses at most one checkpoint interval."""
 
     def __init__(self, location: str, scratch: str | Path, keep: int = 2):
+        from experts.checkpoint import checkpoint_name  # (torch: only where checkpoints are written)
+
         self.location, self.keep = location, keep
         self.remote = is_remote(location)
         self.dir = Path(scratch) / "checkpoints" if self.remote else Path(_filesystem(location)[1])
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.remote and (steps := checkpoint_steps(location)):
-            name = f"step-{steps[-1]:08d}"
+            name = checkpoint_name(steps[-1])
             for suffix in (".safetensors", ".json"):  # the JSON last: it marks the pair complete
                 download(join(location, name + suffix), self.dir / (name + suffix))
 
     def push(self, json_path: str | Path) -> None:
         """Upload the checkpoint whose JSON is `json_path` (tensors first), then drop the old ones."""
+        from experts.checkpoint import checkpoint_name
+
         if not self.remote:
             return
         json_path = Path(json_path)
@@ -234,7 +258,7 @@ class CheckpointMirror:
         upload(json_path, join(self.location, json_path.name))
         for step in checkpoint_steps(self.location)[:-self.keep]:
             for suffix in (".json", ".safetensors"):  # the JSON first: an incomplete pair is never taken
-                remove(join(self.location, f"step-{step:08d}{suffix}"))
+                remove(join(self.location, checkpoint_name(step) + suffix))
 
 
 # --- reading without copying -----------------------------------------------------------------------

@@ -101,3 +101,29 @@ def test_a_seed_needs_the_dense_model_it_branches_from():
         load_config(CONFIGS / "tiny.yaml", ["experts.dense=false"])
     with pytest.raises(ConfigError, match="experts.seed_fraction"):
         load_config(CONFIGS / "tiny.yaml", ["experts.seed_fraction=1.0"])
+
+
+def test_the_moved_checkpoint_dir_key_says_where_it_went(tmp_path):
+    with pytest.raises(ConfigError, match="'experts.checkpoint_dir' moved: .*top-level key 'storage'.*MOIE_STORAGE"):
+        load_config(write(tmp_path, "experts:\n  checkpoint_dir: /shared/ckpt\n"))
+
+
+@pytest.mark.parametrize("value", ["s3:/bucket/moie", "  "])
+def test_a_malformed_storage_setting_is_an_error_naming_the_key(tmp_path, value):
+    with pytest.raises(ConfigError, match="config key 'storage'"):
+        load_config(write(tmp_path, f"storage: '{value}'\n"))
+
+
+def test_storage_from_the_environment_wins_and_file_uris_are_paths(tmp_path, monkeypatch):
+    from pipeline.catalog import storage_location
+
+    cfg = load_config(write(tmp_path, f"storage: {tmp_path / 'configured'}\n"))
+    monkeypatch.delenv("MOIE_STORAGE", raising=False)
+    assert storage_location(cfg) == str(tmp_path / "configured")
+    monkeypatch.setenv("MOIE_STORAGE", f"file://{tmp_path / 'shared'}")
+    assert storage_location(cfg) == str(tmp_path / "shared")
+    monkeypatch.setenv("MOIE_STORAGE", "s3://bucket/moie")
+    assert storage_location(cfg) == "s3://bucket/moie"
+    monkeypatch.setenv("MOIE_STORAGE", "s3:bucket")
+    with pytest.raises(ConfigError, match="MOIE_STORAGE 's3:bucket' looks like a URI"):
+        storage_location(cfg)

@@ -19,11 +19,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 class Recorder(EarlyIndependent):
     """EarlyIndependent that notes, for each expert whose work it starts, how many experts were
-    still unregistered then."""
+    still unregistered then, and which of its results the compose stage took."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.waiting_at_start: dict[str, int] = {}
+        self.taken: list[str] = []
+
+    def centres(self, task):
+        fitted = super().centres(task)
+        self.taken += ["centres"] if fitted is not None else []
+        return fitted
+
+    def training(self, task, e):
+        ref = super().training(task, e)
+        self.taken += [task.experts[e]] if ref is not None else []
+        return ref
 
     def _start(self) -> None:
         before = set(self.started)
@@ -59,6 +70,7 @@ def test_an_independent_composition_started_per_expert_during_training_equals_on
             early.cancel()
         assert sorted(early.started) == ["expert-0", "expert-1", "expert-2"]
         assert max(early.waiting_at_start.values()) >= 1, early.waiting_at_start  # began while one still trained
+        assert early.taken[0] == "centres" and len(early.taken) == 4  # the stage used every early result
         waited = run_compose(cfg, pipeline_id)["independent"]  # the same, started after every expert
         assert taken != waited
         (early_state, early_manifest), (state, manifest) = (
@@ -69,3 +81,20 @@ def test_an_independent_composition_started_per_expert_during_training_equals_on
         for key, value in state.items():
             assert early_state[key].equal(value), key
         assert early_manifest["val_bpb"] == pytest.approx(manifest["val_bpb"], abs=1e-9)
+
+
+def test_a_failure_to_start_early_turns_early_composition_off_without_raising(moie_home, capsys):
+    from pipeline.catalog import DENSE
+
+    class Broken(EarlyIndependent):
+        def _launch(self):
+            raise OSError("the registry is unreachable")
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    early = Broken(cfg, Catalog(cfg), "no-pipeline")
+    early.planned, early.versions = ["expert-0"], {DENSE: object(), "expert-0": object()}
+    early._start()  # inside the experts stage's loop: must not raise
+    assert early.off and early.centres_ref is None and early.started == {}
+    assert "not starting early (OSError: the registry is unreachable)" in capsys.readouterr().out
+    early._start()  # and stays off
+    assert early.off

@@ -86,6 +86,9 @@ def overrides(root: Path) -> list[str]:
     return ["corpus.source=files", f"corpus.files=[{corpus(root)}]", "cluster.k=2", "cluster.svd_dim=8",
             "cluster.min_df=1", "tracking.experiment=multinode", "experts.dense=false", "experts.seed_fraction=0",
             "experts.resources={expert_slot: 1}", f"experts.train.max_tokens={STEPS * 8 * 64}",
+            # a small central model of its own (trained last, beside or after the experts) for the compose stage
+            "central.arch=gpt", "central.model={block_size: 64, n_layer: 2, n_head: 2, n_embd: 32}",
+            "central.train={max_tokens: 4096, batch_size: 8}",
             "experts.train.ckpt_every=20", "experts.train.log_every=10", "experts.progress_every=1"]
 
 
@@ -177,8 +180,10 @@ def test_experts_spread_over_two_nodes_and_one_whose_node_is_lost_resumes_on_the
     versions = client.search_model_versions("name = 'moie-expert'")
     assert sorted(v.tags["moie.expert"] for v in versions if v.tags["moie.pipeline"] == pipeline_id) == \
         ["expert-0", "expert-1"], out[-3000:]  # each registered exactly once
+    assert len(client.search_model_versions("name = 'moie-central'")) == 1
     runs = {r.data.tags["moie.expert"]: r for r in client.search_runs(
-        [experiment], f"tags.`moie.pipeline` = '{pipeline_id}' and tags.`moie.stage` = 'experts'")}
+        [experiment], f"tags.`moie.pipeline` = '{pipeline_id}' and tags.`moie.stage` = 'experts'")
+        if r.data.tags["moie.expert"] != "central"}
     lost = runs[name]
     # its first attempt ran on the lost node, its retry on the other, from its newest checkpoint
     assert lost.data.tags["moie.nodes"].split(",") == [node.node_id, survivor.node_id], out[-3000:]
@@ -189,8 +194,22 @@ def test_experts_spread_over_two_nodes_and_one_whose_node_is_lost_resumes_on_the
         {n for r in runs.values() for n in r.data.tags["moie.nodes"].split(",")} == \
         {w.node_id for w in workers}  # experts trained on both worker nodes
     assert [r.info.run_name for r in client.search_runs([experiment], "attributes.status = 'RUNNING'")] == []
+
+    # the compose stage on the same cluster: its tasks fetch the experts from the registry and
+    # their token files from the object store, on whichever node they run
+    compose = ["compose", "--pipeline", pipeline_id, *args, "compose.modes=[independent]",
+               "compose.blocks_train={max_tokens: 4000, batch_size: 8}",
+               "compose.gates_train={max_tokens: 2000, batch_size: 8}", "compose.eval_tokens=2048",
+               "compose.center_tokens=2048"]
+    out = finish(moie(compose, env, tmp_path / "compose.log"), tmp_path / "compose.log", 300)
+    (composition,) = client.search_model_versions("name = 'moie-composition'")
+    by_cluster = sorted((v for v in versions if v.tags["moie.pipeline"] == pipeline_id),
+                        key=lambda v: int(v.tags["moie.cluster"]))
+    assert json.loads(composition.tags["moie.experts"]) == [f"models:/moie-expert/{v.version}" for v in by_cluster]
+    assert [r.info.run_name for r in client.search_runs([experiment], "attributes.status = 'RUNNING'")] == []
     # nothing went through a local path: storage and artifacts are in the object store only
-    assert not home.exists() or not any(home.rglob("*.npy")) and not any(home.rglob("*.safetensors"))
+    assert not home.exists() or sorted(home.rglob("*")) == [], sorted(home.rglob("*"))[:5]
     stored = s3_keys(env, "")
     assert any(k.startswith(f"store/{pipeline_id}/") and k.endswith("/data/expert-0.train.npy") for k in stored)
     assert any(k.startswith("mlflow/") and k.endswith("artifacts/model/model.safetensors") for k in stored)
+    assert any(k.startswith("mlflow/") and k.endswith("composition/composition.safetensors") for k in stored)

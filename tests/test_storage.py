@@ -95,3 +95,18 @@ def test_a_local_location_is_used_in_place_without_copies(tmp_path):
     mirror = storage.CheckpointMirror(str(tmp_path / "ck"), tmp_path / "scratch")
     assert mirror.dir == (tmp_path / "ck").resolve() and not (tmp_path / "scratch").exists()
     assert Path(storage.join(str(tmp_path), "a", "b")) == tmp_path / "a" / "b"
+
+
+@pytest.mark.parametrize("tracking, artifacts, where, refused", [
+    ("sqlite:////home/u/.moie/mlflow.db", "file:///home/u/.moie/artifacts", "/home/u/.moie/checkpoints",
+     ["MLflow tracking store", "artifact store", "storage"]),
+    ("/home/u/mlruns", "/home/u/mlruns/1", "s3://b/moie", ["MLflow tracking store", "artifact store"]),
+    ("http://mlflow:5000", "mlflow-artifacts:/1", "/shared/moie", ["storage"]),
+    ("postgresql://db/mlflow", "s3://b/mlflow", "s3://b/moie", []),
+    ("https://mlflow.example", "mlflow-artifacts:/3", "gs://b/moie", []),
+])
+def test_only_stores_on_one_machines_disk_are_refused_on_a_cluster(tracking, artifacts, where, refused):
+    from pipeline.ray_runtime import single_machine_stores
+
+    found = single_machine_stores(tracking, artifacts, where)
+    assert len(found) == len(refused) and all(what in line for what, line in zip(refused, found)), found

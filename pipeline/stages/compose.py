@@ -29,7 +29,7 @@ from pipeline.catalog import (CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_M
                               MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, Catalog, check_tokenizers, exact_uri,
                               CENTRAL, fetch_models)
 from pipeline.config import Config
-from pipeline.errors import StageError
+from pipeline.errors import StageError, one_line
 from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.tracking import metrics_logger
 from pipeline.tokenizer import ByteTokenizer
@@ -235,6 +235,7 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
     spend beyond it (`dense_matched`), alongside the compositions. early: the independent
     composition's work that `moie run` started while the experts trained (taken where it fits)."""
     catalog = Catalog(cfg)
+    connect_cluster(cfg, catalog.tracker)  # before any work: a multi-node cluster needs shared stores
     catalog.tracker.pipeline_run(pipeline_id)
     own = central_uri is None and not expert_uris
     if central_uri is None or not expert_uris:
@@ -530,6 +531,7 @@ class EarlyIndependent:
         self.centres_spec: CompositionTask | None = None
         self.started: dict[str, tuple] = {}  # expert name -> (its slot, its task, Ray ref)
         self.opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
+        self.off = False  # set when starting early failed
 
     # the experts stage's events
 
@@ -552,8 +554,20 @@ class EarlyIndependent:
         return replace(task, settings=replace(task.settings, routing=mode_routing(task, "independent")))
 
     def _start(self) -> None:
-        if self.planned is None or self.central_name not in self.versions:
+        """Start what can start now; a failure here only turns early composition off (the
+        compose stage then does the work itself), it never stops the experts stage."""
+        if self.planned is None or self.central_name not in self.versions or self.off:
             return
+        try:
+            self._launch()
+        except Exception as err:  # noqa: BLE001 - an optimisation must not fail the experts stage
+            print(f"compose independent: not starting early ({type(err).__name__}: {one_line(err)}); the compose "
+                  "stage will train every expert's blocks and gates", flush=True)
+            self.cancel()
+            self.started.clear()
+            self.centres_ref, self.off = None, True
+
+    def _launch(self) -> None:
         ready = [n for n in self.planned if n in self.versions]
         if not ready:
             return

@@ -208,6 +208,7 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
     """Score every system on held-out text; log and return {"metrics", "rows", "markdown", ...}."""
     catalog = Catalog(cfg)
     tracker = catalog.tracker
+    connect_cluster(cfg, tracker)  # before any work: a multi-node cluster needs shared stores
     tracker.pipeline_run(pipeline_id)
     cluster_run, table, _ = catalog.assignments(pipeline_id)
     central_uri, expert_uris = catalog.pipeline_models(pipeline_id)

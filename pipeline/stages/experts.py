@@ -17,6 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import ray
@@ -25,7 +26,8 @@ import torch
 from artifacts import atomic_path
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
 from experts.trainer import TrainConfig, TrainResult, encode_texts, train
-from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, TOKENS_SHA, Catalog, check_token_files,
+from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, STORAGE_ROOT, TOKENS_SHA, Catalog,
+                              check_token_files,
                               exact_uri, expert_name)
 from pipeline.config import Config
 from pipeline.corpus import clustered_documents, load_corpus
@@ -43,6 +45,14 @@ log = logging.getLogger(__name__)
 # training settings that change how a run is watched, not what it trains: changing them goes on in the same run
 BOOKKEEPING = {f"train.{k}" for k in ("log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints",
                                       "compile")}
+
+
+class ExpertsWatcher(Protocol):
+    """Told what the experts stage will register, then of each model as soon as it is registered."""
+
+    def expect(self, names: list[str], root: str) -> None: ...
+
+    def registered(self, name: str, uri: str) -> None: ...
 
 
 @dataclass
@@ -182,11 +192,12 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
 # --- the stage ---------------------------------------------------------------------------
 
 
-def run_experts(cfg: Config, pipeline_id: str, watcher=None) -> dict[str, str]:
+def run_experts(cfg: Config, pipeline_id: str, watcher: ExpertsWatcher | None = None) -> dict[str, str]:
     """Train (or resume, or skip) every expert and the dense model; return {name: registry URI}.
     watcher: told which models the stage will register (`expect(names, storage root)`), then of
     each registered one as soon as it is (`registered(name, uri)`): `moie run` composes early."""
     catalog = Catalog(cfg)
+    connect_cluster(cfg, catalog.tracker)  # before any work: a multi-node cluster needs shared stores
     catalog.tracker.pipeline_run(pipeline_id)
     cluster_run, table, report = catalog.assignments(pipeline_id)
     k = int(cluster_run.data.params["cluster.k"])
@@ -199,7 +210,7 @@ class _ExpertsStage:
     """One run of the stage: which models still need training, the seed, the Ray tasks."""
 
     def __init__(self, catalog: Catalog, cfg: Config, pipeline_id: str, cluster_run_id: str, k: int, report: dict,
-                 watcher=None):
+                 watcher: ExpertsWatcher | None = None):
         self.catalog, self.tracker, self.cfg, self.watcher = catalog, catalog.tracker, cfg, watcher
         self.pipeline_id, self.cluster_run_id, self.k, self.report = pipeline_id, cluster_run_id, k, report
         self.root = catalog.checkpoint_root(pipeline_id, cluster_run_id)
@@ -207,7 +218,6 @@ class _ExpertsStage:
 
     def run(self, table: dict) -> dict[str, str]:
         e = self.cfg.experts
-        connect_cluster(self.cfg, self.tracker)  # before any work: a multi-node cluster needs shared stores
         data = expert_data(self.cfg, self.root, table, self.k)
         data[CENTRAL] = data[DENSE]  # the central model reads the whole corpus too
         names = [expert_name(j) for j in range(self.k)] + ([DENSE] if e.dense else [])
@@ -324,7 +334,7 @@ class _ExpertsStage:
                                        "pipeline": self.pipeline_id, "domain": domain})
 
     def create_run(self, name: str, params: dict[str, str], files: dict[str, str]) -> str:
-        tags = {"moie.expert": name, "moie.cluster_run": self.cluster_run_id,
+        tags = {"moie.expert": name, "moie.cluster_run": self.cluster_run_id, STORAGE_ROOT: self.root,
                 "moie.num_cpus": str(self.cfg.experts.num_cpus)}
         tags |= {f"{TOKENS_SHA}.{split}": storage.sha256(path) for split, path in files.items()}
         if name.startswith("expert-"):
@@ -426,7 +436,8 @@ class _ExpertsStage:
         tags = {"moie.pipeline": self.pipeline_id, "moie.expert": task.name, "moie.tokenizer": task.tokenizer,
                 "moie.arch": json.dumps(task.model, sort_keys=True), "moie.sha256": manifest["model.safetensors"]}
         tags |= {k: v for k, v in run.data.tags.items()
-                 if k in ("moie.cluster", "moie.domain", "moie.purity", "moie.cluster_run", "moie.seed_tokens")
+                 if k in ("moie.cluster", "moie.domain", "moie.purity", "moie.cluster_run", "moie.seed_tokens",
+                          STORAGE_ROOT)
                  or k.startswith(TOKENS_SHA)}
         if role:
             tags["moie.role"] = role
