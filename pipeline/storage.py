@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-from artifacts import atomic_path
+from artifacts import atomic_path, sha256_file
 from pipeline.errors import StageError, one_line
 
 CHUNK = 8 << 20
@@ -242,10 +243,22 @@ class CheckpointMirror:
         self.remote = is_remote(location)
         self.dir = Path(scratch) / "checkpoints" if self.remote else Path(_filesystem(location)[1])
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self.remote and (steps := checkpoint_steps(location)):
-            name = checkpoint_name(steps[-1])
+        steps = checkpoint_steps(location) if self.remote else []
+        for step in reversed(steps):  # the newest whole one (its tensors match the sha256 its JSON records)
+            name = checkpoint_name(step)
             for suffix in (".safetensors", ".json"):  # the JSON last: it marks the pair complete
                 download(join(location, name + suffix), self.dir / (name + suffix))
+            recorded = json.loads((self.dir / f"{name}.json").read_text(encoding="utf-8")).get("tensors_sha256")
+            if recorded == sha256_file(self.dir / f"{name}.safetensors"):
+                break
+            print(f"checkpoint {join(location, name)} is damaged (its tensors do not match the sha256 its JSON "
+                  "records): resuming from the one before", flush=True)
+            for suffix in (".safetensors", ".json"):
+                (self.dir / (name + suffix)).unlink()
+        else:
+            if steps:
+                raise StageError(f"every checkpoint in {location} is damaged; delete them there to train from the "
+                                 "start, or restore them")
 
     def push(self, json_path: str | Path) -> None:
         """Upload the checkpoint whose JSON is `json_path` (tensors first), then drop the old ones."""

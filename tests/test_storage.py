@@ -110,3 +110,24 @@ def test_only_stores_on_one_machines_disk_are_refused_on_a_cluster(tracking, art
 
     found = single_machine_stores(tracking, artifacts, where)
     assert len(found) == len(refused) and all(what in line for what, line in zip(refused, found)), found
+
+
+def test_a_damaged_newest_checkpoint_in_the_object_store_is_passed_over_for_the_one_before(s3_env, tmp_path):
+    from experts.checkpoint import build_model
+
+    arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    tokens = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16)
+    location = f"s3://moie/damaged-{uuid.uuid4().hex[:8]}/expert-0"
+    first = storage.CheckpointMirror(location, tmp_path / "node-a", keep=2)
+    _train(build_model(arch), tokens, first.dir, stop_at=30, on_checkpoint=first.push)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\0" * 100)
+    storage.upload(damaged, storage.join(location, "step-00000030.safetensors"))
+    second = storage.CheckpointMirror(location, tmp_path / "node-b", keep=2)
+    assert sorted(p.name for p in second.dir.iterdir()) == ["step-00000020.json", "step-00000020.safetensors"]
+    assert _train(build_model(arch), tokens, second.dir).resumed_from == 20
+    storage.upload(damaged, storage.join(location, "step-00000040.safetensors"))
+    storage.upload(damaged, storage.join(location, "step-00000020.safetensors"))
+    storage.remove(storage.join(location, "step-00000030.json"))
+    with pytest.raises(storage.StageError, match=rf"every checkpoint in {location} is damaged"):
+        storage.CheckpointMirror(location, tmp_path / "node-c", keep=2)
