@@ -25,9 +25,9 @@ from experts.flops import forward_flops_per_token
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
 from pipeline import storage
-from pipeline.catalog import (CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
+from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
                               MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, Catalog, check_tokenizers, exact_uri,
-                              CENTRAL, fetch_models)
+                              fetch_models)
 from pipeline.config import Config
 from pipeline.errors import StageError, one_line
 from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail, use_granted_cpus

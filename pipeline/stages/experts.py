@@ -23,16 +23,14 @@ import numpy as np
 import ray
 import torch
 
-from artifacts import atomic_path
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
 from experts.trainer import TrainConfig, TrainResult, encode_texts, train
+from pipeline import storage
 from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, STORAGE_ROOT, TOKENS_SHA, Catalog,
-                              check_token_files,
-                              exact_uri, expert_name)
+                              check_token_files, exact_uri, expert_name)
 from pipeline.config import Config
 from pipeline.corpus import clustered_documents, load_corpus
 from pipeline.errors import StageError
-from pipeline import storage
 from pipeline.progress import BoardPrinter, open_board
 from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
                                   use_granted_cpus)
@@ -103,11 +101,8 @@ def write_tokens(location: str, texts: list[str], eos_id: int) -> str:
     """Byte tokens of texts (eos after each) as a .npy file in the storage, which tasks memory-map."""
     if storage.kind(location) != "file":
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(location) if not storage.is_remote(location) else Path(tmp) / "tokens.npy"
-            with atomic_path(local) as part:
-                with open(part, "wb") as f:
-                    np.save(f, encode_texts(texts, eos_id))
-            storage.upload(local, location)
+            np.save(Path(tmp) / "tokens.npy", encode_texts(texts, eos_id))
+            storage.upload(Path(tmp) / "tokens.npy", location)  # whole or not at all
     return location
 
 
