@@ -62,13 +62,14 @@ def main() -> None:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--home", default="/tmp/moie-early")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[])
+    parser.add_argument("--variants", default="early,after", help="early, after, or both (default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(variant(args.config, args.overrides)))
         return
     results = {}
-    for early in (True, False):
+    for early in [v == "early" for v in args.variants.split(",")]:
         home = Path(args.home) / ("early" if early else "after")
         env = {**os.environ, "MOIE_HOME": str(home)}
         env.pop("MLFLOW_TRACKING_URI", None)
@@ -80,6 +81,9 @@ def main() -> None:
             raise SystemExit(f"early={early} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         results[early] = json.loads(proc.stdout.strip().splitlines()[-1]) | {"wall_s": time.perf_counter() - began}
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; config {args.config} {' '.join(args.overrides)}")
+    if len(results) == 1:
+        print(json.dumps(next(iter(results.values())), indent=1))
+        return
     print(f"{'seconds from the pipeline start to':40} {'early':>9} {'after':>9} {'saved':>9}")
     for key, label in (("experts_done_s", "the last expert registered"),
                        ("independent_done_s", "the independent composition registered"),

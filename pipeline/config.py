@@ -95,6 +95,7 @@ class ComposeConfig:
     num_cpus: float = 1.0  # Ray resources of one composition task
     eval_tokens: int = 65_536  # validation tokens scored for composed vs central
     early: bool = True  # moie run: each expert's blocks and gates start once it (and the central model) is registered
+    early_tasks: int = 1  # at most this many of those at once while experts train (the rest wait their turn)
     # the dense model trained on (its own data, its schedule) for the compute the composed systems
     # spend beyond it, so "composition vs training the dense model longer" compares equal compute
     dense_matched: bool = True
@@ -275,6 +276,8 @@ def validate(cfg: Config) -> None:
     if cfg.compose.num_cpus <= 0 or cfg.compose.eval_tokens < 1 or cfg.compose.balance_weight < 0:
         raise ConfigError("compose.num_cpus must be > 0, compose.eval_tokens >= 1 and compose.balance_weight >= 0; "
                           f"got {cfg.compose.num_cpus}, {cfg.compose.eval_tokens}, {cfg.compose.balance_weight}")
+    if cfg.compose.early_tasks < 1:
+        raise ConfigError(f"compose.early_tasks must be at least 1, got {cfg.compose.early_tasks}")
     if cfg.compose.center_tokens < 0:
         raise ConfigError(f"compose.center_tokens must be >= 0 (0: uncentred routing), got {cfg.compose.center_tokens}")
     ev = cfg.evaluate

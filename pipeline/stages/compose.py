@@ -137,10 +137,13 @@ def _fit_centres(composed: ComposedLM, task: CompositionTask, scratch: Path) -> 
             "center_tokens": center_tokens}
 
 
-def train_independent_task(task: CompositionTask, e: int, fitted: dict | None = None, slot: int | None = None) -> dict:
+def train_independent_task(task: CompositionTask, e: int, fitted: dict | None = None, slot: int | None = None,
+                           after: dict | None = None) -> dict:
     """Blocks then gates of expert e alone, on its own data; returns its new parameters, named
     for position `slot` of the composition (default e). fitted: the shared routing centres as
-    `centres_task` returns them (`moie run` starts this task early), else the task's own."""
+    `centres_task` returns them (`moie run` starts this task early), else the task's own.
+    after: the result of the task this one waits for (Ray starts it only once that one is
+    done); unused."""
     task = task if fitted is None else replace(task, centers=fitted["centers"])
     slot = e if slot is None else slot
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
@@ -532,6 +535,7 @@ class EarlyIndependent:
         self.started: dict[str, tuple] = {}  # expert name -> (its slot, its task, Ray ref)
         self.opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
         self.off = False  # set when starting early failed
+        self.chains: list = [None] * cfg.compose.early_tasks  # the newest task of each chain of early tasks
 
     # the experts stage's events
 
@@ -578,8 +582,13 @@ class EarlyIndependent:
         for name in ready:
             if name not in self.started:
                 slot, task = self.planned.index(name), self._task([self.versions[name]])
-                ref = ray.remote(train_independent_task).options(**self.opts).remote(task, 0, self.centres_ref, slot)
+                # at most `early_tasks` at once: each waits for the one before it in its chain, so the
+                # experts still training and the compose stage's first tasks keep the other CPUs
+                chain = len(self.started) % len(self.chains)
+                ref = ray.remote(train_independent_task).options(**self.opts).remote(
+                    task, 0, self.centres_ref, slot, self.chains[chain])
                 self.started[name] = (slot, task, ref)
+                self.chains[chain] = ref
                 print(f"compose independent: {name}'s blocks and gates start now, while "
                       f"{len(self.planned) - len(ready)} experts still train", flush=True)
 
