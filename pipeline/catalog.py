@@ -113,6 +113,7 @@ class Catalog:
         self.cfg = cfg
         self.tracker = tracker or Tracker(cfg)
         self.client = self.tracker.client
+        self._routers: dict[str, tuple[dict, dict]] = {}  # cluster run -> its router's (tensors, meta)
         self._checked: set[tuple] = set()  # (token file, its size and mtime, recorded sha256) read and found equal
 
     @classmethod
@@ -164,12 +165,15 @@ class Catalog:
                              "or the store moved; run the stage that made it again") from None
 
     def router_state(self, cluster_run_id: str, dst: Path) -> tuple[dict, dict]:
-        """(tensors, meta) of a cluster run's cBTM router, checked against the sha256 the run recorded."""
-        run = self.client.get_run(cluster_run_id)
-        dst.mkdir(parents=True, exist_ok=True)
-        for name in (f"{ROUTER_NAME}.safetensors", f"{ROUTER_NAME}.json"):  # not the run's other artifacts
-            self.run_file(run, name, dst)
-        return load_state(dst, ROUTER_NAME)
+        """(tensors, meta) of a cluster run's cBTM router, checked against the sha256 the run
+        recorded; downloaded once per catalog (`moie run` asks again for each early task)."""
+        if cluster_run_id not in self._routers:
+            run = self.client.get_run(cluster_run_id)
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in (f"{ROUTER_NAME}.safetensors", f"{ROUTER_NAME}.json"):  # not the run's other artifacts
+                self.run_file(run, name, dst)
+            self._routers[cluster_run_id] = load_state(dst, ROUTER_NAME)
+        return self._routers[cluster_run_id]
 
     def router(self, cluster_run_id: str, dst: Path):
         from routing.router import ClusterRouter

@@ -74,25 +74,25 @@ def _io(what: str, location: str):
                                   "node reaches it and holds credentials that may write it")
 
 
+def _info(location: str):
+    """pyarrow's FileInfo of a location."""
+    fs, path = _filesystem(location)
+    try:
+        return fs.get_file_info(path)
+    except OSError as err:
+        raise _io("read", location)(err) from None
+
+
 def kind(location: str) -> str:
     """'file', 'directory' or 'missing'."""
     import pyarrow.fs as pafs
 
-    fs, path = _filesystem(location)
-    try:
-        info = fs.get_file_info(path)
-    except OSError as err:
-        raise _io("read", location)(err) from None
-    return {pafs.FileType.File: "file", pafs.FileType.Directory: "directory"}.get(info.type, "missing")
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "directory"}.get(_info(location).type, "missing")
 
 
 def stamp(location: str) -> tuple[int, int]:
     """(size, modification time in ns) of a file: a change to it changes its stamp."""
-    fs, path = _filesystem(location)
-    try:
-        info = fs.get_file_info(path)
-    except OSError as err:
-        raise _io("read", location)(err) from None
+    info = _info(location)
     return info.size or 0, info.mtime_ns or 0
 
 
