@@ -64,6 +64,10 @@ class ExpertsConfig:
     # budget; each expert then trains (its budget - seed / k) tokens, so the total stays equal
     seed_fraction: float = 0.0
     progress_every: float = 5.0  # seconds between progress lines in the terminal
+    # tests only: a local directory; each training task, once its first checkpoint is written,
+    # writes <name>.held there ({"pid", "step"}) and waits until <dir>/release exists. A test that
+    # interrupts training thus knows training is still going, whatever the machine's speed.
+    hold: str | None = None
 
 
 @dataclass

@@ -202,16 +202,19 @@ def test_moie_generate_on_a_directory_without_a_model_is_a_clear_error(tmp_path)
     assert proc.returncode == 2 and "holds neither model.safetensors" in proc.stderr
 
 
-def test_compile_without_a_cxx_compiler_falls_back_to_eager_and_trains_the_same(monkeypatch, caplog):
+def test_compile_without_a_cxx_compiler_falls_back_to_eager_and_trains_the_same(caplog):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    torch._dynamo.reset()  # nothing compiled earlier in this process may be reused
+    default = inductor_config.cpp.cxx
     data = tokens()
     eager, compiled = small_model(seed=3), small_model(seed=3)
     a = train(eager, data, None, cfg(max_tokens=3 * 4 * 64, precision="fp32"))
-    with caplog.at_level("WARNING", logger="experts.trainer"):
+    # torch's own patch context restores its config exactly (no test after this one sees the fake compiler)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}), caplog.at_level("WARNING", logger="experts.trainer"):
+        torch._dynamo.reset()  # nothing compiled earlier in this process may be reused
         b = train(compiled, data, None, cfg(max_tokens=3 * 4 * 64, precision="fp32", compile=True))
+    torch._dynamo.reset()  # nor what failed to compile here
+    assert inductor_config.cpp.cxx == default
     assert "torch.compile failed" in caplog.text
     assert b.steps == a.steps == 3 and b.train_loss == a.train_loss
     assert all(torch.equal(x, y) for x, y in zip(state(eager).values(), state(compiled).values()))

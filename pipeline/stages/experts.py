@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -74,6 +75,7 @@ class ExpertTask:
     stop_at: int | None = None  # the seed phase: the dense model stops at this step ...
     seed_dir: str | None = None  # ... and is exported here
     description: dict | None = None  # of the MLflow model the task logs to its run (None: the seed, not logged)
+    hold: str | None = None  # tests only (experts.hold): wait after the first checkpoint until <hold>/release exists
 
 
 @dataclass
@@ -169,8 +171,9 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
             board.update.remote(task.name, {"step": step, "total": total, "loss": metrics["train_loss"],
                                             "tokens_per_s": metrics["tokens_per_s"], "pid": os.getpid()})
 
+    on_checkpoint = checkpoints.push if task.hold is None else held_after_first(checkpoints.push, task)
     result = train(model, train_tokens, val_tokens, cfg, ckpt_dir=checkpoints.dir, on_metrics=on_metrics,
-                   meta={"tokenizer": task.tokenizer}, stop_at=task.stop_at, on_checkpoint=checkpoints.push)
+                   meta={"tokenizer": task.tokenizer}, stop_at=task.stop_at, on_checkpoint=on_checkpoint)
     params = sum(p.numel() for p in model.parameters())
     if task.stop_at:  # the seed phase: export the paused model for the experts to branch from
         save_model(scratch / "seed", model, {"tokenizer": task.tokenizer, "name": "seed", "step": result.steps})
@@ -182,6 +185,27 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
         board.update.remote(task.name, {"step": result.steps, "total": total, "loss": result.train_loss,
                                         "tokens_per_s": result.tokens_per_s, "pid": os.getpid(), "done": True})
     return TrainedModel(result, params, files)
+
+
+def held_after_first(push, task: ExpertTask):
+    """on_checkpoint for tests (experts.hold): push each checkpoint; after the first one, write
+    <hold>/<name>.held ({"pid", "step"}, atomically) and wait there until <hold>/release exists."""
+    hold = Path(task.hold)
+    held = []
+
+    def on_checkpoint(json_path: Path) -> None:
+        push(json_path)
+        if held:
+            return
+        held.append(True)
+        marker = hold / f"{task.name}.held"
+        part = marker.with_name(marker.name + ".part")
+        part.write_text(json.dumps({"pid": os.getpid(), "step": int(Path(json_path).stem.removeprefix("step-"))}))
+        part.rename(marker)
+        while not (hold / "release").exists():  # a cancel (force) or the driver's exit ends the wait
+            time.sleep(0.05)
+
+    return on_checkpoint
 
 
 # --- the stage ---------------------------------------------------------------------------
@@ -326,7 +350,7 @@ class _ExpertsStage:
                           num_gpus=e.num_gpus, tokenizer=ByteTokenizer().fingerprint, seed=self.cfg.seed,
                           has_central=bool(self.cfg.central.arch), init_from=seed.dir if branch else None,
                           description={"registered_model": registered_model(name), "model": name,
-                                       "pipeline": self.pipeline_id, "domain": domain})
+                                       "pipeline": self.pipeline_id, "domain": domain}, hold=e.hold)
 
     def create_run(self, name: str, params: dict[str, str], files: dict[str, str]) -> str:
         tags = {"moie.expert": name, "moie.cluster_run": self.cluster_run_id, STORAGE_ROOT: self.root,
