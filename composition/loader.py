@@ -30,11 +30,13 @@ class CompositionSettings:
     k: int
     threshold: float
     pool: str = "token"
+    glue: str = "attention"  # compositions registered before glue was a setting are cross-attention
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "CompositionSettings":
         return cls(n_points=manifest["n_points"], routing=manifest["routing"], k=manifest["k"],
-                   threshold=manifest["threshold"], pool=manifest.get("pool", "token"))
+                   threshold=manifest["threshold"], pool=manifest.get("pool", "token"),
+                   glue=manifest.get("glue", "attention"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,7 +48,7 @@ def assemble(central: torch.nn.Module, experts: list[torch.nn.Module], settings:
     state must hold every block and gate (a finished composition); else only what it holds
     is loaded (e.g. the shared routing centres before training)."""
     composed = ComposedLM(central, experts, n_points=settings.n_points, routing=settings.routing, k=settings.k,
-                          threshold=settings.threshold, pool=settings.pool)
+                          threshold=settings.threshold, pool=settings.pool, glue=settings.glue)
     if state:
         loaded = composed.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
         missing = [k for k in loaded.missing_keys if k.startswith(("blocks.", "gates."))] if complete else []

@@ -27,6 +27,7 @@ from experts.blocks import Attention, RMSNorm
 
 ROUTINGS = ("gate", "topk", "adaptive", "router")
 POOLS = ("token", "prefix")
+GLUES = ("attention", "aligned", "both")  # what a block reads of its expert: see make_block
 
 
 class CrossAttentionBlock(nn.Module):
@@ -52,6 +53,55 @@ class CrossAttentionBlock(nn.Module):
         return self.attn(self.ln_q(h), self.ln_kv(kv), mask=mask)
 
 
+class AlignedBlock(nn.Module):
+    """The expert's state at the aligned position, projected into the central's width:
+
+        a_t = W RMSNorm(z_{r(t)}),   r(t) = the newest expert row that central row t may see
+
+    (visible_e[r] <= visible_c[t]; zero where the expert has no such row yet). Paired with the
+    expert's decoder1, r(t) is the expert's own prediction state for the byte after t: the
+    source of its advantage, which content-only cross-attention blurs into a prefix average.
+    One matmul a row (2 d_e d_c FLOPs), no attention. W starts at zero: the identity."""
+
+    def __init__(self, d_c: int, d_e: int):
+        super().__init__()
+        self.ln = RMSNorm(d_e)
+        self.proj = nn.Linear(d_e, d_c, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, h: torch.Tensor, visible_c: torch.Tensor, z: torch.Tensor,
+                visible_e: torch.Tensor) -> torch.Tensor:
+        row = torch.searchsorted(visible_e.contiguous(), visible_c.contiguous(), right=True) - 1  # (T_c,); -1: none
+        if z.shape[1] == 0:  # input shorter than the expert's group: nothing to read yet
+            return h.new_zeros(h.shape)
+        picked = z[:, row.clamp(min=0)].to(h.dtype)  # (B, T_c, d_e)
+        return self.proj(self.ln(picked)) * (row >= 0).to(h.dtype).view(1, -1, 1)
+
+
+class GlueBlock(nn.Module):
+    """Cross-attention and the aligned read side by side, summed (glue "both")."""
+
+    def __init__(self, d_c: int, d_e: int, n_head: int):
+        super().__init__()
+        self.attention = CrossAttentionBlock(d_c, d_e, n_head)
+        self.aligned = AlignedBlock(d_c, d_e)
+
+    def forward(self, h, visible_c, z, visible_e):
+        return self.attention(h, visible_c, z, visible_e) + self.aligned(h, visible_c, z, visible_e)
+
+
+def make_block(glue: str, d_c: int, d_e: int, n_head: int) -> nn.Module:
+    """attention: CALM's cross-attention into every expert row the central row may see;
+    aligned: only the expert's state at the aligned position (AlignedBlock); both: their sum."""
+    if glue == "attention":
+        return CrossAttentionBlock(d_c, d_e, n_head)
+    if glue == "aligned":
+        return AlignedBlock(d_c, d_e)
+    if glue == "both":
+        return GlueBlock(d_c, d_e, n_head)
+    raise ValueError(f"glue must be one of {GLUES}, got {glue!r}")
+
+
 def composition_points(stages: list[str], n_points: int) -> list[str]:
     """n stage names spread evenly over a model's depth (the embedding excluded)."""
     body = stages[1:]
@@ -71,7 +121,7 @@ class ComposedLM(nn.Module):
 
     def __init__(self, central: nn.Module, experts: list[nn.Module], n_points: int = 2, n_head: int | None = None,
                  routing: str = "topk", k: int = 2, threshold: float = 0.5, k_max: int | None = None,
-                 pool: str = "token"):
+                 pool: str = "token", glue: str = "attention"):
         super().__init__()
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -79,6 +129,8 @@ class ComposedLM(nn.Module):
             raise ValueError("a composition needs at least one expert")
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if glue not in GLUES:
+            raise ValueError(f"glue must be one of {GLUES}, got {glue!r}")
         self.central, self.experts = central, nn.ModuleList(experts)
         for model in (central, *experts):
             model.requires_grad_(False)
@@ -92,8 +144,8 @@ class ComposedLM(nn.Module):
         for e, expert in enumerate(experts):
             e_widths = {name: feat["h"].shape[-1] for name, feat in _stage_widths(expert).items()}
             self.blocks.append(nn.ModuleDict({
-                p: CrossAttentionBlock(widths[p], e_widths[self.pairs[e][p]],
-                                       n_head or _heads(central, widths[p])) for p in self.points}))
+                p: make_block(glue, widths[p], e_widths[self.pairs[e][p]], n_head or _heads(central, widths[p]))
+                for p in self.points}))
         # PHATGOOSE gate vectors v_{e,i}, zero-initialised: every gate starts at sigmoid(0) = 0.5.
         # One ParameterDict per expert, so an expert's gates train (and are added) on their own.
         self.gates = nn.ModuleList(nn.ParameterDict({p: nn.Parameter(torch.zeros(widths[p])) for p in self.points})
@@ -105,7 +157,7 @@ class ComposedLM(nn.Module):
                                          for p in self.points})
         self.routing, self.k, self.threshold = routing, min(k, len(experts)), threshold
         self.k_max = k_max or len(experts)
-        self.pool = pool
+        self.pool, self.glue = pool, glue
         self.active: list[int] = list(range(len(experts)))  # experts whose forward runs
         self.balance_weight = 0.0  # joint training: weight of the load-balancing loss
         self.last_experts_per_token: float | None = None

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from composition.model import ComposedLM
-from experts.flops import forward_flops_per_token
+from experts.flops import features_flops_per_token, flops_up_to_stages, forward_flops_per_token
 from experts.trainer import TrainConfig, TrainResult, train
 
 
@@ -52,17 +52,22 @@ def fit_centers(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: in
 
 
 def train_flops_per_token(composed: ComposedLM, experts: list[int], routing: str) -> float:
-    """Training FLOPs per token of a composition phase that runs `experts` with `routing`: forward
-    and backward (3x forward) through the central model and the blocks, forward only through
-    the frozen experts (no weight of theirs and none of their states needs a gradient)."""
+    """Training FLOPs per token of a composition phase that runs `experts` with `routing`.
+    Forward: central, experts and blocks. Backward: 2x the blocks' forward (input and weight
+    gradients, as for any trained layer); 1x the central model's forward above the first
+    composition point (input gradients only: its weights are frozen), none below it, where
+    backward stops since nothing there trains; nothing through the frozen experts."""
     saved = composed.routing, composed.active
     try:
         composed.routing, composed.active = routing, list(experts)
         total = forward_flops_per_token(composed)
     finally:
         composed.routing, composed.active = saved
-    frozen = sum(forward_flops_per_token(composed.experts[e]) for e in experts)
-    return 3 * total - 2 * frozen
+    central = forward_flops_per_token(composed.central)
+    frozen = sum(features_flops_per_token(composed.experts[e]) for e in experts)  # no output head
+    glue = total - central - frozen
+    above = central - flops_up_to_stages(composed.central)[composed.points[0]]
+    return total + above + 2 * glue
 
 
 def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blocks_cfg: TrainConfig,

@@ -3,6 +3,7 @@ and model FLOP utilisation against a measured peak (nanoGPT's estimate_mfu, gene
 to the hourglass, whose rows per token differ level by level)."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -16,15 +17,47 @@ def forward_flops_per_token(model: nn.Module, seq_len: int | None = None) -> flo
     """Matmul FLOPs of one forward pass divided by tokens: 2 * in * out per Linear row, and
     4 * d per (query, key) pair that attention computes (masked pairs excluded)."""
     seq_len = seq_len or model.config.block_size
-    total = 0.0
+    with _counting(model) as count:
+        _forward_zeros(model, seq_len)
+    return count[0] / seq_len
+
+
+@torch.no_grad()
+def features_flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
+    """forward_flops_per_token of model.features(): every stage's state, no output head (what
+    a composition runs of a frozen expert)."""
+    seq_len = seq_len or model.config.block_size
+    with _counting(model) as count:
+        _forward_zeros(model.features, seq_len, model=model)
+    return count[0] / seq_len
+
+
+@torch.no_grad()
+def flops_up_to_stages(model: nn.Module, seq_len: int | None = None) -> dict[str, float]:
+    """{stage: forward FLOPs per token spent once that stage's output exists} for a model whose
+    forward takes inject(name, h, visible) (the GPT and the hourglass): where a composition point
+    sits, and so how much of the frozen model's backward a composition needs."""
+    seq_len = seq_len or model.config.block_size
+    marks: dict[str, float] = {}
+    with _counting(model) as count:
+        def mark(name, h, visible):
+            marks[name] = count[0] / seq_len
+            return h
+
+        _forward_zeros(model, seq_len, inject=mark)
+    return marks
+
+
+@contextlib.contextmanager
+def _counting(model: nn.Module):
+    """Hooks that add each Linear's and Attention's matmul FLOPs to the yielded [total]."""
+    total = [0.0]
 
     def linear_hook(module: nn.Linear, inputs, output):
-        nonlocal total
         rows = inputs[0].numel() // module.in_features
-        total += 2.0 * rows * module.in_features * module.out_features
+        total[0] += 2.0 * rows * module.in_features * module.out_features
 
     def attention_hook(module: Attention, args, kwargs, output):
-        nonlocal total
         x_q = args[0]
         x_kv = args[1] if len(args) > 1 and args[1] is not None else kwargs.get("x_kv")
         x_kv = x_q if x_kv is None else x_kv
@@ -37,21 +70,28 @@ def forward_flops_per_token(model: nn.Module, seq_len: int | None = None) -> flo
             pairs = Tq * (Tq + 1) / 2
         else:
             pairs = Tq * Tk
-        total += 4.0 * C * pairs * B  # q.k^T and attn.v
+        total[0] += 4.0 * C * pairs * B  # q.k^T and attn.v
 
     handles = [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
     handles += [m.register_forward_hook(attention_hook, with_kwargs=True)
                 for m in model.modules() if isinstance(m, Attention)]
+    try:
+        yield total
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_zeros(call, seq_len: int, model: nn.Module | None = None, **kwargs) -> None:
+    """call(zeros (1, seq_len), **kwargs) with `model` (default: call itself) in eval mode."""
+    model = model or call
     was_training = model.training
     try:
         model.eval()
         device = next(model.parameters()).device
-        model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
+        call(torch.zeros(1, seq_len, dtype=torch.long, device=device), **kwargs)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return total / seq_len
 
 
 def train_flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:

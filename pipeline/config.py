@@ -88,6 +88,9 @@ class ComposeConfig:
     k: int = 2  # experts per token (top-k routing)
     threshold: float = 0.5  # adaptive routing: a token takes every expert whose gate exceeds it
     pool: str = "token"  # what routing looks at: each token's state, or the running mean of its prefix
+    # what a block reads of its expert: attention (CALM: every expert row the position may see) |
+    # aligned (the expert's state at the aligned position, one projection) | both
+    glue: str = "attention"
     # tokens whose mean central state centers the routing (0: uncentred): an equal share drawn at
     # random from each expert's training data, so the centre is the mean over clusters, not one domain
     center_tokens: int = 32_768
@@ -265,6 +268,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"compose.modes must be a non-empty list of 'independent' and 'joint', got {cfg.compose.modes}")
     if cfg.compose.routing not in ("router", "topk", "adaptive"):
         raise ConfigError(f"compose.routing must be 'router', 'topk' or 'adaptive', got {cfg.compose.routing!r}")
+    if cfg.compose.glue not in ("attention", "aligned", "both"):
+        raise ConfigError(f"compose.glue must be 'attention', 'aligned' or 'both', got {cfg.compose.glue!r}")
     if cfg.compose.pool not in ("token", "prefix"):
         raise ConfigError(f"compose.pool must be 'token' or 'prefix', got {cfg.compose.pool!r}")
     if not 0 <= cfg.evaluate.max_overlap <= 1 or cfg.evaluate.shingle_words < 1 or cfg.evaluate.bootstrap < 1:

@@ -53,10 +53,11 @@ def softmax_route(T, n, seed):
     return torch.softmax(torch.randn(1, T, n, generator=torch.Generator().manual_seed(seed)), -1)
 
 
+@pytest.mark.parametrize("glue", ["attention", "aligned", "both"])
 @pytest.mark.parametrize("routing", ["topk", "gate", "adaptive"])
-def test_composed_logits_equal_the_central_models_exactly_at_initialisation(routing):
+def test_composed_logits_equal_the_central_models_exactly_at_initialisation(routing, glue):
     central = central_gpt()
-    composed = ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing, k=2)
+    composed = ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing, k=2, glue=glue)
     idx = torch.randint(0, V, (2, 37))
     assert torch.equal(composed(idx)[0], central(idx)[0])
 
@@ -68,12 +69,13 @@ def test_gates_start_at_one_half():
         assert torch.equal(composed.route(point, h), torch.full((2, 5, 3), 0.5))
 
 
+@pytest.mark.parametrize("glue", ["attention", "aligned", "both"])
 @pytest.mark.parametrize("routing", ["topk", "gate", "adaptive", "router"])
 @pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
-def test_composed_model_is_causal_with_experts_of_other_compression(routing, central_kind):
+def test_composed_model_is_causal_with_experts_of_other_compression(routing, central_kind, glue):
     central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
     composed = randomised(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing,
-                                     threshold=0.5, k=2))
+                                     threshold=0.5, k=2, glue=glue))
     kwargs = {"route": softmax_route(45, 3, seed=2)} if routing == "router" else {}
     idx = torch.randint(0, V, (1, 45), generator=torch.Generator().manual_seed(1))
     base, _ = composed(idx, **kwargs)
@@ -368,3 +370,74 @@ def test_the_expert_chosen_for_a_position_is_the_one_its_rows_weigh_most():
     composed(torch.randint(0, V, (1, 30), generator=torch.Generator().manual_seed(2)))
     total = sum(w for w in composed.last_routing.values())  # a GPT's rows are its positions: (1, 30, 3)
     assert torch.equal(composed.routed_experts(), total.argmax(-1))
+
+
+# --- the aligned glue: the expert's state at the aligned position --------------------------------
+
+
+def test_the_aligned_block_reads_at_each_central_row_the_newest_expert_row_it_may_see_and_no_other():
+    from composition.model import AlignedBlock
+
+    block = randomise_(AlignedBlock(32, 24), seed=3)
+    T = 40
+    visible_c = torch.arange(T)  # a GPT central: row t sees inputs <= t
+    visible_e = torch.arange(7, T, 8)  # an expert level of groups of 8: row r sees inputs <= 8r + 7
+    h, z = torch.randn(2, T, 32), torch.randn(2, len(visible_e), 24)
+    base = block(h, visible_c, z, visible_e)
+    assert torch.equal(base[:, :7], torch.zeros_like(base[:, :7]))  # no expert row visible yet: nothing read
+    for r in range(len(visible_e)):
+        changed = z.clone()
+        changed[:, r] += 1.0
+        out = block(h, visible_c, changed, visible_e)
+        reads = [t for t in range(T) if not torch.equal(out[:, t], base[:, t])]
+        # exactly the central rows whose newest visible expert row is r
+        assert reads == [t for t in range(T) if visible_e[r] <= t < (visible_e[r + 1] if r + 1 < len(visible_e) else T)]
+
+
+def test_with_aligned_glue_the_central_output_at_t_follows_the_experts_decoder_state_at_t():
+    """Change the expert's full-resolution state at one position t: the composed logits change
+    at t (where the glue reads it) and nowhere before t."""
+    central = central_gpt()
+    expert = expert_hourglass(1, [4, 2], [16, 24, 32])
+    composed = randomised(ComposedLM(central, [expert], n_points=1, routing="gate", glue="aligned"))
+    assert composed.pairs[0][composed.points[0]] == "decoder1"  # the last central layer reads the expert's last stage
+    idx = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(4))
+    features = expert.features
+    base, _ = composed(idx)
+    for t in (5, 17, 39):
+        def perturbed(x, t=t):
+            out = features(x)
+            dec = next(f for f in out if f["name"] == "decoder1")
+            row = int((dec["visible"] == t).nonzero())  # the expert's row of position t
+            dec["h"] = dec["h"].clone()
+            dec["h"][:, row] += 1.0
+            return out
+
+        expert.features = perturbed
+        try:
+            logits, _ = composed(idx)
+        finally:
+            expert.features = features
+        assert torch.equal(logits[:, :t], base[:, :t])
+        assert not torch.allclose(logits[:, t], base[:, t])
+
+
+def test_one_aligned_glue_step_costs_forward_plus_the_blocks_twice_plus_the_central_above_the_first_point():
+    """Pinned: forward through central, expert and blocks; backward 2x the blocks (2 d_e d_c
+    FLOPs a central row each) and 1x the central above the first composition point (input
+    gradients only), nothing below it and nothing through the frozen expert."""
+    from composition.training import train_flops_per_token
+    from experts.flops import features_flops_per_token, flops_up_to_stages, forward_flops_per_token
+
+    central, expert = central_gpt(), expert_hourglass(1, [4, 2], [16, 24, 32])
+    composed = ComposedLM(central, [expert], n_points=2, routing="gate", glue="aligned")
+    assert composed.points == ["layer2", "layer4"] and composed.pairs[0] == {"layer2": "encoder2", "layer4": "decoder1"}
+    d_c, d_encoder2, d_decoder1 = 32, 32, 16  # one central row a token (GPT) at each point
+    glue = 2 * d_encoder2 * d_c + 2 * d_decoder1 * d_c
+    layer = 2 * 32 * 3 * 32 + 2 * 32 * 32 + 4 * 32 * (48 + 1) / 2 + 2 * (2 * 32 * 4 * 32)  # qkv, proj, attention, MLP
+    central_fwd, expert_fwd = forward_flops_per_token(central), features_flops_per_token(expert)
+    assert expert_fwd == pytest.approx(forward_flops_per_token(expert) - 2 * 16 * V)  # all but its head
+    assert flops_up_to_stages(central)["layer2"] == pytest.approx(2 * layer)  # two of the four layers
+    above = central_fwd - 2 * layer  # layers 3 and 4 and the head
+    assert train_flops_per_token(composed, [0], "gate") == pytest.approx(
+        (central_fwd + expert_fwd + glue) + 2 * glue + above, rel=1e-12)

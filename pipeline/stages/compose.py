@@ -401,7 +401,7 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
     tokenizer = check_tokenizers(versions)
     c = cfg.compose
     settings = settings or CompositionSettings(n_points=c.n_points, routing=c.routing, k=c.k,
-                                               threshold=c.threshold, pool=c.pool)
+                                               threshold=c.threshold, pool=c.pool, glue=c.glue)
     task = CompositionTask(
         central=exact_uri(central), experts=[exact_uri(v) for v in experts], tokenizer=tokenizer,
         tracking_uri=catalog.tracker.uri, expert_data=[catalog.data_path(v, "train") for v in experts],
@@ -479,6 +479,7 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
     with tracker.stage_run(pipeline_id, "compose", name=f"compose-{mode}", tags={"moie.mode": mode}) as run_id:
         tracker.log_params(run_id, {"mode": mode, "central": task.central, "experts": ",".join(task.experts),
                                     "n_points": s.n_points, "routing": s.routing, "k": s.k, "pool": s.pool,
+                                    "glue": s.glue,
                                     "center_tokens": task.center_tokens,
                                     **({"added": added["moie.added"]} if added else {})})
         state, tokens = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only, early)
