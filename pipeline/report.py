@@ -32,7 +32,7 @@ def write_results(out: Path, rows: list[dict], domains: list[str], heat: dict[st
                   deltas: list[dict] | None = None) -> str:
     """results.md, results.csv, deltas.csv, bpb_by_domain.png, routing_heatmap.png; returns the
     markdown of both tables (bits per byte; differences from the baselines with intervals)."""
-    columns = ["system", *domains, "all", *RESULT_COLUMNS]
+    columns = ["system", *domains, "all", "macro", *RESULT_COLUMNS]
     _write_csv(out / "results.csv", rows, columns)
     markdown = markdown_table(rows, columns)
     if deltas:

@@ -47,7 +47,13 @@ def test_compose_stage_runs_both_modes_and_registers_compositions_better_than_ce
     assert sorted(r.data.tags["moie.mode"] for r in runs) == ["dense_matched", "independent", "joint"]
     runs = [r for r in runs if r.data.tags["moie.mode"] != "dense_matched"]
     for run in runs:
-        assert run.data.metrics["val_bpb"] < run.data.metrics["central_val_bpb"]
+        m = run.data.metrics
+        assert m["val_bpb"] < m["central_val_bpb"]
+        # validation covers every cluster, each scored on its own documents (not a corpus-ordered prefix)
+        clusters = [f"expert-{c}" for c in range(3)]
+        assert sorted(k.removeprefix("val_bpb/") for k in m if k.startswith("val_bpb/")) == clusters
+        assert len({m[f"central_val_bpb/{c}"] for c in clusters}) == 3  # three different sets of documents
+        assert m["val_bpb_macro"] == pytest.approx(sum(m[f"val_bpb/{c}"] for c in clusters) / 3)
         files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition")}
         assert {"composition/MLmodel", "composition/artifacts"} <= files  # an MLflow pyfunc model
         files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition/artifacts/composition")}

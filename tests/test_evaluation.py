@@ -235,3 +235,43 @@ def test_the_routing_page_groups_bytes_into_characters_and_loses_no_text():
                   [{"name": "expert-0", "cluster": 0, "domain": "a", "purity": 0.5, "uri": "models:/x/1"},
                    {"name": "expert-1", "cluster": 1, "domain": "b", "purity": None, "uri": "models:/x/2"}], "t")
     assert "&lt;doc&gt;" in page and "models:/x/2" in page and "<script" not in page
+
+
+def test_capture_is_the_share_of_the_oracles_gain_over_the_central_only_where_the_oracle_gains():
+    from pipeline.stages.evaluate import capture
+
+    bpb = {"central": {"code": 3.0, "plays": 2.0}, "oracle": {"code": 2.0, "plays": 2.1},
+           "cbtm_top1": {"code": 2.25, "plays": 2.05}, "expert0": {"code": 1.0, "plays": 9.0}}
+    assert capture(bpb, ["code", "plays"]) == {"capture/cbtm_top1/code": 0.75}  # plays: the oracle loses
+
+
+def test_routing_accuracy_of_a_composition_is_per_byte_and_a_byte_routed_nowhere_is_a_miss():
+    from pipeline.stages.evaluate import _routing
+
+    # two documents of domains a (expert 0) and b (expert 1); the composition lists the experts reversed
+    choices = [np.array([1, 1, 1, -1]), np.array([0, 0, 1, 1, 1, 1])]  # per byte, in the composition's order
+    scored = {"experts": ["e0", "e1"], "composition_experts": {"composed_independent": ["e1", "e0"]},
+              "results": {"composed_independent": {"choices": choices, "experts_per_token": 1.0,
+                                                   "top1_counts": np.array([[99, 0], [0, 99]])}}}
+    cbtm = [np.array([[1.0, 0.0]] * 4), np.array([[0.0, 1.0]] * 6)]
+    metrics, heat = _routing(["a", "b"], scored, cbtm, {"a": 0, "b": 1})
+    # document a: 3 bytes on e0 of 4 (one nowhere); document b: 2 bytes on e1 of 6
+    assert metrics["routing_accuracy/composed_independent"] == pytest.approx((3 + 2) / 10)
+    assert metrics["routing_accuracy/cbtm_top1"] == 1.0
+    assert heat["composed_independent"].tolist() == [[3, 0], [4, 2]]  # load counts the routed bytes only
+
+
+def test_macro_bits_per_byte_weighs_every_domain_the_same_whatever_its_bytes():
+    from pipeline.stages.evaluate import summarise
+
+    ln2 = np.log(2)
+    docs = [np.zeros(1000, dtype=np.uint8), np.zeros(10, dtype=np.uint8)]
+    lp = {"central": [np.full(1000, -1 * ln2), np.full(10, -3 * ln2)]}  # 1 bit per byte on a, 3 on b
+    results = {name: {"log_probs": v, "flops": 1.0, "params": 1, "ms_per_token": 1.0} for name, v in lp.items()}
+    results["expert0"] = results["central"]
+    scored = {"results": results, "experts": ["e0"], "composition_experts": {}, "train_tokens": {},
+              "central_uri": "c", "dense_uri": "c"}
+    results["dense"] = results["central"]
+    out = summarise(["a", "b"], docs, scored, [np.ones((1000, 1)), np.ones((10, 1))], {"a": 0}, resamples=10)
+    assert out["metrics"]["bpb/central/macro"] == pytest.approx(2.0)
+    assert out["metrics"]["bpb/central/all"] == pytest.approx((1000 + 30) / 1010)

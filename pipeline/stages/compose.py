@@ -46,6 +46,7 @@ class CompositionTask:
     tokenizer: str
     tracking_uri: str  # the registry
     expert_data: list[str]  # each expert's own training tokens (independent mode): locations in the storage
+    expert_val: list[str]  # each expert's own validation tokens: scoring takes an equal share of each
     train: str  # the central model's training and validation tokens (joint mode, centres, scoring)
     val: str
     settings: CompositionSettings
@@ -189,23 +190,47 @@ def train_matched_task(task: MatchedTask) -> dict:
 
 def evaluate_task(task: CompositionTask, state: dict) -> dict:
     """Validation bits per byte of the composed model and of the central model alone, on whole
-    validation documents (the central's validation stream cut at its separators), routed as
-    the composition routes (`router`: cBTM's weights for each document's prefix)."""
+    validation documents, an equal share (eval_tokens / experts) from each expert's own cluster
+    (a prefix of the corpus-ordered stream would be one domain), routed as the composition
+    routes (`router`: cBTM's weights for each document's prefix). Also each cluster's figures
+    (`val_bpb/<expert>`) and their macro average (each cluster weighing the same)."""
+    eos = ByteTokenizer().eos_id
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True)
-        val = np.asarray(_tokens(task.val, Path(scratch)))
-    eos = ByteTokenizer().eos_id
-    docs = validation_documents(val, eos, task.eval_tokens)
+        share = max(1, task.eval_tokens // len(task.experts))
+        groups = [validation_documents(np.asarray(_tokens(path, Path(scratch))), eos, share, required=False)
+                  for path in task.expert_val]
+    if not any(groups):
+        raise StageError("no validation documents to score in any expert's cluster; raise corpus.val_fraction")
     seq = composed.config.block_size
-    routes = router_weights(task, docs) if task.settings.routing == "router" else None
     composed.record_routing = True
-    scored = score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes)
-    central = score_documents(composed.central, docs, eos, seq, batch_size=8)
-    return {"val_bpb": bits_per_byte(scored.log_probs), "central_val_bpb": bits_per_byte(central.log_probs),
-            "experts_per_token": scored.experts_per_row}
+    figures, composed_lp, central_lp, rows = {}, [], [], []
+    for j, docs in enumerate(groups):
+        if not docs:
+            continue
+        routes = router_weights(task, docs) if task.settings.routing == "router" else None
+        scored = score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes)
+        central = score_documents(composed.central, docs, eos, seq, batch_size=8)
+        name = expert_label(task, j)
+        figures[f"val_bpb/{name}"] = bits_per_byte(scored.log_probs)
+        figures[f"central_val_bpb/{name}"] = bits_per_byte(central.log_probs)
+        composed_lp += scored.log_probs
+        central_lp += central.log_probs
+        if scored.experts_per_row is not None:
+            rows.append(scored.experts_per_row)
+    scored_names = [k.removeprefix("val_bpb/") for k in figures if k.startswith("val_bpb/")]
+    return {"val_bpb": bits_per_byte(composed_lp), "central_val_bpb": bits_per_byte(central_lp),
+            "val_bpb_macro": float(np.mean([figures[f"val_bpb/{n}"] for n in scored_names])),
+            "central_val_bpb_macro": float(np.mean([figures[f"central_val_bpb/{n}"] for n in scored_names])),
+            **({"experts_per_token": float(np.mean(rows))} if rows else {}), **figures}
 
 
-def validation_documents(tokens: np.ndarray, eos: int, max_tokens: int) -> list[np.ndarray]:
+def expert_label(task: CompositionTask, j: int) -> str:
+    """expert-<cluster> of the experts' shared clustering, else the j-th expert's position."""
+    return f"expert-{task.clusters[j]}" if task.clusters else f"expert{j}"
+
+
+def validation_documents(tokens: np.ndarray, eos: int, max_tokens: int, required: bool = True) -> list[np.ndarray]:
     """Whole documents of a token stream (documents end at `eos`), up to about max_tokens."""
     ends = np.flatnonzero(np.asarray(tokens) == eos)
     docs, start, total = [], 0, 0
@@ -216,7 +241,7 @@ def validation_documents(tokens: np.ndarray, eos: int, max_tokens: int) -> list[
         start = end + 1
         if total >= max_tokens:
             break
-    if not docs:
+    if not docs and required:
         raise StageError(f"no validation documents to score ({len(tokens)} validation tokens); "
                          "raise corpus.val_fraction")
     return docs
@@ -405,6 +430,7 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
     task = CompositionTask(
         central=exact_uri(central), experts=[exact_uri(v) for v in experts], tokenizer=tokenizer,
         tracking_uri=catalog.tracker.uri, expert_data=[catalog.data_path(v, "train") for v in experts],
+        expert_val=[catalog.data_path(v, "val") for v in experts],
         # joint training and evaluation read the whole corpus the central model was trained on
         train=catalog.data_path(central, "train", DENSE), val=catalog.data_path(central, "val", DENSE),
         settings=settings, center_tokens=c.center_tokens,

@@ -400,14 +400,23 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights:
     order = [s for s in order if s in log_probs]
     bpb = {s: {dom: bits_per_byte([lp for lp, dd in zip(log_probs[s], domains) if dd == dom]) for dom in names}
            | {"all": bits_per_byte(log_probs[s])} for s in order}
+    for s in order:  # each domain weighing the same, whatever its held-out bytes
+        bpb[s]["macro"] = float(np.mean([bpb[s][dom] for dom in names]))
     metrics: dict[str, float] = {f"bpb/{s}/{dom}": v for s in order for dom, v in bpb[s].items()}
+    metrics |= capture(bpb, names)
     routing_metrics, heat = _routing(domains, scored, cbtm_routes["cbtm_top1"], domain_expert)
     metrics |= routing_metrics
     cost = _cost(scored, order, n_experts)
     metrics |= {f"train_pflops/{s}": c["train_pflops"] for s, c in cost.items() if "train_pflops" in c}
     deltas = differences(log_probs, [s for s in order if not s.startswith("expert")], resamples, seed)
     metrics |= {f"delta/{d['system']}_vs_{d['baseline']}/{k}": d[k] for d in deltas for k in ("mean", "ci_low", "ci_high")}
-    rows = [{"system": s, **{dom: bpb[s][dom] for dom in names}, "all": bpb[s]["all"],
+    for dom in names:  # the same differences within each domain (its documents only)
+        mine = [i for i, dd in enumerate(domains) if dd == dom]
+        within = differences({s: [lp[i] for i in mine] for s, lp in log_probs.items()},
+                             [s for s in order if not s.startswith("expert")], resamples, seed)
+        metrics |= {f"delta/{d['system']}_vs_{d['baseline']}/{dom}/{k}": d[k] for d in within
+                    for k in ("mean", "ci_low", "ci_high")}
+    rows = [{"system": s, **{dom: bpb[s][dom] for dom in names}, "all": bpb[s]["all"], "macro": bpb[s]["macro"],
              "routing_accuracy": metrics.get(f"routing_accuracy/{s}"),
              "experts_per_token": metrics.get(f"experts_per_token/{s}"), **cost.get(s, {})} for s in order]
     # the floor a language model must clear: gzip, bz2, xz on the same documents
@@ -418,6 +427,21 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights:
 
 
 BASELINES = ("dense", DENSE_MATCHED)
+
+
+def capture(bpb: dict[str, dict[str, float]], domains: list[str]) -> dict[str, float]:
+    """capture/<system>/<domain>: the share of the oracle's gain over the central model that a
+    system captures there, (central - system) / (central - oracle), for every domain where the
+    oracle gains (the oracle is the ceiling of any composition of the same experts)."""
+    out = {}
+    for dom in domains:
+        gain = bpb["central"][dom] - bpb["oracle"][dom] if "oracle" in bpb else 0.0
+        if gain <= 0:
+            continue
+        for s in bpb:
+            if s not in ("central", "oracle") and not s.startswith("expert"):
+                out[f"capture/{s}/{dom}"] = (bpb["central"][dom] - bpb[s][dom]) / gain
+    return out
 
 
 def differences(log_probs: dict[str, list[np.ndarray]], systems: list[str], resamples: int,
@@ -467,9 +491,9 @@ def _system_log_probs(domains: list[str], docs: list[np.ndarray], results: dict,
 
 def _routing(domains: list[str], scored: dict, cbtm_top1: list[np.ndarray],
              domain_expert: dict[str, int]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Routing accuracy, experts per token and load of cBTM top-1 and every composed system
-    (top-1 counts per document over the pipeline's experts, the last column for others);
-    and each system's domain x expert heat map."""
+    """Routing accuracy per byte (the share of bytes whose top-1 expert is their domain's), experts
+    per token and load of cBTM top-1 and every composed system (top-1 counts per document over
+    the pipeline's experts, the last column for others); and each system's domain x expert heat map."""
     results, expert_uris = scored["results"], scored["experts"]
     n_experts = len(expert_uris)
     names = sorted(set(domains))
@@ -478,15 +502,18 @@ def _routing(domains: list[str], scored: dict, cbtm_top1: list[np.ndarray],
                                        for w in cbtm_top1]), 1.0)}
     for s in COMPOSED_SYSTEMS:
         if s in results:
-            counts = results[s]["top1_counts"]  # over the composition's own expert list
-            remap = np.zeros((counts.shape[0], n_experts + 1), dtype=np.int64)  # last column: other experts
-            for j, uri in enumerate(scored["composition_experts"][s]):
-                remap[:, expert_uris.index(uri) if uri in expert_uris else n_experts] += counts[:, j]
+            # per byte, as cBTM's: the expert weighted most for the prediction of each byte
+            # (-1: none, a miss); over the composition's own expert list, remapped
+            column = [expert_uris.index(uri) if uri in expert_uris else n_experts
+                      for uri in scored["composition_experts"][s]]  # n_experts: an expert from outside
+            remap = np.stack([np.bincount(np.asarray(column + [n_experts + 1])[c], minlength=n_experts + 2)
+                              for c in results[s]["choices"]])  # (docs, n_experts + 2); c = -1 -> the last
             routing[s] = (remap, results[s]["experts_per_token"])
     metrics, heat = {}, {}
     for s, (counts, per_token) in routing.items():
         hits = sum(counts[d, domain_expert[domains[d]]] for d in known)
-        total = sum(counts[d].sum() for d in known)
+        total = sum(counts[d].sum() for d in known)  # every byte of the known domains' documents
+        counts = counts[:, :n_experts + 1]  # load and heat: the bytes routed somewhere
         if total:
             metrics[f"routing_accuracy/{s}"] = float(hits / total)
         metrics[f"experts_per_token/{s}"] = float(per_token)
