@@ -56,6 +56,7 @@ STORAGE_ROOT = "moie.storage_root"  # where a model's token files and checkpoint
 DENSE = "dense"
 DENSE_MATCHED = "dense_matched"  # the dense model trained on for the compute composition spends beyond it
 CENTRAL = "central"
+SEED = "seed"  # the dense model at experts.seed_fraction, which every expert branched from: a hub to compose on
 
 
 def expert_name(cluster: int) -> str:
@@ -217,7 +218,7 @@ class Catalog:
                              "with the storage the experts stage wrote to (MOIE_STORAGE or `storage` in the config)")
         own = tags["moie.expert"]
         recorded = (path, storage.stamp(path), tags.get(f"{TOKENS_SHA}.{split}", ""))
-        if (name in (None, own) or (own == CENTRAL and name == DENSE)) and recorded not in self._checked:
+        if (name in (None, own) or (own in (CENTRAL, SEED) and name == DENSE)) and recorded not in self._checked:
             check_token_files(exact_uri(version), tags, {split: path})  # the files its run recorded
             self._checked.add(recorded)  # once per catalog: `moie run` asks again for each early task
         return path
@@ -320,17 +321,24 @@ class Catalog:
                  if v.tags.get("moie.role") in ("dense", "dense+central")]
         return dense[-1] if dense else None
 
+    def seed_model(self, pipeline_id: str):
+        """The pipeline's registered seed (the dense model where the experts branched), or None."""
+        seeds = self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id, "moie.role": SEED})
+        return seeds[-1] if seeds else None
+
     def matched_model(self, pipeline_id: str):
         """The pipeline's matched-compute dense baseline version, or None."""
         matched = self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id, "moie.role": DENSE_MATCHED})
         return matched[-1] if matched else None
 
     def pipeline_compositions(self, pipeline_id: str) -> dict[str, object]:
-        """The newest registered composition of the pipeline for each mode (not those --add made)."""
+        """The newest registered composition of the pipeline for each mode (not those --add made);
+        those composed on the pipeline's seed under `<mode>_seed`."""
         found = {}
         for v in self.versions(COMPOSITION_MODEL, {"moie.pipeline": pipeline_id}):
             if "moie.added_to" not in v.tags:  # an expert added later makes a different system
-                found[v.tags.get("moie.mode")] = v
+                mode = v.tags.get("moie.mode")
+                found[f"{mode}_seed" if v.tags.get("moie.hub") == SEED else mode] = v  # on the seed: another system
         return found
 
     def users_of(self, uri: str) -> list[str]:

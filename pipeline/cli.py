@@ -80,7 +80,9 @@ def compose_command(args: argparse.Namespace) -> int:
 
 
 def add_compose_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--central", default=None, metavar="URI", help="central model, e.g. models:/moie-central/1")
+    parser.add_argument("--central", default=None, metavar="URI",
+                        help="central model, e.g. models:/moie-central/1, or 'seed': the pipeline's seed, where its "
+                             "experts branched (a hub that has not paid for the dense run's second half)")
     parser.add_argument("--experts", default=None, metavar="URI,URI", help="experts, e.g. models:/moie-expert/1,...")
     parser.add_argument("--add", default=None, metavar="URI", help="one more expert for the composition --to names")
     parser.add_argument("--to", default=None, metavar="COMPOSITION_URI",

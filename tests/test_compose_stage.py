@@ -1,9 +1,11 @@
 """The compose stage for real: experts from the experts stage, local Ray, MLflow registry."""
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import textgen
 from stores import module_home
@@ -97,8 +99,8 @@ def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_ev
     (evaluation,) = tracker.stage_runs(pipeline_id, "evaluate")
     metrics = evaluation.data.metrics
     domains = ["cooking", "finance", "sailing"]
-    systems = ["dense", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *COMPOSED.values(),
-               "composed_adaptive", *COMPRESSORS]
+    systems = ["dense", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", COMPOSED["independent"],
+               COMPOSED["joint"], "composed_adaptive", *COMPRESSORS]
     for system in systems:
         for part in [*domains, "all"]:
             assert math.isfinite(metrics[f"bpb/{system}/{part}"]), (system, part)
@@ -115,7 +117,7 @@ def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_ev
     # the matched-compute baseline: the dense model trained on for what composition spent beyond
     # it (experts' own steps and the compose stage's, counted in every composed system's cost)
     assert metrics["bpb/dense_matched/all"] < metrics["bpb/dense/all"]
-    composed = max(metrics[f"train_pflops/{s}"] for s in COMPOSED.values())
+    composed = max(metrics[f"train_pflops/{COMPOSED[mode]}"] for mode in ("independent", "joint"))
     assert composed > metrics["train_pflops/dense"]
     assert 0 <= metrics["train_pflops/dense_matched"] - composed <= 0.01 * composed  # whole steps: at most one more
     for system in ["composed_independent", "composed_joint", "cbtm_top1"]:
@@ -219,3 +221,42 @@ def test_a_resumed_pipeline_trains_a_missing_dense_matched_and_evaluates_again(t
     newest = catalog.tracker.stage_runs(pipeline_id, "evaluate")
     assert len(newest) == evaluations + 1 and "bpb/dense_matched/all" in newest[0].data.metrics
 
+
+
+def test_the_seed_is_registered_and_composing_on_it_is_a_system_that_pays_no_dense_second_half(trained_pipeline):
+    """The seed hub: the dense model at seed_fraction, registered by the experts stage; `--central
+    seed` composes on it; evaluate scores it as its own system, costing seed + experts + glue."""
+    from dataclasses import replace
+
+    from experts.checkpoint import load_model
+    from pipeline import storage
+    from pipeline.catalog import STORAGE_ROOT, exact_uri
+    from pipeline.stages.evaluate import run_evaluate
+
+    cfg, pipeline_id = trained_pipeline
+    catalog = Catalog(cfg)
+    seed = catalog.seed_model(pipeline_id)
+    assert seed is not None and seed.tags["moie.role"] == "seed"
+    dense = catalog.dense_model(pipeline_id)
+    # the registered seed is the model every expert branched from (the export in the storage)
+    expert = catalog.resolve(catalog.pipeline_models(pipeline_id)[1][0])
+    with tempfile.TemporaryDirectory() as tmp:
+        registered, _ = load_model(catalog.model_dir(seed, Path(tmp) / "seed"))
+        exported, _ = load_model(storage.local_copy(Catalog.seed_dir(expert.tags[STORAGE_ROOT]), Path(tmp) / "x"))
+    assert all(torch.equal(a, b) for a, b in zip(registered.state_dict().values(), exported.state_dict().values()))
+    assert int(seed.tags["moie.seed_tokens"]) == int(expert.tags["moie.seed_tokens"])
+    assert seed.tags["moie.sha256.tokens.train"] == dense.tags["moie.sha256.tokens.train"]
+
+    only_independent = replace(cfg, compose=replace(cfg.compose, modes=["independent"]))
+    uris = run_compose(only_independent, pipeline_id, "seed")
+    on_seed = catalog.pipeline_compositions(pipeline_id)
+    assert exact_uri(on_seed["independent_seed"]) == uris["independent"]
+    assert on_seed["independent_seed"].tags["moie.central"] == exact_uri(seed)
+    assert on_seed["independent"].tags["moie.central"] == exact_uri(dense)  # the full-dense one is still there
+
+    metrics = run_evaluate(cfg, pipeline_id)["metrics"]
+    compose_pflops = catalog.client.get_run(on_seed["independent_seed"].run_id).data.metrics["train_pflops"]
+    experts_pflops = metrics["train_pflops/cbtm_top1"]  # the seed, counted once, plus every expert's own steps
+    assert metrics["train_pflops/composed_seed_independent"] == pytest.approx(experts_pflops + compose_pflops)
+    assert metrics["train_pflops/composed_seed_independent"] < metrics["train_pflops/composed_independent"]
+    assert math.isfinite(metrics["bpb/composed_seed_independent/all"])

@@ -26,7 +26,7 @@ from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
 from pipeline import storage
 from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
-                              MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, Catalog, check_tokenizers, exact_uri,
+                              MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, SEED, Catalog, check_tokenizers, exact_uri,
                               fetch_models)
 from pipeline.config import Config
 from pipeline.errors import StageError, one_line
@@ -64,6 +64,7 @@ class CompositionTask:
     parts_sha256: dict | None = None  # {exact URI: sha256 of its weights}: what the manifest pins
     centers: dict | None = None  # the routing centres every expert's training shares
     flops: dict | None = None  # forward / training FLOPs per token of the models and of each phase (prepare_task)
+    hub: str | None = None  # "seed": the central model is the pipeline's seed, not its full dense run
 
 
 @dataclass
@@ -265,6 +266,13 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
     catalog = Catalog(cfg)
     connect_cluster(cfg, catalog.tracker)  # before any work: a multi-node cluster needs shared stores
     catalog.tracker.pipeline_run(pipeline_id)
+    if central_uri == SEED:  # the shared seed the experts branched from, as the hub
+        seed = catalog.seed_model(pipeline_id)
+        if seed is None:
+            raise StageError(f"pipeline {pipeline_id} has no registered seed: its experts did not branch from one "
+                             "(experts.seed_fraction: 0) or were trained before moie registered seeds; give "
+                             "--central a registered moie-central version instead")
+        central_uri = exact_uri(seed)
     own = central_uri is None and not expert_uris
     if central_uri is None or not expert_uris:
         default_central, default_experts = catalog.pipeline_models(pipeline_id)
@@ -437,7 +445,8 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
         blocks_train={**c.blocks_train, "seed": cfg.seed}, gates_train={**c.gates_train, "seed": cfg.seed},
         joint_train={**c.joint_train, "seed": cfg.seed}, balance_weight=c.balance_weight,
         num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed,
-        parts_sha256={uri: v.tags["moie.sha256"] for uri, v in versions.items()})
+        parts_sha256={uri: v.tags["moie.sha256"] for uri, v in versions.items()},
+        hub=SEED if central.tags.get("moie.role") == SEED else None)
     task = shared_router(catalog, task, experts, tmp)
     connect_cluster(cfg, catalog.tracker)
     check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
@@ -502,7 +511,9 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
     opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
     task = replace(task, settings=replace(task.settings, routing=mode_routing(task, mode)))
     s = task.settings
-    with tracker.stage_run(pipeline_id, "compose", name=f"compose-{mode}", tags={"moie.mode": mode}) as run_id:
+    hub = {"moie.hub": task.hub} if task.hub else {}
+    with tracker.stage_run(pipeline_id, "compose", name=f"compose-{mode}" + (f"-on-{task.hub}" if task.hub else ""),
+                           tags={"moie.mode": mode, **hub}) as run_id:
         tracker.log_params(run_id, {"mode": mode, "central": task.central, "experts": ",".join(task.experts),
                                     "n_points": s.n_points, "routing": s.routing, "k": s.k, "pool": s.pool,
                                     "glue": s.glue,
@@ -533,7 +544,7 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                                {"moie.pipeline": pipeline_id, "moie.mode": mode, "moie.tokenizer": task.tokenizer,
                                 "moie.central": task.central, "moie.experts": json.dumps(task.experts),
                                 "moie.sha256": files["composition.safetensors"],
-                                MANIFEST_SHA: files[COMPOSITION_MANIFEST], **(added or {})})
+                                MANIFEST_SHA: files[COMPOSITION_MANIFEST], **hub, **(added or {})})
         tracker.set_tags(run_id, {"moie.model_version": uri})
         print(f"compose {mode}: val_bpb {scores['val_bpb']:.4f} vs central {scores['central_val_bpb']:.4f}; "
               f"registered as {uri}", flush=True)

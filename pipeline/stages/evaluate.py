@@ -44,8 +44,13 @@ from pipeline.tokenizer import ByteTokenizer
 from routing.ensemble import document_weights, keep_top_k
 
 CBTM = {"cbtm_top1": 1, "cbtm_top2": 2, "cbtm_all": None}  # experts mixed per byte (None: all)
-COMPOSED = {"independent": "composed_independent", "joint": "composed_joint"}
-COMPOSED_SYSTEMS = ("composed_independent", "composed_independent_topk", "composed_joint", "composed_adaptive")
+# the pipeline's compositions by mode (`<mode>_seed`: composed on the seed, not the full dense run)
+COMPOSED = {"independent": "composed_independent", "joint": "composed_joint",
+            "independent_seed": "composed_seed_independent", "joint_seed": "composed_seed_joint"}
+COMPOSED_SYSTEMS = ("composed_independent", "composed_independent_topk", "composed_joint", "composed_adaptive",
+                    "composed_seed_independent", "composed_seed_joint")
+MODE_OF = {**{system: mode for mode, system in COMPOSED.items()},
+           "composed_independent_topk": "independent", "composed_adaptive": "independent"}
 HEADLINE = ("bpb/", "routing_accuracy/", "experts_per_token/")
 ROUTING_PAGE = "routing.html"  # an artifact of the evaluate run (results/), shown by the MLflow UI
 PAGE_BYTES = 2000  # of each document on the routing page
@@ -557,8 +562,9 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
                                           ms_per_token=r["ms_per_token"])
             if s.startswith("composed"):  # a dense central model already contains the seed
                 same = scored["central_uri"] == scored["dense_uri"]
-                mode = "joint" if s == "composed_joint" else "independent"
-                cost[s]["train_pflops"] = (central_pflops + (own_pflops if same else experts_pflops)
+                mode = MODE_OF[s]
+                hub = 0.0 if mode.endswith("_seed") else central_pflops  # the seed is in experts_pflops
+                cost[s]["train_pflops"] = (hub + (own_pflops if same and hub else experts_pflops)
                                            + compose.get(mode, 0.0))
     for s, kk in {"oracle": 1, **CBTM}.items():
         kk = min(kk or n_experts, n_experts)  # k expert forwards (the router's tf-idf not counted)

@@ -27,7 +27,7 @@ import torch
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
 from experts.trainer import TrainConfig, TrainResult, encode_texts, train
 from pipeline import storage
-from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, STORAGE_ROOT, TOKENS_SHA, Catalog,
+from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, SEED, STORAGE_ROOT, TOKENS_SHA, Catalog,
                               check_token_files, exact_uri, expert_name)
 from pipeline.config import Config
 from pipeline.corpus import clustered_documents, load_corpus
@@ -73,7 +73,8 @@ class ExpertTask:
     has_central: bool = False  # a central model of its own is configured (the dense model is then only the baseline)
     init_from: str | None = None  # an expert branches from the seed exported here (a location in the storage)
     stop_at: int | None = None  # the seed phase: the dense model stops at this step ...
-    seed_dir: str | None = None  # ... and is exported here
+    seed_dir: str | None = None  # ... and is exported here, and logged to this run of its own:
+    log_run: str | None = None
     description: dict | None = None  # of the MLflow model the task logs to its run (None: the seed, not logged)
     hold: str | None = None  # tests only (experts.hold): wait after the first checkpoint until <hold>/release exists
 
@@ -176,9 +177,13 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
                    meta={"tokenizer": task.tokenizer}, stop_at=task.stop_at, on_checkpoint=on_checkpoint)
     params = sum(p.numel() for p in model.parameters())
     if task.stop_at:  # the seed phase: export the paused model for the experts to branch from
-        save_model(scratch / "seed", model, {"tokenizer": task.tokenizer, "name": "seed", "step": result.steps})
+        save_model(scratch / "seed", model, {"tokenizer": task.tokenizer, "name": SEED, "step": result.steps})
         storage.upload(scratch / "seed", task.seed_dir)
-        return TrainedModel(result, params)
+        # and log it to its own run, to be registered: a hub to compose on
+        files = log_model(task.tracking_uri, task.log_run, scratch / "seed", {
+            "registered_model": CENTRAL_MODEL, "model": SEED, "pipeline": (task.description or {}).get("pipeline")
+        }) if task.log_run else None
+        return TrainedModel(result, params, files)
     save_model(scratch / "model", model, {"tokenizer": task.tokenizer, "name": task.name})
     files = log_model(task.tracking_uri, task.run_id, scratch / "model", task.description or {})
     if board is not None:
@@ -400,11 +405,18 @@ class _ExpertsStage:
                              "while the dense model is registered; set experts.seed_fraction: 0 or retrain")
         print(f"seed: the dense model to step {seed.steps} ({seed.tokens} tokens), then every expert "
               "branches from it", flush=True)
-        self.train_all([replace(dense[0], stop_at=seed.steps, seed_dir=seed.dir)], board, register=False)
+        dense_run = self.tracker.client.get_run(dense[0].run_id)
+        seed_run = self.create_run(SEED, {**dense_run.data.params, "seed_steps": str(seed.steps),
+                                          "seed_tokens": str(seed.tokens)}, {"train": dense[0].train, "val": dense[0].val})
+        self.train_all([replace(dense[0], stop_at=seed.steps, seed_dir=seed.dir, log_run=seed_run)], board,
+                       register=self.register_seed)
 
-    def train_all(self, tasks: list[ExpertTask], board, register: bool = True) -> dict[str, str]:
-        """Run the tasks on Ray, print progress, register each model as it finishes. If the stage
-        stops early (an interrupt, an error) every task still pending is cancelled."""
+    def train_all(self, tasks: list[ExpertTask], board, register=None) -> dict[str, str]:
+        """Run the tasks on Ray, print progress, register each model as it finishes (`register`:
+        self.register by default; the seed phase registers the seed). If the stage stops early
+        (an interrupt, an error) every task still pending is cancelled."""
+        models = register is None  # the stage's own models: the watcher hears of them
+        register = register or self.register
         e = self.cfg.experts
         # a task whose worker or node dies is retried (on any node) and resumes from the storage
         remote = ray.remote(train_expert).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus,
@@ -426,18 +438,34 @@ class _ExpertsStage:
                         failures.append(describe_failure(task.name, err))
                         self.tracker.end_run(task.run_id, "FAILED")
                         continue
-                    if register:
-                        registered[task.name] = self.register(task, trained)
+                    uri = register(task, trained)
+                    if models:
+                        registered[task.name] = uri
                         if self.watcher is not None:
-                            self.watcher.registered(task.name, registered[task.name])
-                        print(f"{task.name}: registered as {registered[task.name]} (val_bpb "
-                              f"{trained.result.val_bpb}, resumed from step {trained.result.resumed_from})",
-                              flush=True)
+                            self.watcher.registered(task.name, uri)
+                    print(f"{task.name if models else SEED}: registered as {uri} (val_bpb {trained.result.val_bpb}, "
+                          f"resumed from step {trained.result.resumed_from})", flush=True)
         finally:
             cancel(list(pending))  # the stage stopped early: no task trains on unwatched
         if failures:
             raise StageError("training failed: " + "; ".join(failures))
         return registered
+
+    def register_seed(self, task: ExpertTask, trained: TrainedModel) -> str:
+        """Register the seed its task logged to the seed's own run as a moie-central version with
+        moie.role=seed: the dense model where every expert branched, a hub to compose on."""
+        run = self.tracker.client.get_run(task.log_run)
+        tags = {"moie.pipeline": self.pipeline_id, "moie.expert": SEED, "moie.role": SEED,
+                "moie.tokenizer": task.tokenizer, "moie.arch": json.dumps(task.model, sort_keys=True),
+                "moie.sha256": trained.files["model.safetensors"], "moie.seed_tokens": str(trained.result.tokens)}
+        tags |= {k: v for k, v in run.data.tags.items()
+                 if k in ("moie.cluster_run", STORAGE_ROOT) or k.startswith(TOKENS_SHA)}
+        uri = self.catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", task.log_run, tags)
+        self.tracker.log_metrics(task.log_run, {"steps": trained.result.steps, "tokens": trained.result.tokens,
+                                                "final_train_loss": trained.result.train_loss})
+        self.tracker.set_tags(task.log_run, {"moie.model_version": uri})
+        self.tracker.end_run(task.log_run, "FINISHED")
+        return uri
 
     def register(self, task: ExpertTask, trained: TrainedModel) -> str:
         """Log the model's final metrics, register the model its task logged, finish its run; its registry URI."""
