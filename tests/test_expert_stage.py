@@ -40,8 +40,11 @@ def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions
     assert sorted(registered) == ["dense", "expert-0", "expert-1"]
     tracker = Tracker(cfg)
     experts, central = versions(tracker, EXPERT_MODEL), versions(tracker, CENTRAL_MODEL)
-    assert len(experts) == 2 and len(central) == 1
-    assert central[0].tags["moie.role"] == "dense+central"  # the dense baseline is the central model
+    roles = sorted(v.tags["moie.role"] for v in central)
+    assert len(experts) == 2 and roles == ["dense+central", "seed"]  # the dense baseline is the central model,
+    # and the seed the experts branched from (seed_fraction 0.5) is registered: a hub to compose on
+    seed = next(v for v in central if v.tags["moie.role"] == "seed")
+    assert seed.tags["moie.seed_tokens"] == experts[0].tags["moie.seed_tokens"]
     for v in experts:
         assert v.tags["moie.pipeline"] == pipeline_id
         assert v.tags["moie.cluster"] in ("0", "1")
@@ -49,10 +52,11 @@ def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions
         assert json.loads(v.tags["moie.arch"])["arch"] == "hourglass"
         assert v.tags["moie.tokenizer"]
     runs = tracker.stage_runs(pipeline_id, "experts")
-    assert len(runs) == 3
+    assert sorted(r.data.tags["moie.expert"] for r in runs) == ["dense", "expert-0", "expert-1", "seed"]
     for run in runs:
         assert run.data.tags["mlflow.parentRunId"] == pipeline_id
-        assert "train_loss" in run.data.metrics and "tokens_per_s" in run.data.metrics
+        if run.data.tags["moie.expert"] != "seed":  # the seed's steps are logged on the dense run: its first ones
+            assert "train_loss" in run.data.metrics and "tokens_per_s" in run.data.metrics
         names = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "model")}
         assert {"model/MLmodel", "model/artifacts", "model/manifest.json"} <= names  # an MLflow pyfunc model
         weights = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "model/artifacts/model")}
@@ -70,7 +74,7 @@ def test_a_configured_central_model_is_trained_and_registered_beside_the_dense_b
     assert sorted(registered) == ["central", "dense", "expert-0", "expert-1"]
     tracker = Tracker(cfg)
     roles = {v.tags["moie.role"]: v for v in versions(tracker, CENTRAL_MODEL)}
-    assert sorted(roles) == ["central", "dense"]
+    assert sorted(roles) == ["central", "dense", "seed"]
     assert json.loads(roles["central"].tags["moie.arch"])["arch"] == "gpt"
     run = next(r for r in tracker.stage_runs(pipeline_id, "experts") if r.data.tags["moie.expert"] == "central")
     assert run.data.params["max_tokens"] == "3000"

@@ -105,7 +105,7 @@ def test_library_list_shows_every_model_with_its_lineage_fields_and_filters_by_t
     experts = [r for r in rows if r["name"] == "moie-expert"]
     assert len(experts) == 4 and all(r["params"] > 0 and r["val_bpb"] and r["tokenizer"] for r in experts)
     assert {r["domain"] for r in experts} == {"cooking", "sailing", "finance", "astronomy"}
-    assert {r["role"] for r in rows if r["name"] == "moie-central"} == {"dense+central"}
+    assert {r["role"] for r in rows if r["name"] == "moie-central"} == {"dense+central", "seed"}
     cooking = list_models(catalog, parse_filters(["domain=cooking"]))
     assert [r["domain"] for r in cooking] == ["cooking"]
     assert main(["library", "list", "--json", "--filter", f"pipeline={library['b']}"]) == 0

@@ -58,7 +58,8 @@ def test_every_stage_runs_as_a_submitted_ray_job_and_lands_in_mlflow(ray_head, t
     k = int(run.data.params["cluster.k"])
     skipped = client.search_runs([parent.info.experiment_id], "tags.`moie.skipped` != ''")
     assert len(experts) + len(skipped) == k, (job.stdout + job.stderr)[-4000:]
-    assert len(central) == 1 and central[0].tags["moie.pipeline"] == ids[-1]
+    assert sorted(v.tags["moie.role"] for v in central) == ["dense+central", "seed"]
+    assert {v.tags["moie.pipeline"] for v in central} == {ids[-1]}
 
     # compose (both modes) and evaluate, each its own job
     submit(ray_head, home, "jobs.compose", *pipeline)

@@ -23,7 +23,7 @@ import textgen
 from conftest import free_port, wait_for_http
 from stores import module_home
 from artifacts import ChecksumError
-from pipeline.catalog import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL, Catalog
+from pipeline.catalog import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL, Catalog, exact_uri
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_compose
@@ -65,7 +65,8 @@ def served(tmp_path_factory, ray_local):
 
 def uris(catalog: Catalog) -> dict[str, str]:
     """One registered URI of each kind."""
-    return {"expert": f"models:/{EXPERT_MODEL}/1", "central": f"models:/{CENTRAL_MODEL}/1",
+    central = exact_uri(catalog.versions(CENTRAL_MODEL, {"moie.role": "dense+central"})[0])  # (version 1 is the seed)
+    return {"expert": f"models:/{EXPERT_MODEL}/1", "central": central,
             "composition": f"models:/{COMPOSITION_MODEL}@{CHAMPION}"}
 
 
