@@ -275,3 +275,24 @@ def test_macro_bits_per_byte_weighs_every_domain_the_same_whatever_its_bytes():
     out = summarise(["a", "b"], docs, scored, [np.ones((1000, 1)), np.ones((10, 1))], {"a": 0}, resamples=10)
     assert out["metrics"]["bpb/central/macro"] == pytest.approx(2.0)
     assert out["metrics"]["bpb/central/all"] == pytest.approx((1000 + 30) / 1010)
+
+
+def test_equal_compute_compares_with_the_cheapest_dense_model_that_had_at_least_the_systems_compute():
+    from pipeline.stages.evaluate import equal_compute
+
+    rng = np.random.default_rng(0)
+    docs = lambda shift: [rng.normal(-1.0 - shift, 0.1, 50) for _ in range(20)]  # noqa: E731
+    lp = {"dense": docs(0.0), "dense_matched": docs(0.2), "cbtm_top1": docs(0.3), "composed_seed_independent": docs(0.1),
+          "composed_independent": docs(0.25)}
+    pflops = {"dense": 1.0, "dense_matched": 1.6, "cbtm_top1": 1.0, "composed_seed_independent": 1.1,
+              "composed_independent": 1.6, "composed_joint": 2.0}
+    out = equal_compute(lp, pflops, ["cbtm_top1", "composed_seed_independent", "composed_independent", "composed_joint"],
+                        200, 0)
+    assert out["equal_compute/cbtm_top1/dense_pflops"] == 1.0  # as costly as dense: dense
+    assert out["equal_compute/composed_seed_independent/dense_pflops"] == 1.6  # costlier than dense: dense_matched
+    assert out["equal_compute/composed_independent/dense_pflops"] == 1.6
+    assert "equal_compute/composed_joint/mean" not in out  # costlier than every dense model: no figure
+    ln2 = np.log(2)
+    expected = (-np.concatenate(lp["cbtm_top1"]).mean() + np.concatenate(lp["dense"]).mean()) / ln2
+    assert out["equal_compute/cbtm_top1/mean"] == pytest.approx(expected)
+    assert out["equal_compute/cbtm_top1/ci_low"] <= out["equal_compute/cbtm_top1/mean"] <= out["equal_compute/cbtm_top1/ci_high"]

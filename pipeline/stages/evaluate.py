@@ -413,6 +413,8 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights:
     metrics |= routing_metrics
     cost = _cost(scored, order, n_experts)
     metrics |= {f"train_pflops/{s}": c["train_pflops"] for s, c in cost.items() if "train_pflops" in c}
+    metrics |= equal_compute(log_probs, {s: c["train_pflops"] for s, c in cost.items() if "train_pflops" in c},
+                             [s for s in order if s.startswith(("composed", "cbtm"))], resamples, seed)
     deltas = differences(log_probs, [s for s in order if not s.startswith("expert")], resamples, seed)
     metrics |= {f"delta/{d['system']}_vs_{d['baseline']}/{k}": d[k] for d in deltas for k in ("mean", "ci_low", "ci_high")}
     for dom in names:  # the same differences within each domain (its documents only)
@@ -462,6 +464,28 @@ def differences(log_probs: dict[str, list[np.ndarray]], systems: list[str], resa
             interval = paired_bootstrap(log_probs[system], log_probs[baseline], resamples, seed=seed)
             out.append({"system": system, "baseline": baseline, "mean": interval.mean, "ci_low": interval.ci_low,
                         "ci_high": interval.ci_high, "holds": interval.excludes_zero() and interval.mean < 0})
+    return out
+
+
+def equal_compute(log_probs: dict[str, list[np.ndarray]], pflops: dict[str, float], systems: list[str],
+                  resamples: int, seed: int) -> dict[str, float]:
+    """equal_compute/<system>/{mean,ci_low,ci_high}: bpb(system) - bpb(dense model), paired bootstrap
+    over documents, against the dense model of the least training compute that is still at least
+    the system's (`dense`, or `dense_matched`: the dense model trained on); that model's PFLOPs
+    as equal_compute/<system>/dense_pflops. A dense model given more compute than the system errs
+    in the dense model's favour; a system more costly than every dense model gets no figure."""
+    dense = sorted((pflops[b], b) for b in BASELINES if b in log_probs and b in pflops)
+    out = {}
+    for system in systems:
+        if system not in log_probs or system not in pflops:
+            continue
+        baseline = next((b for c, b in dense if c >= pflops[system] * (1 - 1e-9)), None)
+        if baseline is None:
+            continue
+        interval = paired_bootstrap(log_probs[system], log_probs[baseline], resamples, seed=seed)
+        out |= {f"equal_compute/{system}/mean": interval.mean, f"equal_compute/{system}/ci_low": interval.ci_low,
+                f"equal_compute/{system}/ci_high": interval.ci_high,
+                f"equal_compute/{system}/dense_pflops": pflops[baseline]}
     return out
 
 
