@@ -67,6 +67,20 @@ def metrics_logger(tracking_uri: str, run_id: str):
     return on_metrics
 
 
+class StageStopped(RuntimeError):
+    """A task's run was ended by its stage (an interrupt, an error): the task stops."""
+
+
+def stop_unless_running(tracking_uri: str, run_id: str) -> None:
+    """In a training task, at each checkpoint: StageStopped if the stage that started it has
+    ended its run (KILLED, FAILED). Ray's cancel can miss a task that was being handed to a
+    worker at that moment; this stops such a task at its next checkpoint instead of letting it
+    train on unwatched."""
+    status = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.status
+    if status != "RUNNING":
+        raise StageStopped(f"run {run_id} is {status}: the stage that started this task stopped; not training on")
+
+
 def record_attempt(tracking_uri: str, run_id: str, node_id: str, resume_step: int | None) -> None:
     """Tag a training run with the Ray node an attempt of its task runs on (moie.node_id; every
     attempt's node, in order, in moie.nodes) and the checkpoint step it resumes from."""

@@ -209,3 +209,32 @@ def test_an_expert_branched_from_a_seed_starts_from_the_seeds_weights(tmp_path):
     seed, _ = load_model(tmp_path / "seed")
     for (name, a), b in zip(trained.state_dict().items(), seed.state_dict().values()):
         assert torch.equal(a, b), name  # lr 0: nothing moved, so it started at the seed
+
+
+def test_a_task_whose_run_its_stage_ended_stops_at_its_next_checkpoint(tmp_path):
+    """Ray's cancel can miss a task being handed to a worker: the task itself stops at its next
+    checkpoint once its stage has ended its run (here: FAILED before the task started)."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stages.experts import ExpertTask, train_expert
+    from pipeline.tokenizer import ByteTokenizer
+    from pipeline.tracking import StageStopped
+
+    arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    np.save(tmp_path / "train.npy", np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16))
+    np.save(tmp_path / "val.npy", np.zeros(0, dtype=np.uint16))
+    uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("stop-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    spec = {"name": "expert-0", "tracking_uri": uri, "model": arch,
+            "train_config": {"max_tokens": 16 * 2 * 20, "batch_size": 2, "warmup_steps": 1, "ckpt_every": 5},
+            "train": str(tmp_path / "train.npy"), "val": str(tmp_path / "val.npy"),
+            "num_cpus": 1, "tokenizer": ByteTokenizer().fingerprint, "seed": 0}
+    running = client.create_run(experiment).info.run_id
+    assert train_expert(ExpertTask(run_id=running, ckpt_dir=str(tmp_path / "a"), **spec)).result.steps == 20
+    ended = client.create_run(experiment).info.run_id
+    client.set_terminated(ended, "FAILED")
+    with pytest.raises(StageStopped, match=f"run {ended} is FAILED"):
+        train_expert(ExpertTask(run_id=ended, ckpt_dir=str(tmp_path / "b"), **spec))
+    assert sorted(p.name for p in (tmp_path / "b").glob("step-*.json")) == ["step-00000005.json"]

@@ -36,7 +36,7 @@ from pipeline.progress import BoardPrinter, open_board
 from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
                                   use_granted_cpus)
 from pipeline.tokenizer import ByteTokenizer
-from pipeline.tracking import changed_params, metrics_logger, param_strings, record_attempt
+from pipeline.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,11 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
             board.update.remote(task.name, {"step": step, "total": total, "loss": metrics["train_loss"],
                                             "tokens_per_s": metrics["tokens_per_s"], "pid": os.getpid()})
 
-    on_checkpoint = checkpoints.push if task.hold is None else held_after_first(checkpoints.push, task)
+    def push(json_path: Path) -> None:  # mirror the checkpoint; stop if the stage has ended this run
+        checkpoints.push(json_path)
+        stop_unless_running(task.tracking_uri, task.run_id)
+
+    on_checkpoint = push if task.hold is None else held_after_first(push, task)
     result = train(model, train_tokens, val_tokens, cfg, ckpt_dir=checkpoints.dir, on_metrics=on_metrics,
                    meta={"tokenizer": task.tokenizer}, stop_at=task.stop_at, on_checkpoint=on_checkpoint)
     params = sum(p.numel() for p in model.parameters())
