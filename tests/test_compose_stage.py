@@ -260,3 +260,11 @@ def test_the_seed_is_registered_and_composing_on_it_is_a_system_that_pays_no_den
     assert metrics["train_pflops/composed_seed_independent"] == pytest.approx(experts_pflops + compose_pflops)
     assert metrics["train_pflops/composed_seed_independent"] < metrics["train_pflops/composed_independent"]
     assert math.isfinite(metrics["bpb/composed_seed_independent/all"])
+    # composition in output space: lambda from validation, the seed's mixture as costly as cBTM,
+    # compared at equal compute with the dense model itself
+    for system, hub in (("mixture_seed", "seed"), ("mixture_central", "central")):
+        assert 0 <= metrics[f"mixture_lambda/{system}"] <= 1 and math.isfinite(metrics[f"bpb/{system}/all"])
+        assert metrics[f"equal_compute/{system}/ci_low"] <= metrics[f"equal_compute/{system}/ci_high"]
+    assert metrics["train_pflops/mixture_seed"] == pytest.approx(metrics["train_pflops/cbtm_top1"])
+    assert metrics["equal_compute/mixture_seed/dense_pflops"] == pytest.approx(metrics["train_pflops/dense"])
+    assert metrics["train_pflops/seed"] < metrics["train_pflops/dense"]

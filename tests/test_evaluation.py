@@ -296,3 +296,21 @@ def test_equal_compute_compares_with_the_cheapest_dense_model_that_had_at_least_
     expected = (-np.concatenate(lp["cbtm_top1"]).mean() + np.concatenate(lp["dense"]).mean()) / ln2
     assert out["equal_compute/cbtm_top1/mean"] == pytest.approx(expected)
     assert out["equal_compute/cbtm_top1/ci_low"] <= out["equal_compute/cbtm_top1/mean"] <= out["equal_compute/cbtm_top1/ci_high"]
+
+
+def test_the_output_mixtures_lambda_is_the_one_that_scores_best_on_validation():
+    from pipeline.stages.evaluate import mixture_lambdas, output_mixture
+
+    rng = np.random.default_rng(1)
+    # two experts; the routed one (weight 1) is right about a byte where the hub is not, and vice versa
+    expert = [np.log(rng.uniform(0.05, 0.9, 200)) for _ in range(4)]
+    hub = [np.log(rng.uniform(0.05, 0.9, 200)) for _ in range(4)]
+    weights = [np.tile([1.0, 0.0], (200, 1)) for _ in range(4)]
+    validation = {"expert0": expert, "expert1": [x - 5 for x in expert], "central": hub}
+    chosen = mixture_lambdas(validation, weights)
+    assert set(chosen) == {"mixture_central"}  # no seed scored: no seed mixture
+    best = min(bits_per_byte(output_mixture(expert, hub, lam)) for lam in [i / 100 for i in range(101)])
+    assert bits_per_byte(output_mixture(expert, hub, chosen["mixture_central"])) <= best + 0.01
+    assert 0 < chosen["mixture_central"] < 1  # two models right about different bytes: both weigh
+    np.testing.assert_allclose(output_mixture(expert, hub, 1.0)[0], expert[0])
+    np.testing.assert_allclose(output_mixture(expert, hub, 0.0)[0], hub[0])

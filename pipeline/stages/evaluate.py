@@ -44,6 +44,10 @@ from pipeline.tokenizer import ByteTokenizer
 from routing.ensemble import document_weights, keep_top_k
 
 CBTM = {"cbtm_top1": 1, "cbtm_top2": 2, "cbtm_all": None}  # experts mixed per byte (None: all)
+# composition in output space: lambda p_routed expert + (1 - lambda) p_hub, the routed expert cBTM's
+# top-1 for each byte's prefix, lambda chosen on validation (every cluster in an equal share)
+MIXTURES = {"mixture_central": "central", "mixture_seed": "seed"}
+LAMBDAS = [i / 20 for i in range(21)]
 # the pipeline's compositions by mode (`<mode>_seed`: composed on the seed, not the full dense run)
 COMPOSED = {"independent": "composed_independent", "joint": "composed_joint",
             "independent_seed": "composed_seed_independent", "joint_seed": "composed_seed_joint"}
@@ -243,9 +247,15 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         weights = [document_weights(router, bytes(doc), expert_clusters, len(expert_clusters)) for doc in docs]
         routes = {"run": cluster_run.info.run_id, "clusters": expert_clusters, "weights": weights}
         compositions = catalog.pipeline_compositions(pipeline_id)
+        seed = catalog.seed_model(pipeline_id)
+        seed_uri = exact_uri(seed) if seed else None
+        if seed:
+            versions[seed_uri] = seed
+        validation = validation_set(cfg, catalog, [versions[u] for u in expert_uris], router, expert_clusters, tmp)
         scored = _score_all(cfg, catalog, docs, central_uri, dense_uri, matched_uri, expert_uris,
-                            compositions, routes, tmp)
+                            compositions, routes, tmp, seed_uri, validation)
         scored |= {"central_uri": central_uri, "dense_uri": dense_uri or central_uri, "matched_uri": matched_uri,
+                   "seed_uri": seed_uri, "mixture_lambda": mixture_lambdas(scored["validation"], validation["weights"]),
                    "compose_pflops": {mode: tracker.client.get_run(v.run_id).data.metrics.get("train_pflops", 0.0)
                                       for mode, v in compositions.items()},
                    "seed_tokens": float(versions[expert_uris[0]].tags.get("moie.seed_tokens", 0)),
@@ -324,9 +334,10 @@ def routing_page(catalog: Catalog, champion: str, compositions: dict, scored: di
 
 def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_uri: str,
                dense_uri: str | None, matched_uri: str | None, expert_uris: list[str], compositions: dict,
-               pipeline_routes: dict, tmp: Path) -> dict:
+               pipeline_routes: dict, tmp: Path, seed_uri: str | None = None, validation: dict | None = None) -> dict:
     """Ray tasks: one per model, one per composition (and routing), each fetching its models
-    from the registry; {system: result}."""
+    from the registry; {system: result}; and the central model's, the seed's and every expert's
+    log-probabilities on the validation documents (to choose the output mixtures' lambda)."""
     connect_cluster(cfg, catalog.tracker)
     ev = cfg.evaluate
     check_resources(ev.num_cpus, what="evaluation task (evaluate.num_cpus)")
@@ -344,6 +355,14 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_ur
         refs[DENSE_MATCHED] = model_task.remote(store, matched_uri, docs_ref, scoring)
     for e, uri in enumerate(expert_uris):
         refs[f"expert{e}"] = model_task.remote(store, uri, docs_ref, scoring)
+    if seed_uri:
+        refs["seed"] = model_task.remote(store, seed_uri, docs_ref, scoring)
+    hubs = {"central": central_uri, **({"seed": seed_uri} if seed_uri else {})}
+    val_refs = {}
+    if validation and validation["docs"]:
+        val_docs = ray.put(validation["docs"])
+        val_refs = {f"val/{name}": model_task.remote(store, uri, val_docs, scoring)
+                    for name, uri in [*hubs.items(), *((f"expert{e}", u) for e, u in enumerate(expert_uris))]}
     for mode, version in compositions.items():
         if mode not in COMPOSED:
             continue
@@ -362,9 +381,47 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_ur
                 gated = replace(system, settings=replace(system.settings, routing=routing))
                 refs[variant] = comp_task.remote(gated, state, docs_ref, scoring)
                 used[variant] = uris
-    results = dict(zip(refs, get_or_fail(list(refs.values()), "evaluation's scoring task")))
+    everything = {**refs, **val_refs}
+    results = dict(zip(everything, get_or_fail(list(everything.values()), "evaluation's scoring task")))
+    val = {name.removeprefix("val/"): results.pop(name)["log_probs"] for name in val_refs}
     results["dense"] = results.get("dense", results["central"])
-    return {"results": results, "experts": expert_uris, "composition_experts": used}
+    return {"results": results, "experts": expert_uris, "composition_experts": used, "validation": val}
+
+
+def validation_set(cfg: Config, catalog: Catalog, experts: list, router, clusters: list[int], tmp: Path) -> dict:
+    """Whole validation documents, an equal share (compose.eval_tokens / experts) of each expert's
+    own cluster, and cBTM's top-1 weights over the experts for each byte's prefix:
+    {"docs", "cluster" (each document's expert), "weights"}."""
+    from pipeline import storage
+    from pipeline.stages.compose import validation_documents
+
+    eos, share = ByteTokenizer().eos_id, max(1, cfg.compose.eval_tokens // max(len(experts), 1))
+    docs, owner = [], []
+    for e, version in enumerate(experts):
+        tokens = np.load(storage.local_copy(catalog.data_path(version, "val"), tmp / "val"), mmap_mode="r")
+        group = [np.asarray(d, dtype=np.uint8) for d in validation_documents(tokens, eos, share, required=False)]
+        docs += group
+        owner += [e] * len(group)
+    weights = [document_weights(router, bytes(d), clusters, 1) for d in docs]
+    return {"docs": docs, "cluster": owner, "weights": weights}
+
+
+def mixture_lambdas(validation: dict[str, list[np.ndarray]], weights: list[np.ndarray]) -> dict[str, float]:
+    """For each output mixture whose hub was scored on validation: the lambda of LAMBDAS whose
+    mixture lambda p_routed + (1 - lambda) p_hub has the lowest validation bits per byte."""
+    if not validation:
+        return {}
+    n = sum(1 for k in validation if k.startswith("expert"))
+    routed = [mixture(np.stack([validation[f"expert{e}"][d] for e in range(n)]), w) for d, w in enumerate(weights)]
+    return {system: min(LAMBDAS, key=lambda lam: bits_per_byte(output_mixture(routed, validation[hub], lam)))
+            for system, hub in MIXTURES.items() if hub in validation}
+
+
+def output_mixture(expert: list[np.ndarray], hub: list[np.ndarray], lam: float) -> list[np.ndarray]:
+    """Per document log(lam p_expert + (1 - lam) p_hub) of per-byte log-probabilities."""
+    with np.errstate(divide="ignore"):
+        a, b = np.log(lam), np.log1p(-lam)
+    return [np.logaddexp(a + x, b + y) for x, y in zip(expert, hub)]
 
 
 def _document_routes(catalog: Catalog, manifest: dict, docs: list[np.ndarray], pipeline_routes: dict,
@@ -399,9 +456,12 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights:
     weights: per document (n_bytes, n_experts) cBTM weights of each byte's prefix."""
     results, n_experts = scored["results"], len(scored["experts"])
     log_probs, cbtm_routes = _system_log_probs(domains, docs, results, weights, domain_expert, n_experts)
+    lambdas = scored.get("mixture_lambda", {})
+    for system, lam in lambdas.items():
+        log_probs[system] = output_mixture(log_probs["cbtm_top1"], log_probs[MIXTURES[system]], lam)
     names = sorted(set(domains))
-    order = ["dense", DENSE_MATCHED, "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *COMPOSED_SYSTEMS] + [
-        f"expert{e}" for e in range(n_experts)]
+    order = ["dense", DENSE_MATCHED, "central", "seed", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *MIXTURES,
+             *COMPOSED_SYSTEMS] + [f"expert{e}" for e in range(n_experts)]
     order = [s for s in order if s in log_probs]
     bpb = {s: {dom: bits_per_byte([lp for lp, dd in zip(log_probs[s], domains) if dd == dom]) for dom in names}
            | {"all": bits_per_byte(log_probs[s])} for s in order}
@@ -413,8 +473,9 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights:
     metrics |= routing_metrics
     cost = _cost(scored, order, n_experts)
     metrics |= {f"train_pflops/{s}": c["train_pflops"] for s, c in cost.items() if "train_pflops" in c}
+    metrics |= {f"mixture_lambda/{s}": lam for s, lam in lambdas.items()}
     metrics |= equal_compute(log_probs, {s: c["train_pflops"] for s, c in cost.items() if "train_pflops" in c},
-                             [s for s in order if s.startswith(("composed", "cbtm"))], resamples, seed)
+                             [s for s in order if s.startswith(("composed", "cbtm", "mixture"))], resamples, seed)
     deltas = differences(log_probs, [s for s in order if not s.startswith("expert")], resamples, seed)
     metrics |= {f"delta/{d['system']}_vs_{d['baseline']}/{k}": d[k] for d in deltas for k in ("mean", "ci_low", "ci_high")}
     for dom in names:  # the same differences within each domain (its documents only)
@@ -590,6 +651,15 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
                 hub = 0.0 if mode.endswith("_seed") else central_pflops  # the seed is in experts_pflops
                 cost[s]["train_pflops"] = (hub + (own_pflops if same and hub else experts_pflops)
                                            + compose.get(mode, 0.0))
+    if "seed" in results:
+        cost["seed"] = {"train_pflops": seed_pflops}
+    for s, hub in MIXTURES.items():  # the hub and one routed expert per byte
+        if hub in results:
+            cost[s] = {"params": all_params + int(results[hub]["params"]),
+                       "train_pflops": experts_pflops if hub == "seed" else central_pflops + (
+                           own_pflops if scored["central_uri"] == scored["dense_uri"] else experts_pflops),
+                       "infer_mflops_per_token": (results[hub]["flops"] + mean_flops) / 1e6,
+                       "ms_per_token": results[hub]["ms_per_token"] + mean_ms}
     for s, kk in {"oracle": 1, **CBTM}.items():
         kk = min(kk or n_experts, n_experts)  # k expert forwards (the router's tf-idf not counted)
         cost[s] = {"params": all_params, "train_pflops": experts_pflops, "infer_mflops_per_token": kk * mean_flops / 1e6,
