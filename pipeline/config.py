@@ -90,7 +90,7 @@ class ComposeConfig:
     pool: str = "token"  # what routing looks at: each token's state, or the running mean of its prefix
     # what a block reads of its expert: attention (CALM: every expert row the position may see) |
     # aligned (the expert's state at the aligned position, one projection) | both
-    glue: str = "attention"
+    glue: str = "both"
     # tokens whose mean central state centers the routing (0: uncentred): an equal share drawn at
     # random from each expert's training data, so the centre is the mean over clusters, not one domain
     center_tokens: int = 32_768
