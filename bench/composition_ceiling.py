@@ -110,13 +110,12 @@ def main() -> None:
     import torch
 
     import pipeline  # noqa: F401  (loopback / offline defaults)
-    from composition.evaluation import score_documents
+    from composition.evaluation import score_documents, stream_documents
     from composition.loader import CompositionSettings, load_composed
     from experts.checkpoint import load_model
     from pipeline import storage
     from pipeline.catalog import STORAGE_ROOT, Catalog, exact_uri
     from pipeline.config import load_config
-    from pipeline.stages.compose import validation_documents
     from pipeline.tokenizer import ByteTokenizer
     from routing.ensemble import document_weights
 
@@ -134,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         router = catalog.router(cluster_run.info.run_id, tmp / "router")
-        docs = [validation_documents(np.load(catalog.data_path(v, "val"), mmap_mode="r"), eos, args.bytes)
+        docs = [stream_documents(np.load(catalog.data_path(v, "val"), mmap_mode="r"), eos, args.bytes)
                 for v in experts]  # docs[j]: cluster j's documents
         weights = [[document_weights(router, bytes(np.asarray(d, dtype=np.uint8)), clusters, 1) for d in group]
                    for group in docs]

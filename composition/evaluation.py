@@ -114,6 +114,20 @@ def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int,
     return Scores(out, counts, used / rows if rows else None, choices, time.perf_counter() - began, scored)
 
 
+def stream_documents(tokens: np.ndarray, eos: int, max_tokens: int) -> list[np.ndarray]:
+    """Whole documents of a token stream (each ends at `eos`), in order, up to about max_tokens."""
+    ends = np.flatnonzero(np.asarray(tokens) == eos)
+    docs, start, total = [], 0, 0
+    for end in ends:
+        if end > start:
+            docs.append(np.asarray(tokens[start:end]))
+            total += end - start
+        start = end + 1
+        if total >= max_tokens:
+            break
+    return docs
+
+
 def bits_per_byte(log_probs: list[np.ndarray]) -> float:
     """Total negative log-likelihood in bits over the number of bytes."""
     n = sum(len(lp) for lp in log_probs)

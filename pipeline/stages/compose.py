@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from artifacts import save_state, write_json
-from composition.evaluation import bits_per_byte, score_documents
+from composition.evaluation import bits_per_byte, score_documents, stream_documents
 from composition.loader import CompositionSettings, load_composed, new_parameters
 from composition.model import ComposedLM
 from composition.training import fit_centers, train_flops_per_token, train_independent, train_joint
@@ -233,15 +233,7 @@ def expert_label(task: CompositionTask, j: int) -> str:
 
 def validation_documents(tokens: np.ndarray, eos: int, max_tokens: int, required: bool = True) -> list[np.ndarray]:
     """Whole documents of a token stream (documents end at `eos`), up to about max_tokens."""
-    ends = np.flatnonzero(np.asarray(tokens) == eos)
-    docs, start, total = [], 0, 0
-    for end in ends:
-        if end > start:
-            docs.append(np.asarray(tokens[start:end]))
-            total += end - start
-        start = end + 1
-        if total >= max_tokens:
-            break
+    docs = stream_documents(tokens, eos, max_tokens)
     if not docs and required:
         raise StageError(f"no validation documents to score ({len(tokens)} validation tokens); "
                          "raise corpus.val_fraction")

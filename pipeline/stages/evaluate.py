@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from composition.evaluation import bits_per_byte, mixture, score_documents
+from composition.evaluation import bits_per_byte, mixture, score_documents, stream_documents
 from composition.intervals import paired_bootstrap
 from composition.loader import CompositionSettings, load_composed
 from experts.checkpoint import load_model
@@ -393,13 +393,12 @@ def validation_set(cfg: Config, catalog: Catalog, experts: list, router, cluster
     own cluster, and cBTM's top-1 weights over the experts for each byte's prefix:
     {"docs", "cluster" (each document's expert), "weights"}."""
     from pipeline import storage
-    from pipeline.stages.compose import validation_documents
 
     eos, share = ByteTokenizer().eos_id, max(1, cfg.compose.eval_tokens // max(len(experts), 1))
     docs, owner = [], []
     for e, version in enumerate(experts):
         tokens = np.load(storage.local_copy(catalog.data_path(version, "val"), tmp / "val"), mmap_mode="r")
-        group = [np.asarray(d, dtype=np.uint8) for d in validation_documents(tokens, eos, share, required=False)]
+        group = [np.asarray(d, dtype=np.uint8) for d in stream_documents(tokens, eos, share)]
         docs += group
         owner += [e] * len(group)
     weights = [document_weights(router, bytes(d), clusters, 1) for d in docs]
