@@ -390,19 +390,15 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_ur
 
 def validation_set(cfg: Config, catalog: Catalog, experts: list, router, clusters: list[int], tmp: Path) -> dict:
     """Whole validation documents, an equal share (compose.eval_tokens / experts) of each expert's
-    own cluster, and cBTM's top-1 weights over the experts for each byte's prefix:
-    {"docs", "cluster" (each document's expert), "weights"}."""
+    own cluster, and cBTM's top-1 weights over the experts for each byte's prefix: {"docs", "weights"}."""
     from pipeline import storage
 
     eos, share = ByteTokenizer().eos_id, max(1, cfg.compose.eval_tokens // max(len(experts), 1))
-    docs, owner = [], []
-    for e, version in enumerate(experts):
+    docs = []
+    for version in experts:
         tokens = np.load(storage.local_copy(catalog.data_path(version, "val"), tmp / "val"), mmap_mode="r")
-        group = [np.asarray(d, dtype=np.uint8) for d in stream_documents(tokens, eos, share)]
-        docs += group
-        owner += [e] * len(group)
-    weights = [document_weights(router, bytes(d), clusters, 1) for d in docs]
-    return {"docs": docs, "cluster": owner, "weights": weights}
+        docs += [np.asarray(d, dtype=np.uint8) for d in stream_documents(tokens, eos, share)]
+    return {"docs": docs, "weights": [document_weights(router, bytes(d), clusters, 1) for d in docs]}
 
 
 def mixture_lambdas(validation: dict[str, list[np.ndarray]], weights: list[np.ndarray]) -> dict[str, float]:
