@@ -110,7 +110,7 @@ def test_library_list_shows_every_model_with_its_lineage_fields_and_filters_by_t
     assert [r["domain"] for r in cooking] == ["cooking"]
     assert main(["library", "list", "--json", "--filter", f"pipeline={library['b']}"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert {r["pipeline"] for r in printed} == {library["b"]} and len(printed) == 3  # 2 experts + central
+    assert {r["pipeline"] for r in printed} == {library["b"]} and len(printed) == 4  # 2 experts, central, seed
 
 
 def test_library_show_gives_corpus_pipeline_metrics_and_the_compositions_using_a_model(library):

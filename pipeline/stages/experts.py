@@ -466,7 +466,7 @@ class _ExpertsStage:
                  if k in ("moie.cluster_run", STORAGE_ROOT) or k.startswith(TOKENS_SHA)}
         uri = self.catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", task.log_run, tags)
         self.tracker.log_metrics(task.log_run, {"steps": trained.result.steps, "tokens": trained.result.tokens,
-                                                "final_train_loss": trained.result.train_loss})
+                                                "params": trained.params, "final_train_loss": trained.result.train_loss})
         self.tracker.set_tags(task.log_run, {"moie.model_version": uri})
         self.tracker.end_run(task.log_run, "FINISHED")
         return uri
