@@ -57,16 +57,17 @@ def train_flops_per_token(composed: ComposedLM, experts: list[int], routing: str
     gradients, as for any trained layer); 1x the central model's forward above the first
     composition point (input gradients only: its weights are frozen), none below it, where
     backward stops since nothing there trains; nothing through the frozen experts."""
+    seq = composed.config.block_size  # the experts run on the central model's windows
     saved = composed.routing, composed.active
     try:
         composed.routing, composed.active = routing, list(experts)
-        total = forward_flops_per_token(composed)
+        total = forward_flops_per_token(composed, seq)
     finally:
         composed.routing, composed.active = saved
-    central = forward_flops_per_token(composed.central)
-    frozen = sum(features_flops_per_token(composed.experts[e]) for e in experts)  # no output head
+    central = forward_flops_per_token(composed.central, seq)
+    frozen = sum(features_flops_per_token(composed.experts[e], seq) for e in experts)  # no output head
     glue = total - central - frozen
-    above = central - flops_up_to_stages(composed.central)[composed.points[0]]
+    above = central - flops_up_to_stages(composed.central, seq)[composed.points[0]]
     return total + above + 2 * glue
 
 

@@ -63,6 +63,11 @@ def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions
         assert weights == {"model/artifacts/model/model.safetensors", "model/artifacts/model/model.json"}
     dense = next(r for r in runs if r.data.tags["moie.expert"] == "dense")
     assert dense.data.params["max_tokens"] == str(2 * 6000)  # equal compute: k x one expert's budget
+    # a stop between exporting the seed and registering it: the next run of the stage registers it
+    tracker.client.delete_model_version(CENTRAL_MODEL, seed.version)
+    assert sorted(run_experts(cfg, pipeline_id)) == ["dense", "expert-0", "expert-1"]  # nothing trains again
+    again = [v for v in versions(tracker, CENTRAL_MODEL) if v.tags["moie.role"] == "seed"]
+    assert len(again) == 1 and again[0].tags["moie.sha256"] == seed.tags["moie.sha256"]
 
 
 def test_a_configured_central_model_is_trained_and_registered_beside_the_dense_baseline(ray_local, moie_home,

@@ -272,6 +272,8 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
     central, experts = catalog.resolve(central_uri), [catalog.resolve(u) for u in expert_uris]
     with catalog.tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
         task = composition_task(cfg, catalog, central, experts, Path(tmp))
+        if central.tags.get("moie.role") == SEED and central.tags.get("moie.pipeline") == pipeline_id:
+            task = replace(task, hub=SEED)  # on this pipeline's own seed: a system of its own, costed as such
         fitted = early.centres(task) if early is not None else None
         prepared = get_or_fail(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task, fitted),
                                "composition's preparation task")
@@ -437,8 +439,7 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
         blocks_train={**c.blocks_train, "seed": cfg.seed}, gates_train={**c.gates_train, "seed": cfg.seed},
         joint_train={**c.joint_train, "seed": cfg.seed}, balance_weight=c.balance_weight,
         num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed,
-        parts_sha256={uri: v.tags["moie.sha256"] for uri, v in versions.items()},
-        hub=SEED if central.tags.get("moie.role") == SEED else None)
+        parts_sha256={uri: v.tags["moie.sha256"] for uri, v in versions.items()})
     task = shared_router(catalog, task, experts, tmp)
     connect_cluster(cfg, catalog.tracker)
     check_resources(c.num_cpus, what="composition task (compose.num_cpus)")

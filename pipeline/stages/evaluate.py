@@ -251,7 +251,11 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         seed_uri = exact_uri(seed) if seed else None
         if seed:
             versions[seed_uri] = seed
-        validation = validation_set(cfg, catalog, [versions[u] for u in expert_uris], router, expert_clusters, tmp)
+        try:
+            validation = validation_set(cfg, catalog, [versions[u] for u in expert_uris], router, expert_clusters, tmp)
+        except StageError as err:  # e.g. the experts' token files are not in this storage: no output mixtures
+            print(f"evaluate: warning: no output mixtures ({err})", flush=True)
+            validation = {"docs": [], "weights": []}
         scored = _score_all(cfg, catalog, docs, central_uri, dense_uri, matched_uri, expert_uris,
                             compositions, routes, tmp, seed_uri, validation)
         scored |= {"central_uri": central_uri, "dense_uri": dense_uri or central_uri, "matched_uri": matched_uri,
@@ -475,7 +479,8 @@ def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights:
     metrics |= {f"delta/{d['system']}_vs_{d['baseline']}/{k}": d[k] for d in deltas for k in ("mean", "ci_low", "ci_high")}
     for dom in names:  # the same differences within each domain (its documents only)
         mine = [i for i, dd in enumerate(domains) if dd == dom]
-        within = differences({s: [lp[i] for i in mine] for s, lp in log_probs.items()},
+        sliced: dict[int, list] = {}  # one slice per list: a system that is another (central = dense) stays so
+        within = differences({s: sliced.setdefault(id(lp), [lp[i] for i in mine]) for s, lp in log_probs.items()},
                              [s for s in order if not s.startswith("expert")], resamples, seed)
         metrics |= {f"delta/{d['system']}_vs_{d['baseline']}/{dom}/{k}": d[k] for d in within
                     for k in ("mean", "ci_low", "ci_high")}
@@ -647,9 +652,9 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
                 cost[s]["train_pflops"] = (hub + (own_pflops if same and hub else experts_pflops)
                                            + compose.get(mode, 0.0))
     if "seed" in results:
-        cost["seed"] = {"train_pflops": seed_pflops}
+        cost.setdefault("seed", {})["train_pflops"] = seed_pflops
     for s, hub in MIXTURES.items():  # the hub and one routed expert per byte
-        if hub in results:
+        if hub in results and s in scored.get("mixture_lambda", {}):
             cost[s] = {"params": all_params + int(results[hub]["params"]),
                        "train_pflops": experts_pflops if hub == "seed" else central_pflops + (
                            own_pflops if scored["central_uri"] == scored["dense_uri"] else experts_pflops),

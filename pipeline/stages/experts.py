@@ -278,6 +278,8 @@ class _ExpertsStage:
             board = open_board(self.pipeline_id)  # one board for seed and branches (it dies with its last handle)
             self.train_seed(seed, tasks, board)
             registered |= self.train_all(tasks, board)
+        if seed is not None and self.catalog.seed_model(self.pipeline_id) is None:
+            self.register_exported_seed(seed)  # exported, but a stop came before it was registered
         return registered
 
     def mark_registered(self, name: str, run) -> None:
@@ -454,6 +456,34 @@ class _ExpertsStage:
         if failures:
             raise StageError("training failed: " + "; ".join(failures))
         return registered
+
+    def register_exported_seed(self, seed: SeedPlan) -> str | None:
+        """Register the seed exported at seed.steps (from the storage, in a seed run of its own),
+        when the stage stopped between exporting and registering it; None if there is no export."""
+        from pipeline.serving import log_model
+
+        exported = storage.join(seed.dir, "model.json")
+        if storage.kind(exported) != "file" or json.loads(storage.read_text(exported)).get("step") != seed.steps:
+            return None
+        dense = next(r for r in reversed(self.tracker.stage_runs(self.pipeline_id, "experts", None))
+                     if r.data.tags.get("moie.expert") == DENSE and r.data.tags.get("moie.cluster_run") == self.cluster_run_id)
+        files = {split: Catalog.token_file(self.root, DENSE, split) for split in ("train", "val")}
+        seed_run = self.create_run(SEED, {**dense.data.params, "seed_steps": str(seed.steps),
+                                          "seed_tokens": str(seed.tokens)}, files)
+        with tempfile.TemporaryDirectory(prefix="moie-seed-") as tmp:
+            local = storage.local_copy(seed.dir, tmp)
+            model, _ = load_model(local)
+            logged = log_model(self.tracker.uri, seed_run, Path(local), {
+                "registered_model": CENTRAL_MODEL, "model": SEED, "pipeline": self.pipeline_id})
+        task = ExpertTask(name=DENSE, run_id=dense.info.run_id, tracking_uri=self.tracker.uri,
+                          model={"arch": self.cfg.experts.arch, **self.cfg.experts.model,
+                                 "vocab_size": ByteTokenizer().vocab_size},  # the dense model's, as task() builds it
+                          train_config={}, train=files["train"], val=files["val"], ckpt_dir="", num_cpus=0,
+                          tokenizer=ByteTokenizer().fingerprint, seed=self.cfg.seed, log_run=seed_run)
+        result = TrainResult(seed.steps, seed.tokens, float("nan"), None, 0.0, None)
+        uri = self.register_seed(task, TrainedModel(result, sum(p.numel() for p in model.parameters()), logged))
+        print(f"{SEED}: exported earlier, registered now as {uri}", flush=True)
+        return uri
 
     def register_seed(self, task: ExpertTask, trained: TrainedModel) -> str:
         """Register the seed its task logged to the seed's own run as a moie-central version with
