@@ -196,6 +196,9 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
     return TrainedModel(result, params, files)
 
 
+HOLD_LIMIT_S = 900  # experts.hold: longest wait for the test to act (it acts within seconds)
+
+
 def held_after_first(push, task: ExpertTask):
     """on_checkpoint for tests (experts.hold): push each checkpoint; after the first one, write
     <hold>/<name>.held ({"pid", "step"}, atomically) and wait there until <hold>/release exists."""
@@ -211,7 +214,10 @@ def held_after_first(push, task: ExpertTask):
         part = marker.with_name(marker.name + ".part")
         part.write_text(json.dumps({"pid": os.getpid(), "step": int(Path(json_path).stem.removeprefix("step-"))}))
         part.rename(marker)
+        deadline = time.monotonic() + HOLD_LIMIT_S
         while not (hold / "release").exists():  # a cancel (force) or the driver's exit ends the wait
+            if time.monotonic() > deadline:  # the test that set the hold is gone: do not hold the CPUs forever
+                raise RuntimeError(f"experts.hold: {hold / 'release'} did not appear in {HOLD_LIMIT_S} s")
             time.sleep(0.05)
 
     return on_checkpoint
