@@ -417,9 +417,7 @@ class _ExpertsStage:
                              "while the dense model is registered; set experts.seed_fraction: 0 or retrain")
         print(f"seed: the dense model to step {seed.steps} ({seed.tokens} tokens), then every expert "
               "branches from it", flush=True)
-        dense_run = self.tracker.client.get_run(dense[0].run_id)
-        seed_run = self.create_run(SEED, {**dense_run.data.params, "seed_steps": str(seed.steps),
-                                          "seed_tokens": str(seed.tokens)}, {"train": dense[0].train, "val": dense[0].val})
+        seed_run = self.seed_run(seed, dense[0].run_id)
         self.train_all([replace(dense[0], stop_at=seed.steps, seed_dir=seed.dir, log_run=seed_run)], board,
                        register=self.register_seed)
 
@@ -463,6 +461,13 @@ class _ExpertsStage:
             raise StageError("training failed: " + "; ".join(failures))
         return registered
 
+    def seed_run(self, seed: SeedPlan, dense_run_id: str) -> str:
+        """The seed's own run (its model is logged there): the dense run's params and data, and the seed step."""
+        params = {**self.tracker.client.get_run(dense_run_id).data.params, "seed_steps": str(seed.steps),
+                  "seed_tokens": str(seed.tokens)}
+        return self.create_run(SEED, params, {split: Catalog.token_file(self.root, DENSE, split)
+                                              for split in ("train", "val")})
+
     def register_exported_seed(self, seed: SeedPlan) -> str | None:
         """Register the seed exported at seed.steps (from the storage, in a seed run of its own),
         when the stage stopped between exporting and registering it; None if there is no export."""
@@ -473,9 +478,8 @@ class _ExpertsStage:
             return None
         dense = next(r for r in reversed(self.tracker.stage_runs(self.pipeline_id, "experts", None))
                      if r.data.tags.get("moie.expert") == DENSE and r.data.tags.get("moie.cluster_run") == self.cluster_run_id)
+        seed_run = self.seed_run(seed, dense.info.run_id)
         files = {split: Catalog.token_file(self.root, DENSE, split) for split in ("train", "val")}
-        seed_run = self.create_run(SEED, {**dense.data.params, "seed_steps": str(seed.steps),
-                                          "seed_tokens": str(seed.tokens)}, files)
         with tempfile.TemporaryDirectory(prefix="moie-seed-") as tmp:
             local = storage.local_copy(seed.dir, tmp)
             model, _ = load_model(local)
