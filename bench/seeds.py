@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from quality_per_second import cpu_name  # noqa: E402  (bench/ is on the path: this script's folder)
 
-SYSTEMS = ("dense", "dense_matched", "cbtm_top1", "oracle", "composed_independent", "composed_independent_topk",
-           "composed_joint", "composed_adaptive")
+SYSTEMS = ("dense", "dense_matched", "seed", "cbtm_top1", "oracle", "composed_independent", "composed_independent_topk",
+           "composed_joint", "composed_adaptive", "composed_seed_independent", "mixture_central", "mixture_seed")
 ROUTED = ("cbtm_top1", "composed_independent_topk", "composed_adaptive", "composed_joint")
 CLAIMS = [(s, b) for s in ("cbtm_top1", "composed_independent", "composed_joint") for b in ("dense", "dense_matched")]
 
@@ -53,7 +53,7 @@ def evaluate_metrics(home: Path, config: str, pipeline_id: str) -> dict:
     from pipeline.config import load_config
     from pipeline.tracking import Tracker
 
-    (run,) = Tracker(load_config(REPO / config)).stage_runs(pipeline_id, "evaluate")
+    run = Tracker(load_config(REPO / config)).stage_runs(pipeline_id, "evaluate")[0]  # the newest
     m = run.data.metrics
     out = {f"bpb/{s}": m[f"bpb/{s}/all"] for s in SYSTEMS if f"bpb/{s}/all" in m}
     out |= {f"routing_accuracy/{s}": m[f"routing_accuracy/{s}"] for s in ROUTED if f"routing_accuracy/{s}" in m}
@@ -61,6 +61,9 @@ def evaluate_metrics(home: Path, config: str, pipeline_id: str) -> dict:
         key = f"delta/{s}_vs_{b}"
         if f"{key}/mean" in m:
             out |= {f"{key}/{k}": m[f"{key}/{k}"] for k in ("mean", "ci_low", "ci_high")}
+    out |= {f"macro/{s}": m[f"bpb/{s}/macro"] for s in SYSTEMS if f"bpb/{s}/macro" in m}
+    out |= {k: v for k, v in m.items() if k.startswith(("equal_compute/", "capture/", "mixture_lambda/"))
+            and not k.endswith("dense_pflops")}
     out |= {k: v for k, v in m.items() if k.startswith(("train_pflops/", "heldout_overlap/"))}
     return out
 
@@ -79,9 +82,16 @@ def main() -> None:
     parser.add_argument("--home", default="/tmp/moie-seeds", help="MOIE_HOME of the runs (one MLflow store)")
     parser.add_argument("--out", default=str(REPO / "bench" / "seeds.jsonl"))
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--reread", action="store_true",
+                        help="read each seed's figures again from its pipeline's newest evaluate run (after "
+                             "`moie compose` / `moie evaluate` ran again on it), keeping its wall time")
     args = parser.parse_args()
     out = Path(args.out)
     done = {r["seed"]: r for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else {}
+    if args.reread:
+        done = {seed: {"seed": seed, "pipeline": r["pipeline"], "seconds": r["seconds"], "cpu": r.get("cpu"),
+                       **evaluate_metrics(Path(args.home), args.config, r["pipeline"])} for seed, r in done.items()}
+        out.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; config {args.config}", flush=True)
     rows = []
@@ -98,7 +108,7 @@ def main() -> None:
     print("\nspread over seeds " + ",".join(str(r["seed"]) for r in rows) + f" ({rows[0].get('cpu', cpu)})")
     print("| figure | mean | sd | min | max |\n|---|---|---|---|---|")
     for key, s in spread(rows).items():
-        if not key.startswith(("train_pflops/", "heldout_overlap/")):
+        if not key.startswith(("train_pflops/", "heldout_overlap/", "capture/")):
             print(f"| {key} | {s['mean']:.4f} | {s['sd']:.4f} | {s['min']:.4f} | {s['max']:.4f} |")
     print("\nclaims per seed (difference in bpb, paired bootstrap 95% interval over documents; holds: below zero)")
     for s, b in CLAIMS:
@@ -109,6 +119,12 @@ def main() -> None:
                 holds = "holds" if r[f"{key}/ci_high"] < 0 else "no"
                 cells.append(f"{r[f'{key}/mean']:+.4f} [{r[f'{key}/ci_low']:+.4f}, {r[f'{key}/ci_high']:+.4f}] {holds}")
         print(f"{s} vs {b}: " + "; ".join(cells))
+    print("\nagainst the dense model at the system's own training compute (equal_compute; holds: below zero)")
+    for s in SYSTEMS:
+        cells = [f"{r[f'equal_compute/{s}/mean']:+.4f} [{r[f'equal_compute/{s}/ci_low']:+.4f}, "
+                 f"{r[f'equal_compute/{s}/ci_high']:+.4f}]" for r in rows if f"equal_compute/{s}/mean" in r]
+        if cells:
+            print(f"{s}: " + "; ".join(cells))
 
 
 if __name__ == "__main__":

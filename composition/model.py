@@ -8,6 +8,12 @@ projection starts at zero, so the composed model starts equal to the central mod
     gate = sigmoid(v_{e,i} . h)                       # training, v zero-initialised: 0.5
     h    = h + sum_e w_e a_e                          # w: gate, or routed top-k weights
 
+Optionally a composition point in output space (output "mix"): each position mixes the
+composed model's next-byte distribution with its routed experts' own, through a learned
+per-position gate (OutputGate), trained last, with everything else frozen:
+
+    p_t = (1 - sum_e w_e,t g_e,t) p_composed,t + sum_e w_e,t g_e,t p_e,t
+
 Routing at inference (per token): score_e = LN(h) . LN(v_e) / sqrt(d_c), keep the top k,
 softmax over their scores; or adaptively every expert whose sigmoid gate exceeds a
 threshold (0 .. k_max experts, a number that varies with the input); or by an outside
@@ -28,6 +34,7 @@ from experts.blocks import Attention, RMSNorm
 ROUTINGS = ("gate", "topk", "adaptive", "router")
 POOLS = ("token", "prefix")
 GLUES = ("attention", "aligned", "both")  # what a block reads of its expert: see make_block
+OUTPUTS = ("none", "mix")  # mix: a composition point in output space (OutputGate)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -90,6 +97,26 @@ class GlueBlock(nn.Module):
         return self.attention(h, visible_c, z, visible_e) + self.aligned(h, visible_c, z, visible_e)
 
 
+class OutputGate(nn.Module):
+    """How much of an expert's own next-byte distribution position t takes, from the composed
+    central model's final state h_t and the expert's z_t (both causal: they see inputs <= t):
+
+        g_t = sigmoid(w . [RMSNorm(h_t); RMSNorm(z_t)] + b)
+
+    d_c + d_e + 1 parameters, zero-initialised: every gate starts at 0.5."""
+
+    def __init__(self, d_c: int, d_e: int):
+        super().__init__()
+        self.ln_c, self.ln_e = RMSNorm(d_c, affine=False), RMSNorm(d_e, affine=False)
+        self.proj = nn.Linear(d_c + d_e, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.ln_c(h), self.ln_e(z.to(h.dtype))], dim=-1)  # (B, T, d_c + d_e)
+        return torch.sigmoid(self.proj(x).float()).squeeze(-1)  # (B, T)
+
+
 def make_block(glue: str, d_c: int, d_e: int, n_head: int) -> nn.Module:
     """attention: CALM's cross-attention into every expert row the central row may see;
     aligned: only the expert's state at the aligned position (AlignedBlock); both: their sum."""
@@ -121,7 +148,7 @@ class ComposedLM(nn.Module):
 
     def __init__(self, central: nn.Module, experts: list[nn.Module], n_points: int = 2, n_head: int | None = None,
                  routing: str = "topk", k: int = 2, threshold: float = 0.5, k_max: int | None = None,
-                 pool: str = "token", glue: str = "attention"):
+                 pool: str = "token", glue: str = "attention", output: str = "none"):
         super().__init__()
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -131,6 +158,8 @@ class ComposedLM(nn.Module):
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if glue not in GLUES:
             raise ValueError(f"glue must be one of {GLUES}, got {glue!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.central, self.experts = central, nn.ModuleList(experts)
         for model in (central, *experts):
             model.requires_grad_(False)
@@ -150,6 +179,11 @@ class ComposedLM(nn.Module):
         # One ParameterDict per expert, so an expert's gates train (and are added) on their own.
         self.gates = nn.ModuleList(nn.ParameterDict({p: nn.Parameter(torch.zeros(widths[p])) for p in self.points})
                                    for _ in experts)
+        # output "mix": one OutputGate per expert, reading the last stages (what the output heads read)
+        self.last_stage = stages[-1]
+        self.mixers = nn.ModuleList(
+            OutputGate(widths[self.last_stage], _stage_widths(e)[e.stage_names()[-1]]["h"].shape[-1])
+            for e in experts) if output == "mix" else nn.ModuleList()
         # The central model's mean state at each point (fit_centers): gates and scores look at the
         # deviation from it, so a gate trained on one domain only learns that domain's direction
         # instead of the direction every domain shares. Zero = uncentred. Not trained.
@@ -158,6 +192,7 @@ class ComposedLM(nn.Module):
         self.routing, self.k, self.threshold = routing, min(k, len(experts)), threshold
         self.k_max = k_max or len(experts)
         self.pool, self.glue = pool, glue
+        self.output = output  # what the forward runs: "none" while blocks and gates train (training sets it)
         self.active: list[int] = list(range(len(experts)))  # experts whose forward runs
         self.balance_weight = 0.0  # joint training: weight of the load-balancing loss
         self.last_experts_per_token: float | None = None
@@ -177,7 +212,7 @@ class ComposedLM(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.blocks.parameters()) + list(self.gates.parameters())
+        return list(self.blocks.parameters()) + list(self.gates.parameters()) + list(self.mixers.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, route: torch.Tensor | None = None):
         """route: (B, T, n_experts) weights of an outside router for each input position (routing
@@ -203,31 +238,73 @@ class ComposedLM(nn.Module):
 
     def _forward(self, idx: torch.Tensor, targets: torch.Tensor | None):
         states = {e: {f["name"]: f for f in self.experts[e].features(idx)} for e in self.active}
-        counts, balance = [], []
+        counts, balance, final = [], [], {}
+        mixing = self.output == "mix"
 
         def inject(name: str, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-            if name not in self.points:
-                return h
-            outs = torch.stack([self.blocks[e][name](h, visible, states[e][self.pairs[e][name]]["h"],
-                                                     states[e][self.pairs[e][name]]["visible"])
-                                for e in self.active], dim=-2)  # (B, R, E_active, d_c)
-            weights = self.route(name, h, visible)  # (B, R, E_active)
-            if self.record_routing:  # (B, R, n_experts): experts that did not run weigh 0
-                full = weights.new_zeros(*weights.shape[:-1], len(self.experts))
-                full[..., self.active] = weights.detach()
-                self.last_routing[name], self.last_visible[name] = full, visible
-            counts.append((weights > 0).float().sum(-1).mean())
-            if self.balance_weight and self.training:
-                balance.append(self.load_balance(name, h, weights))
-            return h + (weights.unsqueeze(-1).to(outs.dtype) * outs).sum(dim=-2)
+            if name in self.points:
+                h = self._compose_point(name, h, visible, states, counts, balance)
+            if mixing and name == self.last_stage:
+                final["h"], final["visible"] = h, visible
+            return h
 
         if self.record_routing:  # this forward's routing only
             self.last_positions, self.last_routing, self.last_visible = idx.shape[1], {}, {}
-        logits, loss = self.central(idx, targets, inject=inject)
+        logits, loss = self.central(idx, None if mixing else targets, inject=inject)
         self.last_experts_per_token = float(torch.stack(counts).mean()) if counts else 0.0
+        if mixing:
+            logits = self.mix_output(logits, final["h"][:, :idx.shape[1]], states)
+            if targets is not None:
+                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if loss is not None and balance:
             loss = loss + self.balance_weight * torch.stack(balance).mean()
         return logits, loss
+
+    def _compose_point(self, name: str, h: torch.Tensor, visible: torch.Tensor, states: dict, counts: list,
+                       balance: list) -> torch.Tensor:
+        """h + the routed sum of the active experts' blocks at composition point `name`."""
+        outs = torch.stack([self.blocks[e][name](h, visible, states[e][self.pairs[e][name]]["h"],
+                                                 states[e][self.pairs[e][name]]["visible"])
+                            for e in self.active], dim=-2)  # (B, R, E_active, d_c)
+        weights = self.route(name, h, visible)  # (B, R, E_active)
+        self._point_weights = (weights, visible)  # the last point's: output mixing reads them
+        if self.record_routing:  # (B, R, n_experts): experts that did not run weigh 0
+            full = weights.new_zeros(*weights.shape[:-1], len(self.experts))
+            full[..., self.active] = weights.detach()
+            self.last_routing[name], self.last_visible[name] = full, visible
+        counts.append((weights > 0).float().sum(-1).mean())
+        if self.balance_weight and self.training:
+            balance.append(self.load_balance(name, h, weights))
+        return h + (weights.unsqueeze(-1).to(outs.dtype) * outs).sum(dim=-2)
+
+    def mix_output(self, logits: torch.Tensor, h: torch.Tensor, states: dict) -> torch.Tensor:
+        """Log-probabilities (B, T, V) of the output mixture: the composed model's distribution
+        (logits, from final state h (B, T, d_c)) and each active expert's own, weighted w_e,t g_e,t
+        (w: output_weights, g: the expert's OutputGate); the composed model takes the rest."""
+        T = logits.shape[1]
+        w = self.output_weights(T)  # (B, T, E_active), each row sums to <= 1
+        parts, shares = [F.log_softmax(logits.float(), dim=-1)], []
+        for j, e in enumerate(self.active):
+            expert = self.experts[e]
+            z = states[e][expert.stage_names()[-1]]["h"][:, :T]  # (B, T, d_e): what its output head reads
+            parts.append(F.log_softmax(expert.lm_head(expert.ln_f(z)).float(), dim=-1))
+            shares.append(w[..., j] * self.mixers[e](h, z))
+        share = torch.stack(shares, dim=-1)  # (B, T, E_active)
+        rest = (1 - share.sum(-1, keepdim=True)).clamp(min=1e-6)  # the composed model's weight
+        log_w = torch.cat([rest, share], dim=-1).clamp(min=1e-30).log()  # (B, T, 1 + E_active)
+        return torch.logsumexp(torch.stack(parts, dim=-2) + log_w.unsqueeze(-1), dim=-2)  # (B, T, V)
+
+    def output_weights(self, T: int) -> torch.Tensor:
+        """(B, T, E_active) how much each active expert may weigh at each input position: the
+        outside router's weights for it (routing "router"), else the last composition point's
+        weights of the newest row the position sees, normalised; each row sums to <= 1."""
+        if self.routing == "router":
+            w = self._route[:, :T].float()
+        else:
+            weights, visible = self._point_weights
+            row = torch.searchsorted(visible.contiguous(), torch.arange(T, device=visible.device), right=True) - 1
+            w = weights[:, row.clamp(min=0)].float() * (row >= 0).view(1, -1, 1)  # (B, T, E_active)
+        return w / w.sum(-1, keepdim=True).clamp(min=1.0 if self.routing == "router" else 1e-9)
 
     @torch.no_grad()
     def fit_centers(self, batches) -> None:

@@ -1,7 +1,8 @@
 """Training a composition: central and experts frozen, only blocks and gates learn.
 
 independent (PHATGOOSE, decentralised): for one expert, on its own cluster's data, train its
-cross-attention blocks (gate fixed at 0.5), then freeze them and train only its gate vectors.
+cross-attention blocks (gate fixed at 0.5), then freeze them and train only its gate vectors;
+with output "mix", then only its OutputGate (the output mixture's weight of the expert).
 joint: all blocks and gates together on the whole corpus, top-k routing in the loop, plus a
 load-balancing loss.
 """
@@ -52,18 +53,14 @@ def fit_centers(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: in
 
 
 def train_flops_per_token(composed: ComposedLM, experts: list[int], routing: str) -> float:
-    """Training FLOPs per token of a composition phase that runs `experts` with `routing`.
-    Forward: central, experts and blocks. Backward: 2x the blocks' forward (input and weight
-    gradients, as for any trained layer); 1x the central model's forward above the first
-    composition point (input gradients only: its weights are frozen), none below it, where
-    backward stops since nothing there trains; nothing through the frozen experts."""
+    """Training FLOPs per token of a composition phase that runs `experts` with `routing` and
+    trains their blocks or gates (no output mixing). Forward: central, experts and blocks.
+    Backward: 2x the blocks' forward (input and weight gradients, as for any trained layer); 1x
+    the central model's forward above the first composition point (input gradients only: its
+    weights are frozen), none below it, where backward stops since nothing there trains;
+    nothing through the frozen experts."""
     seq = composed.config.block_size  # the experts run on the central model's windows
-    saved = composed.routing, composed.active
-    try:
-        composed.routing, composed.active = routing, list(experts)
-        total = forward_flops_per_token(composed, seq)
-    finally:
-        composed.routing, composed.active = saved
+    total = _forward_flops(composed, experts, routing, "none")
     central = forward_flops_per_token(composed.central, seq)
     frozen = sum(features_flops_per_token(composed.experts[e], seq) for e in experts)  # no output head
     glue = total - central - frozen
@@ -71,34 +68,61 @@ def train_flops_per_token(composed: ComposedLM, experts: list[int], routing: str
     return total + above + 2 * glue
 
 
+def mix_flops_per_token(composed: ComposedLM, experts: list[int], routing: str) -> float:
+    """Training FLOPs per token of the output gates' phase: the whole forward with output mixing
+    (the experts' output heads included) and 2x the gates' own forward; backward stops at the
+    gates, whose inputs (the frozen models' states) need no gradient."""
+    total = _forward_flops(composed, experts, routing, "mix")
+    gates = total - _forward_flops(composed, experts, routing, "none") - sum(
+        forward_flops_per_token(composed.experts[e], composed.config.block_size)
+        - features_flops_per_token(composed.experts[e], composed.config.block_size) for e in experts)
+    return total + 2 * gates
+
+
+def _forward_flops(composed: ComposedLM, experts: list[int], routing: str, output: str) -> float:
+    saved = composed.routing, composed.active, composed.output
+    try:
+        composed.routing, composed.active, composed.output = routing, list(experts), output
+        return forward_flops_per_token(composed, composed.config.block_size)
+    finally:
+        composed.routing, composed.active, composed.output = saved
+
+
 def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blocks_cfg: TrainConfig,
-                      gates_cfg: TrainConfig, on_metrics: Callable[[int, dict], None] | None = None
-                      ) -> tuple[TrainResult, TrainResult]:
-    """Train expert `expert`'s blocks, then its gates, on that expert's own data."""
-    saved = composed.routing, composed.active
+                      gates_cfg: TrainConfig, mix_cfg: TrainConfig | None = None,
+                      on_metrics: Callable[[int, dict], None] | None = None) -> list[TrainResult]:
+    """Train expert `expert`'s blocks, then its gates, then (a composition with output "mix"
+    and mix_cfg given) its output gate, on that expert's own data: each phase's result."""
+    saved = composed.routing, composed.active, composed.output
     emit = on_metrics or (lambda step, metrics: None)
+    phases = [("blocks", composed.blocks[expert], blocks_cfg, "none"), ("gates", composed.gates[expert], gates_cfg, "none")]
+    if len(composed.mixers) and mix_cfg is not None:
+        phases.append(("mix", composed.mixers[expert], mix_cfg, "mix"))
+    results: list[TrainResult] = []
     try:
         composed.routing, composed.active = "gate", [expert]
-        set_trainable(composed, [composed.blocks[expert]])
-        blocks = train(composed, tokens, None, blocks_cfg,
-                       on_metrics=lambda s, m: emit(s, {f"blocks_{k}": v for k, v in m.items()}))
-        set_trainable(composed, [composed.gates[expert]])
-        gates = train(composed, tokens, None, gates_cfg,
-                      on_metrics=lambda s, m: emit(blocks.steps + s, {f"gates_{k}": v for k, v in m.items()}))
+        for name, module, cfg, output in phases:
+            composed.output = output
+            set_trainable(composed, [module])
+            done = sum(r.steps for r in results)
+            results.append(train(composed, tokens, None, cfg, on_metrics=lambda s, m, name=name, done=done: emit(
+                done + s, {f"{name}_{k}": v for k, v in m.items()})))
     finally:
-        composed.routing, composed.active = saved
-        set_trainable(composed, [composed.blocks, composed.gates])
-    return blocks, gates
+        composed.routing, composed.active, composed.output = saved
+        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers])
+    return results
 
 
 def train_joint(composed: ComposedLM, tokens: np.ndarray, cfg: TrainConfig, balance_weight: float = 0.01,
                 on_metrics: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """All blocks and gates together, top-k routing in the loop, load-balancing loss."""
-    saved = composed.routing, composed.active, composed.balance_weight
+    """All blocks and gates together, top-k routing in the loop, load-balancing loss (no output
+    mixing: a joint composition's output is the composed central model's)."""
+    saved = composed.routing, composed.active, composed.balance_weight, composed.output
     try:
-        composed.routing, composed.active = "topk", list(range(len(composed.experts)))
+        composed.routing, composed.active, composed.output = "topk", list(range(len(composed.experts))), "none"
         composed.balance_weight = balance_weight
         set_trainable(composed, [composed.blocks, composed.gates])
         return train(composed, tokens, None, cfg, on_metrics=on_metrics)
     finally:
-        composed.routing, composed.active, composed.balance_weight = saved
+        composed.routing, composed.active, composed.balance_weight, composed.output = saved
+        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers])

@@ -91,12 +91,17 @@ class ComposeConfig:
     # what a block reads of its expert: attention (CALM: every expert row the position may see) |
     # aligned (the expert's state at the aligned position, one projection) | both
     glue: str = "both"
+    # a composition point in output space (independent mode): "mix" blends each position's
+    # next-byte distribution with its routed expert's own, by a learned per-position gate | none
+    output: str = "mix"
     # tokens whose mean central state centers the routing (0: uncentred): an equal share drawn at
     # random from each expert's training data, so the centre is the mean over clusters, not one domain
     center_tokens: int = 32_768
     blocks_train: dict = field(default_factory=dict)  # independent: an expert's blocks (TrainConfig keys)
     # then its gates: about 100 steps, as PHATGOOSE trains them (steps = max_tokens / (batch x block))
     gates_train: dict = field(default_factory=lambda: {"max_tokens": 102_400, "batch_size": 4, "lr": 5e-3})
+    # then (output "mix") its output gate: d_c + d_e + 1 parameters, 100 steps
+    mix_train: dict = field(default_factory=lambda: {"max_tokens": 102_400, "batch_size": 4, "lr": 1e-2})
     joint_train: dict = field(default_factory=dict)  # joint: all blocks and gates
     balance_weight: float = 0.01  # joint: weight of the load-balancing loss
     num_cpus: float = 1.0  # Ray resources of one composition task
@@ -270,13 +275,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"compose.routing must be 'router', 'topk' or 'adaptive', got {cfg.compose.routing!r}")
     if cfg.compose.glue not in ("attention", "aligned", "both"):
         raise ConfigError(f"compose.glue must be 'attention', 'aligned' or 'both', got {cfg.compose.glue!r}")
+    if cfg.compose.output not in ("none", "mix"):
+        raise ConfigError(f"compose.output must be 'none' or 'mix', got {cfg.compose.output!r}")
     if cfg.compose.pool not in ("token", "prefix"):
         raise ConfigError(f"compose.pool must be 'token' or 'prefix', got {cfg.compose.pool!r}")
     if not 0 <= cfg.evaluate.max_overlap <= 1 or cfg.evaluate.shingle_words < 1 or cfg.evaluate.bootstrap < 1:
         raise ConfigError("evaluate.max_overlap must be between 0 and 1 (1: keep every held-out document), "
                           "evaluate.shingle_words >= 1 and evaluate.bootstrap >= 1; got "
                           f"{cfg.evaluate.max_overlap}, {cfg.evaluate.shingle_words}, {cfg.evaluate.bootstrap}")
-    for phase in ("blocks_train", "gates_train", "joint_train"):
+    for phase in ("blocks_train", "gates_train", "mix_train", "joint_train"):
         validate_train_section(f"compose.{phase}", getattr(cfg.compose, phase))
     if not 1 <= cfg.compose.n_points or not 1 <= cfg.compose.k or not 0 <= cfg.compose.threshold <= 1:
         raise ConfigError("compose.n_points and compose.k must be >= 1 (compose.k = 0 would route to no expert) and "

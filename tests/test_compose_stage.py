@@ -56,6 +56,11 @@ def test_compose_stage_runs_both_modes_and_registers_compositions_better_than_ce
         assert sorted(k.removeprefix("val_bpb/") for k in m if k.startswith("val_bpb/")) == clusters
         assert len({m[f"central_val_bpb/{c}"] for c in clusters}) == 3  # three different sets of documents
         assert m["val_bpb_macro"] == pytest.approx(sum(m[f"val_bpb/{c}"] for c in clusters) / 3)
+        # independent compositions end in an output point (validation scores them with and without it);
+        # a joint one has none: its blocks and gates trained without one
+        mixing = run.data.tags["moie.mode"] == "independent"
+        assert ("no_mix_val_bpb_macro" in m) == mixing and ("expert0_mix_loss" in m) == mixing
+        assert run.data.params["output"] == ("mix" if mixing else "none")
         files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition")}
         assert {"composition/MLmodel", "composition/artifacts"} <= files  # an MLflow pyfunc model
         files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition/artifacts/composition")}
@@ -268,3 +273,21 @@ def test_the_seed_is_registered_and_composing_on_it_is_a_system_that_pays_no_den
     assert metrics["train_pflops/mixture_seed"] == pytest.approx(metrics["train_pflops/cbtm_top1"])
     assert metrics["equal_compute/mixture_seed/dense_pflops"] == pytest.approx(metrics["train_pflops/dense"])
     assert metrics["train_pflops/seed"] < metrics["train_pflops/dense"]
+
+
+def test_a_costlier_composition_config_trains_a_new_dense_matched_for_its_compute(trained_pipeline):
+    """Equal compute holds when the compositions grow: composing again with a config that spends
+    more than the registered dense_matched was trained for trains a new one for the new budget."""
+    from dataclasses import replace
+
+    cfg, pipeline_id = trained_pipeline
+    catalog = Catalog(cfg)
+    old = catalog.matched_model(pipeline_id)
+    had = catalog.client.get_run(old.run_id).data.metrics["matched_pflops"]
+    mix = {**cfg.compose.mix_train, "max_tokens": 4 * cfg.compose.mix_train["max_tokens"]}
+    run_compose(replace(cfg, compose=replace(cfg.compose, modes=["independent"], mix_train=mix)), pipeline_id)
+    new = catalog.matched_model(pipeline_id)
+    assert int(new.version) > int(old.version)
+    run = catalog.client.get_run(new.run_id)
+    assert run.data.metrics["matched_pflops"] > had
+    assert int(run.data.params["max_tokens"]) > int(catalog.client.get_run(old.run_id).data.params["max_tokens"])

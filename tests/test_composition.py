@@ -1,4 +1,5 @@
 """The composed model: equal to the central at init, causal, routed as asked."""
+import math
 import random
 
 import numpy as np
@@ -69,6 +70,16 @@ def test_gates_start_at_one_half():
         assert torch.equal(composed.route(point, h), torch.full((2, 5, 3), 0.5))
 
 
+def assert_causal(composed, idx, base, kwargs):
+    """A change of input j changes the output at j and nothing before it."""
+    for j in (0, 3, 7, 8, 16, 30, 44):
+        changed = idx.clone()
+        changed[0, j] = (changed[0, j] + 5) % V
+        logits, _ = composed(changed, **kwargs)
+        assert torch.equal(logits[:, :j], base[:, :j])
+        assert not torch.equal(logits[:, j], base[:, j])
+
+
 @pytest.mark.parametrize("glue", ["attention", "aligned", "both"])
 @pytest.mark.parametrize("routing", ["topk", "gate", "adaptive", "router"])
 @pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
@@ -80,12 +91,7 @@ def test_composed_model_is_causal_with_experts_of_other_compression(routing, cen
     idx = torch.randint(0, V, (1, 45), generator=torch.Generator().manual_seed(1))
     base, _ = composed(idx, **kwargs)
     assert not torch.equal(base, central(idx)[0])  # the experts do contribute
-    for j in (0, 3, 7, 8, 16, 30, 44):
-        changed = idx.clone()
-        changed[0, j] = (changed[0, j] + 5) % V
-        logits, _ = composed(changed, **kwargs)
-        assert torch.equal(logits[:, :j], base[:, :j])
-        assert not torch.equal(logits[:, j], base[:, j])
+    assert_causal(composed, idx, base, kwargs)
 
 
 def test_top_k_routing_uses_exactly_k_experts_per_token():
@@ -441,3 +447,125 @@ def test_one_aligned_glue_step_costs_forward_plus_the_blocks_twice_plus_the_cent
     above = central_fwd - 2 * layer  # layers 3 and 4 and the head
     assert train_flops_per_token(composed, [0], "gate") == pytest.approx(
         (central_fwd + expert_fwd + glue) + 2 * glue + above, rel=1e-12)
+
+
+# --- the composition point in output space (output "mix") -----------------------------------------
+
+
+def set_output_gates(composed, g: float):
+    """Every output gate at the constant g (weights zero, bias logit(g))."""
+    with torch.no_grad():
+        for mixer in composed.mixers:
+            mixer.proj.weight.zero_()
+            mixer.proj.bias.fill_(math.log(g / (1 - g)))
+    return composed
+
+
+@pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
+def test_output_mix_is_the_composed_and_the_routed_experts_distributions_weighted_by_the_gate(central_kind):
+    """p_t = (1 - g) p_composed,t + g p_e(t),t for the expert e(t) the router picks at t."""
+    central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
+    experts = experts_of_differing_depth()
+    composed = set_output_gates(randomised(ComposedLM(central, experts, n_points=2, routing="router",
+                                                      output="mix")), 0.3)
+    picks = [0] * 10 + [2] * 15 + [1] * 15
+    route = one_hot_route(picks, 3)
+    idx = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(3))
+    mixed, _ = composed(idx, route=route)
+    composed.output = "none"
+    p_composed = torch.softmax(composed(idx, route=route)[0].float(), -1)  # (1, T, V)
+    p_experts = torch.stack([torch.softmax(e(idx)[0].float(), -1) for e in experts], dim=-2)  # (1, T, 3, V)
+    expected = 0.7 * p_composed + 0.3 * p_experts[0, torch.arange(40), torch.tensor(picks)]
+    torch.testing.assert_close(mixed.exp(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(1, 40))
+
+
+@pytest.mark.parametrize("routing", ["topk", "gate", "adaptive", "router"])
+@pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
+def test_output_mix_is_causal(routing, central_kind):
+    central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
+    composed = randomised(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing,
+                                     threshold=0.5, k=2, glue="both", output="mix"))
+    kwargs = {"route": softmax_route(45, 3, seed=2)} if routing == "router" else {}
+    idx = torch.randint(0, V, (1, 45), generator=torch.Generator().manual_seed(1))
+    base, _ = composed(idx, **kwargs)
+    composed.output = "none"
+    assert not torch.allclose(base, composed(idx, **kwargs)[0])  # the output point does contribute
+    composed.output = "mix"
+    assert_causal(composed, idx, base, kwargs)
+
+
+def test_the_output_point_reads_the_experts_final_state_at_t_and_nothing_after():
+    """Blocks that add nothing (output projections zero): a change of the expert's final state
+    at position t changes the mixed output at t and nowhere before it; without the output point
+    it changes nothing."""
+    expert = expert_hourglass(1, [4, 2], [16, 24, 32])
+    composed = randomised(ComposedLM(central_gpt(), [expert], n_points=1, routing="gate", glue="attention",
+                                     output="mix"))
+    with torch.no_grad():
+        composed.blocks[0][composed.points[0]].attn.proj.weight.zero_()
+    idx = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(4))
+    features = expert.features
+    base = {out: None for out in ("mix", "none")}
+    for output in base:
+        composed.output = output
+        base[output] = composed(idx)[0]
+    for t in (5, 17, 39):
+        def perturbed(x, t=t):
+            out = features(x)
+            last = out[-1]  # decoder1: the state the expert's output head reads
+            last["h"] = last["h"].clone()
+            last["h"][:, int((last["visible"] == t).nonzero())] += 1.0
+            return out
+
+        expert.features = perturbed
+        try:
+            logits = {}
+            for output in base:
+                composed.output = output
+                logits[output] = composed(idx)[0]
+        finally:
+            expert.features = features
+        assert torch.equal(logits["none"], base["none"])
+        assert torch.equal(logits["mix"][:, :t], base["mix"][:, :t])
+        assert not torch.allclose(logits["mix"][:, t], base["mix"][:, t])
+
+
+def test_independent_training_with_an_output_point_trains_that_experts_output_gate_last():
+    from composition.training import train_independent
+    from experts.trainer import TrainConfig
+
+    composed = ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="topk", output="mix")
+    before = {n: p.clone() for n, p in composed.named_parameters()}
+    cfg = TrainConfig(max_tokens=4 * 48 * 5, batch_size=4, warmup_steps=1, eval_every=0, precision="fp32")
+    results = train_independent(composed, 1, _tokens(), cfg, cfg, TrainConfig(**{**cfg.__dict__, "lr": 5e-2}))
+    changed = {n for n, p in composed.named_parameters() if not torch.equal(p, before[n])}
+    assert {n.split(".")[0] + "." + n.split(".")[1] for n in changed} == {"blocks.1", "gates.1", "mixers.1"}
+    assert len(results) == 3 and composed.output == "mix" and composed.routing == "topk"  # restored
+
+
+def test_one_output_gate_step_costs_the_mixed_forward_plus_the_gate_twice():
+    """Pinned: forward through central, expert features, blocks, the expert's output head
+    (2 d_e V) and the gate (2 (d_c + d_e)); backward only 2x the gate: nothing before it trains."""
+    from composition.training import mix_flops_per_token
+    from experts.flops import features_flops_per_token, forward_flops_per_token
+
+    central, expert = central_gpt(), expert_hourglass(1, [4, 2], [16, 24, 32])
+    composed = ComposedLM(central, [expert], n_points=2, routing="gate", glue="aligned", output="mix")
+    d_c, d_encoder2, d_decoder1 = 32, 32, 16
+    glue = 2 * d_encoder2 * d_c + 2 * d_decoder1 * d_c
+    head, gate = 2 * d_decoder1 * V, 2 * (d_c + d_decoder1)
+    forward = forward_flops_per_token(central) + features_flops_per_token(expert) + glue + head + gate
+    assert mix_flops_per_token(composed, [0], "gate") == pytest.approx(forward + 2 * gate, rel=1e-12)
+
+
+def test_a_composition_state_without_its_output_gates_does_not_load():
+    from composition.loader import CompositionError, CompositionSettings, assemble, new_parameters
+
+    settings = CompositionSettings(n_points=2, routing="topk", k=2, threshold=0.5, glue="both", output="mix")
+    state = new_parameters(assemble(central_gpt(), experts_of_differing_depth(), settings))
+    assert any(k.startswith("mixers.") for k in state)
+    assemble(central_gpt(), experts_of_differing_depth(), settings, state)  # the whole state loads
+    with pytest.raises(CompositionError, match="missing"):
+        assemble(central_gpt(), experts_of_differing_depth(), settings,
+                 {k: v for k, v in state.items() if not k.startswith("mixers.")})

@@ -20,7 +20,8 @@ from artifacts import save_state, write_json
 from composition.evaluation import bits_per_byte, score_documents, stream_documents
 from composition.loader import CompositionSettings, load_composed, new_parameters
 from composition.model import ComposedLM
-from composition.training import fit_centers, train_flops_per_token, train_independent, train_joint
+from composition.training import (fit_centers, mix_flops_per_token, train_flops_per_token, train_independent,
+                                  train_joint)
 from experts.flops import forward_flops_per_token
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
@@ -54,6 +55,7 @@ class CompositionTask:
     blocks_train: dict  # TrainConfig fields of each training phase
     gates_train: dict
     joint_train: dict
+    mix_train: dict
     balance_weight: float
     num_cpus: float
     eval_tokens: int
@@ -117,6 +119,7 @@ def prepare_task(task: CompositionTask, fitted: dict | None = None) -> dict:
              "central": forward_flops_per_token(composed.central),
              "experts": [forward_flops_per_token(expert) for expert in composed.experts],
              "independent": [train_flops_per_token(composed, [e], "gate") for e in range(n)],
+             "mix": [mix_flops_per_token(composed, [e], "gate") if len(composed.mixers) else 0.0 for e in range(n)],
              "joint": train_flops_per_token(composed, list(range(n)), "topk")}
     return {"centers": fitted["centers"], "flops": flops}
 
@@ -150,12 +153,21 @@ def train_independent_task(task: CompositionTask, e: int, fitted: dict | None = 
     slot = e if slot is None else slot
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
         composed = _composed(task, [e], Path(scratch))
-        blocks, gates = train_independent(composed, 0, _tokens(task.expert_data[e], Path(scratch)),
-                                          TrainConfig(**task.blocks_train), TrainConfig(**task.gates_train))
-    state = {k.replace("blocks.0.", f"blocks.{slot}.", 1).replace("gates.0.", f"gates.{slot}.", 1): v
-             for k, v in new_parameters(composed).items()}
+        blocks, gates, *mix = train_independent(composed, 0, _tokens(task.expert_data[e], Path(scratch)),
+                                                TrainConfig(**task.blocks_train), TrainConfig(**task.gates_train),
+                                                TrainConfig(**task.mix_train))
+    state = {_slot(k, slot): v for k, v in new_parameters(composed).items()}
     return {"state": state, "blocks_loss": blocks.train_loss, "gates_loss": gates.train_loss,
-            "tokens": blocks.tokens + gates.tokens}
+            **({"mix_loss": mix[0].train_loss} if mix else {}),
+            "tokens": blocks.tokens + gates.tokens, "mix_tokens": mix[0].tokens if mix else 0}
+
+
+def _slot(key: str, slot: int) -> str:
+    """A new parameter of a one-expert composition's expert 0, renamed for position `slot`."""
+    for part in ("blocks", "gates", "mixers"):
+        if key.startswith(f"{part}.0."):
+            return key.replace(f"{part}.0.", f"{part}.{slot}.", 1)
+    return key
 
 
 def train_joint_task(task: CompositionTask) -> dict:
@@ -194,7 +206,8 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
     validation documents, an equal share (eval_tokens / experts) from each expert's own cluster
     (a prefix of the corpus-ordered stream would be one domain), routed as the composition
     routes (`router`: cBTM's weights for each document's prefix). Also each cluster's figures
-    (`val_bpb/<expert>`) and their macro average (each cluster weighing the same)."""
+    (`val_bpb/<expert>`) and their macro average (each cluster weighing the same); with an output
+    point, the same without it (`no_mix_val_bpb...`): what validation says the mixing adds."""
     eos = ByteTokenizer().eos_id
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True)
@@ -205,25 +218,27 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
         raise StageError("no validation documents to score in any expert's cluster; raise corpus.val_fraction")
     seq = composed.config.block_size
     composed.record_routing = True
-    figures, composed_lp, central_lp, rows = {}, [], [], []
+    figures, lp, rows = {}, {"": [], "central_": [], "no_mix_": []}, []
     for j, docs in enumerate(groups):
         if not docs:
             continue
         routes = router_weights(task, docs) if task.settings.routing == "router" else None
-        scored = score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes)
-        central = score_documents(composed.central, docs, eos, seq, batch_size=8)
-        name = expert_label(task, j)
-        figures[f"val_bpb/{name}"] = bits_per_byte(scored.log_probs)
-        figures[f"central_val_bpb/{name}"] = bits_per_byte(central.log_probs)
-        composed_lp += scored.log_probs
-        central_lp += central.log_probs
-        if scored.experts_per_row is not None:
-            rows.append(scored.experts_per_row)
+        scored = {"": score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes),
+                  "central_": score_documents(composed.central, docs, eos, seq, batch_size=8)}
+        if composed.output == "mix":  # the same composition without its output point: what the mixing adds
+            composed.output = "none"
+            scored["no_mix_"] = score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes)
+            composed.output = "mix"
+        for prefix, result in scored.items():
+            figures[f"{prefix}val_bpb/{expert_label(task, j)}"] = bits_per_byte(result.log_probs)
+            lp[prefix] += result.log_probs
+        if scored[""].experts_per_row is not None:
+            rows.append(scored[""].experts_per_row)
     scored_names = [k.removeprefix("val_bpb/") for k in figures if k.startswith("val_bpb/")]
-    return {"val_bpb": bits_per_byte(composed_lp), "central_val_bpb": bits_per_byte(central_lp),
-            "val_bpb_macro": float(np.mean([figures[f"val_bpb/{n}"] for n in scored_names])),
-            "central_val_bpb_macro": float(np.mean([figures[f"central_val_bpb/{n}"] for n in scored_names])),
-            **({"experts_per_token": float(np.mean(rows))} if rows else {}), **figures}
+    totals = {f"{prefix}val_bpb": bits_per_byte(lps) for prefix, lps in lp.items() if lps}
+    macros = {f"{prefix}val_bpb_macro": float(np.mean([figures[f"{prefix}val_bpb/{n}"] for n in scored_names]))
+              for prefix, lps in lp.items() if lps}
+    return {**totals, **macros, **({"experts_per_token": float(np.mean(rows))} if rows else {}), **figures}
 
 
 def expert_label(task: CompositionTask, j: int) -> str:
@@ -301,13 +316,16 @@ def phase_tokens(train_cfg: dict, seq: int) -> int:
     return cfg.steps(cfg.seq_len or seq) * cfg.tokens_per_step(cfg.seq_len or seq)
 
 
-def compose_flops(task: CompositionTask, mode: str, tokens: list[int] | int) -> float:
+def compose_flops(task: CompositionTask, mode: str, tokens: list[int] | int, mix_tokens: list[int] | None = None
+                  ) -> float:
     """Training FLOPs the compose stage spends on one mode: the routing centres' forward passes
-    plus the mode's training (tokens: per expert for independent, in all for joint)."""
+    plus the mode's training (tokens: per expert for independent, in all for joint; mix_tokens:
+    per expert, of the output gates' phase)."""
     f = task.flops
     centres = f["center_tokens"] * f["central"]  # forward passes only
     if mode == "independent":
-        return centres + sum(n * f["independent"][e] for e, n in enumerate(tokens))
+        return centres + sum(n * f["independent"][e] for e, n in enumerate(tokens)) + sum(
+            n * f["mix"][e] for e, n in enumerate(mix_tokens or []))
     return centres + tokens * f["joint"]
 
 
@@ -318,8 +336,9 @@ def matched_budget(catalog: Catalog, task: CompositionTask, experts: list, modes
     f, seq = task.flops, task.flops["seq"]
     own = sum(3 * f["experts"][e] * catalog.tracker.client.get_run(v.run_id).data.metrics.get("tokens", 0.0)
               for e, v in enumerate(experts))
-    spend = {"independent": compose_flops(task, "independent", [phase_tokens(task.blocks_train, seq)
-                                                                  + phase_tokens(task.gates_train, seq)] * len(experts)),
+    glue = phase_tokens(task.blocks_train, seq) + phase_tokens(task.gates_train, seq)
+    mix = phase_tokens(task.mix_train, seq) if task.settings.output == "mix" else 0
+    spend = {"independent": compose_flops(task, "independent", [glue] * len(experts), [mix] * len(experts)),
              "joint": compose_flops(task, "joint", phase_tokens(task.joint_train, seq))}
     return own + max(spend[m] for m in modes)
 
@@ -327,18 +346,23 @@ def matched_budget(catalog: Catalog, task: CompositionTask, experts: list, modes
 def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: CompositionTask, central,
                    experts: list):
     """Launch the dense model's continuation for the composed systems' extra compute, unless it
-    is not wanted, not comparable (a configured central model is not the dense one) or done."""
+    is not wanted, not comparable (a configured central model is not the dense one) or done for
+    at least that compute (a costlier composition config trains a new one)."""
     if not cfg.compose.dense_matched:
         return None
     if central.tags.get("moie.role") != "dense+central":
         print("compose: no dense_matched baseline (the central model is not the pipeline's dense model)", flush=True)
         return None
-    done = catalog.matched_model(pipeline_id)
-    if done is not None:
-        print(f"{DENSE_MATCHED}: already trained and registered as {exact_uri(done)}", flush=True)
-        return None
     modes = set(cfg.compose.modes) | (set(catalog.pipeline_compositions(pipeline_id)) & {"independent", "joint"})
     extra = matched_budget(catalog, task, experts, modes)
+    done = catalog.matched_model(pipeline_id)
+    if done is not None:
+        had = catalog.tracker.client.get_run(done.run_id).data.metrics.get("matched_pflops", 0.0) * 1e15
+        if had >= extra * (1 - 1e-9):
+            print(f"{DENSE_MATCHED}: already trained and registered as {exact_uri(done)}", flush=True)
+            return None
+        print(f"{DENSE_MATCHED}: {exact_uri(done)} was trained for {had / 1e15:.4f} PFLOPs, less than the "
+              f"compositions now spend ({extra / 1e15:.4f}): a new one trains for that", flush=True)
     train_cfg = {**cfg.experts.train, "seed": cfg.seed + 1}  # the dense model's schedule; batches it has not drawn
     seq = task.flops["seq"]
     step_tokens = TrainConfig(**train_cfg).tokens_per_step(train_cfg.get("seq_len") or seq)
@@ -354,7 +378,8 @@ def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: Compos
     catalog.tracker.log_metrics(run_id, {"matched_pflops": extra / 1e15})
     matched = MatchedTask(name=DENSE_MATCHED, run_id=run_id, tracking_uri=catalog.tracker.uri,
                           dense=task.central, train=task.train, val=task.val,
-                          ckpt_dir=Catalog.checkpoint_dir(root, DENSE_MATCHED), train_config=train_cfg,
+                          # one checkpoint directory per budget: a rerun resumes only the same schedule
+                          ckpt_dir=Catalog.checkpoint_dir(root, f"{DENSE_MATCHED}-{steps}"), train_config=train_cfg,
                           tokenizer=task.tokenizer, num_cpus=cfg.compose.num_cpus, seed=cfg.seed,
                           pipeline=pipeline_id)
     print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
@@ -428,7 +453,8 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
     tokenizer = check_tokenizers(versions)
     c = cfg.compose
     settings = settings or CompositionSettings(n_points=c.n_points, routing=c.routing, k=c.k,
-                                               threshold=c.threshold, pool=c.pool, glue=c.glue)
+                                               threshold=c.threshold, pool=c.pool, glue=c.glue,
+                                               output=c.output)
     task = CompositionTask(
         central=exact_uri(central), experts=[exact_uri(v) for v in experts], tokenizer=tokenizer,
         tracking_uri=catalog.tracker.uri, expert_data=[catalog.data_path(v, "train") for v in experts],
@@ -437,7 +463,8 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
         train=catalog.data_path(central, "train", DENSE), val=catalog.data_path(central, "val", DENSE),
         settings=settings, center_tokens=c.center_tokens,
         blocks_train={**c.blocks_train, "seed": cfg.seed}, gates_train={**c.gates_train, "seed": cfg.seed},
-        joint_train={**c.joint_train, "seed": cfg.seed}, balance_weight=c.balance_weight,
+        joint_train={**c.joint_train, "seed": cfg.seed}, mix_train={**c.mix_train, "seed": cfg.seed},
+        balance_weight=c.balance_weight,
         num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed,
         parts_sha256={uri: v.tags["moie.sha256"] for uri, v in versions.items()})
     task = shared_router(catalog, task, experts, tmp)
@@ -471,26 +498,27 @@ def mode_routing(task: CompositionTask, mode: str) -> str:
 
 def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask, opts: dict,
                 base_state: dict | None, train_only: list[int] | None,
-                early: "EarlyIndependent | None" = None) -> tuple[dict, list[int] | int]:
+                early: "EarlyIndependent | None" = None) -> tuple[dict, list[int] | int, list[int] | None]:
     """The new parameters of one mode (independent: one Ray task per expert in `train_only`,
-    default all, or the one `early` started while the experts trained) and the tokens it
-    trained on (independent: per expert)."""
+    default all, or the one `early` started while the experts trained), the tokens its blocks
+    and gates trained on (independent: per expert) and those of its output gates (per expert)."""
     state = dict(base_state or {})
     if mode == "independent":
         todo = range(len(task.experts)) if train_only is None else train_only
         refs = {e: (early and early.training(task, e))
                 or ray.remote(train_independent_task).options(**opts).remote(task, e) for e in todo}
-        tokens = [0] * len(task.experts)
+        tokens, mix_tokens = [0] * len(task.experts), [0] * len(task.experts)
         for e, r in zip(refs, get_or_fail(list(refs.values()), "independent composition's training task")):
-            state |= {k: v for k, v in r["state"].items() if k.startswith((f"blocks.{e}.", f"gates.{e}."))
+            state |= {k: v for k, v in r["state"].items()
+                      if k.startswith((f"blocks.{e}.", f"gates.{e}.", f"mixers.{e}."))
                       or (k.startswith("centers.") and k not in state)}
-            tokens[e] = r["tokens"]
-            catalog.tracker.log_metrics(run_id, {f"expert{e}_blocks_loss": r["blocks_loss"],
-                                                 f"expert{e}_gates_loss": r["gates_loss"]})
-        return state, tokens
+            tokens[e], mix_tokens[e] = r["tokens"], r.get("mix_tokens", 0)
+            catalog.tracker.log_metrics(run_id, {f"expert{e}_{phase}_loss": r[f"{phase}_loss"]
+                                                 for phase in ("blocks", "gates", "mix") if f"{phase}_loss" in r})
+        return state, tokens, mix_tokens
     result = get_or_fail(ray.remote(train_joint_task).options(**opts).remote(task), "joint composition's training task")
     catalog.tracker.log_metrics(run_id, {"joint_loss": result["joint_loss"]})
-    return result["state"], result["tokens"]
+    return result["state"], result["tokens"], None
 
 
 def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, task: CompositionTask,
@@ -502,19 +530,20 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
 
     tracker = catalog.tracker
     opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
-    task = replace(task, settings=replace(task.settings, routing=mode_routing(task, mode)))
+    task = replace(task, settings=replace(task.settings, routing=mode_routing(task, mode),
+                                          output="none" if mode == "joint" else task.settings.output))
     s = task.settings
     hub = {"moie.hub": task.hub} if task.hub else {}
     with tracker.stage_run(pipeline_id, "compose", name=f"compose-{mode}" + (f"-on-{task.hub}" if task.hub else ""),
                            tags={"moie.mode": mode, **hub}) as run_id:
         tracker.log_params(run_id, {"mode": mode, "central": task.central, "experts": ",".join(task.experts),
                                     "n_points": s.n_points, "routing": s.routing, "k": s.k, "pool": s.pool,
-                                    "glue": s.glue,
+                                    "glue": s.glue, "output": s.output,
                                     "center_tokens": task.center_tokens,
                                     **({"added": added["moie.added"]} if added else {})})
-        state, tokens = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only, early)
+        state, tokens, mix_tokens = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only, early)
         if task.flops is not None:  # what this stage spent training the mode (centres included)
-            tracker.log_metrics(run_id, {"train_pflops": compose_flops(task, mode, tokens) / 1e15,
+            tracker.log_metrics(run_id, {"train_pflops": compose_flops(task, mode, tokens, mix_tokens) / 1e15,
                                          "train_tokens": sum(tokens) if isinstance(tokens, list) else tokens})
         scores = get_or_fail(ray.remote(evaluate_task).options(**opts).remote(task, state),
                              f"compose-{mode} scoring task")
@@ -647,5 +676,5 @@ class EarlyIndependent:
     def _same(early: CompositionTask, task: CompositionTask) -> bool:
         """The settings every task of the mode shares are equal (not the experts or their data)."""
         keys = ("central", "tokenizer", "tracking_uri", "settings", "center_tokens", "blocks_train", "gates_train",
-                "seed", "num_cpus")
+                "mix_train", "seed", "num_cpus")
         return all(getattr(early, k) == getattr(task, k) for k in keys) and early.router_run == task.router_run
