@@ -28,8 +28,10 @@ sys.path.insert(0, str(REPO))
 from quality_per_second import cpu_name  # noqa: E402  (bench/ is on the path: this script's folder)
 
 SYSTEMS = ("dense", "dense_matched", "seed", "cbtm_top1", "oracle", "composed_independent", "composed_independent_topk",
+           "composed_independent_kway",
            "composed_joint", "composed_adaptive", "composed_seed_independent", "mixture_central", "mixture_seed")
-ROUTED = ("cbtm_top1", "composed_independent_topk", "composed_adaptive", "composed_joint")
+ROUTED = ("cbtm_top1", "composed_independent", "composed_independent_topk", "composed_independent_kway",
+          "composed_adaptive", "composed_joint")
 CLAIMS = [(s, b) for s in ("cbtm_top1", "composed_independent", "composed_joint") for b in ("dense", "dense_matched")]
 
 

@@ -14,7 +14,7 @@ import torch
 from composition.model import ComposedLM
 from experts.checkpoint import load_model
 
-NEW_PARAMETERS = ("blocks.", "gates.", "mixers.", "centers.")  # what a composition adds to its registered models
+NEW_PARAMETERS = ("blocks.", "gates.", "mixers.", "kway.", "centers.")  # what a composition adds to its registered models
 
 
 class CompositionError(ValueError):
@@ -32,12 +32,14 @@ class CompositionSettings:
     pool: str = "token"
     glue: str = "attention"  # compositions registered before glue was a setting are cross-attention
     output: str = "none"  # "mix": a composition point in output space (before it was a setting: none)
+    kway: bool = False  # a k-way gate trained with every cluster's text (routing "kway")
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "CompositionSettings":
         return cls(n_points=manifest["n_points"], routing=manifest["routing"], k=manifest["k"],
                    threshold=manifest["threshold"], pool=manifest.get("pool", "token"),
-                   glue=manifest.get("glue", "attention"), output=manifest.get("output", "none"))
+                   glue=manifest.get("glue", "attention"), output=manifest.get("output", "none"),
+                   kway=manifest.get("kway", False))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,10 +52,10 @@ def assemble(central: torch.nn.Module, experts: list[torch.nn.Module], settings:
     is loaded (e.g. the shared routing centres before training)."""
     composed = ComposedLM(central, experts, n_points=settings.n_points, routing=settings.routing, k=settings.k,
                           threshold=settings.threshold, pool=settings.pool, glue=settings.glue,
-                          output=settings.output)
+                          output=settings.output, kway=settings.kway)
     if state:
         loaded = composed.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
-        missing = [k for k in loaded.missing_keys if k.startswith(("blocks.", "gates.", "mixers."))] if complete else []
+        missing = [k for k in loaded.missing_keys if k.startswith(("blocks.", "gates.", "mixers.", "kway."))] if complete else []
         if loaded.unexpected_keys or missing:
             raise CompositionError(f"the composition's parameters do not fit its models (unexpected "
                                    f"{loaded.unexpected_keys[:2]}, missing {missing[:2]}): the manifest names other "
@@ -69,6 +71,7 @@ def load_composed(central_dir: str | Path, expert_dirs: list[str | Path], settin
 
 
 def new_parameters(composed: ComposedLM) -> dict[str, torch.Tensor]:
-    """Blocks, gates, output gates and routing centres: what a composition adds to the registered models."""
+    """Blocks, gates, output gates, the k-way gate and routing centres: what a composition adds
+    to the registered models."""
     return {k: v.detach().cpu().contiguous() for k, v in composed.state_dict().items()
             if k.startswith(NEW_PARAMETERS)}

@@ -18,7 +18,10 @@ Routing at inference (per token): score_e = LN(h) . LN(v_e) / sqrt(d_c), keep th
 softmax over their scores; or adaptively every expert whose sigmoid gate exceeds a
 threshold (0 .. k_max experts, a number that varies with the input); or by an outside
 router's weights for each position's context (routing "router", e.g. cBTM's), where only
-the experts some position is routed to run. Every routing decides each row from what that
+the experts some position is routed to run; or by a k-way gate (routing "kway": a softmax
+over the experts of a linear map of the running mean of the central states so far, trained
+after every expert with every cluster's text as the others' negatives), top k, each kept
+expert's PHATGOOSE gate scaling its block. Every routing decides each row from what that
 row may see, so the composed model stays causal and the rows of a batch independent.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 
 from experts.blocks import Attention, RMSNorm
 
-ROUTINGS = ("gate", "topk", "adaptive", "router")
+ROUTINGS = ("gate", "topk", "adaptive", "router", "kway")
 POOLS = ("token", "prefix")
 GLUES = ("attention", "aligned", "both")  # what a block reads of its expert: see make_block
 OUTPUTS = ("none", "mix")  # mix: a composition point in output space (OutputGate)
@@ -148,7 +151,7 @@ class ComposedLM(nn.Module):
 
     def __init__(self, central: nn.Module, experts: list[nn.Module], n_points: int = 2, n_head: int | None = None,
                  routing: str = "topk", k: int = 2, threshold: float = 0.5, k_max: int | None = None,
-                 pool: str = "token", glue: str = "attention", output: str = "none"):
+                 pool: str = "token", glue: str = "attention", output: str = "none", kway: bool = False):
         super().__init__()
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -160,6 +163,8 @@ class ComposedLM(nn.Module):
             raise ValueError(f"glue must be one of {GLUES}, got {glue!r}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if routing == "kway" and not kway:
+            raise ValueError("routing='kway' needs a composition with a k-way gate (kway=True)")
         self.central, self.experts = central, nn.ModuleList(experts)
         for model in (central, *experts):
             model.requires_grad_(False)
@@ -179,6 +184,13 @@ class ComposedLM(nn.Module):
         # One ParameterDict per expert, so an expert's gates train (and are added) on their own.
         self.gates = nn.ModuleList(nn.ParameterDict({p: nn.Parameter(torch.zeros(widths[p])) for p in self.points})
                                    for _ in experts)
+        # the k-way gate (kway): at each point a linear map of the centred, normalised prefix-mean state
+        # to one score per expert, zero-initialised (uniform), trained with every cluster's text (train_kway)
+        self.kway = nn.ModuleDict({p: nn.Linear(widths[p], len(experts)) for p in self.points}) if kway \
+            else nn.ModuleDict()
+        for layer in self.kway.values():
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         # output "mix": one OutputGate per expert, reading the last stages (what the output heads read)
         self.last_stage = stages[-1]
         self.mixers = nn.ModuleList(
@@ -212,7 +224,8 @@ class ComposedLM(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.blocks.parameters()) + list(self.gates.parameters()) + list(self.mixers.parameters())
+        return (list(self.blocks.parameters()) + list(self.gates.parameters()) + list(self.mixers.parameters())
+                + list(self.kway.parameters()))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, route: torch.Tensor | None = None):
         """route: (B, T, n_experts) weights of an outside router for each input position (routing
@@ -306,6 +319,19 @@ class ComposedLM(nn.Module):
             w = weights[:, row.clamp(min=0)].float() * (row >= 0).view(1, -1, 1)  # (B, T, E_active)
         return w / w.sum(-1, keepdim=True).clamp(min=1.0 if self.routing == "router" else 1e-9)
 
+    def kway_logits(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{point: (B, R, n_experts)} the k-way gate's scores at each composition point for the
+        central model's own states (no expert runs), rows that see padding dropped."""
+        out = {}
+
+        def record(name, h, visible):
+            if name in self.kway:
+                out[name] = self.kway_scores(name, h)[:, visible < idx.shape[1]]
+            return h
+
+        self.central(idx, inject=record)
+        return out
+
     @torch.no_grad()
     def fit_centers(self, batches) -> None:
         """Set each point's center to the central model's mean state over `batches` of inputs (B, T)."""
@@ -342,6 +368,13 @@ class ComposedLM(nn.Module):
         v = self.gate_vectors(point).to(h.dtype)
         return F.layer_norm(h, (d,)) @ F.layer_norm(v, (d,)).t() / math.sqrt(d)
 
+    def kway_scores(self, point: str, h: torch.Tensor) -> torch.Tensor:
+        """(B, R, n_experts) the k-way gate's scores: a linear map of the running mean of the rows
+        so far (causal), centred and layer-normalised."""
+        n = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).view(1, -1, 1)
+        pooled = (h.float().cumsum(dim=1) / n).to(h.dtype) - self.centers[point].to(h.dtype)  # (B, R, d)
+        return self.kway[point](F.layer_norm(pooled, (pooled.shape[-1],)))
+
     def load_balance(self, point: str, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Switch-style auxiliary loss E * sum_e f_e P_e (1 when the load is uniform)."""
         probs = torch.softmax(self.scores(point, h).float(), dim=-1).reshape(-1, weights.shape[-1])
@@ -355,6 +388,11 @@ class ComposedLM(nn.Module):
         if self.routing == "router":  # the router's weight for the row's position x the expert's gate
             rows = visible.clamp(max=self._route.shape[1] - 1)  # rows past the end only serve padding
             return self._route[:, rows].to(h.dtype) * torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
+        if self.routing == "kway":  # the k-way gate's top k, each scaled by the expert's PHATGOOSE gate
+            probs = torch.softmax(self.kway_scores(point, h).float(), dim=-1)[..., self.active]  # (B, R, E_active)
+            top = probs.topk(min(self.k, len(self.active)), dim=-1)
+            kept = torch.zeros_like(probs).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+            return kept.to(h.dtype) * torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
         if self.routing == "gate":
             return torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
         if self.routing == "adaptive":

@@ -3,6 +3,8 @@
 independent (PHATGOOSE, decentralised): for one expert, on its own cluster's data, train its
 cross-attention blocks (gate fixed at 0.5), then freeze them and train only its gate vectors;
 with output "mix", then only its OutputGate (the output mixture's weight of the expert).
+kway: once every expert is done, a k-way gate over all of them, trained to tell every
+cluster's text from the others' (each cluster's windows the others' negatives).
 joint: all blocks and gates together on the whole corpus, top-k routing in the loop, plus a
 load-balancing loss.
 """
@@ -13,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from composition.model import ComposedLM
 from experts.flops import features_flops_per_token, flops_up_to_stages, forward_flops_per_token
@@ -79,6 +82,25 @@ def mix_flops_per_token(composed: ComposedLM, experts: list[int], routing: str) 
     return total + 2 * gates
 
 
+def kway_flops_per_token(composed: ComposedLM) -> float:
+    """Training FLOPs per token of the k-way gate's phase: the central model's forward (no expert
+    runs) and 3x the gate's own linear maps; backward stops at the gate."""
+    seq = composed.config.block_size
+    total = forward_flops_per_token(_KwayForward(composed), seq)
+    return total + 2 * (total - forward_flops_per_token(composed.central, seq))
+
+
+class _KwayForward(nn.Module):
+    """composed.kway_logits as a module's forward, for counting its FLOPs."""
+
+    def __init__(self, composed: ComposedLM):
+        super().__init__()
+        self.composed, self.config = composed, composed.config
+
+    def forward(self, idx: torch.Tensor):
+        return self.composed.kway_logits(idx)
+
+
 def _forward_flops(composed: ComposedLM, experts: list[int], routing: str, output: str) -> float:
     saved = composed.routing, composed.active, composed.output
     try:
@@ -109,8 +131,52 @@ def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blo
                 done + s, {f"{name}_{k}": v for k, v in m.items()})))
     finally:
         composed.routing, composed.active, composed.output = saved
-        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers])
+        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers, composed.kway])
     return results
+
+
+def labelled_windows(token_sets: list[np.ndarray], n_tokens: int, seq: int, seed: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An equal share of n_tokens from each of `token_sets`, as windows (W, seq) at seeded random
+    offsets, shuffled, and the set each window came from (W,)."""
+    per_set = max(1, n_tokens // len(token_sets) // seq)
+    rng = np.random.default_rng(seed)
+    windows, labels = [], []
+    for label, tokens in enumerate(token_sets):
+        if len(tokens) < seq:
+            raise ValueError(f"need at least {seq} tokens in every set to train the k-way gate, got {len(tokens)}")
+        for start in rng.integers(0, len(tokens) - seq + 1, size=per_set):
+            windows.append(np.asarray(tokens[start:start + seq], dtype=np.int64))
+            labels.append(label)
+    order = rng.permutation(len(windows))
+    return torch.from_numpy(np.stack(windows)[order]), torch.tensor(labels)[order]
+
+
+def train_kway(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: int, batch_size: int = 8,
+               lr: float = 1e-2, seed: int = 0) -> dict:
+    """Train the k-way gate alone: at every composition point, cross-entropy of its scores at
+    every row against the cluster (expert) whose training text the window came from. token_sets:
+    each expert's training tokens, in the composition's order. {"loss", "tokens", "steps"}."""
+    if len(token_sets) != len(composed.experts) or not len(composed.kway):
+        raise ValueError("train_kway needs a composition with a k-way gate and one token set per expert")
+    torch.manual_seed(seed)
+    x, y = labelled_windows(token_sets, n_tokens, composed.config.block_size, seed)
+    set_trainable(composed, [composed.kway])
+    optimizer = torch.optim.AdamW(composed.kway.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    try:
+        for start in range(0, len(x), batch_size):
+            scores = composed.kway_logits(x[start:start + batch_size])  # {point: (B, R, E)}
+            labels = y[start:start + batch_size]
+            loss = torch.stack([F.cross_entropy(s.float().flatten(0, 1), labels.repeat_interleave(s.shape[1]))
+                                for s in scores.values()]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers, composed.kway])
+    return {"loss": float(np.mean(losses[-10:])), "tokens": int(x.numel()), "steps": len(losses)}
 
 
 def train_joint(composed: ComposedLM, tokens: np.ndarray, cfg: TrainConfig, balance_weight: float = 0.01,
@@ -125,4 +191,4 @@ def train_joint(composed: ComposedLM, tokens: np.ndarray, cfg: TrainConfig, bala
         return train(composed, tokens, None, cfg, on_metrics=on_metrics)
     finally:
         composed.routing, composed.active, composed.balance_weight, composed.output = saved
-        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers])
+        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers, composed.kway])

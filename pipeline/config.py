@@ -78,6 +78,9 @@ class CentralConfig:
     train: dict = field(default_factory=dict)  # max_tokens here is the central model's own budget
 
 
+KWAY_TRAIN = {"max_tokens": 204_800, "batch_size": 8, "lr": 1e-2}  # the k-way gate's phase; keys a config may set
+
+
 @dataclass
 class ComposeConfig:
     modes: list[str] = field(default_factory=lambda: ["independent", "joint"])  # one run (and version) each
@@ -94,6 +97,10 @@ class ComposeConfig:
     # a composition point in output space (independent mode): "mix" blends each position's
     # next-byte distribution with its routed expert's own, by a learned per-position gate | none
     output: str = "mix"
+    # a k-way gate over every expert, trained once they are all done with every cluster's text as
+    # the others' negatives (routing "kway": evaluate scores it as composed_independent_kway)
+    kway: bool = True
+    kway_train: dict = field(default_factory=lambda: dict(KWAY_TRAIN))  # 100 steps of 8 windows
     # tokens whose mean central state centers the routing (0: uncentred): an equal share drawn at
     # random from each expert's training data, so the centre is the mean over clusters, not one domain
     center_tokens: int = 32_768
@@ -277,6 +284,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"compose.glue must be 'attention', 'aligned' or 'both', got {cfg.compose.glue!r}")
     if cfg.compose.output not in ("none", "mix"):
         raise ConfigError(f"compose.output must be 'none' or 'mix', got {cfg.compose.output!r}")
+    kway = cfg.compose.kway_train
+    if set(kway) - set(KWAY_TRAIN) or not (kway.get("max_tokens", 1) >= 1 and
+                                                              kway.get("batch_size", 1) >= 1 and kway.get("lr", 1) > 0):
+        raise ConfigError("compose.kway_train takes max_tokens >= 1, batch_size >= 1 and lr > 0, got "
+                          f"{cfg.compose.kway_train}")
     if cfg.compose.pool not in ("token", "prefix"):
         raise ConfigError(f"compose.pool must be 'token' or 'prefix', got {cfg.compose.pool!r}")
     if not 0 <= cfg.evaluate.max_overlap <= 1 or cfg.evaluate.shingle_words < 1 or cfg.evaluate.bootstrap < 1:

@@ -61,6 +61,9 @@ def test_compose_stage_runs_both_modes_and_registers_compositions_better_than_ce
         mixing = run.data.tags["moie.mode"] == "independent"
         assert ("no_mix_val_bpb_macro" in m) == mixing and ("expert0_mix_loss" in m) == mixing
         assert run.data.params["output"] == ("mix" if mixing else "none")
+        # the gates routing alone, scored on validation: PHATGOOSE's top-k and (independent) the k-way gate
+        assert ("val_routing_accuracy/kway" in m) == mixing and ("kway_loss" in m) == mixing
+        assert ("val_routing_accuracy/topk" in m) == mixing
         files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition")}
         assert {"composition/MLmodel", "composition/artifacts"} <= files  # an MLflow pyfunc model
         files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition/artifacts/composition")}
@@ -105,12 +108,16 @@ def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_ev
     metrics = evaluation.data.metrics
     domains = ["cooking", "finance", "sailing"]
     systems = ["dense", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", COMPOSED["independent"],
-               COMPOSED["joint"], "composed_adaptive", *COMPRESSORS]
+               COMPOSED["joint"], "composed_adaptive", "composed_independent_kway", *COMPRESSORS]
     for system in systems:
         for part in [*domains, "all"]:
             assert math.isfinite(metrics[f"bpb/{system}/{part}"]), (system, part)
-    # disjoint vocabularies: the cBTM router sends (almost) every byte to its domain's expert
+    # disjoint vocabularies: the cBTM router sends (almost) every byte to its domain's expert; the
+    # k-way gate, trained with every cluster's text as the others' negatives, beats chance (1/3) and
+    # the negative-free PHATGOOSE gates
     assert metrics["routing_accuracy/cbtm_top1"] > 0.9
+    kway, topk = (metrics[f"routing_accuracy/composed_independent_{r}"] for r in ("kway", "topk"))
+    assert kway > max(topk, 0.5), (kway, topk)
     assert metrics["experts_per_token/composed_joint"] == pytest.approx(cfg.compose.k)
     for system in ["cbtm_top1", "composed_independent"]:
         loads = [metrics[f"load/{system}/expert{e}"] for e in range(3)]

@@ -569,3 +569,72 @@ def test_a_composition_state_without_its_output_gates_does_not_load():
     with pytest.raises(CompositionError, match="missing"):
         assemble(central_gpt(), experts_of_differing_depth(), settings,
                  {k: v for k, v in state.items() if not k.startswith("mixers.")})
+
+
+# --- the k-way gate (routing "kway") ----------------------------------------------------------------
+
+
+def disjoint_token_sets(n_sets=3, length=4000, seed=0):
+    """Token streams whose vocabularies do not overlap: a set is told from the others by its bytes."""
+    rng = np.random.default_rng(seed)
+    width = V // n_sets
+    return [rng.integers(i * width, (i + 1) * width, length) for i in range(n_sets)]
+
+
+@pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
+def test_kway_routing_is_causal(central_kind):
+    central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
+    composed = randomised(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing="kway", k=2,
+                                     kway=True, output="mix"))
+    idx = torch.randint(0, V, (1, 45), generator=torch.Generator().manual_seed(1))
+    base, _ = composed(idx)
+    assert_causal(composed, idx, base, {})
+
+
+def test_kway_routing_keeps_the_top_k_renormalised_each_scaled_by_its_gate():
+    composed = randomised(ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="kway", k=2,
+                                     kway=True))
+    h = torch.randn(2, 11, 32)
+    point = composed.points[0]
+    probs = torch.softmax(composed.kway_scores(point, h), -1)
+    gate = torch.sigmoid(composed.routing_state(point, h) @ composed.gate_vectors(point).t())
+    w = composed.route(point, h)
+    assert ((w > 0).sum(-1) == 2).all()
+    top = probs.topk(2, dim=-1)
+    expected = torch.zeros_like(probs).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True)) * gate
+    torch.testing.assert_close(w, expected)
+
+
+def test_the_kway_gate_learns_to_tell_every_cluster_from_the_others_and_trains_nothing_else():
+    from composition.training import train_kway
+
+    composed = ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="kway", k=1, kway=True)
+    before = {n: p.clone() for n, p in composed.named_parameters()}
+    train_sets, held_out = disjoint_token_sets(seed=0), disjoint_token_sets(seed=1)
+
+    def accuracy():  # the expert each held-out window's last position is routed to, at every point
+        hits = 0
+        for label, tokens in enumerate(held_out):
+            x = torch.from_numpy(np.stack([tokens[i:i + 48] for i in range(0, 480, 48)]).astype(np.int64))
+            scores = composed.kway_logits(x)
+            hits += sum(int((s[:, -1].argmax(-1) == label).sum()) for s in scores.values())
+        return hits / (len(held_out) * 10 * len(composed.points))
+
+    assert accuracy() < 0.5  # zero-initialised: every score equal, argmax picks expert 0
+    result = train_kway(composed, train_sets, 3 * 48 * 40, batch_size=8, lr=5e-2)
+    assert accuracy() > 0.95 and result["tokens"] == 3 * 48 * 40
+    changed = {n for n, p in composed.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("kway.") for n in changed), changed
+
+
+def test_one_kway_gate_step_costs_the_central_forward_plus_three_times_its_linear_maps():
+    """Pinned: the central model's forward (no expert runs) and, per composition point, a map of
+    d_c to one score per expert (2 d_c E + bias-free count), 3x for forward and backward."""
+    from composition.training import kway_flops_per_token
+    from experts.flops import forward_flops_per_token
+
+    central = central_gpt()
+    composed = ComposedLM(central, experts_of_differing_depth(), n_points=2, routing="kway", kway=True)
+    per_point = 2 * 32 * 3  # one central row a token (GPT), d_c = 32, 3 experts
+    assert kway_flops_per_token(composed) == pytest.approx(forward_flops_per_token(central) + 3 * 2 * per_point,
+                                                           rel=1e-12)

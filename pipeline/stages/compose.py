@@ -20,8 +20,8 @@ from artifacts import save_state, write_json
 from composition.evaluation import bits_per_byte, score_documents, stream_documents
 from composition.loader import CompositionSettings, load_composed, new_parameters
 from composition.model import ComposedLM
-from composition.training import (fit_centers, mix_flops_per_token, train_flops_per_token, train_independent,
-                                  train_joint)
+from composition.training import (fit_centers, kway_flops_per_token, mix_flops_per_token, train_flops_per_token,
+                                  train_independent, train_joint, train_kway)
 from experts.flops import forward_flops_per_token
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
@@ -29,7 +29,7 @@ from pipeline import storage
 from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
                               MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, SEED, Catalog, check_tokenizers, exact_uri,
                               fetch_models)
-from pipeline.config import Config
+from pipeline.config import KWAY_TRAIN, Config
 from pipeline.errors import StageError, one_line
 from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.tracking import metrics_logger
@@ -56,6 +56,7 @@ class CompositionTask:
     gates_train: dict
     joint_train: dict
     mix_train: dict
+    kway_train: dict
     balance_weight: float
     num_cpus: float
     eval_tokens: int
@@ -120,6 +121,7 @@ def prepare_task(task: CompositionTask, fitted: dict | None = None) -> dict:
              "experts": [forward_flops_per_token(expert) for expert in composed.experts],
              "independent": [train_flops_per_token(composed, [e], "gate") for e in range(n)],
              "mix": [mix_flops_per_token(composed, [e], "gate") if len(composed.mixers) else 0.0 for e in range(n)],
+             "kway": kway_flops_per_token(composed) if len(composed.kway) else 0.0,
              "joint": train_flops_per_token(composed, list(range(n)), "topk")}
     return {"centers": fitted["centers"], "flops": flops}
 
@@ -170,6 +172,17 @@ def _slot(key: str, slot: int) -> str:
     return key
 
 
+def train_kway_task(task: CompositionTask, state: dict) -> dict:
+    """The k-way gate over all the task's experts, on an equal share of every expert's training
+    text; its parameters, loss and tokens. Only the central model runs (state: its centres)."""
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state)
+        out = train_kway(composed, [_tokens(path, Path(scratch)) for path in task.expert_data],
+                         task.kway_train["max_tokens"], task.kway_train["batch_size"], task.kway_train["lr"],
+                         seed=task.seed)
+    return {"state": {k: v for k, v in new_parameters(composed).items() if k.startswith("kway.")}, **out}
+
+
 def train_joint_task(task: CompositionTask) -> dict:
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch))
@@ -207,7 +220,10 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
     (a prefix of the corpus-ordered stream would be one domain), routed as the composition
     routes (`router`: cBTM's weights for each document's prefix). Also each cluster's figures
     (`val_bpb/<expert>`) and their macro average (each cluster weighing the same); with an output
-    point, the same without it (`no_mix_val_bpb...`): what validation says the mixing adds."""
+    point, the same without it (`no_mix_val_bpb...`): what validation says the mixing adds; for
+    a router-routed composition, its gates routing alone (`topk_...`, `kway_...` with a k-way
+    gate) and the share of bytes they route to their own cluster's expert
+    (`val_routing_accuracy/<routing>`), which validation compares to choose the gate."""
     eos = ByteTokenizer().eos_id
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True)
@@ -218,7 +234,11 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
         raise StageError("no validation documents to score in any expert's cluster; raise corpus.val_fraction")
     seq = composed.config.block_size
     composed.record_routing = True
-    figures, lp, rows = {}, {"": [], "central_": [], "no_mix_": []}, []
+    n = len(task.experts)
+    # an independent composition's gates, routing alone (top-k affinity; the k-way gate if it has one)
+    gate_only = [r for r in ("topk", "kway") if task.settings.routing == "router" and (r != "kway" or task.settings.kway)]
+    hits = {r: [0, 0] for r in gate_only}  # bytes routed to their own cluster's expert, bytes
+    figures, lp, rows = {}, {"": [], "central_": [], "no_mix_": [], **{f"{r}_": [] for r in gate_only}}, []
     for j, docs in enumerate(groups):
         if not docs:
             continue
@@ -229,6 +249,12 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
             composed.output = "none"
             scored["no_mix_"] = score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes)
             composed.output = "mix"
+        for routing in gate_only:  # the gates routing on their own: which expert each byte went to
+            saved, composed.routing = composed.routing, routing
+            scored[f"{routing}_"] = score_documents(composed, docs, eos, seq, batch_size=8, n_experts=n)
+            composed.routing = saved
+            hits[routing][0] += sum(int((c == j).sum()) for c in scored[f"{routing}_"].choices)
+            hits[routing][1] += sum(len(c) for c in scored[f"{routing}_"].choices)
         for prefix, result in scored.items():
             figures[f"{prefix}val_bpb/{expert_label(task, j)}"] = bits_per_byte(result.log_probs)
             lp[prefix] += result.log_probs
@@ -238,7 +264,9 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
     totals = {f"{prefix}val_bpb": bits_per_byte(lps) for prefix, lps in lp.items() if lps}
     macros = {f"{prefix}val_bpb_macro": float(np.mean([figures[f"{prefix}val_bpb/{n}"] for n in scored_names]))
               for prefix, lps in lp.items() if lps}
-    return {**totals, **macros, **({"experts_per_token": float(np.mean(rows))} if rows else {}), **figures}
+    accuracy = {f"val_routing_accuracy/{r}": h / max(total, 1) for r, (h, total) in hits.items()}
+    return {**totals, **macros, **accuracy, **({"experts_per_token": float(np.mean(rows))} if rows else {}),
+            **figures}
 
 
 def expert_label(task: CompositionTask, j: int) -> str:
@@ -316,16 +344,16 @@ def phase_tokens(train_cfg: dict, seq: int) -> int:
     return cfg.steps(cfg.seq_len or seq) * cfg.tokens_per_step(cfg.seq_len or seq)
 
 
-def compose_flops(task: CompositionTask, mode: str, tokens: list[int] | int, mix_tokens: list[int] | None = None
-                  ) -> float:
+def compose_flops(task: CompositionTask, mode: str, tokens: list[int] | int, mix_tokens: list[int] | None = None,
+                  kway_tokens: int = 0) -> float:
     """Training FLOPs the compose stage spends on one mode: the routing centres' forward passes
     plus the mode's training (tokens: per expert for independent, in all for joint; mix_tokens:
-    per expert, of the output gates' phase)."""
+    per expert, of the output gates' phase; kway_tokens: of the k-way gate's)."""
     f = task.flops
     centres = f["center_tokens"] * f["central"]  # forward passes only
     if mode == "independent":
         return centres + sum(n * f["independent"][e] for e, n in enumerate(tokens)) + sum(
-            n * f["mix"][e] for e, n in enumerate(mix_tokens or []))
+            n * f["mix"][e] for e, n in enumerate(mix_tokens or [])) + kway_tokens * f.get("kway", 0.0)
     return centres + tokens * f["joint"]
 
 
@@ -338,9 +366,16 @@ def matched_budget(catalog: Catalog, task: CompositionTask, experts: list, modes
               for e, v in enumerate(experts))
     glue = phase_tokens(task.blocks_train, seq) + phase_tokens(task.gates_train, seq)
     mix = phase_tokens(task.mix_train, seq) if task.settings.output == "mix" else 0
-    spend = {"independent": compose_flops(task, "independent", [glue] * len(experts), [mix] * len(experts)),
+    kway = kway_tokens(task, seq) if task.settings.kway else 0
+    spend = {"independent": compose_flops(task, "independent", [glue] * len(experts), [mix] * len(experts), kway),
              "joint": compose_flops(task, "joint", phase_tokens(task.joint_train, seq))}
     return own + max(spend[m] for m in modes)
+
+
+def kway_tokens(task: CompositionTask, seq: int) -> int:
+    """Tokens the k-way gate trains on: whole windows, an equal share from each expert's text."""
+    per_set = max(1, task.kway_train["max_tokens"] // len(task.experts) // seq)
+    return per_set * seq * len(task.experts)
 
 
 def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: CompositionTask, central,
@@ -436,8 +471,11 @@ def run_add(cfg: Config, expert_uri: str, composition_uri: str, pipeline_id: str
             raise StageError(f"{exact_uri(new)} is already an expert of {exact_uri(base)}")
         central = catalog.resolve(manifest["central"])
         experts = [catalog.resolve(u) for u in manifest["experts"]] + [new]
-        # the composition's own routing settings, not the config's: the old gates were trained with them
-        task = composition_task(cfg, catalog, central, experts, Path(tmp), CompositionSettings.from_manifest(manifest))
+        # the composition's own routing settings, not the config's: the old gates were trained with them;
+        # but no k-way gate: the base's tells its own experts apart, not the added one
+        settings = replace(CompositionSettings.from_manifest(manifest), kway=False)
+        state = {k: v for k, v in state.items() if not k.startswith("kway.")}
+        task = composition_task(cfg, catalog, central, experts, Path(tmp), settings)
         task = replace(task, centers={k: v for k, v in state.items() if k.startswith("centers.")})
         return _compose_mode(catalog, cfg, pipeline_id, "independent", task, base_state=state,
                              train_only=[len(experts) - 1], added={"moie.added_to": exact_uri(base),
@@ -454,7 +492,7 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
     c = cfg.compose
     settings = settings or CompositionSettings(n_points=c.n_points, routing=c.routing, k=c.k,
                                                threshold=c.threshold, pool=c.pool, glue=c.glue,
-                                               output=c.output)
+                                               output=c.output, kway=c.kway)
     task = CompositionTask(
         central=exact_uri(central), experts=[exact_uri(v) for v in experts], tokenizer=tokenizer,
         tracking_uri=catalog.tracker.uri, expert_data=[catalog.data_path(v, "train") for v in experts],
@@ -464,6 +502,7 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
         settings=settings, center_tokens=c.center_tokens,
         blocks_train={**c.blocks_train, "seed": cfg.seed}, gates_train={**c.gates_train, "seed": cfg.seed},
         joint_train={**c.joint_train, "seed": cfg.seed}, mix_train={**c.mix_train, "seed": cfg.seed},
+        kway_train={**KWAY_TRAIN, **c.kway_train},
         balance_weight=c.balance_weight,
         num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed,
         parts_sha256={uri: v.tags["moie.sha256"] for uri, v in versions.items()})
@@ -498,10 +537,11 @@ def mode_routing(task: CompositionTask, mode: str) -> str:
 
 def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask, opts: dict,
                 base_state: dict | None, train_only: list[int] | None,
-                early: "EarlyIndependent | None" = None) -> tuple[dict, list[int] | int, list[int] | None]:
+                early: "EarlyIndependent | None" = None) -> tuple[dict, list[int] | int, dict]:
     """The new parameters of one mode (independent: one Ray task per expert in `train_only`,
-    default all, or the one `early` started while the experts trained), the tokens its blocks
-    and gates trained on (independent: per expert) and those of its output gates (per expert)."""
+    default all, or the one `early` started while the experts trained; then the k-way gate over
+    all of them), the tokens its blocks and gates trained on (independent: per expert) and those
+    of its other phases ({"mix_tokens": per expert, "kway_tokens"}: compose_flops' arguments)."""
     state = dict(base_state or {})
     if mode == "independent":
         todo = range(len(task.experts)) if train_only is None else train_only
@@ -515,10 +555,16 @@ def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask,
             tokens[e], mix_tokens[e] = r["tokens"], r.get("mix_tokens", 0)
             catalog.tracker.log_metrics(run_id, {f"expert{e}_{phase}_loss": r[f"{phase}_loss"]
                                                  for phase in ("blocks", "gates", "mix") if f"{phase}_loss" in r})
-        return state, tokens, mix_tokens
+        kway = 0
+        if task.settings.kway:  # needs every expert: after all of them, one task
+            r = get_or_fail(ray.remote(train_kway_task).options(**opts).remote(task, state), "k-way gate's training task")
+            state |= r["state"]
+            kway = r["tokens"]
+            catalog.tracker.log_metrics(run_id, {"kway_loss": r["loss"]})
+        return state, tokens, {"mix_tokens": mix_tokens, "kway_tokens": kway}
     result = get_or_fail(ray.remote(train_joint_task).options(**opts).remote(task), "joint composition's training task")
     catalog.tracker.log_metrics(run_id, {"joint_loss": result["joint_loss"]})
-    return result["state"], result["tokens"], None
+    return result["state"], result["tokens"], {}
 
 
 def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, task: CompositionTask,
@@ -530,20 +576,22 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
 
     tracker = catalog.tracker
     opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
+    joint = mode == "joint"  # no output point and no k-way gate: its own top-k routing trained in the loop
     task = replace(task, settings=replace(task.settings, routing=mode_routing(task, mode),
-                                          output="none" if mode == "joint" else task.settings.output))
+                                          output="none" if joint else task.settings.output,
+                                          kway=task.settings.kway and not joint))
     s = task.settings
     hub = {"moie.hub": task.hub} if task.hub else {}
     with tracker.stage_run(pipeline_id, "compose", name=f"compose-{mode}" + (f"-on-{task.hub}" if task.hub else ""),
                            tags={"moie.mode": mode, **hub}) as run_id:
         tracker.log_params(run_id, {"mode": mode, "central": task.central, "experts": ",".join(task.experts),
                                     "n_points": s.n_points, "routing": s.routing, "k": s.k, "pool": s.pool,
-                                    "glue": s.glue, "output": s.output,
+                                    "glue": s.glue, "output": s.output, "kway": s.kway,
                                     "center_tokens": task.center_tokens,
                                     **({"added": added["moie.added"]} if added else {})})
-        state, tokens, mix_tokens = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only, early)
+        state, tokens, phases = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only, early)
         if task.flops is not None:  # what this stage spent training the mode (centres included)
-            tracker.log_metrics(run_id, {"train_pflops": compose_flops(task, mode, tokens, mix_tokens) / 1e15,
+            tracker.log_metrics(run_id, {"train_pflops": compose_flops(task, mode, tokens, **phases) / 1e15,
                                          "train_tokens": sum(tokens) if isinstance(tokens, list) else tokens})
         scores = get_or_fail(ray.remote(evaluate_task).options(**opts).remote(task, state),
                              f"compose-{mode} scoring task")

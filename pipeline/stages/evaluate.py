@@ -51,10 +51,11 @@ LAMBDAS = [i / 20 for i in range(21)]
 # the pipeline's compositions by mode (`<mode>_seed`: composed on the seed, not the full dense run)
 COMPOSED = {"independent": "composed_independent", "joint": "composed_joint",
             "independent_seed": "composed_seed_independent", "joint_seed": "composed_seed_joint"}
-COMPOSED_SYSTEMS = ("composed_independent", "composed_independent_topk", "composed_joint", "composed_adaptive",
-                    "composed_seed_independent", "composed_seed_joint")
-MODE_OF = {**{system: mode for mode, system in COMPOSED.items()},
-           "composed_independent_topk": "independent", "composed_adaptive": "independent"}
+# an independent composition's gates routing on their own: PHATGOOSE's top-k, adaptive, the k-way gate
+GATE_ONLY = {"composed_independent_topk": "topk", "composed_adaptive": "adaptive", "composed_independent_kway": "kway"}
+COMPOSED_SYSTEMS = ("composed_independent", *GATE_ONLY, "composed_joint", "composed_seed_independent",
+                    "composed_seed_joint")
+MODE_OF = {**{system: mode for mode, system in COMPOSED.items()}, **{system: "independent" for system in GATE_ONLY}}
 HEADLINE = ("bpb/", "routing_accuracy/", "experts_per_token/")
 ROUTING_PAGE = "routing.html"  # an artifact of the evaluate run (results/), shown by the MLflow UI
 PAGE_BYTES = 2000  # of each document on the routing page
@@ -380,8 +381,10 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_ur
         name = COMPOSED[mode]
         refs[name] = comp_task.remote(system, state, docs_ref, scoring, routes)
         used[name] = uris
-        if mode == "independent":  # the same gates routing on their own: top-k affinity, and adaptive
-            for variant, routing in (("composed_independent_topk", "topk"), ("composed_adaptive", "adaptive")):
+        if mode == "independent":  # the same gates routing on their own (the k-way gate where there is one)
+            for variant, routing in GATE_ONLY.items():
+                if routing == "kway" and not system.settings.kway:
+                    continue
                 gated = replace(system, settings=replace(system.settings, routing=routing))
                 refs[variant] = comp_task.remote(gated, state, docs_ref, scoring)
                 used[variant] = uris
