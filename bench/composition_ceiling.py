@@ -59,7 +59,7 @@ def aligned_attention_mass(composed, docs, eos: int, seq: int, route) -> float |
     import numpy as np
     import torch
 
-    from composition.model import CrossAttentionBlock, GlueBlock
+    from composition.blocks import CrossAttentionBlock, GlueBlock
 
     masses = []
 

@@ -19,9 +19,10 @@ softmax over their scores; or adaptively every expert whose sigmoid gate exceeds
 threshold (0 .. k_max experts, a number that varies with the input); or by an outside
 router's weights for each position's context (routing "router", e.g. cBTM's), where only
 the experts some position is routed to run; or by a k-way gate (routing "kway": a softmax
-over the experts of a linear map of the running mean of the central states so far, trained
-after every expert with every cluster's text as the others' negatives), top k, each kept
-expert's PHATGOOSE gate scaling its block. Every routing decides each row from what that
+over the experts of a linear map of the running mean of the central model's own states so
+far at the last composition point, read in a routing pass of the central model alone, the
+states it was trained on; trained after every expert with every cluster's text as the
+others' negatives), top k, each kept expert's PHATGOOSE gate scaling its block. Every routing decides each row from what that
 row may see, so the composed model stays causal and the rows of a batch independent.
 """
 from __future__ import annotations
@@ -32,104 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from experts.blocks import Attention, RMSNorm
+from composition.blocks import GLUES, OutputGate, make_block
 
 ROUTINGS = ("gate", "topk", "adaptive", "router", "kway")
 POOLS = ("token", "prefix")
-GLUES = ("attention", "aligned", "both")  # what a block reads of its expert: see make_block
 OUTPUTS = ("none", "mix")  # mix: a composition point in output space (OutputGate)
-
-
-class CrossAttentionBlock(nn.Module):
-    """Central rows attend to projected expert rows they may see (visible_e <= visible_c);
-    a learned null key lets rows that see no expert row yet attend to nothing."""
-
-    def __init__(self, d_c: int, d_e: int, n_head: int):
-        super().__init__()
-        self.kv_proj = nn.Linear(d_e, d_c, bias=False)
-        self.ln_q, self.ln_kv = RMSNorm(d_c), RMSNorm(d_c)
-        self.null = nn.Parameter(torch.zeros(1, 1, d_c))
-        self.attn = Attention(d_c, n_head, d_kv=d_c)
-        nn.init.normal_(self.kv_proj.weight, std=0.02)
-        nn.init.zeros_(self.attn.proj.weight)  # OutProj = 0: the block starts as the identity
-
-    def forward(self, h: torch.Tensor, visible_c: torch.Tensor, z: torch.Tensor,
-                visible_e: torch.Tensor) -> torch.Tensor:
-        B = h.shape[0]
-        kv = torch.cat([self.null.expand(B, 1, -1).to(z.dtype), self.kv_proj(z.to(h.dtype))], dim=1)  # (B, 1+T_e, d_c)
-        mask = visible_e[None, :] <= visible_c[:, None]  # (T_c, T_e)
-        null = torch.ones(mask.shape[0], 1, dtype=torch.bool, device=mask.device)  # always visible
-        mask = torch.cat([null, mask], dim=1)  # (T_c, 1 + T_e); T_e may be 0 (input shorter than a group)
-        return self.attn(self.ln_q(h), self.ln_kv(kv), mask=mask)
-
-
-class AlignedBlock(nn.Module):
-    """The expert's state at the aligned position, projected into the central's width:
-
-        a_t = W RMSNorm(z_{r(t)}),   r(t) = the newest expert row that central row t may see
-
-    (visible_e[r] <= visible_c[t]; zero where the expert has no such row yet). Paired with the
-    expert's decoder1, r(t) is the expert's own prediction state for the byte after t: the
-    source of its advantage, which content-only cross-attention blurs into a prefix average.
-    One matmul a row (2 d_e d_c FLOPs), no attention. W starts at zero: the identity."""
-
-    def __init__(self, d_c: int, d_e: int):
-        super().__init__()
-        self.ln = RMSNorm(d_e)
-        self.proj = nn.Linear(d_e, d_c, bias=False)
-        nn.init.zeros_(self.proj.weight)
-
-    def forward(self, h: torch.Tensor, visible_c: torch.Tensor, z: torch.Tensor,
-                visible_e: torch.Tensor) -> torch.Tensor:
-        row = torch.searchsorted(visible_e.contiguous(), visible_c.contiguous(), right=True) - 1  # (T_c,); -1: none
-        if z.shape[1] == 0:  # input shorter than the expert's group: nothing to read yet
-            return h.new_zeros(h.shape)
-        picked = z[:, row.clamp(min=0)].to(h.dtype)  # (B, T_c, d_e)
-        return self.proj(self.ln(picked)) * (row >= 0).to(h.dtype).view(1, -1, 1)
-
-
-class GlueBlock(nn.Module):
-    """Cross-attention and the aligned read side by side, summed (glue "both")."""
-
-    def __init__(self, d_c: int, d_e: int, n_head: int):
-        super().__init__()
-        self.attention = CrossAttentionBlock(d_c, d_e, n_head)
-        self.aligned = AlignedBlock(d_c, d_e)
-
-    def forward(self, h, visible_c, z, visible_e):
-        return self.attention(h, visible_c, z, visible_e) + self.aligned(h, visible_c, z, visible_e)
-
-
-class OutputGate(nn.Module):
-    """How much of an expert's own next-byte distribution position t takes, from the composed
-    central model's final state h_t and the expert's z_t (both causal: they see inputs <= t):
-
-        g_t = sigmoid(w . [RMSNorm(h_t); RMSNorm(z_t)] + b)
-
-    d_c + d_e + 1 parameters, zero-initialised: every gate starts at 0.5."""
-
-    def __init__(self, d_c: int, d_e: int):
-        super().__init__()
-        self.ln_c, self.ln_e = RMSNorm(d_c, affine=False), RMSNorm(d_e, affine=False)
-        self.proj = nn.Linear(d_c + d_e, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.ln_c(h), self.ln_e(z.to(h.dtype))], dim=-1)  # (B, T, d_c + d_e)
-        return torch.sigmoid(self.proj(x).float()).squeeze(-1)  # (B, T)
-
-
-def make_block(glue: str, d_c: int, d_e: int, n_head: int) -> nn.Module:
-    """attention: CALM's cross-attention into every expert row the central row may see;
-    aligned: only the expert's state at the aligned position (AlignedBlock); both: their sum."""
-    if glue == "attention":
-        return CrossAttentionBlock(d_c, d_e, n_head)
-    if glue == "aligned":
-        return AlignedBlock(d_c, d_e)
-    if glue == "both":
-        return GlueBlock(d_c, d_e, n_head)
-    raise ValueError(f"glue must be one of {GLUES}, got {glue!r}")
 
 
 def composition_points(stages: list[str], n_points: int) -> list[str]:
@@ -174,9 +82,10 @@ class ComposedLM(nn.Module):
         self.points = composition_points(stages, n_points)
         widths = {name: feat["h"].shape[-1] for name, feat in _stage_widths(central).items()}
         self.pairs = [{p: paired_stage(p, stages, e.stage_names()) for p in self.points} for e in experts]
-        self.blocks = nn.ModuleList()
+        self.blocks, final_widths = nn.ModuleList(), []
         for e, expert in enumerate(experts):
             e_widths = {name: feat["h"].shape[-1] for name, feat in _stage_widths(expert).items()}
+            final_widths.append(e_widths[expert.stage_names()[-1]])
             self.blocks.append(nn.ModuleDict({
                 p: make_block(glue, widths[p], e_widths[self.pairs[e][p]], n_head or _heads(central, widths[p]))
                 for p in self.points}))
@@ -184,18 +93,18 @@ class ComposedLM(nn.Module):
         # One ParameterDict per expert, so an expert's gates train (and are added) on their own.
         self.gates = nn.ModuleList(nn.ParameterDict({p: nn.Parameter(torch.zeros(widths[p])) for p in self.points})
                                    for _ in experts)
-        # the k-way gate (kway): at each point a linear map of the centred, normalised prefix-mean state
-        # to one score per expert, zero-initialised (uniform), trained with every cluster's text (train_kway)
-        self.kway = nn.ModuleDict({p: nn.Linear(widths[p], len(experts)) for p in self.points}) if kway \
+        # the k-way gate (kway): a linear map of the centred, normalised prefix-mean of the central
+        # model's own states at the last point (where they carry the domain: bench/gate_routing.py) to
+        # one score per expert, zero-initialised (uniform), trained with every cluster's text (train_kway)
+        self.kway = nn.ModuleDict({p: nn.Linear(widths[p], len(experts)) for p in self.points[-1:]}) if kway \
             else nn.ModuleDict()
         for layer in self.kway.values():
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         # output "mix": one OutputGate per expert, reading the last stages (what the output heads read)
         self.last_stage = stages[-1]
-        self.mixers = nn.ModuleList(
-            OutputGate(widths[self.last_stage], _stage_widths(e)[e.stage_names()[-1]]["h"].shape[-1])
-            for e in experts) if output == "mix" else nn.ModuleList()
+        self.mixers = nn.ModuleList(OutputGate(widths[self.last_stage], d_final)
+                                    for d_final in final_widths) if output == "mix" else nn.ModuleList()
         # The central model's mean state at each point (fit_centers): gates and scores look at the
         # deviation from it, so a gate trained on one domain only learns that domain's direction
         # instead of the direction every domain shares. Zero = uncentred. Not trained.
@@ -256,17 +165,23 @@ class ComposedLM(nn.Module):
 
         def inject(name: str, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
             if name in self.points:
-                h = self._compose_point(name, h, visible, states, counts, balance)
+                h = self._compose_point(name, h, visible, states, counts, balance, final)
             if mixing and name == self.last_stage:
                 final["h"], final["visible"] = h, visible
             return h
 
         if self.record_routing:  # this forward's routing only
             self.last_positions, self.last_routing, self.last_visible = idx.shape[1], {}, {}
-        logits, loss = self.central(idx, None if mixing else targets, inject=inject)
+        if self.routing == "kway":  # a routing pass of the central model alone: the k-way gate's decisions
+            scores, visible = self.kway_logits(idx)
+            self._kway = (torch.softmax(scores.float(), dim=-1), visible)  # (B, R, n_experts), (R,)
+        try:
+            logits, loss = self.central(idx, None if mixing else targets, inject=inject)
+        finally:
+            self._kway = None  # this forward's k-way decisions only
         self.last_experts_per_token = float(torch.stack(counts).mean()) if counts else 0.0
         if mixing:
-            logits = self.mix_output(logits, final["h"][:, :idx.shape[1]], states)
+            logits = self.mix_output(logits, final["h"][:, :idx.shape[1]], states, final["weights"])
             if targets is not None:
                 loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if loss is not None and balance:
@@ -274,13 +189,14 @@ class ComposedLM(nn.Module):
         return logits, loss
 
     def _compose_point(self, name: str, h: torch.Tensor, visible: torch.Tensor, states: dict, counts: list,
-                       balance: list) -> torch.Tensor:
-        """h + the routed sum of the active experts' blocks at composition point `name`."""
+                       balance: list, final: dict) -> torch.Tensor:
+        """h + the routed sum of the active experts' blocks at composition point `name` (its
+        weights and rows kept in `final`: the last point's are what output mixing reads)."""
         outs = torch.stack([self.blocks[e][name](h, visible, states[e][self.pairs[e][name]]["h"],
                                                  states[e][self.pairs[e][name]]["visible"])
                             for e in self.active], dim=-2)  # (B, R, E_active, d_c)
         weights = self.route(name, h, visible)  # (B, R, E_active)
-        self._point_weights = (weights, visible)  # the last point's: output mixing reads them
+        final["weights"] = (weights, visible)
         if self.record_routing:  # (B, R, n_experts): experts that did not run weigh 0
             full = weights.new_zeros(*weights.shape[:-1], len(self.experts))
             full[..., self.active] = weights.detach()
@@ -290,12 +206,12 @@ class ComposedLM(nn.Module):
             balance.append(self.load_balance(name, h, weights))
         return h + (weights.unsqueeze(-1).to(outs.dtype) * outs).sum(dim=-2)
 
-    def mix_output(self, logits: torch.Tensor, h: torch.Tensor, states: dict) -> torch.Tensor:
+    def mix_output(self, logits: torch.Tensor, h: torch.Tensor, states: dict, point_weights: tuple) -> torch.Tensor:
         """Log-probabilities (B, T, V) of the output mixture: the composed model's distribution
         (logits, from final state h (B, T, d_c)) and each active expert's own, weighted w_e,t g_e,t
         (w: output_weights, g: the expert's OutputGate); the composed model takes the rest."""
         T = logits.shape[1]
-        w = self.output_weights(T)  # (B, T, E_active), each row sums to <= 1
+        w = self.output_weights(T, *point_weights)  # (B, T, E_active), each row sums to <= 1
         parts, shares = [F.log_softmax(logits.float(), dim=-1)], []
         for j, e in enumerate(self.active):
             expert = self.experts[e]
@@ -307,30 +223,35 @@ class ComposedLM(nn.Module):
         log_w = torch.cat([rest, share], dim=-1).clamp(min=1e-30).log()  # (B, T, 1 + E_active)
         return torch.logsumexp(torch.stack(parts, dim=-2) + log_w.unsqueeze(-1), dim=-2)  # (B, T, V)
 
-    def output_weights(self, T: int) -> torch.Tensor:
+    def output_weights(self, T: int, weights: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """(B, T, E_active) how much each active expert may weigh at each input position: the
         outside router's weights for it (routing "router"), else the last composition point's
-        weights of the newest row the position sees, normalised; each row sums to <= 1."""
-        if self.routing == "router":
-            w = self._route[:, :T].float()
+        `weights` (B, R, E_active) of the newest row (`visible`: (R,)) the position sees,
+        normalised; each row sums to <= 1."""
+        positions = torch.arange(T, device=weights.device)
+        if self.routing == "router":  # positions past the route's end only serve padding, as in route()
+            w = self._route[:, positions.clamp(max=self._route.shape[1] - 1)].float()
         else:
-            weights, visible = self._point_weights
-            row = torch.searchsorted(visible.contiguous(), torch.arange(T, device=visible.device), right=True) - 1
-            w = weights[:, row.clamp(min=0)].float() * (row >= 0).view(1, -1, 1)  # (B, T, E_active)
+            w = _newest_rows(weights, visible, positions).float()  # (B, T, E_active)
         return w / w.sum(-1, keepdim=True).clamp(min=1.0 if self.routing == "router" else 1e-9)
 
-    def kway_logits(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{point: (B, R, n_experts)} the k-way gate's scores at each composition point for the
-        central model's own states (no expert runs), rows that see padding dropped."""
-        out = {}
+    def kway_logits(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k-way gate's scores (B, R, n_experts) for the central model's own states at its
+        point, and each row's last input position (R,), rows that see padding dropped. Only the
+        central model runs, up to that point."""
+        (point,) = self.kway
 
         def record(name, h, visible):
-            if name in self.kway:
-                out[name] = self.kway_scores(name, h)[:, visible < idx.shape[1]]
+            if name == point:
+                keep = visible < idx.shape[1]
+                raise _Reached(self.kway_scores(name, h)[:, keep], visible[keep])
             return h
 
-        self.central(idx, inject=record)
-        return out
+        try:
+            self.central(idx, inject=record)
+        except _Reached as reached:
+            return reached.scores, reached.visible
+        raise ValueError(f"the central model never reached the composition point {point!r}")
 
     @torch.no_grad()
     def fit_centers(self, batches) -> None:
@@ -375,6 +296,17 @@ class ComposedLM(nn.Module):
         pooled = (h.float().cumsum(dim=1) / n).to(h.dtype) - self.centers[point].to(h.dtype)  # (B, R, d)
         return self.kway[point](F.layer_norm(pooled, (pooled.shape[-1],)))
 
+    def kway_probs(self, point: str, h: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+        """(B, R, n_experts) the k-way gate's softmax for the rows of `point`: for each row, that of
+        the newest row of this forward's routing pass it sees (zero where it sees none yet: no
+        expert); without `visible` (a direct call), of the rows `h` itself."""
+        if visible is None:
+            return torch.softmax(self.kway_scores(point, h).float(), dim=-1)
+        if getattr(self, "_kway", None) is None:
+            raise ValueError(f"k-way routing at {point!r} needs this forward's routing pass (call the model)")
+        probs, pass_visible = self._kway
+        return _newest_rows(probs, pass_visible, visible)
+
     def load_balance(self, point: str, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Switch-style auxiliary loss E * sum_e f_e P_e (1 when the load is uniform)."""
         probs = torch.softmax(self.scores(point, h).float(), dim=-1).reshape(-1, weights.shape[-1])
@@ -389,9 +321,9 @@ class ComposedLM(nn.Module):
             rows = visible.clamp(max=self._route.shape[1] - 1)  # rows past the end only serve padding
             return self._route[:, rows].to(h.dtype) * torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
         if self.routing == "kway":  # the k-way gate's top k, each scaled by the expert's PHATGOOSE gate
-            probs = torch.softmax(self.kway_scores(point, h).float(), dim=-1)[..., self.active]  # (B, R, E_active)
+            probs = self.kway_probs(point, h, visible)[..., self.active]  # (B, R, E_active)
             top = probs.topk(min(self.k, len(self.active)), dim=-1)
-            kept = torch.zeros_like(probs).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+            kept = torch.zeros_like(probs).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True).clamp(min=1e-9))
             return kept.to(h.dtype) * torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
         if self.routing == "gate":
             return torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
@@ -433,9 +365,7 @@ class ComposedLM(nn.Module):
         total = None
         t = torch.arange(self.last_positions)
         for name, weights in self.last_routing.items():  # (B, R, E) per point
-            visible = self.last_visible[name].cpu().contiguous()  # (R,) ascending
-            row = torch.searchsorted(visible, t, right=True) - 1  # (T,) newest row with visible <= t; -1: none yet
-            picked = weights.float().cpu()[:, row.clamp(min=0)] * (row >= 0).view(1, -1, 1)  # (B, T, E)
+            picked = _newest_rows(weights.float().cpu(), self.last_visible[name].cpu(), t)  # (B, T, E)
             total = picked if total is None else total + picked
         if total is None:
             raise ValueError("routed_experts() reads the routing of the last forward: set record_routing first")
@@ -448,6 +378,21 @@ class ComposedLM(nn.Module):
         from experts.generation import generate
 
         return generate(self, idx, max_new_tokens, temperature, top_k)
+
+
+class _Reached(Exception):
+    """kway_logits' early exit: the scores at the k-way gate's point and their rows' positions."""
+
+    def __init__(self, scores: torch.Tensor, visible: torch.Tensor):
+        super().__init__("reached the k-way gate's point")
+        self.scores, self.visible = scores, visible
+
+
+def _newest_rows(weights: torch.Tensor, visible: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """weights (B, R, E) of rows that see inputs <= visible (R,), ascending: for each of `positions`
+    (P,), the row of the newest one that position sees, zero where it sees none -> (B, P, E)."""
+    row = torch.searchsorted(visible.contiguous(), positions.contiguous(), right=True) - 1  # (P,); -1: none yet
+    return weights[:, row.clamp(min=0)] * (row >= 0).view(1, -1, 1).to(weights.dtype)
 
 
 @torch.no_grad()

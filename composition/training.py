@@ -31,6 +31,11 @@ def set_trainable(composed: ComposedLM, modules: list[nn.Module]) -> None:
             p.requires_grad_(True)
 
 
+def windows_per_set(n_tokens: int, n_sets: int, seq: int) -> int:
+    """Windows of `seq` tokens drawn from each of n_sets sets for an equal share of n_tokens (>= 1)."""
+    return max(1, n_tokens // n_sets // seq)
+
+
 def fit_centers(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: int, seed: int = 0,
                 seq_len: int | None = None, batch_size: int = 8) -> int:
     """Center the routing on the mean over clusters of the central model's mean state: an equal
@@ -40,7 +45,7 @@ def fit_centers(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: in
     seq = seq_len or composed.config.block_size
     if not token_sets:
         raise ValueError("fit_centers needs at least one token set (one per expert)")
-    per_set = max(1, n_tokens // len(token_sets) // seq)  # windows from each set
+    per_set = windows_per_set(n_tokens, len(token_sets), seq)
     rng = np.random.default_rng(seed)
     means = []
     for tokens in token_sets:
@@ -83,11 +88,13 @@ def mix_flops_per_token(composed: ComposedLM, experts: list[int], routing: str) 
 
 
 def kway_flops_per_token(composed: ComposedLM) -> float:
-    """Training FLOPs per token of the k-way gate's phase: the central model's forward (no expert
-    runs) and 3x the gate's own linear maps; backward stops at the gate."""
+    """Training FLOPs per token of the k-way gate's phase: the central model's forward up to the
+    gate's point (the last composition point; no expert runs) and 3x the gate's own linear map;
+    backward stops at the gate."""
     seq = composed.config.block_size
-    total = forward_flops_per_token(_KwayForward(composed), seq)
-    return total + 2 * (total - forward_flops_per_token(composed.central, seq))
+    total = forward_flops_per_token(_KwayForward(composed).train(composed.training), seq)
+    (point,) = composed.kway
+    return total + 2 * (total - flops_up_to_stages(composed.central, seq)[point])
 
 
 class _KwayForward(nn.Module):
@@ -139,7 +146,7 @@ def labelled_windows(token_sets: list[np.ndarray], n_tokens: int, seq: int, seed
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """An equal share of n_tokens from each of `token_sets`, as windows (W, seq) at seeded random
     offsets, shuffled, and the set each window came from (W,)."""
-    per_set = max(1, n_tokens // len(token_sets) // seq)
+    per_set = windows_per_set(n_tokens, len(token_sets), seq)
     rng = np.random.default_rng(seed)
     windows, labels = [], []
     for label, tokens in enumerate(token_sets):
@@ -154,22 +161,21 @@ def labelled_windows(token_sets: list[np.ndarray], n_tokens: int, seq: int, seed
 
 def train_kway(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: int, batch_size: int = 8,
                lr: float = 1e-2, seed: int = 0) -> dict:
-    """Train the k-way gate alone: at every composition point, cross-entropy of its scores at
-    every row against the cluster (expert) whose training text the window came from. token_sets:
+    """Train the k-way gate alone: cross-entropy of its scores (the central model's own states at
+    its point) at every row against the cluster (expert) whose training text the window came from. token_sets:
     each expert's training tokens, in the composition's order. {"loss", "tokens", "steps"}."""
     if len(token_sets) != len(composed.experts) or not len(composed.kway):
         raise ValueError("train_kway needs a composition with a k-way gate and one token set per expert")
-    torch.manual_seed(seed)
+    device = next(composed.kway.parameters()).device
     x, y = labelled_windows(token_sets, n_tokens, composed.config.block_size, seed)
     set_trainable(composed, [composed.kway])
     optimizer = torch.optim.AdamW(composed.kway.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     try:
         for start in range(0, len(x), batch_size):
-            scores = composed.kway_logits(x[start:start + batch_size])  # {point: (B, R, E)}
-            labels = y[start:start + batch_size]
-            loss = torch.stack([F.cross_entropy(s.float().flatten(0, 1), labels.repeat_interleave(s.shape[1]))
-                                for s in scores.values()]).mean()
+            scores, _ = composed.kway_logits(x[start:start + batch_size].to(device))  # (B, R, E)
+            labels = y[start:start + batch_size].to(device).repeat_interleave(scores.shape[1])  # every row's window
+            loss = F.cross_entropy(scores.float().flatten(0, 1), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -7,6 +7,8 @@ version; only the new parameters are saved, with a manifest naming the exact ver
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import tempfile
@@ -21,7 +23,7 @@ from composition.evaluation import bits_per_byte, score_documents, stream_docume
 from composition.loader import CompositionSettings, load_composed, new_parameters
 from composition.model import ComposedLM
 from composition.training import (fit_centers, kway_flops_per_token, mix_flops_per_token, train_flops_per_token,
-                                  train_independent, train_joint, train_kway)
+                                  train_independent, train_joint, train_kway, windows_per_set)
 from experts.flops import forward_flops_per_token
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
@@ -153,8 +155,8 @@ def train_independent_task(task: CompositionTask, e: int, fitted: dict | None = 
     done); unused."""
     task = task if fitted is None else replace(task, centers=fitted["centers"])
     slot = e if slot is None else slot
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
-        composed = _composed(task, [e], Path(scratch))
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:  # (the k-way gate needs every expert)
+        composed = _composed(replace(task, settings=replace(task.settings, kway=False)), [e], Path(scratch))
         blocks, gates, *mix = train_independent(composed, 0, _tokens(task.expert_data[e], Path(scratch)),
                                                 TrainConfig(**task.blocks_train), TrainConfig(**task.gates_train),
                                                 TrainConfig(**task.mix_train))
@@ -246,13 +248,11 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
         scored = {"": score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes),
                   "central_": score_documents(composed.central, docs, eos, seq, batch_size=8)}
         if composed.output == "mix":  # the same composition without its output point: what the mixing adds
-            composed.output = "none"
-            scored["no_mix_"] = score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes)
-            composed.output = "mix"
+            with scored_as(composed, output="none"):
+                scored["no_mix_"] = score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes)
         for routing in gate_only:  # the gates routing on their own: which expert each byte went to
-            saved, composed.routing = composed.routing, routing
-            scored[f"{routing}_"] = score_documents(composed, docs, eos, seq, batch_size=8, n_experts=n)
-            composed.routing = saved
+            with scored_as(composed, routing=routing):
+                scored[f"{routing}_"] = score_documents(composed, docs, eos, seq, batch_size=8, n_experts=n)
             hits[routing][0] += sum(int((c == j).sum()) for c in scored[f"{routing}_"].choices)
             hits[routing][1] += sum(len(c) for c in scored[f"{routing}_"].choices)
         for prefix, result in scored.items():
@@ -267,6 +267,19 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
     accuracy = {f"val_routing_accuracy/{r}": h / max(total, 1) for r, (h, total) in hits.items()}
     return {**totals, **macros, **accuracy, **({"experts_per_token": float(np.mean(rows))} if rows else {}),
             **figures}
+
+
+@contextlib.contextmanager
+def scored_as(composed: ComposedLM, **settings):
+    """The composition with other `routing` / `output` settings for the block, restored after."""
+    saved = {k: getattr(composed, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(composed, k, v)
+        yield composed
+    finally:
+        for k, v in saved.items():
+            setattr(composed, k, v)
 
 
 def expert_label(task: CompositionTask, j: int) -> str:
@@ -374,8 +387,7 @@ def matched_budget(catalog: Catalog, task: CompositionTask, experts: list, modes
 
 def kway_tokens(task: CompositionTask, seq: int) -> int:
     """Tokens the k-way gate trains on: whole windows, an equal share from each expert's text."""
-    per_set = max(1, task.kway_train["max_tokens"] // len(task.experts) // seq)
-    return per_set * seq * len(task.experts)
+    return windows_per_set(task.kway_train["max_tokens"], len(task.experts), seq) * seq * len(task.experts)
 
 
 def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: CompositionTask, central,
@@ -413,14 +425,20 @@ def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: Compos
     catalog.tracker.log_metrics(run_id, {"matched_pflops": extra / 1e15})
     matched = MatchedTask(name=DENSE_MATCHED, run_id=run_id, tracking_uri=catalog.tracker.uri,
                           dense=task.central, train=task.train, val=task.val,
-                          # one checkpoint directory per budget: a rerun resumes only the same schedule
-                          ckpt_dir=Catalog.checkpoint_dir(root, f"{DENSE_MATCHED}-{steps}"), train_config=train_cfg,
+                          # one checkpoint directory per schedule: a rerun resumes only the same one
+                          ckpt_dir=Catalog.checkpoint_dir(root, f"{DENSE_MATCHED}-{schedule_id(train_cfg)}"),
+                          train_config=train_cfg,
                           tokenizer=task.tokenizer, num_cpus=cfg.compose.num_cpus, seed=cfg.seed,
                           pipeline=pipeline_id)
     print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
           "PFLOPs, what the composed systems spend beyond it), beside the compositions", flush=True)
     ref = ray.remote(train_matched_task).options(num_cpus=cfg.compose.num_cpus, max_retries=1).remote(matched)
     return ref, matched, central
+
+
+def schedule_id(train_cfg: dict) -> str:
+    """A short name for a training schedule (budget, rates, seed...): equal for equal configs."""
+    return hashlib.sha256(json.dumps(train_cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _abandon_matched(catalog: Catalog, ref, matched: MatchedTask, killed: bool) -> None:
@@ -590,8 +608,11 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                                     "center_tokens": task.center_tokens,
                                     **({"added": added["moie.added"]} if added else {})})
         state, tokens, phases = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only, early)
-        if task.flops is not None:  # what this stage spent training the mode (centres included)
+        if task.flops is not None:  # what this stage spent training the mode (centres included); the k-way
+            # gate's apart: only the system that routes by it pays for it
+            kway_pflops = phases.pop("kway_tokens", 0) * task.flops.get("kway", 0.0) / 1e15
             tracker.log_metrics(run_id, {"train_pflops": compose_flops(task, mode, tokens, **phases) / 1e15,
+                                         **({"kway_pflops": kway_pflops} if kway_pflops else {}),
                                          "train_tokens": sum(tokens) if isinstance(tokens, list) else tokens})
         scores = get_or_fail(ray.remote(evaluate_task).options(**opts).remote(task, state),
                              f"compose-{mode} scoring task")

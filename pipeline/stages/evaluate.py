@@ -55,6 +55,7 @@ COMPOSED = {"independent": "composed_independent", "joint": "composed_joint",
 GATE_ONLY = {"composed_independent_topk": "topk", "composed_adaptive": "adaptive", "composed_independent_kway": "kway"}
 COMPOSED_SYSTEMS = ("composed_independent", *GATE_ONLY, "composed_joint", "composed_seed_independent",
                     "composed_seed_joint")
+KWAY = ("composed_independent_kway",)  # the systems that route by the k-way gate (and pay for its training)
 MODE_OF = {**{system: mode for mode, system in COMPOSED.items()}, **{system: "independent" for system in GATE_ONLY}}
 HEADLINE = ("bpb/", "routing_accuracy/", "experts_per_token/")
 ROUTING_PAGE = "routing.html"  # an artifact of the evaluate run (results/), shown by the MLflow UI
@@ -263,6 +264,9 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
                    "seed_uri": seed_uri, "mixture_lambda": mixture_lambdas(scored["validation"], validation["weights"]),
                    "compose_pflops": {mode: tracker.client.get_run(v.run_id).data.metrics.get("train_pflops", 0.0)
                                       for mode, v in compositions.items()},
+                   # the k-way gate's training: only the systems that route by it pay for it
+                   "kway_pflops": {mode: tracker.client.get_run(v.run_id).data.metrics.get("kway_pflops", 0.0)
+                                   for mode, v in compositions.items()},
                    "seed_tokens": float(versions[expert_uris[0]].tags.get("moie.seed_tokens", 0)),
                    "train_tokens": {uri: tracker.client.get_run(v.run_id).data.metrics.get("tokens", 0.0)
                                     for uri, v in versions.items()}}
@@ -653,7 +657,8 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
                 mode = MODE_OF[s]
                 hub = 0.0 if mode.endswith("_seed") else central_pflops  # the seed is in experts_pflops
                 cost[s]["train_pflops"] = (hub + (own_pflops if same and hub else experts_pflops)
-                                           + compose.get(mode, 0.0))
+                                           + compose.get(mode, 0.0)
+                                           + (scored.get("kway_pflops", {}).get(mode, 0.0) if s in KWAY else 0.0))
     if "seed" in results:
         cost.setdefault("seed", {})["train_pflops"] = seed_pflops
     for s, hub in MIXTURES.items():  # the hub and one routed expert per byte
