@@ -91,7 +91,8 @@ def main() -> None:
     out = Path(args.out)
     done = {r["seed"]: r for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else {}
     if args.reread:
-        done = {seed: {"seed": seed, "pipeline": r["pipeline"], "seconds": r["seconds"], "cpu": r.get("cpu"),
+        done = {seed: {"seed": seed, "pipeline": r["pipeline"], **({"seconds": r["seconds"]} if "seconds" in r else {}),
+                       "cpu": r.get("cpu"),
                        **evaluate_metrics(Path(args.home), args.config, r["pipeline"])} for seed, r in done.items()}
         out.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     cpu = cpu_name()
@@ -105,7 +106,8 @@ def main() -> None:
                 f.write(json.dumps(done[seed]) + "\n")
         row = done[seed]
         rows.append(row)
-        print(f"seed {seed} ({row['seconds']:.0f} s, pipeline {row['pipeline']}): "
+        took = f"{row['seconds']:.0f} s" if "seconds" in row else "composed again, no run time"
+        print(f"seed {seed} ({took}, pipeline {row['pipeline']}): "
               + ", ".join(f"{s} {row[f'bpb/{s}']:.4f}" for s in SYSTEMS if f"bpb/{s}" in row), flush=True)
     print("\nspread over seeds " + ",".join(str(r["seed"]) for r in rows) + f" ({rows[0].get('cpu', cpu)})")
     print("| figure | mean | sd | min | max |\n|---|---|---|---|---|")
