@@ -14,7 +14,8 @@ import torch
 from composition.model import ComposedLM
 from experts.checkpoint import load_model
 
-NEW_PARAMETERS = ("blocks.", "gates.", "mixers.", "kway.", "centers.")  # what a composition adds to its registered models
+TRAINED = ("blocks.", "gates.", "mixers.", "kway.")  # what training a composition learns
+NEW_PARAMETERS = (*TRAINED, "centers.")  # what a composition adds to its registered models
 
 
 class CompositionError(ValueError):
@@ -55,7 +56,7 @@ def assemble(central: torch.nn.Module, experts: list[torch.nn.Module], settings:
                           output=settings.output, kway=settings.kway)
     if state:
         loaded = composed.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
-        missing = [k for k in loaded.missing_keys if k.startswith(("blocks.", "gates.", "mixers.", "kway."))] if complete else []
+        missing = [k for k in loaded.missing_keys if k.startswith(TRAINED)] if complete else []
         if loaded.unexpected_keys or missing:
             raise CompositionError(f"the composition's parameters do not fit its models (unexpected "
                                    f"{loaded.unexpected_keys[:2]}, missing {missing[:2]}): the manifest names other "

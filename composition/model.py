@@ -22,8 +22,9 @@ the experts some position is routed to run; or by a k-way gate (routing "kway": 
 over the experts of a linear map of the running mean of the central model's own states so
 far at the last composition point, read in a routing pass of the central model alone, the
 states it was trained on; trained after every expert with every cluster's text as the
-others' negatives), top k, each kept expert's PHATGOOSE gate scaling its block. Every routing decides each row from what that
-row may see, so the composed model stays causal and the rows of a batch independent.
+others' negatives), top k, each kept expert's PHATGOOSE gate scaling its block. Every routing
+decides each row from what that row may see, so the composed model stays causal and the rows
+of a batch independent.
 """
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ class ComposedLM(nn.Module):
             if name in self.points:
                 h = self._compose_point(name, h, visible, states, counts, balance, final)
             if mixing and name == self.last_stage:
-                final["h"], final["visible"] = h, visible
+                final["h"] = h
             return h
 
         if self.record_routing:  # this forward's routing only
@@ -278,8 +279,7 @@ class ComposedLM(nn.Module):
         """What gates and scores look at: each row's state (pool="token") or the running mean of
         the rows so far (pool="prefix", causal), minus the central model's mean state there."""
         if self.pool == "prefix":
-            n = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).view(1, -1, 1)
-            h = (h.float().cumsum(dim=1) / n).to(h.dtype)  # (B, R, d)
+            h = _running_mean(h)
         return h - self.centers[point].to(h.dtype)
 
     def scores(self, point: str, h: torch.Tensor) -> torch.Tensor:
@@ -292,8 +292,7 @@ class ComposedLM(nn.Module):
     def kway_scores(self, point: str, h: torch.Tensor) -> torch.Tensor:
         """(B, R, n_experts) the k-way gate's scores: a linear map of the running mean of the rows
         so far (causal), centred and layer-normalised."""
-        n = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).view(1, -1, 1)
-        pooled = (h.float().cumsum(dim=1) / n).to(h.dtype) - self.centers[point].to(h.dtype)  # (B, R, d)
+        pooled = _running_mean(h) - self.centers[point].to(h.dtype)  # (B, R, d)
         return self.kway[point](F.layer_norm(pooled, (pooled.shape[-1],)))
 
     def kway_probs(self, point: str, h: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
@@ -307,6 +306,10 @@ class ComposedLM(nn.Module):
         probs, pass_visible = self._kway
         return _newest_rows(probs, pass_visible, visible)
 
+    def gate_values(self, point: str, h: torch.Tensor) -> torch.Tensor:
+        """(B, R, E_active) each active expert's PHATGOOSE gate sigmoid(v_e . (h - mu)) at `point`."""
+        return torch.sigmoid(self.routing_state(point, h) @ self.gate_vectors(point).t().to(h.dtype))
+
     def load_balance(self, point: str, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Switch-style auxiliary loss E * sum_e f_e P_e (1 when the load is uniform)."""
         probs = torch.softmax(self.scores(point, h).float(), dim=-1).reshape(-1, weights.shape[-1])
@@ -316,19 +319,19 @@ class ComposedLM(nn.Module):
     def route(self, point: str, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         """(B, R, E_active) weights of the active experts for each central row (visible: (R,) the
         last input position each row depends on)."""
-        v = self.gate_vectors(point)  # (E_active, d_c)
         if self.routing == "router":  # the router's weight for the row's position x the expert's gate
             rows = visible.clamp(max=self._route.shape[1] - 1)  # rows past the end only serve padding
-            return self._route[:, rows].to(h.dtype) * torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
+            return self._route[:, rows].to(h.dtype) * self.gate_values(point, h)
         if self.routing == "kway":  # the k-way gate's top k, each scaled by the expert's PHATGOOSE gate
             probs = self.kway_probs(point, h, visible)[..., self.active]  # (B, R, E_active)
             top = probs.topk(min(self.k, len(self.active)), dim=-1)
-            kept = torch.zeros_like(probs).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True).clamp(min=1e-9))
-            return kept.to(h.dtype) * torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
+            kept = torch.zeros_like(probs).scatter(-1, top.indices,
+                                                   top.values / top.values.sum(-1, keepdim=True).clamp(min=1e-9))
+            return kept.to(h.dtype) * self.gate_values(point, h)
         if self.routing == "gate":
-            return torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
+            return self.gate_values(point, h)
         if self.routing == "adaptive":
-            g = torch.sigmoid(self.routing_state(point, h) @ v.t().to(h.dtype))
+            g = self.gate_values(point, h)
             keep = g > self.threshold
             if self.k_max < len(self.active):  # at most k_max experts: the largest gates
                 top = g.topk(self.k_max, dim=-1).indices
@@ -386,6 +389,12 @@ class _Reached(Exception):
     def __init__(self, scores: torch.Tensor, visible: torch.Tensor):
         super().__init__("reached the k-way gate's point")
         self.scores, self.visible = scores, visible
+
+
+def _running_mean(h: torch.Tensor) -> torch.Tensor:
+    """(B, R, d) the mean of rows 0..r for each row r (causal)."""
+    n = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32).view(1, -1, 1)
+    return (h.float().cumsum(dim=1) / n).to(h.dtype)
 
 
 def _newest_rows(weights: torch.Tensor, visible: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

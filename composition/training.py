@@ -31,6 +31,12 @@ def set_trainable(composed: ComposedLM, modules: list[nn.Module]) -> None:
             p.requires_grad_(True)
 
 
+def all_trainable(composed: ComposedLM) -> None:
+    """Every new parameter of the composition (blocks, gates, output gates, k-way gate) trainable again."""
+    for p in composed.trainable_parameters():
+        p.requires_grad_(True)
+
+
 def windows_per_set(n_tokens: int, n_sets: int, seq: int) -> int:
     """Windows of `seq` tokens drawn from each of n_sets sets for an equal share of n_tokens (>= 1)."""
     return max(1, n_tokens // n_sets // seq)
@@ -124,7 +130,8 @@ def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blo
     and mix_cfg given) its output gate, on that expert's own data: each phase's result."""
     saved = composed.routing, composed.active, composed.output
     emit = on_metrics or (lambda step, metrics: None)
-    phases = [("blocks", composed.blocks[expert], blocks_cfg, "none"), ("gates", composed.gates[expert], gates_cfg, "none")]
+    phases = [("blocks", composed.blocks[expert], blocks_cfg, "none"),
+              ("gates", composed.gates[expert], gates_cfg, "none")]
     if len(composed.mixers) and mix_cfg is not None:
         phases.append(("mix", composed.mixers[expert], mix_cfg, "mix"))
     results: list[TrainResult] = []
@@ -138,7 +145,7 @@ def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blo
                 done + s, {f"{name}_{k}": v for k, v in m.items()})))
     finally:
         composed.routing, composed.active, composed.output = saved
-        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers, composed.kway])
+        all_trainable(composed)
     return results
 
 
@@ -162,8 +169,9 @@ def labelled_windows(token_sets: list[np.ndarray], n_tokens: int, seq: int, seed
 def train_kway(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: int, batch_size: int = 8,
                lr: float = 1e-2, seed: int = 0) -> dict:
     """Train the k-way gate alone: cross-entropy of its scores (the central model's own states at
-    its point) at every row against the cluster (expert) whose training text the window came from. token_sets:
-    each expert's training tokens, in the composition's order. {"loss", "tokens", "steps"}."""
+    its point) at every row against the cluster (expert) whose training text the window came
+    from. token_sets: each expert's training tokens, in the composition's order. {"loss",
+    "tokens", "steps"}."""
     if len(token_sets) != len(composed.experts) or not len(composed.kway):
         raise ValueError("train_kway needs a composition with a k-way gate and one token set per expert")
     device = next(composed.kway.parameters()).device
@@ -181,7 +189,7 @@ def train_kway(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: int
             optimizer.step()
             losses.append(float(loss.detach()))
     finally:
-        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers, composed.kway])
+        all_trainable(composed)
     return {"loss": float(np.mean(losses[-10:])), "tokens": int(x.numel()), "steps": len(losses)}
 
 
@@ -197,4 +205,4 @@ def train_joint(composed: ComposedLM, tokens: np.ndarray, cfg: TrainConfig, bala
         return train(composed, tokens, None, cfg, on_metrics=on_metrics)
     finally:
         composed.routing, composed.active, composed.balance_weight, composed.output = saved
-        set_trainable(composed, [composed.blocks, composed.gates, composed.mixers, composed.kway])
+        all_trainable(composed)

@@ -284,9 +284,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"compose.glue must be 'attention', 'aligned' or 'both', got {cfg.compose.glue!r}")
     if cfg.compose.output not in ("none", "mix"):
         raise ConfigError(f"compose.output must be 'none' or 'mix', got {cfg.compose.output!r}")
-    kway = cfg.compose.kway_train
-    if set(kway) - set(KWAY_TRAIN) or not (kway.get("max_tokens", 1) >= 1 and
-                                                              kway.get("batch_size", 1) >= 1 and kway.get("lr", 1) > 0):
+    kway = {**KWAY_TRAIN, **cfg.compose.kway_train}
+    if set(kway) != set(KWAY_TRAIN) or not (kway["max_tokens"] >= 1 and kway["batch_size"] >= 1 and kway["lr"] > 0):
         raise ConfigError("compose.kway_train takes max_tokens >= 1, batch_size >= 1 and lr > 0, got "
                           f"{cfg.compose.kway_train}")
     if cfg.compose.pool not in ("token", "prefix"):

@@ -238,7 +238,7 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
     composed.record_routing = True
     n = len(task.experts)
     # an independent composition's gates, routing alone (top-k affinity; the k-way gate if it has one)
-    gate_only = [r for r in ("topk", "kway") if task.settings.routing == "router" and (r != "kway" or task.settings.kway)]
+    gate_only = ([] if task.settings.routing != "router" else ["topk", "kway"] if task.settings.kway else ["topk"])
     hits = {r: [0, 0] for r in gate_only}  # bytes routed to their own cluster's expert, bytes
     figures, lp, rows = {}, {"": [], "central_": [], "no_mix_": [], **{f"{r}_": [] for r in gate_only}}, []
     for j, docs in enumerate(groups):

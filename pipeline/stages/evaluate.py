@@ -55,7 +55,6 @@ COMPOSED = {"independent": "composed_independent", "joint": "composed_joint",
 GATE_ONLY = {"composed_independent_topk": "topk", "composed_adaptive": "adaptive", "composed_independent_kway": "kway"}
 COMPOSED_SYSTEMS = ("composed_independent", *GATE_ONLY, "composed_joint", "composed_seed_independent",
                     "composed_seed_joint")
-KWAY = ("composed_independent_kway",)  # the systems that route by the k-way gate (and pay for its training)
 MODE_OF = {**{system: mode for mode, system in COMPOSED.items()}, **{system: "independent" for system in GATE_ONLY}}
 HEADLINE = ("bpb/", "routing_accuracy/", "experts_per_token/")
 ROUTING_PAGE = "routing.html"  # an artifact of the evaluate run (results/), shown by the MLflow UI
@@ -658,7 +657,8 @@ def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
                 hub = 0.0 if mode.endswith("_seed") else central_pflops  # the seed is in experts_pflops
                 cost[s]["train_pflops"] = (hub + (own_pflops if same and hub else experts_pflops)
                                            + compose.get(mode, 0.0)
-                                           + (scored.get("kway_pflops", {}).get(mode, 0.0) if s in KWAY else 0.0))
+                                           + (scored.get("kway_pflops", {}).get(mode, 0.0)
+                                              if GATE_ONLY.get(s) == "kway" else 0.0))
     if "seed" in results:
         cost.setdefault("seed", {})["train_pflops"] = seed_pflops
     for s, hub in MIXTURES.items():  # the hub and one routed expert per byte
