@@ -32,6 +32,9 @@ class CorpusConfig:
     max_chunk_bytes: int = 4096  # long texts are chunked at paragraph boundaries
     domain_bytes: int = 2_500_000  # embedded corpus: cap per domain
     max_documents: int | None = None  # keep only the first N documents (null: all)
+    # domains (source labels) left out of the corpus, e.g. [code]: a pipeline that has never seen
+    # them, to be extended with one later (`moie extend`, bench/new_domain.py)
+    exclude_sources: list[str] = field(default_factory=list)
     encoding_errors: str = "strict"  # strict: refuse non-UTF-8 files; replace: decode with U+FFFD and warn
     val_fraction: float = 0.05  # share of works held out for validation (split by work, never by chunk)
     test_fraction: float = 0.05  # share of works held out for the final evaluation

@@ -47,6 +47,8 @@ def load_corpus(cfg: CorpusConfig) -> list[Document]:
         rows = _rows_from_hub(cfg)
     else:  # validated in config; kept for callers that build configs by hand
         raise CorpusError(f"corpus.source must be one of embedded, files, hub; got {cfg.source!r}")
+    if cfg.exclude_sources:
+        rows = _without_sources(rows, cfg.exclude_sources)
     docs = _chunk_and_dedupe(rows, cfg.max_chunk_bytes)
     if cfg.max_documents is not None:
         docs = docs[: cfg.max_documents]
@@ -56,6 +58,18 @@ def load_corpus(cfg: CorpusConfig) -> list[Document]:
     for doc in docs:
         doc.split = split_of(doc.work or doc.doc_id, cfg.val_fraction, cfg.test_fraction)
     return docs
+
+
+def _without_sources(rows: list[dict], excluded: list[str]) -> list[dict]:
+    """The rows whose domain label is not among `excluded`; a label no row has is an error (a typo
+    would otherwise leave the domain in)."""
+    present = {row.get("source") for row in rows}
+    unknown = sorted(set(excluded) - present)
+    if unknown:
+        known = sorted(s for s in present if s is not None)
+        raise CorpusError(f"corpus.exclude_sources names {unknown}, which no document of the corpus is labelled "
+                          f"with; its domains are {known or 'none (no source column)'}")
+    return [row for row in rows if row.get("source") not in excluded]
 
 
 def text_sha256(text: str) -> str:
