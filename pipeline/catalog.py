@@ -57,6 +57,9 @@ DENSE = "dense"
 DENSE_MATCHED = "dense_matched"  # the dense model trained on for the compute composition spends beyond it
 CENTRAL = "central"
 SEED = "seed"  # the dense model at experts.seed_fraction, which every expert branched from: a hub to compose on
+# `moie extend`: every model it registers carries the extend run's id under this tag; they belong to
+# that extension, not to the pipeline's own systems (its experts, its compositions)
+EXTENSION = "moie.extension"
 
 
 def expert_name(cluster: int) -> str:
@@ -308,8 +311,8 @@ class Catalog:
         newest_first = self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id})[::-1]
         central = sorted(newest_first, key=lambda v: v.tags.get("moie.role") != "central")
         central = [v for v in central if v.tags.get("moie.role") in ("central", "dense+central")]
-        experts = sorted(self.versions(EXPERT_MODEL, {"moie.pipeline": pipeline_id}),
-                         key=lambda v: int(v.tags.get("moie.cluster", 0)))
+        experts = sorted((v for v in self.versions(EXPERT_MODEL, {"moie.pipeline": pipeline_id})
+                          if EXTENSION not in v.tags), key=lambda v: int(v.tags.get("moie.cluster", 0)))
         if not central or not experts:
             raise StageError(f"pipeline {pipeline_id} has no registered central model and experts; run "
                              f"`moie experts --pipeline {pipeline_id}` first, or name models with --central/--experts")
@@ -340,6 +343,10 @@ class Catalog:
                 mode = v.tags.get("moie.mode")
                 found[f"{mode}_seed" if v.tags.get("moie.hub") == SEED else mode] = v  # on the seed: another system
         return found
+
+    def extensions(self, pipeline_id: str) -> list:
+        """The experts `moie extend` added to the pipeline, oldest first (each tagged with its domain)."""
+        return [v for v in self.versions(EXPERT_MODEL, {"moie.pipeline": pipeline_id}) if EXTENSION in v.tags]
 
     def users_of(self, uri: str) -> list[str]:
         """Exact URIs of the compositions that use the model `uri`."""

@@ -108,6 +108,40 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
                              "(.txt/.jsonl/.parquet), 'embedded', or a hub data set name (read offline)")
 
 
+def extend_command(args: argparse.Namespace) -> int:
+    """Add a domain to a finished pipeline; print the table of every system and, last, the
+    extended composition's URI."""
+    from pipeline.stages.extend import run_extend
+
+    cfg = load_config(args.config, args.overrides)
+    if not args.pipeline:
+        raise ConfigError("moie extend needs --pipeline RUN_ID: the finished pipeline to add the domain to")
+    domain = args.domain or default_domain(args.files, args.dataset)
+    out = run_extend(cfg, args.pipeline, domain, args.files, args.dataset)
+    for name, uri in out["uris"].items():
+        print(f"{name}: {uri}", file=sys.stderr)
+    print(out["uris"]["composed"])
+    return 0
+
+
+def default_domain(files: list[str] | None, dataset: str | None) -> str:
+    """The new domain's name when --domain is not given: the first file's stem, or the data set's name."""
+    from pathlib import Path
+
+    if files:
+        return Path(files[0]).stem
+    return (dataset or "").rsplit("/", 1)[-1]
+
+
+def add_extend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--files", nargs="+", default=None, metavar="PATH",
+                        help="the new domain's text: .txt (one work each), .jsonl or .parquet files or globs")
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="or a `datasets` data set name (read offline from the local cache)")
+    parser.add_argument("--domain", default=None, metavar="NAME",
+                        help="the new domain's name (default: the first file's stem, or the data set's name)")
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Every stage in order under one parent run; with --resume, stages already complete are skipped."""
     from pipeline.stages.sequence import run_pipeline
@@ -291,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
               ("compose", "compose registered experts into the central model (Ray, MLflow)", compose_command,
                add_compose_args),
               ("evaluate", "score dense, experts, cBTM and compositions on held-out text", evaluate_command,
-               add_evaluate_args)]
+               add_evaluate_args),
+              ("extend", "add a new domain to a finished pipeline: an expert composed in, against fine-tuning",
+               extend_command, add_extend_args)]
     for name, text, func, extra in stages:  # the same options as `python -m jobs.<stage>`
         stage = sub.add_parser(name, help=text)
         add_config_args(stage, DEFAULT_CONFIG)

@@ -136,6 +136,26 @@ class EvaluateConfig:
     num_cpus: float = 1.0  # Ray resources of one scoring task
 
 
+EXTEND_BRANCHES = ("central", "seed", "scratch")
+
+
+@dataclass
+class ExtendConfig:
+    """`moie extend`: a new domain added to a finished pipeline, and the baselines it is measured against."""
+    # the new expert starts from the pipeline's central model, its seed (where its experts branched),
+    # or from scratch (then `model` may make it smaller than the others)
+    branch: str = "central"
+    model: dict = field(default_factory=dict)  # branch scratch: the new expert's model keys over experts.model
+    train: dict = field(default_factory=dict)  # TrainConfig keys over experts.train; max_tokens: its budget
+    # fine-tune the central model on the new text (finetune) and with a replay share of the old
+    # domains' training text (finetune_replay), each for the training compute the composition adds
+    baselines: bool = True
+    replay: float = 0.2  # finetune_replay: the share of its training windows drawn from the old domains
+    old_bytes_per_domain: int = 16_384  # held-out bytes scored per old domain (the new one: evaluate's)
+    mixed_chunk: int = 512  # mixed documents: chunks of this many bytes, new and old text in turn
+    num_cpus: float = 1.0  # Ray resources of each training and scoring task
+
+
 @dataclass
 class TrackingConfig:
     experiment: str = "moie"  # MLflow experiment of the pipeline's runs
@@ -161,6 +181,7 @@ class Config:
     central: CentralConfig = field(default_factory=CentralConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    extend: ExtendConfig = field(default_factory=ExtendConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -316,6 +337,22 @@ def validate(cfg: Config) -> None:
                           f"(0: half the block size), evaluate.num_cpus > 0; got {ev}")
     if cfg.central.arch is not None:
         validate_model_section("central", cfg.central.arch, cfg.central.model, cfg.central.train)
+    validate_extend(cfg)
+
+
+def validate_extend(cfg: Config) -> None:
+    x = cfg.extend
+    if x.branch not in EXTEND_BRANCHES:
+        raise ConfigError(f"extend.branch must be one of {', '.join(EXTEND_BRANCHES)}, got {x.branch!r}")
+    if x.model and x.branch != "scratch":
+        raise ConfigError(f"extend.model sets the new expert's own shape, which needs extend.branch: scratch (a "
+                          f"branch of the {x.branch} model has its shape); got {x.model}")
+    validate_model_section("extend", cfg.experts.arch, {**cfg.experts.model, **x.model},
+                           {**cfg.experts.train, **x.train})
+    if not 0 <= x.replay < 1 or x.old_bytes_per_domain < 1 or x.mixed_chunk < 1 or x.num_cpus <= 0:
+        raise ConfigError("extend.replay must be in [0, 1), extend.old_bytes_per_domain and extend.mixed_chunk "
+                          f">= 1 and extend.num_cpus > 0; got {x.replay}, {x.old_bytes_per_domain}, "
+                          f"{x.mixed_chunk}, {x.num_cpus}")
 
 
 def validate_model_section(section: str, arch: str, model: dict, train: dict) -> None:

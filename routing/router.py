@@ -45,6 +45,22 @@ class ClusterRouter:
         """Cluster of each whole document: its nearest centroid (N,)."""
         return nearest_centroid(self.embedder.embed(texts), self.centroids)
 
+    def with_cluster(self, texts: list[str]) -> "ClusterRouter":
+        """This router with one more cluster, k, whose centroid is the mean embedding of `texts`
+        (a new domain's training documents), as k-means' mean step would place it (texts with no
+        term of the router's vocabulary embed to zero and say nothing of the direction: left
+        out); the embedding and the k existing centroids are kept bit for bit, so old routes keep
+        their indices."""
+        h = self.embedder.embed(texts)  # (N, d)
+        h = h[np.linalg.norm(h, axis=1) > 0]
+        if not len(h):
+            raise ValueError(f"none of the {len(texts)} documents of the new cluster has a term of the router's "
+                             f"vocabulary ({len(self.embedder.vocabulary)} terms fitted on the pipeline's corpus): "
+                             "there is nothing to place its centroid by")
+        centroid = h.astype(np.float64).mean(axis=0)  # (d,)
+        centroids = np.concatenate([self.centroids, centroid[None].astype(np.float32)])  # (k + 1, d)
+        return ClusterRouter(self.embedder, centroids, self.temperature, self.top_k)
+
     def weights(self, h: np.ndarray, top_k: int | None = None) -> np.ndarray:
         """(N, k) routing weights for embeddings h (N, d): softmax(-d^2/T), top-k, renormalised."""
         top_k = top_k or self.top_k

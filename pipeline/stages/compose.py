@@ -210,7 +210,7 @@ def train_matched_task(task: MatchedTask) -> dict:
                        meta={"tokenizer": task.tokenizer}, on_checkpoint=checkpoints.push)
         save_model(scratch / "model", model, {"tokenizer": task.tokenizer, "name": task.name})
         files = log_model(task.tracking_uri, task.run_id, scratch / "model", {
-            "registered_model": CENTRAL_MODEL, "model": DENSE_MATCHED, "pipeline": task.pipeline})
+            "registered_model": CENTRAL_MODEL, "model": task.name, "pipeline": task.pipeline})
     return {"files": files, "tokens": result.tokens, "steps": result.steps,
             "train_loss": result.train_loss, "val_bpb": result.val_bpb,
             "params": sum(p.numel() for p in model.parameters())}
@@ -339,10 +339,10 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
             uris = {mode: _compose_mode(catalog, cfg, pipeline_id, mode, task, early=early)
                     for mode in cfg.compose.modes}
             if matched is not None:
-                _finish_matched(catalog, pipeline_id, *matched)
+                finish_continued(catalog, pipeline_id, *matched)
         except BaseException as err:
             if matched is not None:  # never leave its run RUNNING or its task training on
-                _abandon_matched(catalog, matched[0], matched[1], killed=isinstance(err, (KeyboardInterrupt,
+                abandon_continued(catalog, matched[0], matched[1], killed=isinstance(err, (KeyboardInterrupt,
                                                                                           SystemExit)))
             raise
         return uris
@@ -441,31 +441,31 @@ def schedule_id(train_cfg: dict) -> str:
     return hashlib.sha256(json.dumps(train_cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _abandon_matched(catalog: Catalog, ref, matched: MatchedTask, killed: bool) -> None:
+def abandon_continued(catalog: Catalog, ref, matched: MatchedTask, killed: bool) -> None:
     """Cancel the continuation and end its run KILLED or FAILED (a re-run resumes it from its checkpoints)."""
     cancel(ref)
     if catalog.tracker.client.get_run(matched.run_id).info.status == "RUNNING":
         catalog.tracker.end_run(matched.run_id, "KILLED" if killed else "FAILED")
 
 
-def _finish_matched(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTask, dense) -> str:
+def finish_continued(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTask, dense, role: str = DENSE_MATCHED,
+                     tags: dict | None = None) -> str:
     """Wait for the continuation (which logged its model) and register it as a central-model
-    version (role dense_matched)."""
+    version of `role` (dense_matched; `moie extend`'s fine-tuned baselines), ending its run."""
     tracker = catalog.tracker
-    out = get_or_fail(ref, f"{DENSE_MATCHED} training task")
+    out = get_or_fail(ref, f"{matched.name} training task")
     tracker.log_metrics(matched.run_id, {"tokens": out["tokens"], "steps": out["steps"], "params": out["params"],
                                          "final_train_loss": out["train_loss"],
                                          **({"final_val_bpb": out["val_bpb"]} if out["val_bpb"] is not None else {})})
     files = out["files"]
     run = tracker.client.get_run(matched.run_id)
-    tags = {k: v for k, v in dense.tags.items() if k in ("moie.tokenizer", "moie.arch", "moie.cluster_run")}
+    kept = {k: v for k, v in dense.tags.items() if k in ("moie.tokenizer", "moie.arch", "moie.cluster_run")}
     uri = catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", matched.run_id, {
-        **tags, "moie.pipeline": pipeline_id, "moie.expert": DENSE_MATCHED, "moie.role": DENSE_MATCHED,
-        "moie.continued_from": exact_uri(dense),
-        "moie.sha256": files["model.safetensors"]})
+        **kept, "moie.pipeline": pipeline_id, "moie.expert": matched.name, "moie.role": role,
+        "moie.continued_from": exact_uri(dense), "moie.sha256": files["model.safetensors"], **(tags or {})})
     tracker.set_tags(matched.run_id, {"moie.model_version": uri})
     tracker.end_run(matched.run_id, "FINISHED")
-    print(f"{DENSE_MATCHED}: registered as {uri} (val_bpb {out['val_bpb']})", flush=True)
+    print(f"{matched.name}: registered as {uri} (val_bpb {out['val_bpb']})", flush=True)
     return uri
 
 
@@ -478,26 +478,67 @@ def run_add(cfg: Config, expert_uri: str, composition_uri: str, pipeline_id: str
         raise StageError(f"--to must name a {COMPOSITION_MODEL} version, got {composition_uri} ({base.name})")
     pipeline_id = pipeline_id or base.tags["moie.pipeline"]
     catalog.tracker.pipeline_run(pipeline_id)
-    with catalog.tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
+    with catalog.tracker.pipeline_active(pipeline_id):
+        return add_expert(catalog, cfg, pipeline_id, base, catalog.resolve(expert_uri))
+
+
+@dataclass
+class AddedCluster:
+    """The cBTM router of a clustering grown by one cluster (`moie extend`), and where it is logged."""
+
+    tensors: dict
+    meta: dict
+    run_id: str  # the run whose artifacts hold it (router.safetensors + router.json, sha256 tags)
+
+
+def check_extensible(manifest: dict, base_uri: str) -> None:
+    """An expert can be added only to an independent composition: a joint one's blocks and gates
+    were trained together, so an expert trained on its own would not fit."""
+    if manifest["mode"] != "independent":
+        raise StageError(f"{base_uri} is a {manifest['mode']} composition: its blocks and gates were trained "
+                         "together, so an expert trained on its own would not fit; only independent compositions "
+                         "take an added expert")
+
+
+def add_expert(catalog: Catalog, cfg: Config, pipeline_id: str, base, new, cluster: AddedCluster | None = None,
+               tags: dict | None = None) -> str:
+    """Register a new version of composition `base` with expert `new` added: only its blocks,
+    gates and output gate train, on its own data; every other parameter is kept bit for bit (the
+    k-way gate is dropped: it tells the base's experts apart, not the added one). cluster: the
+    base's router grown by the new expert's cluster (router routing then reaches the new expert;
+    without it an expert from another clustering makes the composition route top-k). The
+    composition run logs `train_pflops`: the compute of the added expert's phases."""
+    with tempfile.TemporaryDirectory() as tmp:
         state, manifest = catalog.composition_parts(base, Path(tmp) / "base")
-        if manifest["mode"] != "independent":
-            raise StageError(f"{exact_uri(base)} is a {manifest['mode']} composition: its blocks and gates were "
-                             "trained together, so an expert trained on its own would not fit; --add extends "
-                             "independent compositions")
-        new = catalog.resolve(expert_uri)
+        check_extensible(manifest, exact_uri(base))
         if exact_uri(new) in manifest["experts"]:
             raise StageError(f"{exact_uri(new)} is already an expert of {exact_uri(base)}")
         central = catalog.resolve(manifest["central"])
         experts = [catalog.resolve(u) for u in manifest["experts"]] + [new]
-        # the composition's own routing settings, not the config's: the old gates were trained with them;
-        # but no k-way gate: the base's tells its own experts apart, not the added one
+        # the composition's own routing settings, not the config's: the old gates were trained with them
         settings = replace(CompositionSettings.from_manifest(manifest), kway=False)
         state = {k: v for k, v in state.items() if not k.startswith("kway.")}
         task = composition_task(cfg, catalog, central, experts, Path(tmp), settings)
-        task = replace(task, centers={k: v for k, v in state.items() if k.startswith("centers.")})
+        if cluster is not None:
+            task = replace(task, router={"tensors": cluster.tensors, "meta": cluster.meta}, router_run=cluster.run_id,
+                                      clusters=manifest["clusters"] + [cluster.meta["k"] - 1])
+        fitted = {"centers": {k: v for k, v in state.items() if k.startswith("centers.")}, "center_tokens": 0}
+        prepared = get_or_fail(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task, fitted),
+                               "composition's preparation task")
+        task = replace(task, centers=fitted["centers"], flops=prepared["flops"])  # the base's centres, not refitted
         return _compose_mode(catalog, cfg, pipeline_id, "independent", task, base_state=state,
                              train_only=[len(experts) - 1], added={"moie.added_to": exact_uri(base),
-                                                                   "moie.added": exact_uri(new)})
+                                                                   "moie.added": exact_uri(new), **(tags or {})})
+
+
+def added_expert_flops(composed: ComposedLM, e: int, blocks_train: dict, gates_train: dict, mix_train: dict) -> float:
+    """Training FLOPs of expert e's phases in an independent composition (blocks, gates, output
+    gate): what `add_expert` spends, known before the expert is trained (FLOPs depend on shapes)."""
+    seq = composed.config.block_size
+    glue = phase_tokens(blocks_train, seq) + phase_tokens(gates_train, seq)
+    mix = phase_tokens(mix_train, seq) if composed.output == "mix" else 0
+    return glue * train_flops_per_token(composed, [e], "gate") + (
+        mix * mix_flops_per_token(composed, [e], "gate") if mix else 0.0)
 
 
 def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp: Path,

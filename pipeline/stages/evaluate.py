@@ -69,14 +69,15 @@ def eval_corpus(cfg: Config, eval_data: str | None):
     'embedded', existing files or globs, or a hub data set name (all of its documents)."""
     if not eval_data:
         return cfg.corpus, "test"
+    other = replace(cfg.corpus, exclude_sources=[])  # other text is scored whole: a domain left out of training too
     if eval_data == "embedded":
-        return replace(cfg.corpus, source="embedded"), "test"
+        return replace(other, source="embedded"), "test"
     if glob.glob(str(Path(eval_data).expanduser()), recursive=True):
-        return replace(cfg.corpus, source="files", files=[eval_data]), None
+        return replace(other, source="files", files=[eval_data]), None
     if looks_like_path(eval_data):
         raise StageError(f"--eval-data {eval_data!r} matches no file; give existing files or a glob (.txt, .jsonl, "
                          ".parquet, ...), 'embedded', or a hub data set name")
-    return replace(cfg.corpus, source="hub", name=eval_data), None  # offline: read from the local cache
+    return replace(other, source="hub", name=eval_data), None  # offline: read from the local cache
 
 
 def looks_like_path(value: str) -> bool:
