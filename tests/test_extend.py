@@ -140,6 +140,9 @@ def test_extend_registers_the_expert_the_composition_and_the_baselines_and_logs_
     for k in ("mean", "ci_low", "ci_high"):
         assert f"delta/composed_independent_vs_finetune_replay/{k}" in m
         assert f"delta/composed_independent_topk_vs_cbtm_top1/mixed/{k}" in m
+    # only the new expert's phases trained in the composition: what its run spent is what was planned
+    spent = catalog.client.get_run(composed.run_id).data.metrics["train_pflops"]
+    assert spent == pytest.approx(m["planned_pflops/composed"] - m["planned_pflops/expert_new"], rel=1e-9)
     # the fine-tuned baselines spent at least the composition's added compute, and not a step more
     composition = m["train_pflops/composed_independent"]
     assert composition >= m["train_pflops/cbtm_top1"] > 0
@@ -217,7 +220,8 @@ def test_bad_input_gets_one_clear_line_and_leaves_the_store_unchanged(extended, 
     assert "split" in line and "works" in line
     rows = write_jsonl(tmp_path / "more.jsonl", new_domain_rows(40, seed=5))
     for used in ("cooking", "astronomy"):  # a domain of the corpus, and one an extension added
-        assert f"domain {used!r} is already a domain" in refused(capsys, base + ["--files", str(rows), "--domain", used])
+        line = refused(capsys, base + ["--files", str(rows), "--domain", used])
+        assert f"domain {used!r} is already a domain" in line
     assert "must be 1-64 letters" in refused(capsys, base + ["--files", str(rows), "--domain", "a b"])
     assert "matches no file" in refused(capsys, base + ["--files", str(tmp_path / "none.jsonl"), "--domain", "x"])
     assert store_state(cfg, home) == state

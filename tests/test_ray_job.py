@@ -75,3 +75,16 @@ def test_every_stage_runs_as_a_submitted_ray_job_and_lands_in_mlflow(ray_head, t
                    "composed_joint", "composed_adaptive"):
         assert f"bpb/{system}/all" in headline, system
     assert "routing_accuracy/composed_independent" in headline
+
+    # a new domain added to the finished pipeline, as one more job: its composition's URI is the last line
+    rows = [{"text": f"Letter {i}. " + f"The {w} of the law and the people, said the court of the state. " * 30,
+             "work": f"w{i}"}
+            for i, w in enumerate(["appeal", "statute", "verdict", "charter", "decree", "tribunal"] * 8)]
+    new = tmp_path / "letters.jsonl"
+    new.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = submit(ray_head, home, "jobs.extend", *pipeline, "extend.train={max_tokens: 4000}",
+                  "--files", str(new), "--domain", "letters")
+    assert "| finetune_replay |" in proc.stdout
+    (extended,) = client.search_model_versions("name = 'moie-composition' and tags.`moie.domain` = 'letters'")
+    assert f"models:/moie-composition/{extended.version}" in proc.stdout
+    assert len(json.loads(extended.tags["moie.experts"])) == len(experts) + 1

@@ -177,8 +177,8 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
     cluster_run, table, _ = catalog.assignments(pipeline_id)
     plan = make_plan(cfg, catalog, pipeline_id, domain, table, int(cluster_run.data.params["cluster.k"]))
     new = load_new_text(cfg, domain, new_corpus(cfg, files, dataset))
-    old_held = held_out(replace(cfg, evaluate=replace(cfg.evaluate, max_bytes_per_domain=cfg.extend.old_bytes_per_domain)),
-                        None, table)
+    old_scoring = replace(cfg.evaluate, max_bytes_per_domain=cfg.extend.old_bytes_per_domain)
+    old_held = held_out(replace(cfg, evaluate=old_scoring), None, table)
     connect_cluster(cfg, tracker)
     check_resources(cfg.extend.num_cpus, what="extension task (extend.num_cpus)")
     print(f"extend: {domain} from {new.described}: {len(new.train)} training documents ({new.train_bytes} bytes), "
@@ -198,7 +198,8 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
         budgets = compute_budgets(cfg, catalog, plan, central)
         tracker.log_params(run_id, {"domain": domain, "text": new.described, "branch": cfg.extend.branch,
                                     "branched_from": exact_uri(plan.branch) if plan.branch else "scratch",
-                                    "train_bytes": new.train_bytes, "expert_max_tokens": plan.expert_train["max_tokens"],
+                                    "train_bytes": new.train_bytes,
+                                    "expert_max_tokens": plan.expert_train["max_tokens"],
                                     "replay": cfg.extend.replay, "base": exact_uri(plan.base),
                                     "baselines": cfg.extend.baselines})
         tracker.log_metrics(run_id, {"train_bytes": new.train_bytes, "train_documents": len(new.train),
@@ -226,10 +227,11 @@ def make_plan(cfg: Config, catalog: Catalog, pipeline_id: str, domain: str, tabl
     if not DOMAIN_NAME.match(domain or ""):
         raise StageError(f"domain name {domain!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a "
                          "letter or digit (it names metrics and the expert's tag)")
-    used = {s for s in table.get("source", []) if s} | {v.tags.get("moie.domain") for v in catalog.extensions(pipeline_id)}
+    used = ({s for s in table.get("source", []) if s}
+            | {v.tags.get("moie.domain") for v in catalog.extensions(pipeline_id)}) - {None}
     if domain in used:
         raise StageError(f"domain {domain!r} is already a domain of pipeline {pipeline_id} (its corpus or an earlier "
-                         f"extension); name the new one differently (in use: {', '.join(sorted(u for u in used if u))})")
+                         f"extension); name the new one differently (in use: {', '.join(sorted(used))})")
     try:
         central_uri, expert_uris = catalog.pipeline_models(pipeline_id)
     except StageError:
@@ -312,7 +314,8 @@ def train_systems(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str, 
     uris: dict[str, str] = {}
     try:
         expert_task = new_expert_task(cfg, catalog, pipeline_id, run_id, plan, new, data, root, tmp)
-        trained = get_or_fail(ray.remote(train_expert).options(**opts).remote(expert_task), f"{plan.name} training task")
+        trained = get_or_fail(ray.remote(train_expert).options(**opts).remote(expert_task),
+                              f"{plan.name} training task")
         uris["expert_new"] = register_expert(catalog, pipeline_id, run_id, plan, new, expert_task, trained)
         version = catalog.resolve(uris["expert_new"])
         uris["composed"] = add_expert(catalog, cfg, pipeline_id, plan.base, version, added,
@@ -353,7 +356,8 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
             continue
         child = tracker.create_stage_run(pipeline_id, "extend", name=name, tags={
             "moie.mode": name, "moie.expert": name, "moie.continued_from": exact_uri(plan.central), EXTENSION: run_id})
-        tracker.log_params(child, {"continued_from": exact_uri(plan.central), "replay": cfg.extend.replay * (name == REPLAY),
+        tracker.log_params(child, {"continued_from": exact_uri(plan.central),
+                                   "replay": cfg.extend.replay if name == REPLAY else 0.0,
                                    **{f"train.{k}": v for k, v in train_cfg.items()}})
         tracker.log_metrics(child, {"matched_pflops": pflops / 1e15})
         matched = MatchedTask(name=name, run_id=child, tracking_uri=tracker.uri, dense=exact_uri(plan.central),
@@ -437,7 +441,8 @@ def score_extension(cfg: Config, catalog: Catalog, plan: Plan, uris: dict, added
               "expert_new": uris["expert_new"], **{b: uris[b] for b in BASELINES if b in uris}}
     refs = {name: model_task.remote(store, uri, docs_ref, scoring) for name, uri in models.items()}
     old_router = catalog.router(cluster_run_id, tmp / "old-router")
-    for when, version, route_by in (("before/", plan.base, old_router), ("", catalog.resolve(uris["composed"]), router)):
+    after = catalog.resolve(uris["composed"])
+    for when, version, route_by in (("before/", plan.base, old_router), ("", after, router)):
         state, manifest = catalog.composition_parts(version, tmp / f"{when.strip('/') or 'after'}-composition")
         system = ComposedSystem(tracking_uri=store, central=manifest["central"], experts=manifest["experts"],
                                 settings=CompositionSettings.from_manifest(manifest), seed=cfg.seed)
