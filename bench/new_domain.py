@@ -14,6 +14,7 @@ named beside every figure).
 
     python bench/new_domain.py                      # ~25 min pipeline + ~6 min an extension (2 cores)
     python bench/new_domain.py --pipeline RUN_ID    # reuse a five-domain pipeline
+    python bench/new_domain.py --pipeline RUN_ID --skip-unseen --sizes 500000 --set seed=1  # the extension's seed
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def main() -> int:
         for size in args.sizes:
             path, train_bytes = sized_text(cfg, rows, size, tmp, f"{args.leave_out}-{size}")
             start = time.perf_counter()
-            outcome = run_extend(cfg, pipeline_id, f"{args.leave_out}-{size // 1000}k", files=[str(path)])
+            name = f"{args.leave_out}-{size // 1000}k" + (f"-s{cfg.seed}" if cfg.seed else "")  # unique per pipeline
+            outcome = run_extend(cfg, pipeline_id, name, files=[str(path)])
             seconds = time.perf_counter() - start
             record(out, {**base, "what": "extend", "pipeline": pipeline_id, "size": size, "train_bytes": train_bytes,
                          "seconds": seconds, "run": outcome["run_id"], "uris": outcome["uris"],
