@@ -51,7 +51,8 @@ def cpu_name() -> str:
 def domain_rows(cfg, domain: str) -> list[dict]:
     """The left-out domain's rows of the embedded corpus (chunks with their work ids)."""
     path = embedded_corpus_file(cfg.corpus.domain_bytes, cfg.corpus.max_chunk_bytes)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    with path.open(encoding="utf-8") as f:  # lines end at "\n" only (texts hold U+2028, which splitlines splits at)
+        rows = [json.loads(line) for line in f if line.strip()]
     return [r for r in rows if r.get("source") == domain]
 
 
