@@ -92,6 +92,7 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[100_000, 500_000, 2_500_000],
                         help="bytes of new training text of each extension")
     parser.add_argument("--skip-unseen", action="store_true")
+    parser.add_argument("--suffix", default="", help="appended to each new domain's name (a repeated measurement)")
     parser.add_argument("--out", default=str(REPO / "bench" / "new_domain.jsonl"))
     args = parser.parse_args()
 
@@ -125,7 +126,8 @@ def main() -> int:
         for size in args.sizes:
             path, train_bytes = sized_text(cfg, rows, size, tmp, f"{args.leave_out}-{size}")
             start = time.perf_counter()
-            name = f"{args.leave_out}-{size // 1000}k" + (f"-s{cfg.seed}" if cfg.seed else "")  # unique per pipeline
+            # a domain name is used once per pipeline
+            name = f"{args.leave_out}-{size // 1000}k" + (f"-s{cfg.seed}" if cfg.seed else "") + args.suffix
             outcome = run_extend(cfg, pipeline_id, name, files=[str(path)])
             seconds = time.perf_counter() - start
             record(out, {**base, "what": "extend", "pipeline": pipeline_id, "size": size, "train_bytes": train_bytes,

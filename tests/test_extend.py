@@ -30,7 +30,7 @@ from routing.router import ClusterRouter
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["cluster.k=3", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.experiment=test",
              "experts.train.max_tokens=30000", "experts.train.ckpt_every=0", "compose.modes=[independent]",
-             "compose.dense_matched=false", "compose.kway=false",
+             "compose.dense_matched=false",
              "compose.blocks_train={max_tokens: 12000, batch_size: 8, lr: 0.003, warmup_steps: 2}",
              "compose.gates_train={max_tokens: 4000, batch_size: 8, lr: 0.005, warmup_steps: 1}",
              "compose.mix_train={max_tokens: 4000, batch_size: 8, lr: 0.01, warmup_steps: 1}",

@@ -448,7 +448,7 @@ def score_extension(cfg: Config, catalog: Catalog, plan: Plan, uris: dict, added
                                 settings=CompositionSettings.from_manifest(manifest), seed=cfg.seed)
         routes = ray.put([document_weights(route_by, bytes(d), manifest["clusters"], 1) for d in every])
         refs[f"{when}composed_independent"] = comp_task.remote(system, state, docs_ref, scoring, routes)
-        gated = replace(system, settings=replace(system.settings, routing="topk", kway=False))
+        gated = replace(system, settings=replace(system.settings, routing="topk"))  # the gates alone
         refs[f"{when}composed_independent_topk"] = comp_task.remote(gated, state, docs_ref, scoring)
     try:
         results = dict(zip(refs, get_or_fail(list(refs.values()), "extension's scoring task")))
