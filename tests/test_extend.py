@@ -127,7 +127,7 @@ def test_extend_registers_the_expert_the_composition_and_the_baselines_and_logs_
     central, experts = catalog.pipeline_models(pipeline_id)
     assert len(experts) == 3 and exact_uri(catalog.pipeline_compositions(pipeline_id)["independent"]) == before["base"]
     systems = ["central", "finetune", "finetune_replay", "composed_independent", "composed_independent_topk",
-               "cbtm_top1", "cbtm_top2", "expert_new"]
+               "composed_independent_kway", "cbtm_top1", "cbtm_top2", "expert_new"]
     for s in systems:
         for part in ("new", "old_macro", "mixed", "mean"):
             assert math_finite(m[f"bpb/{s}/{part}"]), (s, part)
@@ -143,11 +143,16 @@ def test_extend_registers_the_expert_the_composition_and_the_baselines_and_logs_
     # only the new expert's phases trained in the composition: what its run spent is what was planned
     spent = catalog.client.get_run(composed.run_id).data.metrics["train_pflops"]
     assert spent == pytest.approx(m["planned_pflops/composed"] - m["planned_pflops/expert_new"], rel=1e-9)
-    # the fine-tuned baselines spent at least the composition's added compute, and not a step more
-    composition = m["train_pflops/composed_independent"]
-    assert composition >= m["train_pflops/cbtm_top1"] > 0
+    # the k-way gate was trained anew, over the four experts, and only the system routing by it pays for it
+    kway = catalog.client.get_run(composed.run_id).data.metrics["kway_pflops"]
+    assert m["train_pflops/composed_independent_kway"] == pytest.approx(m["train_pflops/composed_independent"] + kway)
+    # the fine-tuned baselines spent at least the costliest composed system's added compute, not a step more
+    composition = m["train_pflops/composed_independent_kway"]
+    assert composition > m["train_pflops/composed_independent"] >= m["train_pflops/cbtm_top1"] > 0
     for name in ("finetune", "finetune_replay"):
         assert composition <= m[f"train_pflops/{name}"] < composition * 1.1
+    # the grown router sends the new domain's text to the new expert, and the old domains' elsewhere
+    assert m["routed_to_new/cbtm_top1/new"] > 0.8 > 0.2 > m["routed_to_new/cbtm_top1/old"]
     # the central model has not changed, so it forgets nothing; fine-tuning moved it
     assert m["bpb/central/new"] > m["bpb/finetune/new"]
     # the new expert is where the router sends the new domain's text, so composing it helps there
@@ -178,8 +183,12 @@ def test_extend_leaves_the_central_model_and_old_experts_bit_identical(extended)
                                                 Path(tempfile.mkdtemp()) / "a")
     assert manifest["experts"][:3] == experts and len(manifest["experts"]) == 4
     for key, value in base_state.items():
-        assert torch.equal(state[key], value), key
+        if not key.startswith("kway."):
+            assert torch.equal(state[key], value), key
     assert any(k.startswith("blocks.3.") for k in state) and any(k.startswith("mixers.3.") for k in state)
+    # the k-way gate is the one part retrained: it scores four experts now, the base's three
+    (kway,) = [k for k in state if k.startswith("kway.") and k.endswith("weight") and state[k].dim() == 2]
+    assert state[kway].shape[0] == 4 and base_state[kway].shape[0] == 3
 
 
 def test_the_extended_composition_is_causal_under_randomised_weights(extended):
@@ -191,7 +200,7 @@ def test_the_extended_composition_is_causal_under_randomised_weights(extended):
         composed, _ = catalog.load_registered(run.data.tags["moie.extend.composed"], tmp)
     randomise_(composed, seed=3)
     idx = torch.randint(0, 256, (1, 45), generator=torch.Generator().manual_seed(1))
-    for routing in ("router", "topk"):  # the grown router's routes, and the gates alone
+    for routing in ("router", "topk", "kway"):  # the grown router's routes, the gates alone, the k-way gate
         composed.routing = routing
         base, _ = composed(idx)
         assert_causal(composed, idx, base, {})

@@ -501,13 +501,15 @@ def check_extensible(manifest: dict, base_uri: str) -> None:
 
 
 def add_expert(catalog: Catalog, cfg: Config, pipeline_id: str, base, new, cluster: AddedCluster | None = None,
-               tags: dict | None = None) -> str:
+               tags: dict | None = None, kway: bool = False) -> str:
     """Register a new version of composition `base` with expert `new` added: only its blocks,
-    gates and output gate train, on its own data; every other parameter is kept bit for bit (the
-    k-way gate is dropped: it tells the base's experts apart, not the added one). cluster: the
-    base's router grown by the new expert's cluster (router routing then reaches the new expert;
-    without it an expert from another clustering makes the composition route top-k). The
-    composition run logs `train_pflops`: the compute of the added expert's phases."""
+    gates and output gate train, on its own data; every other parameter is kept bit for bit. The
+    base's k-way gate tells its own experts apart, not the added one: it is dropped, or with
+    `kway` (and a base that has one) trained anew over every expert's text, the new one's
+    included (logged as `kway_pflops`). cluster: the base's router grown by the new expert's
+    cluster (router routing then reaches the new expert; without it an expert from another
+    clustering makes the composition route top-k). The composition run logs `train_pflops`: the
+    compute of the added expert's phases."""
     with tempfile.TemporaryDirectory() as tmp:
         state, manifest = catalog.composition_parts(base, Path(tmp) / "base")
         check_extensible(manifest, exact_uri(base))
@@ -516,8 +518,9 @@ def add_expert(catalog: Catalog, cfg: Config, pipeline_id: str, base, new, clust
         central = catalog.resolve(manifest["central"])
         experts = [catalog.resolve(u) for u in manifest["experts"]] + [new]
         # the composition's own routing settings, not the config's: the old gates were trained with them
-        settings = replace(CompositionSettings.from_manifest(manifest), kway=False)
-        state = {k: v for k, v in state.items() if not k.startswith("kway.")}
+        settings = CompositionSettings.from_manifest(manifest)
+        settings = replace(settings, kway=kway and settings.kway)
+        state = {k: v for k, v in state.items() if not k.startswith("kway.")}  # (retrained when kept)
         task = composition_task(cfg, catalog, central, experts, Path(tmp), settings)
         if cluster is not None:
             task = replace(task, router={"tensors": cluster.tensors, "meta": cluster.meta}, router_run=cluster.run_id,

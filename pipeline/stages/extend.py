@@ -31,13 +31,14 @@ from artifacts import save_state, write_json
 from composition.evaluation import bits_per_byte, mixture
 from composition.intervals import paired_bootstrap, stratified_bootstrap
 from composition.loader import CompositionSettings, assemble
+from composition.training import kway_flops_per_token, windows_per_set
 from experts.checkpoint import build_model, load_model
 from experts.flops import forward_flops_per_token
 from experts.trainer import TrainConfig
 from pipeline import storage
 from pipeline.catalog import (CENTRAL_MODEL, EXPERT_MODEL, EXTENSION, ROUTER_NAME, SEED, STORAGE_ROOT, TOKENS_SHA,
                               Catalog, exact_uri, expert_name)
-from pipeline.config import Config, CorpusConfig
+from pipeline.config import KWAY_TRAIN, Config, CorpusConfig
 from pipeline.corpus import CorpusError, Document, load_corpus
 from pipeline.errors import StageError
 from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail
@@ -58,6 +59,7 @@ BASELINES = (FINETUNE, REPLAY)
 BEFORE = {"central": "central", FINETUNE: "central", REPLAY: "central",
           "composed_independent": "before/composed_independent",
           "composed_independent_topk": "before/composed_independent_topk",
+          "composed_independent_kway": "before/composed_independent_kway",
           "cbtm_top1": "before/cbtm_top1", "cbtm_top2": "before/cbtm_top2", "expert_new": "central"}
 
 
@@ -285,10 +287,19 @@ def compute_budgets(cfg: Config, catalog: Catalog, plan: Plan, central) -> dict[
     expert_flops = 3 * forward_flops_per_token(expert) * train.steps(seq) * train.tokens_per_step(seq)
     with tempfile.TemporaryDirectory() as t:
         _, manifest = catalog.composition_parts(plan.base, Path(t))
-    composed = assemble(central, [expert], replace(CompositionSettings.from_manifest(manifest), kway=False))
+    settings = CompositionSettings.from_manifest(manifest)
+    composed = assemble(central, [expert], replace(settings, kway=False))
     c = cfg.compose
     slot = added_expert_flops(composed, 0, c.blocks_train, c.gates_train, c.mix_train)
-    return {"expert_new": expert_flops, "composed": expert_flops + slot, "cbtm": expert_flops}
+    budgets = {"expert_new": expert_flops, "composed": expert_flops + slot, "cbtm": expert_flops}
+    if settings.kway:  # the k-way gate trained anew over every expert (shapes: the central model and E experts)
+        n = len(plan.experts) + 1
+        gated = assemble(central, [build_model(plan.model) for _ in range(n)], settings)
+        kway = {**KWAY_TRAIN, **c.kway_train}
+        seq = gated.config.block_size
+        tokens = windows_per_set(kway["max_tokens"], n, seq) * seq * n
+        budgets["composed_kway"] = budgets["composed"] + tokens * kway_flops_per_token(gated)
+    return budgets
 
 
 def continued_config(cfg: Config, plan: Plan, central, pflops: float) -> dict:
@@ -308,7 +319,8 @@ def train_systems(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str, 
     tracker = catalog.tracker
     x = cfg.extend
     opts = {"num_cpus": x.num_cpus, "max_retries": 1}
-    continued = start_baselines(cfg, catalog, pipeline_id, run_id, plan, data, budgets["composed"], central, root,
+    # the baselines get what the costliest composed system adds (errs in their favour for the others)
+    continued = start_baselines(cfg, catalog, pipeline_id, run_id, plan, data, max(budgets.values()), central, root,
                                 tmp) \
         if x.baselines else {}
     uris: dict[str, str] = {}
@@ -319,7 +331,7 @@ def train_systems(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str, 
         uris["expert_new"] = register_expert(catalog, pipeline_id, run_id, plan, new, expert_task, trained)
         version = catalog.resolve(uris["expert_new"])
         uris["composed"] = add_expert(catalog, cfg, pipeline_id, plan.base, version, added,
-                                      tags={EXTENSION: run_id, "moie.domain": new.domain})
+                                      tags={EXTENSION: run_id, "moie.domain": new.domain}, kway=True)
         for name, (ref, matched) in continued.items():
             uris[name] = finish_continued(catalog, pipeline_id, ref, matched, plan.central, role=name,
                                           tags={EXTENSION: run_id, "moie.domain": new.domain})
@@ -450,31 +462,47 @@ def score_extension(cfg: Config, catalog: Catalog, plan: Plan, uris: dict, added
         refs[f"{when}composed_independent"] = comp_task.remote(system, state, docs_ref, scoring, routes)
         gated = replace(system, settings=replace(system.settings, routing="topk"))  # the gates alone
         refs[f"{when}composed_independent_topk"] = comp_task.remote(gated, state, docs_ref, scoring)
+        if system.settings.kway:  # the k-way gate (the extended one's trained anew with the new domain's text)
+            gated = replace(system, settings=replace(system.settings, routing="kway"))
+            refs[f"{when}composed_independent_kway"] = comp_task.remote(gated, state, docs_ref, scoring)
     try:
         results = dict(zip(refs, get_or_fail(list(refs.values()), "extension's scoring task")))
     finally:
         cancel(list(refs.values()))
     log_probs = {name: r["log_probs"] for name, r in results.items()}
     old_clusters = [int(v.tags["moie.cluster"]) for v in plan.experts]
-    for when, route_by, clusters, names in (
-            ("before/", old_router, old_clusters, [f"expert{e}" for e in range(len(old_uris))]),
-            ("", router, old_clusters + [plan.cluster], [f"expert{e}" for e in range(len(old_uris))] + ["expert_new"])):
+    new_index = len(old_uris)  # the new expert's position in the extended systems
+    choices = {s: r["choices"] for s, r in results.items() if s.startswith("composed")}  # per byte: expert or -1
+    old_names = [f"expert{e}" for e in range(len(old_uris))]
+    for when, route_by, clusters, names in (("before/", old_router, old_clusters, old_names),
+                                            ("", router, old_clusters + [plan.cluster], old_names + ["expert_new"])):
         weights = [document_weights(route_by, bytes(d), clusters, len(clusters)) for d in every]
         for k in (1, 2):
             log_probs[f"{when}cbtm_top{k}"] = [mixture(np.stack([log_probs[n][d] for n in names]), keep_top_k(w, k))
                                                for d, w in enumerate(weights)]
+        choices[f"{when}cbtm_top1"] = [w.argmax(axis=1) for w in weights]
     added_pflops = {"central": 0.0, "expert_new": budgets["expert_new"], "composed_independent": budgets["composed"],
                     "composed_independent_topk": budgets["composed"], "cbtm_top1": budgets["cbtm"],
                     "cbtm_top2": budgets["cbtm"]}
+    if "composed_kway" in budgets:
+        added_pflops["composed_independent_kway"] = budgets["composed_kway"]
     for b in BASELINES:
         if b in results:
             tokens = catalog.tracker.client.get_run(catalog.resolve(uris[b]).run_id).data.metrics["tokens"]
             added_pflops[b] = 3 * results[b]["flops"] * tokens
-    return summarise_extension(log_probs, parts, old_domains, added_pflops, cfg.evaluate.bootstrap, cfg.seed)
+    routed = {f"routed_to_new/{s}/{part}": routed_share(c, ix, new_index)
+              for s, c in choices.items() if not s.startswith("before/") for part, ix in parts.items() if len(ix)}
+    return summarise_extension(log_probs, parts, old_domains, added_pflops, cfg.evaluate.bootstrap, cfg.seed, routed)
+
+
+def routed_share(choices: list[np.ndarray], docs, expert: int) -> float:
+    """The share of the documents' bytes whose top-1 expert (choices: per document, per byte) is `expert`."""
+    picked = [np.asarray(choices[i]) for i in docs]
+    return float(sum(int((c == expert).sum()) for c in picked) / max(sum(len(c) for c in picked), 1))
 
 
 def summarise_extension(log_probs: dict[str, list[np.ndarray]], parts: dict[str, range], old_domains: list[str],
-                        added_pflops: dict[str, float], resamples: int, seed: int) -> dict:
+                        added_pflops: dict[str, float], resamples: int, seed: int, routed: dict | None = None) -> dict:
     """bpb of every system on the new domain, each old domain (and their macro average), the mixed
     documents and the equal-weight mean of new and old; forgetting (old macro after - before);
     differences from the fine-tuned baselines with stratified paired bootstrap intervals; the table."""
@@ -517,7 +545,7 @@ def summarise_extension(log_probs: dict[str, list[np.ndarray]], parts: dict[str,
                                  resamples, seed=seed)
             metrics |= {f"delta/{s}_vs_cbtm_top1/mixed/{k}": v for k, v in
                         (("mean", i.mean), ("ci_low", i.ci_low), ("ci_high", i.ci_high))}
-    metrics |= {f"train_pflops/{s}": v / 1e15 for s, v in added_pflops.items()}
+    metrics |= {f"train_pflops/{s}": v / 1e15 for s, v in added_pflops.items()} | (routed or {})
     return {"metrics": metrics, "markdown": extension_table(bpb, metrics, after, added_pflops)}
 
 
@@ -536,6 +564,9 @@ def extension_table(bpb: dict, metrics: dict, systems: list[str], added_pflops: 
                      "new": f"{row['new']:.4f}", "old (macro)": f"{row['old_macro']:.4f}",
                      "forgetting": f"{metrics[f'forgetting/{s}']:+.4f}" if f"forgetting/{s}" in metrics else "",
                      "mean": f"{row['mean']:.4f}", "mixed": f"{row['mixed']:.4f}",
+                     "to new expert (new / old / mixed)": " / ".join(
+                         f"{metrics[f'routed_to_new/{s}/{p}']:.2f}" for p in ("new", "old", "mixed")
+                         if f"routed_to_new/{s}/{p}" in metrics),
                      "vs finetune (mean)": interval(f"delta/{s}_vs_{FINETUNE}"),
                      "vs finetune_replay (mean)": interval(f"delta/{s}_vs_{REPLAY}")})
     return markdown_table(rows, list(rows[0]))
