@@ -1,6 +1,7 @@
 """As a user would: a real `ray start --head`, then `ray job submit --working-dir .`."""
 import json
 import os
+import random
 import re
 import subprocess
 from pathlib import Path
@@ -77,9 +78,11 @@ def test_every_stage_runs_as_a_submitted_ray_job_and_lands_in_mlflow(ray_head, t
     assert "routing_accuracy/composed_independent" in headline
 
     # a new domain added to the finished pipeline, as one more job: its composition's URI is the last line
-    rows = [{"text": f"Letter {i}. " + f"The {w} of the law and the people, said the court of the state. " * 30,
-             "work": f"w{i}"}
-            for i, w in enumerate(["appeal", "statute", "verdict", "charter", "decree", "tribunal"] * 8)]
+    # (random sentences of common words: held-out letters must not be near-duplicates of the others)
+    words = "court law people state king lord city house land church judge trial right year day time".split()
+    rng = random.Random(0)
+    rows = [{"text": " ".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(40)),
+             "work": f"letter-{i}"} for i in range(48)]
     new = tmp_path / "letters.jsonl"
     new.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = submit(ray_head, home, "jobs.extend", *pipeline, "extend.train={max_tokens: 4000}",

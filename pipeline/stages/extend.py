@@ -106,7 +106,13 @@ def load_new_text(cfg: Config, domain: str, corpus: CorpusConfig) -> NewText:
                          f"or .parquet row is one, or its `{corpus.work_column}` column names it) with "
                          f"corpus.val_fraction={corpus.val_fraction} and corpus.test_fraction={corpus.test_fraction}; "
                          "give more works (files, rows) or raise those fractions")
-    held = held_out(replace(cfg, corpus=corpus), None)  # the test split, near-duplicates of its train split dropped
+    try:  # the test split, near-duplicates of its own training split dropped
+        held = held_out(replace(cfg, corpus=corpus), None)
+    except StageError:
+        raise StageError(f"every held-out document of the new text ({describe(corpus)}) near-duplicates its training "
+                         f"text (more than evaluate.max_overlap={cfg.evaluate.max_overlap} of its bytes in 8-word "
+                         "shingles of it): nothing is left to measure the new domain on; give works that differ, or "
+                         "raise evaluate.max_overlap (1 keeps every document)") from None
     return NewText(domain=domain, described=describe(corpus), train=[d.text for d in by_split["train"]],
                    val=[d.text for d in by_split["validation"]], test=held.tokens)
 
