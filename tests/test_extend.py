@@ -227,6 +227,10 @@ def test_bad_input_gets_one_clear_line_and_leaves_the_store_unchanged(extended, 
     one_work = write_jsonl(tmp_path / "one.jsonl", [dict(r, work="w") for r in new_domain_rows(5)])
     line = refused(capsys, base + ["--files", str(one_work), "--domain", "one"])
     assert "split" in line and "works" in line
+    template = [{"text": f"Letter {i}. " + "The star of the comet and the orbit of the moon. " * 30, "work": f"w{i}"}
+                for i in range(48)]  # every held-out letter a near-duplicate of the training ones
+    line = refused(capsys, base + ["--files", str(write_jsonl(tmp_path / "same.jsonl", template)), "--domain", "same"])
+    assert "near-duplicates its training text" in line and "evaluate.max_overlap" in line
     rows = write_jsonl(tmp_path / "more.jsonl", new_domain_rows(40, seed=5))
     for used in ("cooking", "astronomy"):  # a domain of the corpus, and one an extension added
         line = refused(capsys, base + ["--files", str(rows), "--domain", used])
