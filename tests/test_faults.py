@@ -64,7 +64,15 @@ def experts_cli(moie_home, overrides, pipeline_id, log_path):
     cmd = [sys.executable, "-m", "pipeline.cli", "experts", "--config", str(TINY), "--pipeline", pipeline_id,
            "--set", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=deliverable_ctrl_c)
+
+
+def deliverable_ctrl_c() -> None:
+    """In the child, before exec: SIGINT's default action back, as a terminal's foreground command
+    has it. A test suite started in the background (`pytest &` in a script) inherits SIGINT
+    ignored, Python then keeps it ignored, and a Ctrl-C test would wait for a driver that never
+    hears it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def checkpoints(moie_home, name):
