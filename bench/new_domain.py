@@ -37,8 +37,6 @@ from pipeline.embedded import embedded_corpus_file  # noqa: E402
 
 UNSEEN = ["dense", "dense_matched", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", "composed_independent",
           "composed_independent_topk", "composed_independent_kway", "composed_joint", "mixture_central"]
-EXTENDED = ["central", "finetune", "finetune_replay", "composed_independent", "composed_independent_topk",
-            "cbtm_top1", "cbtm_top2", "expert_new"]
 
 
 def cpu_name() -> str:

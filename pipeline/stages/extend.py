@@ -39,7 +39,7 @@ from pipeline import storage
 from pipeline.catalog import (CENTRAL_MODEL, EXPERT_MODEL, EXTENSION, ROUTER_NAME, SEED, STORAGE_ROOT, TOKENS_SHA,
                               Catalog, exact_uri, expert_name)
 from pipeline.config import KWAY_TRAIN, Config, CorpusConfig
-from pipeline.corpus import CorpusError, Document, load_corpus
+from pipeline.corpus import Document, load_corpus
 from pipeline.errors import StageError
 from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail
 from pipeline.report import markdown_table
@@ -166,6 +166,7 @@ class Plan:
     central: object  # registered versions
     experts: list
     base: object  # the pipeline's independent composition
+    base_settings: CompositionSettings  # its routing settings (from its checked manifest)
     branch: object | None  # the version the new expert branches from (None: from scratch)
     model: dict  # the new expert's model config
     expert_train: dict  # its TrainConfig fields
@@ -203,7 +204,7 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
         added = AddedCluster(*router.to_state(), run_id=run_id)
         log_router(tracker, run_id, added, tmp / "router-out")
         central, _ = load_model(catalog.model_dir(plan.central, tmp / "central"))
-        budgets = compute_budgets(cfg, catalog, plan, central)
+        budgets = compute_budgets(cfg, plan, central)
         tracker.log_params(run_id, {"domain": domain, "text": new.described, "branch": cfg.extend.branch,
                                     "branched_from": exact_uri(plan.branch) if plan.branch else "scratch",
                                     "train_bytes": new.train_bytes,
@@ -269,7 +270,8 @@ def make_plan(cfg: Config, catalog: Catalog, pipeline_id: str, domain: str, tabl
     else:
         model = {"arch": cfg.experts.arch, **cfg.experts.model, **x.model, "vocab_size": ByteTokenizer().vocab_size}
     cluster = k  # the index of the grown router's new centroid (the clustering's are 0..k-1)
-    return Plan(central=central, experts=experts, base=base, branch=branch, model=model,
+    return Plan(central=central, experts=experts, base=base,
+                base_settings=CompositionSettings.from_manifest(manifest), branch=branch, model=model,
                 expert_train={**cfg.experts.train, **x.train, "seed": cfg.seed}, name=expert_name(cluster),
                 cluster=cluster)
 
@@ -283,7 +285,7 @@ def log_router(tracker, run_id: str, cluster: AddedCluster, folder: Path) -> Non
     tracker.set_tags(run_id, {f"moie.sha256.{name}": sha for name, sha in manifest.items()})
 
 
-def compute_budgets(cfg: Config, catalog: Catalog, plan: Plan, central) -> dict[str, float]:
+def compute_budgets(cfg: Config, plan: Plan, central) -> dict[str, float]:
     """Training FLOPs each system adds, known before training (FLOPs follow shapes and budgets):
     the new expert's (3 x forward x its tokens), the composition's (+ its phases in the
     composition) and the fine-tuned baselines', who get the composition's."""
@@ -291,9 +293,7 @@ def compute_budgets(cfg: Config, catalog: Catalog, plan: Plan, central) -> dict[
     train = TrainConfig(**plan.expert_train)
     seq = train.seq_len or expert.config.block_size
     expert_flops = 3 * forward_flops_per_token(expert) * train.steps(seq) * train.tokens_per_step(seq)
-    with tempfile.TemporaryDirectory() as t:
-        _, manifest = catalog.composition_parts(plan.base, Path(t))
-    settings = CompositionSettings.from_manifest(manifest)
+    settings = plan.base_settings
     composed = assemble(central, [expert], replace(settings, kway=False))
     c = cfg.compose
     slot = added_expert_flops(composed, 0, c.blocks_train, c.gates_train, c.mix_train)
