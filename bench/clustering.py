@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 def grow(docs, factor: int, seed: int = 0):
     """factor noisy copies of every document: words shuffled within windows of 20, 10% dropped."""
-    from pipeline.corpus import Document
+    from pipeline.text.corpus import Document
 
     rng = random.Random(seed)
     out = []
@@ -47,7 +47,7 @@ def scenario(name: str, factor: int) -> dict:
 
     import pipeline  # noqa: F401
     from pipeline.config import load_config
-    from pipeline.corpus import load_corpus
+    from pipeline.text.corpus import load_corpus
     from routing.metrics import clustering_scores
     from routing.router import ClusterRouter
 

@@ -113,16 +113,16 @@ def main() -> None:
     from composition.evaluation import score_documents, stream_documents
     from composition.loader import CompositionSettings, load_composed
     from experts.checkpoint import load_model
-    from pipeline import storage
-    from pipeline.catalog import STORAGE_ROOT, Catalog, exact_uri
+    from pipeline.store import storage
+    from pipeline.store.catalog import STORAGE_ROOT, Catalog, exact_uri
     from pipeline.config import load_config
-    from pipeline.tokenizer import ByteTokenizer
+    from experts.tokenizer import EOS_ID
     from routing.ensemble import document_weights
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     catalog = Catalog(cfg)
-    eos, stride = ByteTokenizer().eos_id, cfg.evaluate.stride
+    eos, stride = EOS_ID, cfg.evaluate.stride
     cluster_run, _, _ = catalog.assignments(args.pipeline)
     central_uri, expert_uris = catalog.pipeline_models(args.pipeline)
     experts = [catalog.resolve(u) for u in expert_uris]

@@ -29,7 +29,7 @@ from quality_per_second import cpu_name  # noqa: E402  (bench/ is on the path: t
 
 def variant(config: str, overrides: list[str]) -> dict:
     """In a child process: cluster, experts (watched), compose; the timeline from MLflow."""
-    from pipeline.catalog import Catalog
+    from pipeline.store.catalog import Catalog
     from pipeline.config import load_config
     from pipeline.stages.cluster import run_cluster
     from pipeline.stages.compose import EarlyIndependent, run_compose

@@ -24,13 +24,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def corpus_tokens(config: str):
     import pipeline  # noqa: F401
-    from experts.trainer import encode_texts
+    from experts.tokenizer import EOS_ID, encode_texts
     from pipeline.config import load_config
-    from pipeline.corpus import load_corpus
-    from pipeline.tokenizer import ByteTokenizer
+    from pipeline.text.corpus import load_corpus
 
     docs = load_corpus(load_config(REPO / "configs" / config).corpus)
-    eos = ByteTokenizer().eos_id
+    eos = EOS_ID
     train = encode_texts([d.text for d in docs if d.split == "train"], eos)
     val = encode_texts([d.text for d in docs if d.split == "validation"], eos)
     return train, val
@@ -73,9 +72,9 @@ def main() -> None:
         bpb = bits_per_byte(model, val_tokens, model.config.block_size)
         if args.save:
             from experts.checkpoint import save_model
-            from pipeline.tokenizer import ByteTokenizer
+            from experts.tokenizer import TOKENIZER
 
-            save_model(Path(args.save) / name, model, {"tokenizer": ByteTokenizer().fingerprint, "val_bpb": bpb})
+            save_model(Path(args.save) / name, model, {"tokenizer": TOKENIZER.fingerprint, "val_bpb": bpb})
         rows.append((name, model.num_params() / 1e6, per_token / 1e6, result.tokens, result.steps, wall, bpb))
     print("\n| model | params (M) | train MFLOP/token | tokens | steps | wall s | validation bpb |")
     print("|---|---|---|---|---|---|---|")

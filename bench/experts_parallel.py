@@ -44,16 +44,16 @@ def main() -> None:
 
     import pipeline  # noqa: F401
     from pipeline.config import load_config
-    from pipeline.corpus import load_corpus
+    from pipeline.text.corpus import load_corpus
     from pipeline.stages.experts import write_tokens
-    from pipeline.tokenizer import ByteTokenizer
+    from experts.tokenizer import EOS_ID, VOCAB_SIZE
 
     cfg = load_config(REPO / "configs" / "tiny.yaml")
-    model_cfg = {"arch": cfg.experts.arch, **cfg.experts.model, "vocab_size": ByteTokenizer().vocab_size}
+    model_cfg = {"arch": cfg.experts.arch, **cfg.experts.model, "vocab_size": VOCAB_SIZE}
     train_cfg = {**cfg.experts.train, "max_tokens": args.tokens, "eval_every": 0, "ckpt_every": 0}
     with tempfile.TemporaryDirectory() as tmp:
         docs = load_corpus(cfg.corpus)
-        path = str(write_tokens(Path(tmp) / "tokens.npy", [d.text for d in docs], ByteTokenizer().eos_id))
+        path = str(write_tokens(Path(tmp) / "tokens.npy", [d.text for d in docs], EOS_ID))
         plain = train_one(model_cfg, train_cfg, path)
         ray.init(address="local", num_cpus=args.n, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=False)

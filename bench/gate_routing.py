@@ -90,7 +90,7 @@ def main() -> None:
 
     import pipeline  # noqa: F401
     from composition.loader import CompositionSettings, load_composed
-    from pipeline.catalog import Catalog
+    from pipeline.store.catalog import Catalog
     from pipeline.config import load_config
 
     torch.set_num_threads(args.threads)

@@ -24,7 +24,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 import pipeline  # noqa: E402,F401  (loopback / offline / no-telemetry defaults)
 from pipeline.config import load_config  # noqa: E402
-from pipeline.corpus import split_of  # noqa: E402
-from pipeline.embedded import embedded_corpus_file  # noqa: E402
+from pipeline.text.corpus import split_of  # noqa: E402
+from pipeline.text.embedded import embedded_corpus_file  # noqa: E402
 
 UNSEEN = ["dense", "dense_matched", "central", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", "composed_independent",
           "composed_independent_topk", "composed_independent_kway", "composed_joint", "mixture_central"]

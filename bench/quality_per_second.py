@@ -80,13 +80,12 @@ def corpus_tokens():
     import numpy as np
 
     import pipeline  # noqa: F401  (offline defaults)
-    from experts.trainer import encode_texts
+    from experts.tokenizer import EOS_ID, encode_texts
     from pipeline.config import load_config
-    from pipeline.corpus import load_corpus
-    from pipeline.tokenizer import ByteTokenizer
+    from pipeline.text.corpus import load_corpus
 
     docs = load_corpus(load_config(REPO / "configs" / "default.yaml").corpus)
-    eos = ByteTokenizer().eos_id
+    eos = EOS_ID
     train = encode_texts([d.text for d in docs if d.split == "train"], eos)
     val = encode_texts([d.text for d in docs if d.split == "validation"], eos)
     return np.asarray(train), np.asarray(val[:EVAL_TOKENS + 1])

@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
     args = parser.parse_args()
     import pipeline  # noqa: F401
-    from pipeline.catalog import Catalog
+    from pipeline.store.catalog import Catalog
     from pipeline.config import load_config
 
     tracker = Catalog(load_config(args.config)).tracker

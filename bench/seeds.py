@@ -53,7 +53,7 @@ def evaluate_metrics(home: Path, config: str, pipeline_id: str) -> dict:
     os.environ["MOIE_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from pipeline.config import load_config
-    from pipeline.tracking import Tracker
+    from pipeline.store.tracking import Tracker
 
     run = Tracker(load_config(REPO / config)).stage_runs(pipeline_id, "evaluate")[0]  # the newest
     m = run.data.metrics

@@ -70,7 +70,7 @@ def main() -> None:
 
     import pipeline  # noqa: F401  (loopback / offline defaults)
     from pipeline.config import load_config
-    from pipeline.tracking import tracking_uri
+    from pipeline.store.tracking import tracking_uri
 
     torch.set_num_threads(args.threads)
     store = tracking_uri(load_config(REPO / "configs" / "default.yaml"))

@@ -31,7 +31,7 @@ def main() -> None:
     import pipeline  # noqa: F401
     from experts.checkpoint import load_model
     from experts.trainer import bits_per_byte
-    from pipeline.catalog import Catalog
+    from pipeline.store.catalog import Catalog
     from pipeline.config import load_config
 
     torch.set_num_threads(args.threads)

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 from experts.blocks import Block, RMSNorm
 from experts.generation import generate
+from experts.tokenizer import VOCAB_SIZE
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 259
+    vocab_size: int = VOCAB_SIZE
     block_size: int = 512
     n_layer: int = 6
     n_head: int = 4

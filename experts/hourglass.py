@@ -25,11 +25,12 @@ import torch.nn.functional as F
 
 from experts.blocks import MLP, Attention, Block, MultiChannelBlock, RMSNorm
 from experts.generation import generate
+from experts.tokenizer import VOCAB_SIZE
 
 
 @dataclass
 class HourglassConfig:
-    vocab_size: int = 259
+    vocab_size: int = VOCAB_SIZE
     block_size: int = 512
     group_len: int = 32  # G: tokens per group, anchored at position 0
     latents: list[int] = field(default_factory=lambda: [16, 4])  # K_l: latents per group at each level

@@ -84,16 +84,6 @@ class TrainResult:
     resumed_from: int | None
 
 
-def encode_texts(texts: list[str], eos_id: int | None = None) -> np.ndarray:
-    """Byte tokens of the texts, concatenated (each followed by eos_id when given)."""
-    parts = []
-    for text in texts:
-        parts.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16))
-        if eos_id is not None:
-            parts.append(np.array([eos_id], dtype=np.uint16))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
-
-
 def bf16_supported(device: torch.device) -> bool:
     """bf16 autocast pays off on GPUs with bf16 and on CPUs with AMX / AVX-512 BF16."""
     if device.type == "cuda":

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from pipeline.config import ConfigError, load_config
-from pipeline.sampling import SAMPLING
+from pipeline.serve.sampling import SAMPLING
 
 DEFAULT_CONFIG = "configs/default.yaml"
 RESUMABLE = ": the runs it left unfinished are marked KILLED; the same command goes on from what was saved"
@@ -162,7 +162,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 def ui_command(args: argparse.Namespace) -> int:
     """Start the MLflow UI on the pipeline's tracking store, bound to 127.0.0.1; it stops with
     this command (Ctrl-C, SIGTERM), never outliving it."""
-    from pipeline.tracking import tracking_uri
+    from pipeline.store.tracking import tracking_uri
 
     cfg = load_config(args.config, args.overrides)
     uri = tracking_uri(cfg)
@@ -232,12 +232,12 @@ def generate_command(args: argparse.Namespace) -> int:
     import tempfile
 
     from experts.checkpoint import load_any
-    from pipeline.sampling import check_sampling, sample
-    from pipeline.tokenizer import ByteTokenizer
+    from pipeline.serve.sampling import check_sampling, sample
+    from experts.tokenizer import ByteTokenizer
 
     check_sampling(args.prompt, args.max_new_tokens, args.temperature, args.top_k, cli=True)
     if args.model.startswith("models:/"):
-        from pipeline.catalog import Catalog
+        from pipeline.store.catalog import Catalog
 
         with tempfile.TemporaryDirectory() as tmp:  # the weights are in memory once loaded
             model, meta = Catalog(load_config(args.config, args.overrides)).load_registered(args.model, tmp)
@@ -260,8 +260,8 @@ def generate_command(args: argparse.Namespace) -> int:
 def serve_command(args: argparse.Namespace) -> int:
     """`mlflow models serve` for a registered moie model on 127.0.0.1, in this Python environment;
     it stops with this command (Ctrl-C, SIGTERM), never outliving it."""
-    from pipeline.catalog import Catalog, exact_uri
-    from pipeline.tracking import tracking_uri
+    from pipeline.store.catalog import Catalog, exact_uri
+    from pipeline.store.tracking import tracking_uri
 
     catalog = Catalog.of_registry(tracking_uri(load_config(args.config, args.overrides)))  # reads only
     version = catalog.resolve(args.uri)  # a clear error for a URI the registry does not know
@@ -279,8 +279,8 @@ def library_command(args: argparse.Namespace) -> int:
     """The registry as an expert library: list, show, alias."""
     import json
 
-    from pipeline.catalog import Catalog
-    from pipeline.library import format_table, list_models, parse_filters, set_alias, show_model
+    from pipeline.store.catalog import Catalog
+    from pipeline.serve.library import format_table, list_models, parse_filters, set_alias, show_model
 
     catalog = Catalog(load_config(args.config, args.overrides))
     if args.action == "list":
@@ -363,11 +363,11 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
 
     from artifacts import ArtifactError
     from composition.loader import CompositionError
-    from pipeline.corpus import CorpusError
-    from pipeline.embedded import EmbeddedCorpusError
+    from pipeline.text.corpus import CorpusError
+    from pipeline.text.embedded import EmbeddedCorpusError
     from pipeline.errors import StageError, one_line
     from pipeline.ray_runtime import ResourceError
-    from pipeline.tracking import PipelineNotFoundError
+    from pipeline.store.tracking import PipelineNotFoundError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: noise on stderr

@@ -14,7 +14,7 @@ from pipeline.config import Config, RayConfig
 from pipeline.errors import StageError, one_line
 
 if TYPE_CHECKING:
-    from pipeline.tracking import Tracker
+    from pipeline.store.tracking import Tracker
 
 
 class ResourceError(RuntimeError):
@@ -115,7 +115,7 @@ def check_cluster_storage(cfg: Config, tracker: Tracker) -> None:
     silently write beside) it. `shared_filesystem: true` declares such paths mounted on every node."""
     import ray
 
-    from pipeline.catalog import storage_location
+    from pipeline.store.catalog import storage_location
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2 or cfg.shared_filesystem:
@@ -138,7 +138,7 @@ def single_machine_stores(tracking_uri: str, artifact_location: str | None, stor
     MLflow server, mlflow-artifacts:/ and object-store URIs do not)."""
     from urllib.parse import urlparse
 
-    from pipeline import storage
+    from pipeline.store import storage
 
     local = []
     if urlparse(tracking_uri).scheme in ("", "file", "sqlite"):

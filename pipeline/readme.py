@@ -1,6 +1,6 @@
-"""Generated parts of the README, so that they are regenerated, never typed:
-the configuration reference (from pipeline/config.py) and the results table of a real run
-(from its evaluate run in MLflow).
+"""Generated parts of the docs, so that they are regenerated, never typed: the configuration
+reference in docs/configuration.md (from pipeline/config.py) and the README's results table of a
+real run (from its evaluate run in MLflow).
 
     python -m pipeline.readme                        # config reference only
     python -m pipeline.readme --pipeline RUN_ID      # and that pipeline's results (default config store)
@@ -19,6 +19,7 @@ from artifacts import atomic_path
 from pipeline import config as config_module
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIG_PAGE = README.parent / "docs" / "configuration.md"
 FIELD = re.compile(r"^\s+(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$")
 
 
@@ -56,14 +57,14 @@ def _comment(cls: type, name: str) -> str:
 def replace_block(text: str, name: str, body: str) -> str:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     if begin not in text or end not in text:
-        raise ValueError(f"README has no {begin} ... {end} block")
+        raise ValueError(f"no {begin} ... {end} block to replace")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
 def results_block(cfg, pipeline_id: str) -> str:
-    from pipeline.catalog import Catalog
+    from pipeline.store.catalog import Catalog
 
     catalog = Catalog(cfg)
     runs = catalog.tracker.stage_runs(pipeline_id, "evaluate")
@@ -83,16 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default=None, help="write this pipeline's results table too")
     parser.add_argument("--config", default="configs/default.yaml", help="the config whose tracking store to read")
     args = parser.parse_args(argv)
-    text = README.read_text(encoding="utf-8")
-    text = replace_block(text, "config", config_reference())
+    write_block(CONFIG_PAGE, "config", config_reference())
     if args.pipeline:
         from pipeline.config import load_config
 
-        text = replace_block(text, "results", results_block(load_config(args.config), args.pipeline))
-    with atomic_path(README) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    print(f"updated {README}")
+        write_block(README, "results", results_block(load_config(args.config), args.pipeline))
     return 0
+
+
+def write_block(path: Path, name: str, body: str) -> None:
+    text = replace_block(path.read_text(encoding="utf-8"), name, body)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    print(f"updated {path}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from artifacts import load_state, sha256_file
 from pipeline.config import load_config
 from pipeline.errors import StageError
 from pipeline.stages.cluster import run_cluster
-from pipeline.tracking import PipelineNotFoundError, Tracker, tracking_uri
+from pipeline.store.tracking import PipelineNotFoundError, Tracker, tracking_uri
 from routing.router import ClusterRouter
 
 REPO = Path(__file__).resolve().parents[1]

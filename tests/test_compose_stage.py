@@ -9,13 +9,13 @@ import torch
 
 import textgen
 from stores import module_home
-from pipeline.catalog import COMPOSITION_MODEL, Catalog
+from pipeline.store.catalog import COMPOSITION_MODEL, Catalog
 from pipeline.config import load_config
 from pipeline.errors import StageError
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_compose
 from pipeline.stages.experts import run_experts
-from pipeline.tracking import Tracker
+from pipeline.store.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_experts_with_different_tokenizers_are_refused(trained_pipeline):
 
 
 def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_every_stage(trained_pipeline, capsys):
-    from pipeline.compressors import SYSTEMS as COMPRESSORS
+    from pipeline.results.compressors import SYSTEMS as COMPRESSORS
     from pipeline.stages.evaluate import COMPOSED
     from pipeline.stages.sequence import run_pipeline
 
@@ -171,7 +171,7 @@ def test_evaluate_scores_other_text_given_as_eval_data(trained_pipeline, tmp_pat
 
 
 def test_evaluate_points_champion_at_the_composition_best_on_validation_and_says_so(trained_pipeline, capsys):
-    from pipeline.catalog import CHAMPION, COMPOSITION_MODEL, Catalog, exact_uri
+    from pipeline.store.catalog import CHAMPION, COMPOSITION_MODEL, Catalog, exact_uri
     from pipeline.stages.evaluate import run_evaluate
 
     cfg, pipeline_id = trained_pipeline
@@ -241,8 +241,8 @@ def test_the_seed_is_registered_and_composing_on_it_is_a_system_that_pays_no_den
     from dataclasses import replace
 
     from experts.checkpoint import load_model
-    from pipeline import storage
-    from pipeline.catalog import STORAGE_ROOT, exact_uri
+    from pipeline.store import storage
+    from pipeline.store.catalog import STORAGE_ROOT, exact_uri
     from pipeline.stages.evaluate import run_evaluate
 
     cfg, pipeline_id = trained_pipeline

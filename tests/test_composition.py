@@ -159,7 +159,7 @@ def test_cbtm_byte_weights_of_position_t_depend_only_on_bytes_up_to_t():
 
 
 def _tokens():
-    from experts.trainer import encode_texts
+    from experts.tokenizer import encode_texts
 
     return np.minimum(encode_texts([r["text"] for r in textgen.corpus(4, seed=0)]), V - 1)
 

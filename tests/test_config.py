@@ -115,7 +115,7 @@ def test_a_malformed_storage_setting_is_an_error_naming_the_key(tmp_path, value)
 
 
 def test_storage_from_the_environment_wins_and_file_uris_are_paths(tmp_path, monkeypatch):
-    from pipeline.catalog import storage_location
+    from pipeline.store.catalog import storage_location
 
     cfg = load_config(write(tmp_path, f"storage: {tmp_path / 'configured'}\n"))
     monkeypatch.delenv("MOIE_STORAGE", raising=False)

@@ -8,8 +8,8 @@ import pytest
 
 import textgen
 from pipeline.config import CorpusConfig
-from pipeline.chunking import chunk_text
-from pipeline.corpus import CorpusError, load_corpus, split_of
+from pipeline.text.chunking import chunk_text
+from pipeline.text.corpus import CorpusError, load_corpus, split_of
 
 
 def files_cfg(paths, **kw) -> CorpusConfig:
@@ -160,7 +160,7 @@ def test_embedded_corpus_has_six_domains_capped_with_training_works_in_each():
 
 def test_markdown_and_source_files_are_text_works_and_same_named_files_stay_apart(tmp_path):
     from pipeline.config import CorpusConfig
-    from pipeline.corpus import load_corpus
+    from pipeline.text.corpus import load_corpus
 
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

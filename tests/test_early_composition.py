@@ -8,7 +8,7 @@ import pytest
 
 import textgen
 from stores import module_home
-from pipeline.catalog import Catalog
+from pipeline.store.catalog import Catalog
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import EarlyIndependent, run_compose
@@ -84,7 +84,7 @@ def test_an_independent_composition_started_per_expert_during_training_equals_on
 
 
 def test_a_failure_to_start_early_turns_early_composition_off_without_raising(moie_home, capsys):
-    from pipeline.catalog import DENSE
+    from pipeline.store.catalog import DENSE
 
     class Broken(EarlyIndependent):
         def _launch(self):

@@ -9,7 +9,7 @@ from composition.evaluation import bits_per_byte, mixture, score_documents, wind
 from composition.model import ComposedLM
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
-from pipeline.report import markdown_table
+from pipeline.results.report import markdown_table
 from randomise import randomise_
 from pipeline.stages.evaluate import domain_experts, headline
 from routing.ensemble import keep_top_k
@@ -191,7 +191,7 @@ def test_compressor_bits_per_byte_is_eight_times_the_compressed_size_over_the_by
     import gzip
     import lzma
 
-    from pipeline.compressors import compressor_bpb
+    from pipeline.results.compressors import compressor_bpb
 
     texts = [b"the cat sat on the mat. " * 20, b"a dog barked at the moon, twice. " * 9, bytes(range(200))]
     domains = ["pets", "pets", "noise"]
@@ -206,7 +206,7 @@ def test_compressor_bits_per_byte_is_eight_times_the_compressed_size_over_the_by
 
 
 def test_compressing_a_domain_together_reuses_what_its_other_documents_repeat():
-    from pipeline.compressors import compressor_bpb
+    from pipeline.results.compressors import compressor_bpb
 
     rng = np.random.default_rng(0)
     shared = bytes(rng.integers(97, 123, 3000).astype(np.uint8))  # one licence, two near-copies
@@ -219,7 +219,7 @@ def test_compressing_a_domain_together_reuses_what_its_other_documents_repeat():
 def test_the_routing_page_groups_bytes_into_characters_and_loses_no_text():
     import numpy as np
 
-    from pipeline.routing_page import characters, render, spans
+    from pipeline.results.routing_page import characters, render, spans
 
     text = "naïve café — ok\n日本 x"
     data = text.encode("utf-8") + b"\xff"  # a stray byte stays a character of its own

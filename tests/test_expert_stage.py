@@ -10,12 +10,12 @@ import pytest
 
 import textgen
 from pipeline.config import load_config
-from pipeline.catalog import CENTRAL_MODEL, EXPERT_MODEL
+from pipeline.store.catalog import CENTRAL_MODEL, EXPERT_MODEL
 from pipeline.ray_runtime import ResourceError
 from pipeline.errors import StageError
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.experts import run_experts
-from pipeline.tracking import Tracker
+from pipeline.store.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,7 @@ def test_an_expert_branched_from_a_seed_starts_from_the_seeds_weights(tmp_path):
 
     from experts.checkpoint import build_model, load_model, save_model
     from pipeline.stages.experts import ExpertTask, train_expert
-    from pipeline.tokenizer import ByteTokenizer
+    from experts.tokenizer import TOKENIZER
 
     arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
     torch.manual_seed(123)
@@ -206,7 +206,7 @@ def test_an_expert_branched_from_a_seed_starts_from_the_seeds_weights(tmp_path):
     spec = {"name": "expert-0", "run_id": run_id, "tracking_uri": uri, "model": arch,
             "train_config": {"max_tokens": 64, "batch_size": 2, "lr": 0.0, "warmup_steps": 1, "weight_decay": 0.0},
             "train": str(tmp_path / "train.npy"), "val": str(tmp_path / "val.npy"), "ckpt_dir": str(tmp_path / "ck"),
-            "num_cpus": 1, "tokenizer": ByteTokenizer().fingerprint, "seed": 0, "init_from": str(tmp_path / "seed")}
+            "num_cpus": 1, "tokenizer": TOKENIZER.fingerprint, "seed": 0, "init_from": str(tmp_path / "seed")}
     result = train_expert(ExpertTask(**spec))
     logged = Path(client.download_artifacts(run_id, "model/artifacts/model", str(tmp_path)))  # the task logged it
     assert sorted(result.files) == sorted(p.name for p in logged.iterdir())
@@ -223,8 +223,8 @@ def test_a_task_whose_run_its_stage_ended_stops_at_its_next_checkpoint(tmp_path)
     from mlflow.tracking import MlflowClient
 
     from pipeline.stages.experts import ExpertTask, train_expert
-    from pipeline.tokenizer import ByteTokenizer
-    from pipeline.tracking import StageStopped
+    from experts.tokenizer import TOKENIZER
+    from pipeline.store.tracking import StageStopped
 
     arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
     np.save(tmp_path / "train.npy", np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16))
@@ -235,7 +235,7 @@ def test_a_task_whose_run_its_stage_ended_stops_at_its_next_checkpoint(tmp_path)
     spec = {"name": "expert-0", "tracking_uri": uri, "model": arch,
             "train_config": {"max_tokens": 16 * 2 * 20, "batch_size": 2, "warmup_steps": 1, "ckpt_every": 5},
             "train": str(tmp_path / "train.npy"), "val": str(tmp_path / "val.npy"),
-            "num_cpus": 1, "tokenizer": ByteTokenizer().fingerprint, "seed": 0}
+            "num_cpus": 1, "tokenizer": TOKENIZER.fingerprint, "seed": 0}
     running = client.create_run(experiment).info.run_id
     assert train_expert(ExpertTask(run_id=running, ckpt_dir=str(tmp_path / "a"), **spec)).result.steps == 20
     ended = client.create_run(experiment).info.run_id

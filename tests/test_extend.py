@@ -17,8 +17,8 @@ from randomise import randomise_
 from stores import module_home
 from test_composition import assert_causal
 from composition.intervals import paired_bootstrap, stratified_bootstrap
-from pipeline import storage
-from pipeline.catalog import COMPOSITION_MODEL, EXPERT_MODEL, EXTENSION, Catalog, exact_uri
+from pipeline.store import storage
+from pipeline.store.catalog import COMPOSITION_MODEL, EXPERT_MODEL, EXTENSION, Catalog, exact_uri
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
@@ -302,7 +302,7 @@ def test_one_stratum_of_weight_one_is_the_paired_bootstrap_and_weights_combine_l
 
 
 def test_a_corpus_can_leave_a_domain_out_and_a_label_no_document_has_is_refused(tmp_path):
-    from pipeline.corpus import CorpusError, load_corpus
+    from pipeline.text.corpus import CorpusError, load_corpus
 
     path = write_jsonl(tmp_path / "docs.jsonl", textgen.corpus(5, ["cooking", "sailing"], seed=0))
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["corpus.source=files", f"corpus.files=[{path}]",

@@ -164,14 +164,14 @@ def interrupted_experts(tmp_path, moie_home, sig=signal.SIGINT, extra=()) -> Int
 
 
 def runs_of(cfg, pipeline_id, stage="experts"):
-    from pipeline.tracking import Tracker
+    from pipeline.store.tracking import Tracker
 
     return Tracker(cfg).stage_runs(pipeline_id, stage, None)
 
 
 def expert_versions(cfg):
-    from pipeline.catalog import EXPERT_MODEL
-    from pipeline.tracking import Tracker
+    from pipeline.store.catalog import EXPERT_MODEL
+    from pipeline.store.tracking import Tracker
 
     return Tracker(cfg).client.search_model_versions(f"name = '{EXPERT_MODEL}'")
 
@@ -218,7 +218,7 @@ CRAFTED = "nope' or tags.`moie.stage` = 'cluster"
 
 
 def test_case11_a_crafted_pipeline_id_finds_no_run_instead_of_every_run(moie_home):
-    from pipeline.tracking import Tracker
+    from pipeline.store.tracking import Tracker
 
     tracker = Tracker(load_config(TINY))
     pipeline_id = tracker.start_pipeline(load_config(TINY))
@@ -230,9 +230,9 @@ def test_case11_a_crafted_pipeline_id_finds_no_run_instead_of_every_run(moie_hom
 
 
 def test_case11_a_crafted_filter_value_matches_nothing_and_a_crafted_tag_key_is_refused(moie_home):
-    from pipeline.catalog import EXPERT_MODEL, Catalog
+    from pipeline.store.catalog import EXPERT_MODEL, Catalog
     from pipeline.errors import StageError
-    from pipeline.library import parse_filters
+    from pipeline.serve.library import parse_filters
 
     catalog = Catalog(load_config(TINY))
     run_id = catalog.tracker.start_pipeline(load_config(TINY))
@@ -246,7 +246,7 @@ def test_case11_a_crafted_filter_value_matches_nothing_and_a_crafted_tag_key_is_
 # case 9: a later failing command must not flip a finished pipeline to FAILED
 def test_case9_a_failing_command_leaves_a_complete_pipeline_finished_and_an_incomplete_one_failed(moie_home):
     from pipeline.errors import StageError
-    from pipeline.tracking import Tracker
+    from pipeline.store.tracking import Tracker
 
     cfg = load_config(TINY)
     tracker = Tracker(cfg)
@@ -273,7 +273,7 @@ def test_case1_a_cluster_too_small_to_train_fails_its_run_and_trains_once_the_co
                                                                                                tmp_path):
     from pipeline.errors import StageError
     from pipeline.stages.experts import run_experts
-    from pipeline.tracking import Tracker
+    from pipeline.store.tracking import Tracker
 
     overrides = small_overrides(tmp_path, n=6, extra=["experts.train.max_tokens=2000"])
     cfg, pipeline_id = clustered(tmp_path, [*overrides, "experts.train.batch_size=128"])
@@ -298,7 +298,7 @@ def test_case1_a_cluster_too_small_to_train_fails_its_run_and_trains_once_the_co
 
 def test_case1_a_model_left_out_for_a_small_cluster_does_not_stop_the_others(ray_local, moie_home, tmp_path):
     """One cluster too small: the other expert is registered, the small one's run FAILED (not FINISHED)."""
-    from pipeline.catalog import Catalog
+    from pipeline.store.catalog import Catalog
     from pipeline.stages.experts import _ExpertsStage
 
     overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=2000", "experts.train.batch_size=32"])
@@ -319,7 +319,7 @@ def test_case1_a_model_left_out_for_a_small_cluster_does_not_stop_the_others(ray
 # case 2: an interrupted stage leaves nothing RUNNING, exits 130 (143 for SIGTERM), and stops training
 def test_case2_ctrl_c_exits_130_ends_every_run_killed_and_leaves_no_training_process(ray_local, moie_home,
                                                                                    tmp_path):
-    from pipeline.tracking import Tracker
+    from pipeline.store.tracking import Tracker
 
     stopped = interrupted_experts(tmp_path, moie_home, signal.SIGINT)
     cfg, pipeline_id, output = stopped.cfg, stopped.pipeline_id, stopped.output
@@ -383,7 +383,7 @@ def test_case2_a_store_write_error_mid_stage_leaves_no_run_running_and_a_rerun_c
 def test_an_interrupted_experts_stage_resumes_to_completion_with_nothing_trained_twice(ray_local, moie_home,
                                                                                       tmp_path, sig):
     from pipeline.stages.experts import run_experts
-    from pipeline.tracking import Tracker
+    from pipeline.store.tracking import Tracker
 
     stopped = interrupted_experts(tmp_path, moie_home, sig)
     cfg, pipeline_id = stopped.cfg, stopped.pipeline_id
@@ -407,7 +407,7 @@ def test_an_interrupted_experts_stage_resumes_to_completion_with_nothing_trained
 # case 4: a retried run's params are the config it trained with
 def test_case4_a_changed_config_trains_afresh_in_a_new_run_that_records_it(ray_local, moie_home, tmp_path):
     from pipeline.stages.experts import run_experts
-    from pipeline.tracking import Tracker
+    from pipeline.store.tracking import Tracker
 
     stopped = interrupted_experts(tmp_path, moie_home, signal.SIGINT)
     cfg, pipeline_id, overrides = stopped.cfg, stopped.pipeline_id, stopped.overrides
@@ -497,7 +497,7 @@ def test_case3_a_run_resumed_at_its_final_checkpoint_reports_its_final_loss_bpb_
 # case 5: what a stage consumes is checked against what the stage that made it recorded
 def test_case5_a_corpus_file_edited_after_clustering_is_refused_before_any_expert_trains(ray_local, moie_home,
                                                                                          tmp_path):
-    from pipeline.corpus import CorpusError
+    from pipeline.text.corpus import CorpusError
     from pipeline.stages.experts import run_experts
 
     overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=2000"])
@@ -510,7 +510,7 @@ def test_case5_a_corpus_file_edited_after_clustering_is_refused_before_any_exper
         run_experts(cfg, pipeline_id)
     assert runs_of(cfg, pipeline_id) == [] and expert_versions(cfg) == []
     assert not list(Path(moie_home).glob("checkpoints/**/*.npy"))  # nothing tokenised from the edited corpus
-    from pipeline.catalog import Catalog
+    from pipeline.store.catalog import Catalog
     from pipeline.stages.evaluate import held_out
 
     _, table, _ = Catalog(cfg).assignments(pipeline_id)
@@ -538,7 +538,7 @@ def test_case5_a_token_file_changed_under_an_unfinished_run_is_refused_when_the_
 
 def test_case5_assignments_changed_in_the_store_are_refused_naming_the_artifact(ray_local, moie_home, tmp_path):
     from artifacts import ChecksumError
-    from pipeline.catalog import ASSIGNMENTS, Catalog
+    from pipeline.store.catalog import ASSIGNMENTS, Catalog
 
     cfg, pipeline_id = clustered(tmp_path, small_overrides(tmp_path))
     catalog = Catalog(cfg)
@@ -551,7 +551,7 @@ def test_case5_assignments_changed_in_the_store_are_refused_naming_the_artifact(
 
 def trained_expert(tmp_path):
     """(config, catalog, URI, version) of one of two small experts the experts stage registered."""
-    from pipeline.catalog import Catalog
+    from pipeline.store.catalog import Catalog
     from pipeline.stages.experts import run_experts
 
     cfg, pipeline_id = clustered(tmp_path, small_overrides(tmp_path, extra=["experts.train.max_tokens=2000"]))
@@ -721,7 +721,7 @@ def test_case12_a_misspelled_eval_data_path_is_not_taken_for_a_hub_data_set(tmp_
 
 
 def test_case12_a_directory_in_corpus_files_is_named_as_such(tmp_path):
-    from pipeline.corpus import CorpusError, load_corpus
+    from pipeline.text.corpus import CorpusError, load_corpus
 
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("some text")

@@ -9,11 +9,11 @@ import torch
 import textgen
 from stores import module_home
 from artifacts import ChecksumError, sha256_file
-from pipeline.catalog import MANIFEST_SHA, Catalog
+from pipeline.store.catalog import MANIFEST_SHA, Catalog
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import StageError
-from pipeline.library import list_models, parse_filters, set_alias, show_model
+from pipeline.serve.library import list_models, parse_filters, set_alias, show_model
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_add, run_compose
 from pipeline.stages.experts import run_experts

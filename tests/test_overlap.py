@@ -8,8 +8,8 @@ import pytest
 
 import textgen
 from pipeline.config import load_config
-from pipeline.corpus import load_corpus
-from pipeline.overlap import ShingleIndex, shingle_hashes, words
+from pipeline.text.corpus import load_corpus
+from pipeline.text.overlap import ShingleIndex, shingle_hashes, words
 from pipeline.stages.evaluate import held_out
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_a_text_of_fewer_words_than_a_shingle_is_never_covered():
 
 
 def test_shingle_hashes_are_the_same_in_another_process():
-    code = ("import sys; sys.path.insert(0, %r); from pipeline.overlap import words, shingle_hashes; "
+    code = ("import sys; sys.path.insert(0, %r); from pipeline.text.overlap import words, shingle_hashes; "
             "print(shingle_hashes(words(%r)[0], 3).tolist())" % (str(REPO), TRAIN))
     other = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                       check=True).stdout)

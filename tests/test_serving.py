@@ -23,7 +23,7 @@ import textgen
 from conftest import free_port, wait_for_http
 from stores import module_home
 from artifacts import ChecksumError
-from pipeline.catalog import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL, Catalog, exact_uri
+from pipeline.store.catalog import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL, Catalog, exact_uri
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_compose
@@ -289,7 +289,7 @@ def expert_hues_on_screen(png: Path, hues: list[float]) -> dict[int, int]:
                     reason="Debian's chromium is not installed (apt-get install chromium; .ci/run installs it "
                            "and sets MOIE_REQUIRE_CHROMIUM=1, so there this test cannot be skipped)")
 def test_the_routing_page_renders_in_headless_chromium_with_more_than_one_expert_colour(served, tmp_path):
-    from pipeline.routing_page import expert_hue
+    from pipeline.results.routing_page import expert_hue
 
     page = routing_page(served, tmp_path)
     text_only = tmp_path / "text-only.html"  # the legend's swatches hidden: only the coloured text counts

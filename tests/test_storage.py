@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import storage
+from pipeline.store import storage
 
 
 @pytest.fixture(params=["local", "s3"])

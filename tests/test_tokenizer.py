@@ -1,4 +1,4 @@
-from pipeline.tokenizer import ByteTokenizer
+from experts.tokenizer import ByteTokenizer
 
 
 def test_encode_decode_round_trips_any_unicode_text():
@@ -19,3 +19,12 @@ def test_vocab_is_256_bytes_plus_specials_and_decode_drops_specials():
 def test_fingerprint_is_stable_and_depends_on_the_specials():
     assert ByteTokenizer().fingerprint == ByteTokenizer().fingerprint
     assert ByteTokenizer().fingerprint != ByteTokenizer(("<|bos|>",)).fingerprint
+
+
+def test_encode_bytes_and_encode_texts_agree_with_the_tokenizer():
+    from experts.tokenizer import EOS_ID, VOCAB_SIZE, encode_bytes, encode_texts
+
+    text = "naïve — ☃"
+    assert encode_bytes(text).tolist() == ByteTokenizer().encode(text)
+    assert encode_texts([text, "b"], EOS_ID).tolist() == ByteTokenizer().encode(text) + [EOS_ID, 98, EOS_ID]
+    assert VOCAB_SIZE == ByteTokenizer().vocab_size == 259

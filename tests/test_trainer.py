@@ -9,7 +9,8 @@ from experts.checkpoint import CheckpointError, latest_checkpoint, load_model, s
 from experts.flops import forward_flops_per_token, mfu
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
-from experts.trainer import (TrainConfig, bits_per_byte, configure_optimizer, encode_texts, lr_at, train)
+from experts.tokenizer import encode_texts
+from experts.trainer import TrainConfig, bits_per_byte, configure_optimizer, lr_at, train
 
 SMALL = dict(vocab_size=259, block_size=32, group_len=8, latents=[4, 2], widths=[16, 32, 32], n_head=2,
              n_latent_layers=2)

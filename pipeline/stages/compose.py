@@ -27,15 +27,15 @@ from composition.training import (fit_centers, kway_flops_per_token, mix_flops_p
 from experts.flops import forward_flops_per_token
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
-from pipeline import storage
-from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
+from pipeline.store import storage
+from pipeline.store.catalog import (CENTRAL, CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
                               MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, SEED, Catalog, check_tokenizers, exact_uri,
                               fetch_models)
 from pipeline.config import KWAY_TRAIN, Config
 from pipeline.errors import StageError, one_line
 from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail, use_granted_cpus
-from pipeline.tracking import metrics_logger
-from pipeline.tokenizer import ByteTokenizer
+from pipeline.store.tracking import metrics_logger
+from experts.tokenizer import EOS_ID
 from routing.ensemble import document_weights
 from routing.router import ClusterRouter
 
@@ -196,7 +196,7 @@ def train_joint_task(task: CompositionTask) -> dict:
 def train_matched_task(task: MatchedTask) -> dict:
     """The dense model continued on its own data with its schedule (warm-up + cosine over the
     extra tokens, as every expert's branch restarts it); logged to its run, exported."""
-    from pipeline.serving import log_model  # (MLflow's model code, imported where it is used)
+    from pipeline.serve.serving import log_model  # (MLflow's model code, imported where it is used)
 
     use_granted_cpus(task.num_cpus, task.seed)
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
@@ -226,7 +226,7 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
     a router-routed composition, its gates routing alone (`topk_...`, `kway_...` with a k-way
     gate) and the share of bytes they route to their own cluster's expert
     (`val_routing_accuracy/<routing>`), which validation compares to choose the gate."""
-    eos = ByteTokenizer().eos_id
+    eos = EOS_ID
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True)
         share = max(1, task.eval_tokens // len(task.experts))
@@ -634,7 +634,7 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                   added: dict | None = None, early: "EarlyIndependent | None" = None) -> str:
     """Train one mode, score it against the central model, save the new parameters with a
     manifest, register a version; its registry URI."""
-    from pipeline.serving import log_pyfunc
+    from pipeline.serve.serving import log_pyfunc
 
     tracker = catalog.tracker
     opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}

@@ -30,17 +30,17 @@ from composition.intervals import paired_bootstrap
 from composition.loader import CompositionSettings, load_composed
 from experts.checkpoint import load_model
 from experts.flops import forward_flops_per_token
-from pipeline.catalog import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Catalog, exact_uri, fetch_models
-from pipeline.compressors import compressor_bpb
+from pipeline.store.catalog import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Catalog, exact_uri, fetch_models
+from pipeline.results.compressors import compressor_bpb
 from pipeline.config import Config
-from pipeline.corpus import FILE_BUILDERS, clustered_documents, load_corpus
+from pipeline.text.corpus import FILE_BUILDERS, clustered_documents, load_corpus
 from pipeline.errors import StageError
-from pipeline.library import set_alias
-from pipeline.overlap import ShingleIndex
+from pipeline.serve.library import set_alias
+from pipeline.text.overlap import ShingleIndex
 from pipeline.ray_runtime import check_resources, connect_cluster, get_or_fail, use_granted_cpus
-from pipeline.report import plot_curves, write_results
-from pipeline.routing_page import render as render_routing
-from pipeline.tokenizer import ByteTokenizer
+from pipeline.results.report import plot_curves, write_results
+from pipeline.results.routing_page import render as render_routing
+from experts.tokenizer import EOS_ID, encode_bytes
 from routing.ensemble import document_weights, keep_top_k
 
 CBTM = {"cbtm_top1": 1, "cbtm_top2": 2, "cbtm_all": None}  # experts mixed per byte (None: all)
@@ -134,7 +134,7 @@ def held_out(cfg: Config, eval_data: str | None, table: dict | None = None) -> H
         budget[domain] = budget.get(domain, 0) + len(data)
         tally[:2] = [tally[0] + hits, tally[1] + len(data)]
         out.domains.append(domain)
-        out.tokens.append(np.frombuffer(data, dtype=np.uint8))
+        out.tokens.append(encode_bytes(data))
     if not out.tokens:
         raise StageError(f"every held-out document of {out.described} overlaps the training split by more than "
                          f"evaluate.max_overlap={ev.max_overlap}; raise it (1 keeps every document)")
@@ -350,7 +350,7 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_ur
     connect_cluster(cfg, catalog.tracker)
     ev = cfg.evaluate
     check_resources(ev.num_cpus, what="evaluation task (evaluate.num_cpus)")
-    scoring = Scoring(eos_id=ByteTokenizer().eos_id, stride=ev.stride or None, batch_size=ev.batch_size,
+    scoring = Scoring(eos_id=EOS_ID, stride=ev.stride or None, batch_size=ev.batch_size,
                       num_cpus=ev.num_cpus)
     docs_ref = ray.put(docs)
     model_task = ray.remote(score_model_task).options(num_cpus=ev.num_cpus)
@@ -402,9 +402,9 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_ur
 def validation_set(cfg: Config, catalog: Catalog, experts: list, router, clusters: list[int], tmp: Path) -> dict:
     """Whole validation documents, an equal share (compose.eval_tokens / experts) of each expert's
     own cluster, and cBTM's top-1 weights over the experts for each byte's prefix: {"docs", "weights"}."""
-    from pipeline import storage
+    from pipeline.store import storage
 
-    eos, share = ByteTokenizer().eos_id, max(1, cfg.compose.eval_tokens // max(len(experts), 1))
+    eos, share = EOS_ID, max(1, cfg.compose.eval_tokens // max(len(experts), 1))
     docs = []
     for version in experts:
         tokens = np.load(storage.local_copy(catalog.data_path(version, "val"), tmp / "val"), mmap_mode="r")

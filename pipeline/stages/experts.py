@@ -25,18 +25,18 @@ import ray
 import torch
 
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
-from experts.trainer import TrainConfig, TrainResult, encode_texts, train
-from pipeline import storage
-from pipeline.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, SEED, STORAGE_ROOT, TOKENS_SHA, Catalog,
+from experts.trainer import TrainConfig, TrainResult, train
+from pipeline.store import storage
+from pipeline.store.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, SEED, STORAGE_ROOT, TOKENS_SHA, Catalog,
                               check_token_files, exact_uri, expert_name)
 from pipeline.config import Config
-from pipeline.corpus import clustered_documents, load_corpus
+from pipeline.text.corpus import clustered_documents, load_corpus
 from pipeline.errors import StageError
 from pipeline.progress import BoardPrinter, open_board
 from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
                                   use_granted_cpus)
-from pipeline.tokenizer import ByteTokenizer
-from pipeline.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
+from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE, encode_texts
+from pipeline.store.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def write_tokens(location: str, texts: list[str], eos_id: int) -> str:
 def expert_data(cfg: Config, root: str, table: dict, k: int) -> dict[str, dict]:
     """Tokenise each cluster's documents once into shared .npy files: {name: {train, val, train_bytes}}."""
     docs = clustered_documents(table, load_corpus(cfg.corpus))
-    eos = ByteTokenizer().eos_id
+    eos = EOS_ID
     groups: dict[str, dict[str, list[str]]] = {expert_name(j): {"train": [], "validation": []} for j in range(k)}
     groups[DENSE] = {"train": [], "validation": []}
     for doc_id, cluster, split in zip(table["doc_id"], table["cluster"], table["split"]):
@@ -149,7 +149,7 @@ def train_expert(task: ExpertTask, board=None) -> TrainedModel:
 
 
 def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
-    from pipeline.serving import log_model  # (MLflow's model code, imported where it is used)
+    from pipeline.serve.serving import log_model  # (MLflow's model code, imported where it is used)
 
     cfg = TrainConfig(**task.train_config)
     checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
@@ -326,7 +326,7 @@ class _ExpertsStage:
         e = self.cfg.experts
         arch, model, train_cfg = ((self.cfg.central.arch, self.cfg.central.model, self.cfg.central.train)
                                   if name == CENTRAL else (e.arch, e.model, e.train))
-        model_cfg = {"arch": arch, **model, "vocab_size": ByteTokenizer().vocab_size}
+        model_cfg = {"arch": arch, **model, "vocab_size": VOCAB_SIZE}
         seq_len = train_cfg.get("seq_len") or model_config(model_cfg).block_size  # no model built for this
         batch = train_cfg.get("batch_size", 16)
         budget = train_cfg.get("max_tokens", 1_000_000) * (self.k if name == DENSE else 1)
@@ -364,7 +364,7 @@ class _ExpertsStage:
         return ExpertTask(name=name, run_id=run_id, tracking_uri=self.tracker.uri, model=model_cfg,
                           train_config={**train_cfg, "max_tokens": budget, "seed": self.cfg.seed},
                           train=data["train"], val=data["val"], ckpt_dir=ckpt_dir, num_cpus=e.num_cpus,
-                          num_gpus=e.num_gpus, tokenizer=ByteTokenizer().fingerprint, seed=self.cfg.seed,
+                          num_gpus=e.num_gpus, tokenizer=TOKENIZER.fingerprint, seed=self.cfg.seed,
                           has_central=bool(self.cfg.central.arch), init_from=seed.dir if branch else None,
                           description={"registered_model": registered_model(name), "model": name,
                                        "pipeline": self.pipeline_id, "domain": domain}, hold=e.hold)
@@ -471,7 +471,7 @@ class _ExpertsStage:
     def register_exported_seed(self, seed: SeedPlan) -> str | None:
         """Register the seed exported at seed.steps (from the storage, in a seed run of its own),
         when the stage stopped between exporting and registering it; None if there is no export."""
-        from pipeline.serving import log_model
+        from pipeline.serve.serving import log_model
 
         exported = storage.join(seed.dir, "model.json")
         if storage.kind(exported) != "file" or json.loads(storage.read_text(exported)).get("step") != seed.steps:
@@ -487,9 +487,9 @@ class _ExpertsStage:
                 "registered_model": CENTRAL_MODEL, "model": SEED, "pipeline": self.pipeline_id})
         task = ExpertTask(name=DENSE, run_id=dense.info.run_id, tracking_uri=self.tracker.uri,
                           model={"arch": self.cfg.experts.arch, **self.cfg.experts.model,
-                                 "vocab_size": ByteTokenizer().vocab_size},  # the dense model's, as task() builds it
+                                 "vocab_size": VOCAB_SIZE},  # the dense model's, as task() builds it
                           train_config={}, train=files["train"], val=files["val"], ckpt_dir="", num_cpus=0,
-                          tokenizer=ByteTokenizer().fingerprint, seed=self.cfg.seed, log_run=seed_run)
+                          tokenizer=TOKENIZER.fingerprint, seed=self.cfg.seed, log_run=seed_run)
         result = TrainResult(seed.steps, seed.tokens, float("nan"), None, 0.0, None)
         uri = self.register_seed(task, TrainedModel(result, sum(p.numel() for p in model.parameters()), logged))
         print(f"{SEED}: exported earlier, registered now as {uri}", flush=True)

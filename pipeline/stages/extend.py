@@ -35,20 +35,20 @@ from composition.training import kway_flops_per_token, windows_per_set
 from experts.checkpoint import build_model, load_model
 from experts.flops import forward_flops_per_token
 from experts.trainer import TrainConfig
-from pipeline import storage
-from pipeline.catalog import (CENTRAL_MODEL, EXPERT_MODEL, EXTENSION, ROUTER_NAME, SEED, STORAGE_ROOT, TOKENS_SHA,
+from pipeline.store import storage
+from pipeline.store.catalog import (EXPERT_MODEL, EXTENSION, ROUTER_NAME, SEED, STORAGE_ROOT, TOKENS_SHA,
                               Catalog, exact_uri, expert_name)
 from pipeline.config import KWAY_TRAIN, Config, CorpusConfig
-from pipeline.corpus import Document, load_corpus
+from pipeline.text.corpus import Document, load_corpus
 from pipeline.errors import StageError
 from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail
-from pipeline.report import markdown_table
+from pipeline.results.report import markdown_table
 from pipeline.stages.compose import (AddedCluster, MatchedTask, abandon_continued, add_expert, added_expert_flops,
                                      check_extensible, finish_continued, train_matched_task)
 from pipeline.stages.evaluate import (ComposedSystem, Scoring, held_out, score_composition_task, score_model_task)
 from pipeline.stages.experts import ExpertTask, train_expert, write_tokens
-from pipeline.tokenizer import ByteTokenizer
-from pipeline.tracking import param_strings
+from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE
+from pipeline.store.tracking import param_strings
 from routing.ensemble import document_weights, keep_top_k
 from routing.router import ClusterRouter
 
@@ -197,7 +197,7 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
             tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = catalog.checkpoint_root(pipeline_id, run_id)
-        eos = ByteTokenizer().eos_id
+        eos = EOS_ID
         data = {split: write_tokens(Catalog.token_file(root, plan.name, split), texts, eos)
                 for split, texts in (("train", new.train), ("val", new.val))}
         router = catalog.router(cluster_run.info.run_id, tmp / "router").with_cluster(new.train)
@@ -268,7 +268,7 @@ def make_plan(cfg: Config, catalog: Catalog, pipeline_id: str, domain: str, tabl
     if branch is not None:
         model = json.loads(branch.tags["moie.arch"])
     else:
-        model = {"arch": cfg.experts.arch, **cfg.experts.model, **x.model, "vocab_size": ByteTokenizer().vocab_size}
+        model = {"arch": cfg.experts.arch, **cfg.experts.model, **x.model, "vocab_size": VOCAB_SIZE}
     cluster = k  # the index of the grown router's new centroid (the clustering's are 0..k-1)
     return Plan(central=central, experts=experts, base=base,
                 base_settings=CompositionSettings.from_manifest(manifest), branch=branch, model=model,
@@ -359,7 +359,7 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
     each; {name: (Ray ref, MatchedTask)}."""
     tracker = catalog.tracker
     train_cfg = continued_config(cfg, plan, central, pflops)
-    eos = ByteTokenizer().eos_id
+    eos = EOS_ID
     new_train = np.load(storage.local_copy(data["train"], tmp / "new-train"), mmap_mode="r")
     old = [np.load(storage.local_copy(catalog.data_path(v, "train"), tmp / f"old-{i}"), mmap_mode="r")
            for i, v in enumerate(plan.experts)]
@@ -408,7 +408,7 @@ def new_expert_task(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
     return ExpertTask(name=plan.name, run_id=child, tracking_uri=tracker.uri, model=plan.model,
                       train_config=plan.expert_train, train=data["train"], val=data["val"],
                       ckpt_dir=Catalog.checkpoint_dir(root, plan.name), num_cpus=cfg.extend.num_cpus,
-                      tokenizer=ByteTokenizer().fingerprint, seed=cfg.seed, init_from=init_from,
+                      tokenizer=TOKENIZER.fingerprint, seed=cfg.seed, init_from=init_from,
                       description={"registered_model": EXPERT_MODEL, "model": plan.name, "pipeline": pipeline_id,
                                    "domain": new.domain})
 
@@ -449,7 +449,7 @@ def score_extension(cfg: Config, catalog: Catalog, plan: Plan, uris: dict, added
              "old": range(len(docs["new"]), len(docs["new"]) + len(docs["old"])),
              "mixed": range(len(every) - len(docs["mixed"]), len(every))}
     ev = cfg.evaluate
-    scoring = Scoring(eos_id=ByteTokenizer().eos_id, stride=ev.stride or None, batch_size=ev.batch_size,
+    scoring = Scoring(eos_id=EOS_ID, stride=ev.stride or None, batch_size=ev.batch_size,
                       num_cpus=cfg.extend.num_cpus)
     docs_ref = ray.put(every)
     model_task = ray.remote(score_model_task).options(num_cpus=cfg.extend.num_cpus)

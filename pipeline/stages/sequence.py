@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pipeline.catalog import Catalog
+from pipeline.store.catalog import Catalog
 from pipeline.config import Config
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import EarlyIndependent, run_compose

@@ -24,10 +24,10 @@ from pathlib import Path
 
 
 from artifacts import ChecksumError, load_state, verify_sha256
-from pipeline import storage
+from pipeline.store import storage
 from pipeline.config import Config
 from pipeline.errors import StageError, one_line
-from pipeline.tracking import Tracker, quote, workdir
+from pipeline.store.tracking import Tracker, quote, workdir
 
 # registered models: the expert library
 EXPERT_MODEL = "moie-expert"

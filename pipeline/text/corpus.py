@@ -12,9 +12,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.chunking import chunk_text
+from pipeline.text.chunking import chunk_text
 from pipeline.config import CorpusConfig
-from pipeline.embedded import embedded_corpus_file
+from pipeline.text.embedded import embedded_corpus_file
 
 log = logging.getLogger(__name__)
 

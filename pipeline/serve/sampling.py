@@ -1,5 +1,5 @@
 """Sampling from and scoring text with any moie model: what `moie generate` and the pyfunc
-models (`pipeline.serving`) share, with the checks that give a bad request a clear error."""
+models (`pipeline.serve.serving`) share, with the checks that give a bad request a clear error."""
 from __future__ import annotations
 
 import math
@@ -49,9 +49,8 @@ def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: i
     import torch
 
     from experts.generation import generate
-    from pipeline.tokenizer import ByteTokenizer
+    from experts.tokenizer import TOKENIZER as tok
 
-    tok = ByteTokenizer()
     check_sampling(prompt, max_new_tokens, temperature, top_k)
     idx = torch.tensor([tok.encode(prompt) or [tok.bos_id]], dtype=torch.long)  # (1, T)
     generator = torch.Generator().manual_seed(int(seed))
@@ -80,10 +79,8 @@ def score_texts(model, texts: list[str]) -> list[tuple[float, int]]:
     """(bits per byte, bytes) of each text, scored as `moie evaluate` scores held-out documents:
     a router-routed composition (one with a `document_router`) routes each byte by the whole
     text before it, as evaluate does, not by its window's text only."""
-    import numpy as np
-
     from composition.evaluation import score_documents
-    from pipeline.tokenizer import ByteTokenizer
+    from experts.tokenizer import EOS_ID, encode_bytes
 
     for i, text in enumerate(texts):
         check_text(text, f"prompt of row {i}")
@@ -91,8 +88,8 @@ def score_texts(model, texts: list[str]) -> list[tuple[float, int]]:
             raise ConfigError(f"prompt of row {i} is empty: score mode needs at least one byte of text")
     if not texts:
         return []
-    encoded = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+    encoded = [encode_bytes(t) for t in texts]
     document_router = getattr(model, "document_router", None)
     routes = [document_router(t.encode("utf-8")) for t in texts] if document_router else None
-    scores = score_documents(model, encoded, ByteTokenizer().eos_id, model.config.block_size, route_weights=routes)
+    scores = score_documents(model, encoded, EOS_ID, model.config.block_size, route_weights=routes)
     return [(-float(lp.sum()) / math.log(2) / len(lp), len(lp)) for lp in scores.log_probs]

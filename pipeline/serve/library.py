@@ -3,13 +3,13 @@
 A model URI is `models:/<name>/<version>` or `models:/<name>@<alias>` (aliases are set with
 `moie library alias`); whatever names a model, what gets recorded (composition manifests,
 lineage) is the exact version. Where models live and how they are checked is the
-catalog's (`pipeline.catalog`); this is the command's face: list, show, alias.
+catalog's (`pipeline.store.catalog`); this is the command's face: list, show, alias.
 """
 from __future__ import annotations
 
 import re
 
-from pipeline.catalog import COMPOSITION_MODEL, LIBRARY, Catalog, exact_uri, uses
+from pipeline.store.catalog import COMPOSITION_MODEL, LIBRARY, Catalog, exact_uri, uses
 from pipeline.errors import StageError
 
 TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]+")

@@ -23,7 +23,7 @@ from pathlib import Path
 from platformdirs import user_cache_dir
 
 from artifacts import atomic_path
-from pipeline.chunking import chunk_text
+from pipeline.text.chunking import chunk_text
 
 BUILD_VERSION = 1  # bump when the assembly below changes
 
