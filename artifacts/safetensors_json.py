@@ -18,8 +18,10 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
+from artifacts.errors import MoieError
 
-class ArtifactError(ValueError):
+
+class ArtifactError(MoieError, ValueError):
     """A tensors + JSON pair that is missing or incomplete."""
 
 

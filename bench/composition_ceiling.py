@@ -114,7 +114,8 @@ def main() -> None:
     from composition.loader import CompositionSettings, load_composed
     from experts.checkpoint import load_model
     from pipeline.store import storage
-    from pipeline.store.catalog import STORAGE_ROOT, Catalog, exact_uri
+    from pipeline.store.catalog import Catalog, exact_uri
+    from pipeline.store.names import Tag, expert_name
     from pipeline.config import load_config
     from experts.tokenizer import EOS_ID
     from routing.ensemble import document_weights
@@ -126,8 +127,8 @@ def main() -> None:
     cluster_run, _, _ = catalog.assignments(args.pipeline)
     central_uri, expert_uris = catalog.pipeline_models(args.pipeline)
     experts = [catalog.resolve(u) for u in expert_uris]
-    clusters = [int(v.tags["moie.cluster"]) for v in experts]
-    names = [v.tags.get("moie.domain") or f"expert-{c}" for v, c in zip(experts, clusters)]
+    clusters = [int(v.tags[Tag.CLUSTER]) for v in experts]
+    names = [v.tags.get(Tag.DOMAIN) or expert_name(c) for v, c in zip(experts, clusters)]
     compositions = {f"composed_{mode}": v for mode, v in catalog.pipeline_compositions(args.pipeline).items()}
     compositions |= {f"composition {u}": catalog.resolve(u) for u in args.composition}
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +146,7 @@ def main() -> None:
         central = load_model(central_dir)[0].eval()
         expert_dirs = [catalog.model_dir(v, tmp / f"e{i}") for i, v in enumerate(experts)]
         models = [load_model(d)[0].eval() for d in expert_dirs]
-        seed_at = Catalog.seed_dir(experts[0].tags[STORAGE_ROOT])  # absent when the experts did not branch
+        seed_at = Catalog.seed_dir(experts[0].tags[Tag.STORAGE_ROOT])  # absent when the experts did not branch
         seed = (load_model(storage.local_copy(seed_at, tmp / "seed"))[0].eval()
                 if storage.kind(storage.join(seed_at, "model.json")) == "file" else None)
         lp = {"central": [score(central, j) for j in range(len(experts))]}

@@ -66,9 +66,9 @@ def main() -> None:
             # router routing (cBTM's router picks, the gate scales): only routed experts run. Here the
             # batch is one document's windows, all routed to one expert; a batch that mixes documents
             # of j experts runs j expert forwards over the whole batch.
-            routed = ComposedLM(central, experts, n_points=2, routing="router").eval()
             route = torch.nn.functional.one_hot(torch.zeros(args.batch, T, dtype=torch.long), n).float()
-            routed.prefix_router = lambda x, route=route: route[: x.shape[0], : x.shape[1]]
+            routed = ComposedLM(central, experts, n_points=2, routing="router",
+                                prefix_router=lambda x, route=route: route[: x.shape[0], : x.shape[1]]).eval()
             systems["composed router top-1"] = (lambda r=routed: r(idx), forward_flops_per_token(routed))
             for label, k in (("cBTM top-1", 1), ("cBTM top-2", 2), (f"cBTM all ({n})", n)):
                 chosen = experts[:k]  # routed once per window: k expert forwards, then the mixture

@@ -30,9 +30,11 @@ from quality_per_second import cpu_name  # noqa: E402  (bench/ is on the path: t
 def variant(config: str, overrides: list[str]) -> dict:
     """In a child process: cluster, experts (watched), compose; the timeline from MLflow."""
     from pipeline.store.catalog import Catalog
+    from pipeline.store.names import Tag
     from pipeline.config import load_config
     from pipeline.stages.cluster import run_cluster
-    from pipeline.stages.compose import EarlyIndependent, run_compose
+    from pipeline.stages.compose import run_compose
+    from pipeline.stages.sequence import EarlyIndependent
     from pipeline.stages.experts import run_experts
 
     cfg = load_config(REPO / config, overrides)
@@ -49,7 +51,7 @@ def variant(config: str, overrides: list[str]) -> dict:
     start = tracker.pipeline_run(pipeline_id).info.start_time
     experts = tracker.stage_runs(pipeline_id, "experts")
     compose = tracker.stage_runs(pipeline_id, "compose")
-    by_mode = {r.data.tags.get("moie.mode"): r for r in compose}
+    by_mode = {r.data.tags.get(Tag.MODE): r for r in compose}
     return {"pipeline": pipeline_id, "early": cfg.compose.early,
             "experts_done_s": (max(r.info.end_time for r in experts) - start) / 1e3,
             "independent_done_s": (by_mode["independent"].info.end_time - start) / 1e3,

@@ -70,6 +70,7 @@ def main() -> None:
 
     import pipeline  # noqa: F401  (loopback / offline defaults)
     from pipeline.config import load_config
+    from pipeline.store.names import Tag
     from pipeline.store.tracking import tracking_uri
 
     torch.set_num_threads(args.threads)
@@ -80,7 +81,7 @@ def main() -> None:
     name, _, alias = args.model.removeprefix("models:/").partition("@")
     version = client.get_model_version_by_alias(name, alias) if alias else None
     tags = version.tags if version else client.get_model_version(*args.model.removeprefix("models:/").split("/")).tags
-    central = tags["moie.central"]
+    central = tags[Tag.CENTRAL]
     print(f"CPU: {cpu_name()}, {args.threads} threads; store {store}", flush=True)
     rows = [measure(uri, args.bytes, args.repeats) for uri in (central, args.model)]
     for r in rows:

@@ -32,6 +32,7 @@ def main() -> None:
     from experts.checkpoint import load_model
     from experts.trainer import bits_per_byte
     from pipeline.store.catalog import Catalog
+    from pipeline.store.names import Tag
     from pipeline.config import load_config
 
     torch.set_num_threads(args.threads)
@@ -45,14 +46,14 @@ def main() -> None:
             version = catalog.resolve(uri)
             val = np.load(catalog.data_path(version, "val"), mmap_mode="r")
             if len(val) < 2:
-                rows.append(f"| {version.tags['moie.expert']} | {version.tags.get('moie.domain')} | 0 | – | – | – |")
+                rows.append(f"| {version.tags[Tag.EXPERT]} | {version.tags.get(Tag.DOMAIN)} | 0 | – | – | – |")
                 continue
             expert, _ = load_model(catalog.model_dir(version, Path(tmp) / f"e{i}"))
             seq = expert.config.block_size
             e_bpb = bits_per_byte(expert, val, seq, args.tokens)
             d_bpb = bits_per_byte(dense_model, val, dense_model.config.block_size, args.tokens)
             wins += e_bpb < d_bpb
-            rows.append(f"| {version.tags['moie.expert']} | {version.tags.get('moie.domain')} | "
+            rows.append(f"| {version.tags[Tag.EXPERT]} | {version.tags.get(Tag.DOMAIN)} | "
                         f"{min(len(val), args.tokens):,} | {e_bpb:.3f} | {d_bpb:.3f} | {e_bpb - d_bpb:+.3f} |")
     print("| expert | dominant domain | val tokens | expert bpb | dense bpb | expert - dense |")
     print("|---|---|---|---|---|---|")

@@ -50,6 +50,22 @@ class Scores:
     tokens: int  # targets scored
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How documents are scored, the same wherever a model is scored (evaluate, compose's
+    validation, extend, serving): windows of the model's block size moving by `stride` (None:
+    half the block), `batch_size` windows at once, each document after an `eos_id`."""
+
+    eos_id: int
+    stride: int | None = None
+    batch_size: int = 8
+
+    def score(self, model: torch.nn.Module, docs: list[np.ndarray], n_experts: int | None = None,
+              route_weights: list[np.ndarray] | None = None) -> "Scores":
+        return score_documents(model, docs, self.eos_id, model.config.block_size, self.stride, self.batch_size,
+                               n_experts=n_experts, route_weights=route_weights)
+
+
 @torch.no_grad()
 def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int, seq_len: int,
                     stride: int | None = None, batch_size: int = 8, n_experts: int | None = None,

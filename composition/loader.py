@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from artifacts import MoieError
 from composition.model import ComposedLM
 from experts.checkpoint import load_model
 
@@ -18,7 +19,7 @@ TRAINED = ("blocks.", "gates.", "mixers.", "kway.")  # what training a compositi
 NEW_PARAMETERS = (*TRAINED, "centers.")  # what a composition adds to its registered models
 
 
-class CompositionError(ValueError):
+class CompositionError(MoieError, ValueError):
     """Composition parameters that do not fit the models they are loaded into."""
 
 
@@ -47,13 +48,14 @@ class CompositionSettings:
 
 
 def assemble(central: torch.nn.Module, experts: list[torch.nn.Module], settings: CompositionSettings,
-             state: dict[str, torch.Tensor] | None = None, complete: bool = True) -> ComposedLM:
+             state: dict[str, torch.Tensor] | None = None, complete: bool = True, **construction) -> ComposedLM:
     """ComposedLM of loaded models with `state` (new parameters) loaded into it. complete: the
     state must hold every block and gate (a finished composition); else only what it holds
-    is loaded (e.g. the shared routing centres before training)."""
+    is loaded (e.g. the shared routing centres before training). construction: ComposedLM's
+    own arguments (prefix_router, document_router, record_routing)."""
     composed = ComposedLM(central, experts, n_points=settings.n_points, routing=settings.routing, k=settings.k,
                           threshold=settings.threshold, pool=settings.pool, glue=settings.glue,
-                          output=settings.output, kway=settings.kway)
+                          output=settings.output, kway=settings.kway, **construction)
     if state:
         loaded = composed.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
         missing = [k for k in loaded.missing_keys if k.startswith(TRAINED)] if complete else []
@@ -65,10 +67,10 @@ def assemble(central: torch.nn.Module, experts: list[torch.nn.Module], settings:
 
 
 def load_composed(central_dir: str | Path, expert_dirs: list[str | Path], settings: CompositionSettings,
-                  state: dict[str, torch.Tensor] | None = None, complete: bool = True) -> ComposedLM:
+                  state: dict[str, torch.Tensor] | None = None, complete: bool = True, **construction) -> ComposedLM:
     """assemble() from exported model directories (model.safetensors + model.json each)."""
     central, _ = load_model(central_dir)
-    return assemble(central, [load_model(d)[0] for d in expert_dirs], settings, state, complete)
+    return assemble(central, [load_model(d)[0] for d in expert_dirs], settings, state, complete, **construction)
 
 
 def new_parameters(composed: ComposedLM) -> dict[str, torch.Tensor]:

@@ -28,8 +28,11 @@ of a batch independent.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +42,7 @@ from composition.blocks import GLUES, OutputGate, make_block
 ROUTINGS = ("gate", "topk", "adaptive", "router", "kway")
 POOLS = ("token", "prefix")
 OUTPUTS = ("none", "mix")  # mix: a composition point in output space (OutputGate)
+SWITCHES = ("routing", "active", "output", "balance_weight", "record_routing")  # what configured() may change
 
 
 def composition_points(stages: list[str], n_points: int) -> list[str]:
@@ -60,7 +64,13 @@ class ComposedLM(nn.Module):
 
     def __init__(self, central: nn.Module, experts: list[nn.Module], n_points: int = 2, n_head: int | None = None,
                  routing: str = "topk", k: int = 2, threshold: float = 0.5, k_max: int | None = None,
-                 pool: str = "token", glue: str = "attention", output: str = "none", kway: bool = False):
+                 pool: str = "token", glue: str = "attention", output: str = "none", kway: bool = False,
+                 prefix_router: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 document_router: Callable[[bytes], np.ndarray] | None = None, record_routing: bool = False):
+        """prefix_router: routing "router" without route=, a callable idx (B, T) -> (B, T, E) weights
+        (generation: each window's text); document_router: routing "router" scoring whole texts, bytes
+        (n,) -> (n, E) weights of each byte's whole prefix (score_documents' route_weights);
+        record_routing: keep each point's weights of every forward (routed_experts, evaluation)."""
         super().__init__()
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -118,13 +128,31 @@ class ComposedLM(nn.Module):
         self.active: list[int] = list(range(len(experts)))  # experts whose forward runs
         self.balance_weight = 0.0  # joint training: weight of the load-balancing loss
         self.last_experts_per_token: float | None = None
-        self.prefix_router = None  # routing "router" without route=: a callable idx (B, T) -> (B, T, E) weights
-        self.document_router = None  # routing "router", scoring whole texts: bytes (n,) -> (n, E) weights of
-        #                              each byte's whole prefix (score_documents' route_weights)
-        self.record_routing = False  # keep each point's weights of the last forward (evaluation)
+        self.prefix_router, self.document_router = prefix_router, document_router
+        self.record_routing = record_routing  # keep each point's weights of the last forward
         self.last_routing: dict[str, torch.Tensor] = {}
         self.last_visible: dict[str, torch.Tensor] = {}  # (R,) input position of each routed row
         self.last_positions = 0  # T of the last recorded forward
+
+    @contextlib.contextmanager
+    def configured(self, **switches):
+        """The model with some run-time switches changed, restored on exit: `routing` (ROUTINGS),
+        `active` (experts whose forward runs), `output` (OUTPUTS), `balance_weight` (joint
+        training's load-balancing loss), `record_routing`. Training phases and evaluation variants
+        switch through here; nothing sets these attributes from outside."""
+        unknown = set(switches) - set(SWITCHES)
+        if unknown:
+            raise ValueError(f"ComposedLM has no switch {sorted(unknown)}; switches are {SWITCHES}")
+        if switches.get("routing", self.routing) not in ROUTINGS or switches.get("output", self.output) not in OUTPUTS:
+            raise ValueError(f"routing must be one of {ROUTINGS} and output one of {OUTPUTS}, got {switches}")
+        saved = {k: getattr(self, k) for k in switches}
+        try:
+            for k, v in switches.items():
+                setattr(self, k, list(v) if k == "active" else v)
+            yield self
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -346,12 +374,9 @@ class ComposedLM(nn.Module):
     @torch.no_grad()
     def routing_report(self, idx: torch.Tensor, names: list | None = None) -> str:
         """Which experts the router picks for `idx` (B, T): each expert's share of top-1 rows."""
-        saved, self.record_routing = self.record_routing, True
-        try:
+        with self.configured(record_routing=True):
             self(idx)
             rows = torch.cat([w.reshape(-1, w.shape[-1]) for w in self.last_routing.values()])  # every point's rows
-        finally:
-            self.record_routing = saved
         top = rows[(rows > 0).any(-1)].argmax(-1)  # rows routed somewhere
         share = torch.bincount(top, minlength=len(self.experts)).float() / max(top.numel(), 1)
         names = names or [f"expert{e}" for e in range(len(self.experts))]

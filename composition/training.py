@@ -10,6 +10,7 @@ load-balancing loss.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from composition.loader import CompositionSettings, assemble
 from composition.model import ComposedLM
 from experts.flops import features_flops_per_token, flops_up_to_stages, forward_flops_per_token
 from experts.trainer import TrainConfig, TrainResult, train
@@ -115,12 +117,16 @@ class _KwayForward(nn.Module):
 
 
 def _forward_flops(composed: ComposedLM, experts: list[int], routing: str, output: str) -> float:
-    saved = composed.routing, composed.active, composed.output
-    try:
-        composed.routing, composed.active, composed.output = routing, list(experts), output
+    with composed.configured(routing=routing, active=experts, output=output):
         return forward_flops_per_token(composed, composed.config.block_size)
-    finally:
-        composed.routing, composed.active, composed.output = saved
+
+
+def top1_flops_per_token(composed: ComposedLM, seq_len: int | None = None) -> float:
+    """Forward FLOPs per token of a router-routed composition whose router sends every position
+    to one expert (cBTM top-1): the cost of a routed position, whatever the router's choice."""
+    seq_len = seq_len or composed.config.block_size
+    route = F.one_hot(torch.zeros(1, seq_len, dtype=torch.long), len(composed.experts)).float()  # (1, T, E)
+    return forward_flops_per_token(composed, seq_len, route=route)
 
 
 def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blocks_cfg: TrainConfig,
@@ -128,7 +134,6 @@ def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blo
                       on_metrics: Callable[[int, dict], None] | None = None) -> list[TrainResult]:
     """Train expert `expert`'s blocks, then its gates, then (a composition with output "mix"
     and mix_cfg given) its output gate, on that expert's own data: each phase's result."""
-    saved = composed.routing, composed.active, composed.output
     emit = on_metrics or (lambda step, metrics: None)
     phases = [("blocks", composed.blocks[expert], blocks_cfg, "none"),
               ("gates", composed.gates[expert], gates_cfg, "none")]
@@ -136,15 +141,13 @@ def train_independent(composed: ComposedLM, expert: int, tokens: np.ndarray, blo
         phases.append(("mix", composed.mixers[expert], mix_cfg, "mix"))
     results: list[TrainResult] = []
     try:
-        composed.routing, composed.active = "gate", [expert]
         for name, module, cfg, output in phases:
-            composed.output = output
             set_trainable(composed, [module])
             done = sum(r.steps for r in results)
-            results.append(train(composed, tokens, None, cfg, on_metrics=lambda s, m, name=name, done=done: emit(
-                done + s, {f"{name}_{k}": v for k, v in m.items()})))
+            with composed.configured(routing="gate", active=[expert], output=output):
+                results.append(train(composed, tokens, None, cfg, on_metrics=lambda s, m, name=name, done=done: emit(
+                    done + s, {f"{name}_{k}": v for k, v in m.items()})))
     finally:
-        composed.routing, composed.active, composed.output = saved
         all_trainable(composed)
     return results
 
@@ -197,12 +200,39 @@ def train_joint(composed: ComposedLM, tokens: np.ndarray, cfg: TrainConfig, bala
                 on_metrics: Callable[[int, dict], None] | None = None) -> TrainResult:
     """All blocks and gates together, top-k routing in the loop, load-balancing loss (no output
     mixing: a joint composition's output is the composed central model's)."""
-    saved = composed.routing, composed.active, composed.balance_weight, composed.output
     try:
-        composed.routing, composed.active, composed.output = "topk", list(range(len(composed.experts))), "none"
-        composed.balance_weight = balance_weight
         set_trainable(composed, [composed.blocks, composed.gates])
-        return train(composed, tokens, None, cfg, on_metrics=on_metrics)
+        with composed.configured(routing="topk", active=range(len(composed.experts)), output="none",
+                                 balance_weight=balance_weight):
+            return train(composed, tokens, None, cfg, on_metrics=on_metrics)
     finally:
-        composed.routing, composed.active, composed.balance_weight, composed.output = saved
         all_trainable(composed)
+
+
+def phase_tokens(train_cfg: dict, seq: int) -> int:
+    """Tokens a training phase runs: whole steps of its budget."""
+    cfg = TrainConfig(**train_cfg)
+    return cfg.steps(cfg.seq_len or seq) * cfg.tokens_per_step(cfg.seq_len or seq)
+
+
+def added_expert_flops(composed: ComposedLM, e: int, blocks_train: dict, gates_train: dict, mix_train: dict) -> float:
+    """Training FLOPs of expert e's phases in an independent composition (blocks, gates, output
+    gate): what `add_expert` spends, known before the expert is trained (FLOPs depend on shapes)."""
+    seq = composed.config.block_size
+    glue = phase_tokens(blocks_train, seq) + phase_tokens(gates_train, seq)
+    mix = phase_tokens(mix_train, seq) if composed.output == "mix" else 0
+    return glue * train_flops_per_token(composed, [e], "gate") + (
+        mix * mix_flops_per_token(composed, [e], "gate") if mix else 0.0)
+
+
+def planned_added_expert_flops(central: nn.Module, expert: nn.Module, settings: CompositionSettings,
+                               blocks_train: dict, gates_train: dict, mix_train: dict) -> float:
+    """added_expert_flops of `expert` joining a composition over `central` with these settings,
+    before it is trained or registered: FLOPs follow the models' shapes, not their weights."""
+    composed = assemble(central, [expert], replace(settings, kway=False))
+    return added_expert_flops(composed, 0, blocks_train, gates_train, mix_train)
+
+
+def planned_kway_flops_per_token(central: nn.Module, experts: list[nn.Module], settings: CompositionSettings) -> float:
+    """kway_flops_per_token of a composition of these (untrained) models: the k-way gate's cost."""
+    return kway_flops_per_token(assemble(central, experts, settings))

@@ -13,12 +13,13 @@ from experts.blocks import Attention
 
 
 @torch.no_grad()
-def forward_flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
+def forward_flops_per_token(model: nn.Module, seq_len: int | None = None, **forward_kwargs) -> float:
     """Matmul FLOPs of one forward pass divided by tokens: 2 * in * out per Linear row, and
-    4 * d per (query, key) pair that attention computes (masked pairs excluded)."""
+    4 * d per (query, key) pair that attention computes (masked pairs excluded). forward_kwargs
+    go to the forward (e.g. a composition's route=)."""
     seq_len = seq_len or model.config.block_size
     with _counting(model) as count:
-        _forward_zeros(model, seq_len)
+        _forward_zeros(model, seq_len, **forward_kwargs)
     return count[0] / seq_len
 
 

@@ -361,13 +361,7 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
     """Parse, run, and turn the errors a user can fix into one clear line and exit code 2."""
     from mlflow.exceptions import MlflowException
 
-    from artifacts import ArtifactError
-    from composition.loader import CompositionError
-    from pipeline.text.corpus import CorpusError
-    from pipeline.text.embedded import EmbeddedCorpusError
-    from pipeline.errors import StageError, one_line
-    from pipeline.ray_runtime import ResourceError
-    from pipeline.store.tracking import PipelineNotFoundError
+    from pipeline.errors import MoieError, one_line
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: noise on stderr
@@ -388,8 +382,7 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
         # (Ray, waiting on tasks when the signal came, re-raises it as SystemExit(1))
         print("moie: terminated" + RESUMABLE * getattr(args, "stage", False), file=sys.stderr)
         return 143
-    except (ConfigError, CorpusError, EmbeddedCorpusError, StageError, ResourceError, PipelineNotFoundError,
-            ArtifactError, CompositionError) as e:  # ArtifactError: checksums, checkpoints
+    except MoieError as e:  # every error the user can fix: config, corpus, stage inputs, checksums, resources
         print(f"moie: error: {one_line(e)}", file=sys.stderr)
         return 2
     except MlflowException as e:

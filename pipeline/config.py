@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from artifacts.errors import MoieError
 
-class ConfigError(ValueError):
+
+class ConfigError(MoieError, ValueError):
     """A configuration file or override that cannot be used as given."""
 
 
@@ -134,6 +136,14 @@ class EvaluateConfig:
     stride: int = 0  # window overlap: each window adds `stride` new bytes (0: half the block size)
     batch_size: int = 8  # windows scored at once
     num_cpus: float = 1.0  # Ray resources of one scoring task
+
+    def scoring(self):
+        """The one way moie scores documents (composition.evaluation.Scoring), as configured here:
+        evaluate's held-out scoring and compose's validation alike."""
+        from composition.evaluation import Scoring
+        from experts.tokenizer import EOS_ID
+
+        return Scoring(eos_id=EOS_ID, stride=self.stride or None, batch_size=self.batch_size)
 
 
 EXTEND_BRANCHES = ("central", "seed", "scratch")

@@ -11,13 +11,13 @@ import os
 from typing import TYPE_CHECKING
 
 from pipeline.config import Config, RayConfig
-from pipeline.errors import StageError, one_line
+from pipeline.errors import MoieError, StageError, one_line
 
 if TYPE_CHECKING:
     from pipeline.store.tracking import Tracker
 
 
-class ResourceError(RuntimeError):
+class ResourceError(MoieError, RuntimeError):
     """A task asks for more than the Ray cluster has."""
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from pipeline.store.catalog import COMPOSITION_MODEL, LIBRARY, Catalog, exact_uri, uses
+from pipeline.store.catalog import Catalog, exact_uri, uses
+from pipeline.store.names import COMPOSITION_MODEL, LIBRARY, Tag, is_moie_tag, tag_key
 from pipeline.errors import StageError
 
 TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -24,7 +25,7 @@ def parse_filters(items: list[str]) -> dict[str, str]:
             raise StageError(f"filter {item!r} must look like TAG=VALUE, e.g. domain=code or pipeline=<run id>")
         if not TAG_KEY.fullmatch(key):
             raise StageError(f"filter tag {key!r} may hold only letters, digits, '_', '-' and '.', e.g. domain=code")
-        out[key if "." in key else f"moie.{key}"] = value
+        out[tag_key(key)] = value
     return out
 
 
@@ -38,10 +39,10 @@ def list_models(catalog: Catalog, filters: dict[str, str] | None = None, model: 
             metrics = catalog.client.get_run(v.run_id).data.metrics
             rows.append({"uri": exact_uri(v), "name": name, "version": int(v.version),
                          "aliases": aliases.get(str(v.version), []),
-                         "pipeline": v.tags.get("moie.pipeline"), "role": v.tags.get("moie.role") or
-                         v.tags.get("moie.mode") or "expert", "domain": v.tags.get("moie.domain"),
-                         "purity": float(v.tags["moie.purity"]) if "moie.purity" in v.tags else None,
-                         "tokenizer": v.tags.get("moie.tokenizer"),
+                         "pipeline": v.tags.get(Tag.PIPELINE), "role": v.tags.get(Tag.ROLE) or
+                         v.tags.get(Tag.MODE) or "expert", "domain": v.tags.get(Tag.DOMAIN),
+                         "purity": float(v.tags[Tag.PURITY]) if Tag.PURITY in v.tags else None,
+                         "tokenizer": v.tags.get(Tag.TOKENIZER),
                          "params": int(metrics["params"]) if "params" in metrics else None,
                          "val_bpb": metrics.get("final_val_bpb", metrics.get("val_bpb"))})
     return rows
@@ -51,16 +52,16 @@ def show_model(catalog: Catalog, uri: str) -> dict:
     """A model's lineage: corpus, clustering, pipeline run, metrics, and the compositions using it."""
     v = catalog.resolve(uri)
     run = catalog.client.get_run(v.run_id)
-    pipeline_id = v.tags.get("moie.pipeline")
+    pipeline_id = v.tags.get(Tag.PIPELINE)
     pipeline = catalog.client.get_run(pipeline_id) if pipeline_id else None
     corpus = {k.removeprefix("corpus."): val for k, val in (pipeline.data.params.items() if pipeline else [])
               if k.startswith("corpus.") and val not in ("None", "[]")}
     info = {"uri": exact_uri(v), "aliases": catalog.aliases(v.name).get(str(v.version), []),
-            "tags": {k: val for k, val in v.tags.items() if k.startswith("moie.")},
+            "tags": {k: val for k, val in v.tags.items() if is_moie_tag(k)},
             "run": {"id": run.info.run_id, "name": run.info.run_name, "status": run.info.status},
             "pipeline": {"id": pipeline_id, "name": pipeline.info.run_name if pipeline else None,
                          "config": pipeline.data.params.get("name") if pipeline else None},
-            "corpus": corpus, "cluster_run": v.tags.get("moie.cluster_run"), "metrics": dict(run.data.metrics)}
+            "corpus": corpus, "cluster_run": v.tags.get(Tag.CLUSTER_RUN), "metrics": dict(run.data.metrics)}
     if v.name == COMPOSITION_MODEL:
         info["uses"] = uses(v)
     info["used_by"] = catalog.users_of(info["uri"])

@@ -2,6 +2,7 @@
 models (`pipeline.serve.serving`) share, with the checks that give a bad request a clear error."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -61,15 +62,9 @@ def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: i
         chosen.append(int(model.routed_experts()[0, -1]))
 
     model.eval()
-    saved = getattr(model, "record_routing", False)
-    if routed:
-        model.record_routing = True
-    try:
+    with model.configured(record_routing=True) if routed else contextlib.nullcontext():
         out = generate(model, idx, max_new_tokens, temperature, top_k, generator=generator,
                        on_step=on_step if routed else None)[0].tolist()
-    finally:
-        if routed:
-            model.record_routing = saved
     new = out[idx.shape[1]:]
     experts = [e for e, token in zip(chosen, new) if token < 256] if routed else None  # bytes only, as text
     return Sample(tok.decode(new), out, experts)
@@ -79,7 +74,7 @@ def score_texts(model, texts: list[str]) -> list[tuple[float, int]]:
     """(bits per byte, bytes) of each text, scored as `moie evaluate` scores held-out documents:
     a router-routed composition (one with a `document_router`) routes each byte by the whole
     text before it, as evaluate does, not by its window's text only."""
-    from composition.evaluation import score_documents
+    from composition.evaluation import Scoring
     from experts.tokenizer import EOS_ID, encode_bytes
 
     for i, text in enumerate(texts):
@@ -91,5 +86,5 @@ def score_texts(model, texts: list[str]) -> list[tuple[float, int]]:
     encoded = [encode_bytes(t) for t in texts]
     document_router = getattr(model, "document_router", None)
     routes = [document_router(t.encode("utf-8")) for t in texts] if document_router else None
-    scores = score_documents(model, encoded, EOS_ID, model.config.block_size, route_weights=routes)
+    scores = Scoring(EOS_ID).score(model, encoded, route_weights=routes)
     return [(-float(lp.sum()) / math.log(2) / len(lp), len(lp)) for lp in scores.log_probs]

@@ -27,6 +27,7 @@ from pipeline.results.report import plot_domain_cluster_table
 from pipeline.store.tracking import Tracker
 from routing.metrics import clustering_scores, contingency, dominant_domains
 from routing.router import ClusterRouter
+from pipeline.store.names import sha_tag
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _log_cluster_run(tracker: Tracker, run_id: str, cfg: Config, result: Cluster
             plot_domain_cluster_table(domains, table, tmp / "domain_cluster_table.png")
         write_json(tmp / CLUSTER_REPORT, report)
         manifest = tracker.log_artifact_dir(run_id, tmp)
-    tracker.set_tags(run_id, {f"moie.sha256.{name}": sha for name, sha in manifest.items()})
+    tracker.set_tags(run_id, {sha_tag(name): sha for name, sha in manifest.items()})
     return {key: metrics[key] for key in ("purity", "nmi", "ari", "max_cluster_ratio") if key in metrics}
 
 

@@ -7,37 +7,42 @@ version; only the new parameters are saved, with a manifest naming the exact ver
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import math
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import ray
 
 from artifacts import save_state, write_json
-from composition.evaluation import bits_per_byte, score_documents, stream_documents
-from composition.loader import CompositionSettings, load_composed, new_parameters
+from composition.evaluation import Scoring, bits_per_byte, stream_documents
+from composition.loader import CompositionSettings, new_parameters
 from composition.model import ComposedLM
 from composition.training import (fit_centers, kway_flops_per_token, mix_flops_per_token, train_flops_per_token,
-                                  train_independent, train_joint, train_kway, windows_per_set)
+                                  phase_tokens, train_independent, train_joint, train_kway, windows_per_set)
 from experts.flops import forward_flops_per_token
-from experts.checkpoint import load_model, save_model
-from experts.trainer import TrainConfig, train
+from experts.trainer import TrainConfig
 from pipeline.store import storage
-from pipeline.store.catalog import (CENTRAL, CENTRAL_MODEL, COMPOSITION_MANIFEST, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
-                              MANIFEST_FORMAT, MANIFEST_SHA, PARTS_SHA, SEED, Catalog, check_tokenizers, exact_uri,
-                              fetch_models)
+from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, Catalog, check_tokenizers,
+                                    assemble_registered, exact_uri)
+from pipeline.store.names import COMPOSITION_MODEL, DENSE, DENSE_MATCHED, ROLE_DENSE_CENTRAL, SEED, Tag, expert_name
 from pipeline.config import KWAY_TRAIN, Config
-from pipeline.errors import StageError, one_line
-from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail, use_granted_cpus
-from pipeline.store.tracking import metrics_logger
-from experts.tokenizer import EOS_ID
+from pipeline.errors import StageError
+from pipeline.ray_runtime import check_resources, connect_cluster, get_or_fail, use_granted_cpus
+from pipeline.stages.matched import abandon_continued, finish_continued, start_continued
 from routing.ensemble import document_weights
 from routing.router import ClusterRouter
+
+
+class Scheduler(Protocol):
+    """What the compose stage asks of work started before it (`moie run`'s EarlyIndependent, in
+    pipeline.stages.sequence): results computed for exactly the task it would start, else None."""
+
+    def centres(self, task: "CompositionTask") -> dict | None: ...
+
+    def training(self, task: "CompositionTask", e: int): ...
 
 
 @dataclass
@@ -63,6 +68,7 @@ class CompositionTask:
     num_cpus: float
     eval_tokens: int
     seed: int
+    scoring: Scoring  # how validation documents are scored (evaluate's settings)
     router: dict | None = None  # {"tensors", "meta"} of the experts' shared cBTM router, if they share one
     router_run: str | None = None
     clusters: list[int] | None = None  # each expert's cluster in that clustering
@@ -72,41 +78,17 @@ class CompositionTask:
     hub: str | None = None  # "seed": the central model is the pipeline's seed, not its full dense run
 
 
-@dataclass
-class MatchedTask:
-    """The dense model trained on, from its final weights, for a given number of tokens."""
-
-    name: str
-    run_id: str
-    tracking_uri: str
-    dense: str  # exact registry URI of the dense model
-    train: str  # the dense model's own training and validation tokens (locations in the storage)
-    val: str
-    ckpt_dir: str  # resumable, under the pipeline's checkpoint root in the storage
-    train_config: dict  # the dense model's TrainConfig fields, with the matched budget
-    tokenizer: str
-    num_cpus: float
-    seed: int
-    pipeline: str
-
-
 # --- Ray task bodies -------------------------------------------------------------------------
 
 
 def _composed(task: CompositionTask, experts: list[int], scratch: Path, state: dict | None = None,
-              complete: bool = False) -> ComposedLM:
+              complete: bool = False, record_routing: bool = False) -> ComposedLM:
     """The composition of the task's central model and these of its experts (fetched from the
-    registry into this node's scratch), with `state` or else the shared centres."""
+    registry into this node's scratch, checked), with `state` or else the shared centres."""
     use_granted_cpus(task.num_cpus, task.seed)
-    central, *experts_dirs = fetch_models(task.tracking_uri, [task.central, *(task.experts[e] for e in experts)],
-                                          scratch)
-    return load_composed(central, experts_dirs, task.settings, task.centers if state is None else state,
-                         complete=complete)
-
-
-def _tokens(location: str, scratch: Path) -> np.ndarray:
-    """A token file of the storage, memory-mapped from this node's copy (or from where it lies)."""
-    return np.load(storage.local_copy(location, scratch), mmap_mode="r")
+    return assemble_registered(task.tracking_uri, task.central, [task.experts[e] for e in experts], task.settings,
+                               task.centers if state is None else state, scratch, parts_sha256=task.parts_sha256,
+                               complete=complete, record_routing=record_routing)
 
 
 def prepare_task(task: CompositionTask, fitted: dict | None = None) -> dict:
@@ -140,7 +122,7 @@ def _fit_centres(composed: ComposedLM, task: CompositionTask, scratch: Path) -> 
     """{"centers": the centres' parameters, "center_tokens": tokens the central model read for them}."""
     center_tokens = 0
     if task.center_tokens:
-        center_tokens = fit_centers(composed, [_tokens(path, scratch) for path in task.expert_data],
+        center_tokens = fit_centers(composed, [storage.load_tokens(path, scratch) for path in task.expert_data],
                                     task.center_tokens, seed=task.seed)
     return {"centers": {k: v for k, v in new_parameters(composed).items() if k.startswith("centers.")},
             "center_tokens": center_tokens}
@@ -157,7 +139,7 @@ def train_independent_task(task: CompositionTask, e: int, fitted: dict | None = 
     slot = e if slot is None else slot
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:  # (the k-way gate needs every expert)
         composed = _composed(replace(task, settings=replace(task.settings, kway=False)), [e], Path(scratch))
-        blocks, gates, *mix = train_independent(composed, 0, _tokens(task.expert_data[e], Path(scratch)),
+        blocks, gates, *mix = train_independent(composed, 0, storage.load_tokens(task.expert_data[e], Path(scratch)),
                                                 TrainConfig(**task.blocks_train), TrainConfig(**task.gates_train),
                                                 TrainConfig(**task.mix_train))
     state = {_slot(k, slot): v for k, v in new_parameters(composed).items()}
@@ -179,7 +161,7 @@ def train_kway_task(task: CompositionTask, state: dict) -> dict:
     text; its parameters, loss and tokens. Only the central model runs (state: its centres)."""
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state)
-        out = train_kway(composed, [_tokens(path, Path(scratch)) for path in task.expert_data],
+        out = train_kway(composed, [storage.load_tokens(path, Path(scratch)) for path in task.expert_data],
                          task.kway_train["max_tokens"], task.kway_train["batch_size"], task.kway_train["lr"],
                          seed=task.seed)
     return {"state": {k: v for k, v in new_parameters(composed).items() if k.startswith("kway.")}, **out}
@@ -188,32 +170,9 @@ def train_kway_task(task: CompositionTask, state: dict) -> dict:
 def train_joint_task(task: CompositionTask) -> dict:
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch))
-        result = train_joint(composed, _tokens(task.train, Path(scratch)), TrainConfig(**task.joint_train),
+        result = train_joint(composed, storage.load_tokens(task.train, Path(scratch)), TrainConfig(**task.joint_train),
                              task.balance_weight)
     return {"state": new_parameters(composed), "joint_loss": result.train_loss, "tokens": result.tokens}
-
-
-def train_matched_task(task: MatchedTask) -> dict:
-    """The dense model continued on its own data with its schedule (warm-up + cosine over the
-    extra tokens, as every expert's branch restarts it); logged to its run, exported."""
-    from pipeline.serve.serving import log_model  # (MLflow's model code, imported where it is used)
-
-    use_granted_cpus(task.num_cpus, task.seed)
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
-        scratch = Path(scratch)
-        cfg = TrainConfig(**task.train_config)
-        checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
-        model, _ = load_model(fetch_models(task.tracking_uri, [task.dense], scratch)[0])
-        val = _tokens(task.val, scratch)
-        result = train(model, _tokens(task.train, scratch), val if len(val) > 1 else None, cfg,
-                       ckpt_dir=checkpoints.dir, on_metrics=metrics_logger(task.tracking_uri, task.run_id),
-                       meta={"tokenizer": task.tokenizer}, on_checkpoint=checkpoints.push)
-        save_model(scratch / "model", model, {"tokenizer": task.tokenizer, "name": task.name})
-        files = log_model(task.tracking_uri, task.run_id, scratch / "model", {
-            "registered_model": CENTRAL_MODEL, "model": task.name, "pipeline": task.pipeline})
-    return {"files": files, "tokens": result.tokens, "steps": result.steps,
-            "train_loss": result.train_loss, "val_bpb": result.val_bpb,
-            "params": sum(p.numel() for p in model.parameters())}
 
 
 def evaluate_task(task: CompositionTask, state: dict) -> dict:
@@ -226,16 +185,14 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
     a router-routed composition, its gates routing alone (`topk_...`, `kway_...` with a k-way
     gate) and the share of bytes they route to their own cluster's expert
     (`val_routing_accuracy/<routing>`), which validation compares to choose the gate."""
-    eos = EOS_ID
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
-        composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True)
+        composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True,
+                             record_routing=True)
         share = max(1, task.eval_tokens // len(task.experts))
-        groups = [validation_documents(np.asarray(_tokens(path, Path(scratch))), eos, share, required=False)
-                  for path in task.expert_val]
+        groups = [validation_documents(np.asarray(storage.load_tokens(path, Path(scratch))), task.scoring.eos_id,
+                                       share, required=False) for path in task.expert_val]
     if not any(groups):
         raise StageError("no validation documents to score in any expert's cluster; raise corpus.val_fraction")
-    seq = composed.config.block_size
-    composed.record_routing = True
     n = len(task.experts)
     # an independent composition's gates, routing alone (top-k affinity; the k-way gate if it has one)
     gate_only = ([] if task.settings.routing != "router" else ["topk", "kway"] if task.settings.kway else ["topk"])
@@ -245,14 +202,14 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
         if not docs:
             continue
         routes = router_weights(task, docs) if task.settings.routing == "router" else None
-        scored = {"": score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes),
-                  "central_": score_documents(composed.central, docs, eos, seq, batch_size=8)}
+        scored = {"": task.scoring.score(composed, docs, route_weights=routes),
+                  "central_": task.scoring.score(composed.central, docs)}
         if composed.output == "mix":  # the same composition without its output point: what the mixing adds
-            with scored_as(composed, output="none"):
-                scored["no_mix_"] = score_documents(composed, docs, eos, seq, batch_size=8, route_weights=routes)
+            with composed.configured(output="none"):
+                scored["no_mix_"] = task.scoring.score(composed, docs, route_weights=routes)
         for routing in gate_only:  # the gates routing on their own: which expert each byte went to
-            with scored_as(composed, routing=routing):
-                scored[f"{routing}_"] = score_documents(composed, docs, eos, seq, batch_size=8, n_experts=n)
+            with composed.configured(routing=routing):
+                scored[f"{routing}_"] = task.scoring.score(composed, docs, n_experts=n)
             hits[routing][0] += sum(int((c == j).sum()) for c in scored[f"{routing}_"].choices)
             hits[routing][1] += sum(len(c) for c in scored[f"{routing}_"].choices)
         for prefix, result in scored.items():
@@ -269,22 +226,9 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
             **figures}
 
 
-@contextlib.contextmanager
-def scored_as(composed: ComposedLM, **settings):
-    """The composition with other `routing` / `output` settings for the block, restored after."""
-    saved = {k: getattr(composed, k) for k in settings}
-    try:
-        for k, v in settings.items():
-            setattr(composed, k, v)
-        yield composed
-    finally:
-        for k, v in saved.items():
-            setattr(composed, k, v)
-
-
 def expert_label(task: CompositionTask, j: int) -> str:
     """expert-<cluster> of the experts' shared clustering, else the j-th expert's position."""
-    return f"expert-{task.clusters[j]}" if task.clusters else f"expert{j}"
+    return expert_name(task.clusters[j]) if task.clusters else f"expert{j}"
 
 
 def validation_documents(tokens: np.ndarray, eos: int, max_tokens: int, required: bool = True) -> list[np.ndarray]:
@@ -306,7 +250,7 @@ def router_weights(task: CompositionTask, docs: list[np.ndarray]) -> list[np.nda
 
 
 def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
-                expert_uris: list[str] | None = None, early: "EarlyIndependent | None" = None) -> dict[str, str]:
+                expert_uris: list[str] | None = None, early: "Scheduler | None" = None) -> dict[str, str]:
     """Compose, train each configured mode, register each; return {mode: registry URI}. For the
     pipeline's own models, the dense model also trains on for the compute the composed systems
     spend beyond it (`dense_matched`), alongside the compositions. early: the independent
@@ -328,7 +272,7 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
     central, experts = catalog.resolve(central_uri), [catalog.resolve(u) for u in expert_uris]
     with catalog.tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
         task = composition_task(cfg, catalog, central, experts, Path(tmp))
-        if central.tags.get("moie.role") == SEED and central.tags.get("moie.pipeline") == pipeline_id:
+        if central.tags.get(Tag.ROLE) == SEED and central.tags.get(Tag.PIPELINE) == pipeline_id:
             task = replace(task, hub=SEED)  # on this pipeline's own seed: a system of its own, costed as such
         fitted = early.centres(task) if early is not None else None
         prepared = get_or_fail(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task, fitted),
@@ -348,13 +292,7 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
         return uris
 
 
-# --- the matched-compute dense baseline ----------------------------------------------------------
-
-
-def phase_tokens(train_cfg: dict, seq: int) -> int:
-    """Tokens a training phase runs: whole steps of its budget."""
-    cfg = TrainConfig(**train_cfg)
-    return cfg.steps(cfg.seq_len or seq) * cfg.tokens_per_step(cfg.seq_len or seq)
+# --- the matched-compute dense baseline: its budget (the training is pipeline/stages/matched.py) ----
 
 
 def compose_flops(task: CompositionTask, mode: str, tokens: list[int] | int, mix_tokens: list[int] | None = None,
@@ -397,7 +335,7 @@ def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: Compos
     at least that compute (a costlier composition config trains a new one)."""
     if not cfg.compose.dense_matched:
         return None
-    if central.tags.get("moie.role") != "dense+central":
+    if central.tags.get(Tag.ROLE) != ROLE_DENSE_CENTRAL:
         print("compose: no dense_matched baseline (the central model is not the pipeline's dense model)", flush=True)
         return None
     modes = set(cfg.compose.modes) | (set(catalog.pipeline_compositions(pipeline_id)) & {"independent", "joint"})
@@ -410,63 +348,10 @@ def _start_matched(catalog: Catalog, cfg: Config, pipeline_id: str, task: Compos
             return None
         print(f"{DENSE_MATCHED}: {exact_uri(done)} was trained for {had / 1e15:.4f} PFLOPs, less than the "
               f"compositions now spend ({extra / 1e15:.4f}): a new one trains for that", flush=True)
-    train_cfg = {**cfg.experts.train, "seed": cfg.seed + 1}  # the dense model's schedule; batches it has not drawn
-    seq = task.flops["seq"]
-    step_tokens = TrainConfig(**train_cfg).tokens_per_step(train_cfg.get("seq_len") or seq)
-    steps = math.ceil(extra / (3 * task.flops["central"]) / step_tokens)  # whole steps: never less compute
-    train_cfg["max_tokens"] = steps * step_tokens
-    root = catalog.checkpoint_root(pipeline_id, central.tags["moie.cluster_run"])
-    run_id = catalog.tracker.create_stage_run(pipeline_id, "compose", name=DENSE_MATCHED, tags={
-        "moie.mode": DENSE_MATCHED, "moie.expert": DENSE_MATCHED, "moie.continued_from": task.central,
-        "moie.cluster_run": central.tags["moie.cluster_run"]})
-    catalog.tracker.log_params(run_id, {"continued_from": task.central, "matched_modes": ",".join(sorted(modes)),
-                                        "max_tokens": train_cfg["max_tokens"],
-                                        **{f"train.{k}": v for k, v in train_cfg.items() if k != "max_tokens"}})
-    catalog.tracker.log_metrics(run_id, {"matched_pflops": extra / 1e15})
-    matched = MatchedTask(name=DENSE_MATCHED, run_id=run_id, tracking_uri=catalog.tracker.uri,
-                          dense=task.central, train=task.train, val=task.val,
-                          # one checkpoint directory per schedule: a rerun resumes only the same one
-                          ckpt_dir=Catalog.checkpoint_dir(root, f"{DENSE_MATCHED}-{schedule_id(train_cfg)}"),
-                          train_config=train_cfg,
-                          tokenizer=task.tokenizer, num_cpus=cfg.compose.num_cpus, seed=cfg.seed,
-                          pipeline=pipeline_id)
-    print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
-          "PFLOPs, what the composed systems spend beyond it), beside the compositions", flush=True)
-    ref = ray.remote(train_matched_task).options(num_cpus=cfg.compose.num_cpus, max_retries=1).remote(matched)
-    return ref, matched, central
-
-
-def schedule_id(train_cfg: dict) -> str:
-    """A short name for a training schedule (budget, rates, seed...): equal for equal configs."""
-    return hashlib.sha256(json.dumps(train_cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def abandon_continued(catalog: Catalog, ref, matched: MatchedTask, killed: bool) -> None:
-    """Cancel the continuation and end its run KILLED or FAILED (a re-run resumes it from its checkpoints)."""
-    cancel(ref)
-    if catalog.tracker.client.get_run(matched.run_id).info.status == "RUNNING":
-        catalog.tracker.end_run(matched.run_id, "KILLED" if killed else "FAILED")
-
-
-def finish_continued(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTask, dense, role: str = DENSE_MATCHED,
-                     tags: dict | None = None) -> str:
-    """Wait for the continuation (which logged its model) and register it as a central-model
-    version of `role` (dense_matched; `moie extend`'s fine-tuned baselines), ending its run."""
-    tracker = catalog.tracker
-    out = get_or_fail(ref, f"{matched.name} training task")
-    tracker.log_metrics(matched.run_id, {"tokens": out["tokens"], "steps": out["steps"], "params": out["params"],
-                                         "final_train_loss": out["train_loss"],
-                                         **({"final_val_bpb": out["val_bpb"]} if out["val_bpb"] is not None else {})})
-    files = out["files"]
-    run = tracker.client.get_run(matched.run_id)
-    kept = {k: v for k, v in dense.tags.items() if k in ("moie.tokenizer", "moie.arch", "moie.cluster_run")}
-    uri = catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", matched.run_id, {
-        **kept, "moie.pipeline": pipeline_id, "moie.expert": matched.name, "moie.role": role,
-        "moie.continued_from": exact_uri(dense), "moie.sha256": files["model.safetensors"], **(tags or {})})
-    tracker.set_tags(matched.run_id, {"moie.model_version": uri})
-    tracker.end_run(matched.run_id, "FINISHED")
-    print(f"{matched.name}: registered as {uri} (val_bpb {out['val_bpb']})", flush=True)
-    return uri
+    ref, continued = start_continued(catalog, cfg, pipeline_id, task.central, central, extra, modes,
+                                     seq=task.flops["seq"], flops_per_token=task.flops["central"], train=task.train,
+                                     val=task.val, tokenizer=task.tokenizer)
+    return ref, continued, central
 
 
 def run_add(cfg: Config, expert_uri: str, composition_uri: str, pipeline_id: str | None = None) -> str:
@@ -476,7 +361,7 @@ def run_add(cfg: Config, expert_uri: str, composition_uri: str, pipeline_id: str
     base = catalog.resolve(composition_uri)
     if base.name != COMPOSITION_MODEL:
         raise StageError(f"--to must name a {COMPOSITION_MODEL} version, got {composition_uri} ({base.name})")
-    pipeline_id = pipeline_id or base.tags["moie.pipeline"]
+    pipeline_id = pipeline_id or base.tags[Tag.PIPELINE]
     catalog.tracker.pipeline_run(pipeline_id)
     with catalog.tracker.pipeline_active(pipeline_id):
         return add_expert(catalog, cfg, pipeline_id, base, catalog.resolve(expert_uri))
@@ -530,18 +415,8 @@ def add_expert(catalog: Catalog, cfg: Config, pipeline_id: str, base, new, clust
                                "composition's preparation task")
         task = replace(task, centers=fitted["centers"], flops=prepared["flops"])  # the base's centres, not refitted
         return _compose_mode(catalog, cfg, pipeline_id, "independent", task, base_state=state,
-                             train_only=[len(experts) - 1], added={"moie.added_to": exact_uri(base),
-                                                                   "moie.added": exact_uri(new), **(tags or {})})
-
-
-def added_expert_flops(composed: ComposedLM, e: int, blocks_train: dict, gates_train: dict, mix_train: dict) -> float:
-    """Training FLOPs of expert e's phases in an independent composition (blocks, gates, output
-    gate): what `add_expert` spends, known before the expert is trained (FLOPs depend on shapes)."""
-    seq = composed.config.block_size
-    glue = phase_tokens(blocks_train, seq) + phase_tokens(gates_train, seq)
-    mix = phase_tokens(mix_train, seq) if composed.output == "mix" else 0
-    return glue * train_flops_per_token(composed, [e], "gate") + (
-        mix * mix_flops_per_token(composed, [e], "gate") if mix else 0.0)
+                             train_only=[len(experts) - 1], added={Tag.ADDED_TO: exact_uri(base),
+                                                                   Tag.ADDED: exact_uri(new), **(tags or {})})
 
 
 def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp: Path,
@@ -566,8 +441,8 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
         joint_train={**c.joint_train, "seed": cfg.seed}, mix_train={**c.mix_train, "seed": cfg.seed},
         kway_train={**KWAY_TRAIN, **c.kway_train},
         balance_weight=c.balance_weight,
-        num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed,
-        parts_sha256={uri: v.tags["moie.sha256"] for uri, v in versions.items()})
+        num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed, scoring=cfg.evaluate.scoring(),
+        parts_sha256={uri: v.tags[Tag.SHA] for uri, v in versions.items()})
     task = shared_router(catalog, task, experts, tmp)
     connect_cluster(cfg, catalog.tracker)
     check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
@@ -576,13 +451,13 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
 
 def shared_router(catalog: Catalog, task: CompositionTask, experts: list, tmp: Path) -> CompositionTask:
     """The task with the cBTM router of the experts' clustering, when they all come from one."""
-    runs = {v.tags.get("moie.cluster_run") for v in experts}
-    if len(runs) != 1 or None in runs or any("moie.cluster" not in v.tags for v in experts):
+    runs = {v.tags.get(Tag.CLUSTER_RUN) for v in experts}
+    if len(runs) != 1 or None in runs or any(Tag.CLUSTER not in v.tags for v in experts):
         return task
     (run_id,) = runs
     tensors, meta = catalog.router_state(run_id, tmp / "router")
     return replace(task, router={"tensors": tensors, "meta": meta}, router_run=run_id,
-                   clusters=[int(v.tags["moie.cluster"]) for v in experts])
+                   clusters=[int(v.tags[Tag.CLUSTER]) for v in experts])
 
 
 def mode_routing(task: CompositionTask, mode: str) -> str:
@@ -599,7 +474,7 @@ def mode_routing(task: CompositionTask, mode: str) -> str:
 
 def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask, opts: dict,
                 base_state: dict | None, train_only: list[int] | None,
-                early: "EarlyIndependent | None" = None) -> tuple[dict, list[int] | int, dict]:
+                early: "Scheduler | None" = None) -> tuple[dict, list[int] | int, dict]:
     """The new parameters of one mode (independent: one Ray task per expert in `train_only`,
     default all, or the one `early` started while the experts trained; then the k-way gate over
     all of them), the tokens its blocks and gates trained on (independent: per expert) and those
@@ -631,7 +506,7 @@ def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask,
 
 def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, task: CompositionTask,
                   base_state: dict | None = None, train_only: list[int] | None = None,
-                  added: dict | None = None, early: "EarlyIndependent | None" = None) -> str:
+                  added: dict | None = None, early: "Scheduler | None" = None) -> str:
     """Train one mode, score it against the central model, save the new parameters with a
     manifest, register a version; its registry URI."""
     from pipeline.serve.serving import log_pyfunc
@@ -643,14 +518,14 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                                           output="none" if joint else task.settings.output,
                                           kway=task.settings.kway and not joint))
     s = task.settings
-    hub = {"moie.hub": task.hub} if task.hub else {}
+    hub = {Tag.HUB: task.hub} if task.hub else {}
     with tracker.stage_run(pipeline_id, "compose", name=f"compose-{mode}" + (f"-on-{task.hub}" if task.hub else ""),
-                           tags={"moie.mode": mode, **hub}) as run_id:
+                           tags={Tag.MODE: mode, **hub}) as run_id:
         tracker.log_params(run_id, {"mode": mode, "central": task.central, "experts": ",".join(task.experts),
                                     "n_points": s.n_points, "routing": s.routing, "k": s.k, "pool": s.pool,
                                     "glue": s.glue, "output": s.output, "kway": s.kway,
                                     "center_tokens": task.center_tokens,
-                                    **({"added": added["moie.added"]} if added else {})})
+                                    **({"added": added[Tag.ADDED]} if added else {})})
         state, tokens, phases = _train_mode(catalog, run_id, mode, task, opts, base_state, train_only, early)
         if task.flops is not None:  # what this stage spent training the mode (centres included); the k-way
             # gate's apart: only the system that routes by it pays for it
@@ -667,7 +542,7 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
             manifest = {"format": MANIFEST_FORMAT, "central": task.central, "experts": task.experts, "mode": mode,
                         "tokenizer": task.tokenizer, PARTS_SHA: task.parts_sha256, **s.to_dict(), **scores,
                         **({"router_run": task.router_run, "clusters": task.clusters} if task.router else {}),
-                        **({"added_to": added["moie.added_to"]} if added else {})}
+                        **({"added_to": added[Tag.ADDED_TO]} if added else {})}
             save_state(Path(tmp), "composition", state, manifest)
             write_json(Path(tmp) / COMPOSITION_MANIFEST, manifest)
             files = log_pyfunc(tracker, run_id, Path(tmp), "composition", {
@@ -676,118 +551,11 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                 "predict": "column experts: per generated byte, the index into experts (-1: none)"})
         run = tracker.client.get_run(run_id)
         uri = catalog.register(COMPOSITION_MODEL, f"{run.info.artifact_uri}/composition", run_id,
-                               {"moie.pipeline": pipeline_id, "moie.mode": mode, "moie.tokenizer": task.tokenizer,
-                                "moie.central": task.central, "moie.experts": json.dumps(task.experts),
-                                "moie.sha256": files["composition.safetensors"],
-                                MANIFEST_SHA: files[COMPOSITION_MANIFEST], **hub, **(added or {})})
-        tracker.set_tags(run_id, {"moie.model_version": uri})
+                               {Tag.PIPELINE: pipeline_id, Tag.MODE: mode, Tag.TOKENIZER: task.tokenizer,
+                                Tag.CENTRAL: task.central, Tag.EXPERTS: json.dumps(task.experts),
+                                Tag.SHA: files["composition.safetensors"],
+                                Tag.MANIFEST_SHA: files[COMPOSITION_MANIFEST], **hub, **(added or {})})
+        tracker.set_tags(run_id, {Tag.MODEL_VERSION: uri})
         print(f"compose {mode}: val_bpb {scores['val_bpb']:.4f} vs central {scores['central_val_bpb']:.4f}; "
               f"registered as {uri}", flush=True)
     return uri
-
-
-# --- moie run: the independent composition, started per expert while the others train ---------------
-
-
-class EarlyIndependent:
-    """The independent composition's work that needs only the central model and one expert,
-    started by `moie run` while the other experts still train: the routing centres as soon as
-    the central model and a first expert are registered, then each expert's blocks and gates
-    as soon as that expert is. The compose stage takes each result where its task is exactly
-    the one it would have started itself (same central model, expert, position, data,
-    settings and centres), so the composition is the same as one started after all experts."""
-
-    def __init__(self, cfg: Config, catalog: Catalog, pipeline_id: str):
-        self.cfg, self.catalog, self.pipeline_id = cfg, catalog, pipeline_id
-        self.central_name = CENTRAL if cfg.central.arch else DENSE  # as Catalog.pipeline_models picks it
-        self.planned: list[str] | None = None  # the experts the stage will register, in cluster order
-        self.root: str | None = None
-        self.versions: dict[str, object] = {}  # model name -> registered version
-        self.centres_ref = None
-        self.centres_spec: CompositionTask | None = None
-        self.started: dict[str, tuple] = {}  # expert name -> (its slot, its task, Ray ref)
-        self.opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
-        self.off = False  # set when starting early failed
-        self.chains: list = [None] * cfg.compose.early_tasks  # the newest task of each chain of early tasks
-
-    # the experts stage's events
-
-    def expect(self, names: list[str], root: str) -> None:
-        """The models the experts stage will have registered when it ends (and its storage root)."""
-        self.planned = sorted((n for n in names if n.startswith("expert-")), key=lambda n: int(n.split("-")[1]))
-        self.root = root
-        self._start()
-
-    def registered(self, name: str, uri: str) -> None:
-        self.versions[name] = self.catalog.resolve(uri)
-        self._start()
-
-    def cancel(self) -> None:
-        cancel([ref for ref in [self.centres_ref, *(s[2] for s in self.started.values())] if ref is not None])
-
-    def _task(self, experts: list) -> CompositionTask:
-        with tempfile.TemporaryDirectory() as tmp:
-            task = composition_task(self.cfg, self.catalog, self.versions[self.central_name], experts, Path(tmp))
-        return replace(task, settings=replace(task.settings, routing=mode_routing(task, "independent")))
-
-    def _start(self) -> None:
-        """Start what can start now; a failure here only turns early composition off (the
-        compose stage then does the work itself), it never stops the experts stage."""
-        if self.planned is None or self.central_name not in self.versions or self.off:
-            return
-        try:
-            self._launch()
-        except Exception as err:  # noqa: BLE001 - an optimisation must not fail the experts stage
-            print(f"compose independent: not starting early ({type(err).__name__}: {one_line(err)}); the compose "
-                  "stage will train every expert's blocks and gates", flush=True)
-            self.cancel()
-            self.started.clear()
-            self.centres_ref, self.off = None, True
-
-    def _launch(self) -> None:
-        ready = [n for n in self.planned if n in self.versions]
-        if not ready:
-            return
-        if self.centres_ref is None:
-            data = [Catalog.token_file(self.root, n, "train") for n in self.planned]
-            self.centres_spec = replace(self._task([self.versions[ready[0]]]), expert_data=data)
-            self.centres_ref = ray.remote(centres_task).options(**self.opts).remote(self.centres_spec)
-        for name in ready:
-            if name not in self.started:
-                slot, task = self.planned.index(name), self._task([self.versions[name]])
-                # at most `early_tasks` at once: each waits for the one before it in its chain, so the
-                # experts still training and the compose stage's first tasks keep the other CPUs
-                chain = len(self.started) % len(self.chains)
-                ref = ray.remote(train_independent_task).options(**self.opts).remote(
-                    task, 0, self.centres_ref, slot, self.chains[chain])
-                self.started[name] = (slot, task, ref)
-                self.chains[chain] = ref
-                print(f"compose independent: {name}'s blocks and gates start now, while "
-                      f"{len(self.planned) - len(ready)} experts still train", flush=True)
-
-    # the compose stage's questions
-
-    def centres(self, task: CompositionTask) -> dict | None:
-        """The centres fitted early, if they are what `task` would fit (else None: fitted anew)."""
-        if self.centres_ref is None or not self._same(self.centres_spec, task) \
-                or self.centres_spec.expert_data != task.expert_data:
-            self.cancel()
-            self.started.clear()
-            return None
-        return get_or_fail(self.centres_ref, "routing centres' task (started early)")
-
-    def training(self, task: CompositionTask, e: int):
-        """The Ray ref of expert e's blocks and gates, if started early for exactly this task."""
-        for slot, early, ref in self.started.values():
-            if slot == e and early.experts == [task.experts[e]] and early.expert_data == [task.expert_data[e]] \
-                    and self._same(early, replace(task, settings=replace(task.settings,
-                                                                         routing=mode_routing(task, "independent")))):
-                return ref
-        return None
-
-    @staticmethod
-    def _same(early: CompositionTask, task: CompositionTask) -> bool:
-        """The settings every task of the mode shares are equal (not the experts or their data)."""
-        keys = ("central", "tokenizer", "tracking_uri", "settings", "center_tokens", "blocks_train", "gates_train",
-                "mix_train", "seed", "num_cpus")
-        return all(getattr(early, k) == getattr(task, k) for k in keys) and early.router_run == task.router_run

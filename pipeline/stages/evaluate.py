@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from composition.evaluation import bits_per_byte, mixture, score_documents, stream_documents
-from composition.intervals import paired_bootstrap
-from composition.loader import CompositionSettings, load_composed
+from composition.evaluation import Scoring, bits_per_byte, mixture, stream_documents
+from composition.loader import CompositionSettings
+from composition.training import top1_flops_per_token
 from experts.checkpoint import load_model
 from experts.flops import forward_flops_per_token
-from pipeline.store.catalog import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Catalog, exact_uri, fetch_models
-from pipeline.results.compressors import compressor_bpb
+from pipeline.store.catalog import PARTS_SHA, Catalog, assemble_registered, exact_uri, fetch_models
+from pipeline.store.names import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Tag
+from pipeline.results.metrics import (COMPOSED, COMPOSED_SYSTEMS, GATE_ONLY, LAMBDAS, MIXTURES, Scored, headline,
+                                      output_mixture, summarise)
 from pipeline.config import Config
 from pipeline.text.corpus import FILE_BUILDERS, clustered_documents, load_corpus
 from pipeline.errors import StageError
@@ -43,20 +45,6 @@ from pipeline.results.routing_page import render as render_routing
 from experts.tokenizer import EOS_ID, encode_bytes
 from routing.ensemble import document_weights, keep_top_k
 
-CBTM = {"cbtm_top1": 1, "cbtm_top2": 2, "cbtm_all": None}  # experts mixed per byte (None: all)
-# composition in output space: lambda p_routed expert + (1 - lambda) p_hub, the routed expert cBTM's
-# top-1 for each byte's prefix, lambda chosen on validation (every cluster in an equal share)
-MIXTURES = {"mixture_central": "central", "mixture_seed": "seed"}
-LAMBDAS = [i / 20 for i in range(21)]
-# the pipeline's compositions by mode (`<mode>_seed`: composed on the seed, not the full dense run)
-COMPOSED = {"independent": "composed_independent", "joint": "composed_joint",
-            "independent_seed": "composed_seed_independent", "joint_seed": "composed_seed_joint"}
-# an independent composition's gates routing on their own: PHATGOOSE's top-k, adaptive, the k-way gate
-GATE_ONLY = {"composed_independent_topk": "topk", "composed_adaptive": "adaptive", "composed_independent_kway": "kway"}
-COMPOSED_SYSTEMS = ("composed_independent", *GATE_ONLY, "composed_joint", "composed_seed_independent",
-                    "composed_seed_joint")
-MODE_OF = {**{system: mode for mode, system in COMPOSED.items()}, **{system: "independent" for system in GATE_ONLY}}
-HEADLINE = ("bpb/", "routing_accuracy/", "experts_per_token/")
 ROUTING_PAGE = "routing.html"  # an artifact of the evaluate run (results/), shown by the MLflow UI
 PAGE_BYTES = 2000  # of each document on the routing page
 
@@ -158,16 +146,6 @@ def domain_experts(table: dict, expert_clusters: list[int]) -> dict[str, int]:
 
 
 @dataclass
-class Scoring:
-    """How held-out documents are scored: windows of the model's block size moving by `stride`."""
-
-    eos_id: int
-    stride: int | None
-    batch_size: int
-    num_cpus: float
-
-
-@dataclass
 class ComposedSystem:
     """A registered composition as a scoring task loads it (its parts fetched from the registry)."""
 
@@ -176,40 +154,43 @@ class ComposedSystem:
     experts: list[str]  # in the composition's order
     settings: CompositionSettings
     seed: int
+    parts_sha256: dict[str, str] | None = None  # the manifest's record of its parts' weights
+
+    @classmethod
+    def of(cls, manifest: dict, tracking_uri: str, seed: int) -> "ComposedSystem":
+        return cls(tracking_uri=tracking_uri, central=manifest["central"], experts=manifest["experts"],
+                   settings=CompositionSettings.from_manifest(manifest), seed=seed,
+                   parts_sha256=manifest.get(PARTS_SHA))
 
 
-def score_model_task(tracking_uri: str, uri: str, docs: list[np.ndarray], scoring: Scoring) -> dict:
+def score_model_task(tracking_uri: str, uri: str, docs: list[np.ndarray], scoring: Scoring, num_cpus: float) -> dict:
     """Per-byte log-probabilities of one registered model on every document."""
-    use_granted_cpus(scoring.num_cpus)
+    use_granted_cpus(num_cpus)
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
         model, _ = load_model(fetch_models(tracking_uri, [uri], Path(scratch))[0])
     seq = model.config.block_size
-    scores = score_documents(model, docs, scoring.eos_id, seq, scoring.stride, scoring.batch_size)
+    scores = scoring.score(model, docs)
     return {"log_probs": scores.log_probs, "ms_per_token": 1e3 * scores.seconds / scores.tokens,
             "params": sum(p.numel() for p in model.parameters()), "flops": forward_flops_per_token(model, seq)}
 
 
 def score_composition_task(system: ComposedSystem, state: dict, docs: list[np.ndarray], scoring: Scoring,
-                           routes: list[np.ndarray] | None = None) -> dict:
+                           num_cpus: float, routes: list[np.ndarray] | None = None) -> dict:
     """Per-byte log-probabilities of a composition, and which experts its rows were routed to."""
-    import torch
-
-    use_granted_cpus(scoring.num_cpus, system.seed)
+    use_granted_cpus(num_cpus, system.seed)
     with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
-        central, *experts = fetch_models(system.tracking_uri, [system.central, *system.experts], Path(scratch))
-        composed = load_composed(central, experts, system.settings, state)
+        composed = assemble_registered(system.tracking_uri, system.central, system.experts, system.settings, state,
+                                       Path(scratch), parts_sha256=system.parts_sha256)
     seq = composed.config.block_size
-    composed.record_routing = True
     n = len(system.experts)
-    scores = score_documents(composed, docs, scoring.eos_id, seq, scoring.stride, scoring.batch_size,
-                             n_experts=n, route_weights=routes)
-    composed.record_routing = False
-    if system.settings.routing == "router":  # FLOPs of a position routed to one expert (top-1)
-        composed.prefix_router = lambda idx: torch.nn.functional.one_hot(torch.zeros_like(idx), n).float()
+    with composed.configured(record_routing=True):
+        scores = scoring.score(composed, docs, n_experts=n, route_weights=routes)
+    flops = (top1_flops_per_token(composed, seq) if system.settings.routing == "router"  # a position's, top-1
+             else forward_flops_per_token(composed, seq))
     return {"log_probs": scores.log_probs, "top1_counts": scores.top1_counts, "experts_per_token": scores.experts_per_row,
             "choices": scores.choices,
             "ms_per_token": 1e3 * scores.seconds / scores.tokens,
-            "params": sum(p.numel() for p in composed.parameters()), "flops": forward_flops_per_token(composed, seq)}
+            "params": sum(p.numel() for p in composed.parameters()), "flops": flops}
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -242,7 +223,7 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         matched_uri = exact_uri(matched) if matched else None
         if matched:
             versions[matched_uri] = matched
-        expert_clusters = [int(versions[u].tags["moie.cluster"]) for u in expert_uris]
+        expert_clusters = [int(versions[u].tags[Tag.CLUSTER]) for u in expert_uris]
         # cBTM's weights over the pipeline's experts for every byte's prefix, computed once:
         # the cBTM systems mix with them, router-routed compositions take their top-1
         router = catalog.router(cluster_run.info.run_id, tmp / "router")
@@ -260,16 +241,17 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
             validation = {"docs": [], "weights": []}
         scored = _score_all(cfg, catalog, docs, central_uri, dense_uri, matched_uri, expert_uris,
                             compositions, routes, tmp, seed_uri, validation)
-        scored |= {"central_uri": central_uri, "dense_uri": dense_uri or central_uri, "matched_uri": matched_uri,
-                   "seed_uri": seed_uri, "mixture_lambda": mixture_lambdas(scored["validation"], validation["weights"]),
-                   "compose_pflops": {mode: tracker.client.get_run(v.run_id).data.metrics.get("train_pflops", 0.0)
-                                      for mode, v in compositions.items()},
-                   # the k-way gate's training: only the systems that route by it pay for it
-                   "kway_pflops": {mode: tracker.client.get_run(v.run_id).data.metrics.get("kway_pflops", 0.0)
-                                   for mode, v in compositions.items()},
-                   "seed_tokens": float(versions[expert_uris[0]].tags.get("moie.seed_tokens", 0)),
-                   "train_tokens": {uri: tracker.client.get_run(v.run_id).data.metrics.get("tokens", 0.0)
-                                    for uri, v in versions.items()}}
+        scored = replace(
+            scored, central_uri=central_uri, dense_uri=dense_uri or central_uri, matched_uri=matched_uri,
+            seed_uri=seed_uri, mixture_lambda=mixture_lambdas(scored.validation, validation["weights"]),
+            compose_pflops={mode: tracker.client.get_run(v.run_id).data.metrics.get("train_pflops", 0.0)
+                            for mode, v in compositions.items()},
+            # the k-way gate's training: only the systems that route by it pay for it
+            kway_pflops={mode: tracker.client.get_run(v.run_id).data.metrics.get("kway_pflops", 0.0)
+                         for mode, v in compositions.items()},
+            seed_tokens=float(versions[expert_uris[0]].tags.get(Tag.SEED_TOKENS, 0)),
+            train_tokens={uri: tracker.client.get_run(v.run_id).data.metrics.get("tokens", 0.0)
+                          for uri, v in versions.items()})
         outcome = summarise(domains, docs, scored, weights, domain_experts(table, expert_clusters),
                             cfg.evaluate.bootstrap, cfg.seed)
         metrics = outcome["metrics"] | overlap_metrics(held)
@@ -284,7 +266,7 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
         out = tmp / "results"
         out.mkdir()
         if champion:
-            tracker.set_tags(run_id, {"moie.champion": champion})
+            tracker.set_tags(run_id, {Tag.CHAMPION: champion})
             page = routing_page(catalog, champion, compositions, scored, domains, docs)
             if page:
                 (out / ROUTING_PAGE).write_text(page, encoding="utf-8")
@@ -313,21 +295,21 @@ def crown_champion(catalog: Catalog, compositions: dict) -> str | None:
     return best
 
 
-def routing_page(catalog: Catalog, champion: str, compositions: dict, scored: dict, domains: list[str],
+def routing_page(catalog: Catalog, champion: str, compositions: dict, scored: Scored, domains: list[str],
                  docs: list[np.ndarray]) -> str | None:
     """The routing page of the champion composition on the first held-out document of each domain
     (at most PAGE_BYTES of each): its router's expert per byte, bits saved over the central model."""
     mode = next(m for m, v in compositions.items() if exact_uri(v) == champion)
     system = COMPOSED.get(mode)
-    result, central = scored["results"].get(system), scored["results"]["central"]
+    result, central = scored.results.get(system), scored.results["central"]
     if result is None or result.get("choices") is None:
         return None
     experts = []
-    for uri in scored["composition_experts"][system]:
+    for uri in scored.composition_experts[system]:
         tags = catalog.resolve(uri).tags
-        experts.append({"name": tags.get("moie.expert", uri), "cluster": tags.get("moie.cluster", "?"),
-                        "domain": tags.get("moie.domain", "?"), "uri": uri,
-                        "purity": float(tags["moie.purity"]) if "moie.purity" in tags else None})
+        experts.append({"name": tags.get(Tag.EXPERT, uri), "cluster": tags.get(Tag.CLUSTER, "?"),
+                        "domain": tags.get(Tag.DOMAIN, "?"), "uri": uri,
+                        "purity": float(tags[Tag.PURITY]) if Tag.PURITY in tags else None})
     documents = []
     for domain in dict.fromkeys(domains):  # first appearance order
         i = domains.index(domain)
@@ -343,60 +325,58 @@ def routing_page(catalog: Catalog, champion: str, compositions: dict, scored: di
 
 def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_uri: str,
                dense_uri: str | None, matched_uri: str | None, expert_uris: list[str], compositions: dict,
-               pipeline_routes: dict, tmp: Path, seed_uri: str | None = None, validation: dict | None = None) -> dict:
+               pipeline_routes: dict, tmp: Path, seed_uri: str | None = None, validation: dict | None = None) -> Scored:
     """Ray tasks: one per model, one per composition (and routing), each fetching its models
     from the registry; {system: result}; and the central model's, the seed's and every expert's
     log-probabilities on the validation documents (to choose the output mixtures' lambda)."""
     connect_cluster(cfg, catalog.tracker)
     ev = cfg.evaluate
     check_resources(ev.num_cpus, what="evaluation task (evaluate.num_cpus)")
-    scoring = Scoring(eos_id=EOS_ID, stride=ev.stride or None, batch_size=ev.batch_size,
-                      num_cpus=ev.num_cpus)
+    scoring, cpus = ev.scoring(), ev.num_cpus
     docs_ref = ray.put(docs)
     model_task = ray.remote(score_model_task).options(num_cpus=ev.num_cpus)
     comp_task = ray.remote(score_composition_task).options(num_cpus=ev.num_cpus)
     store = catalog.tracker.uri
-    refs = {"central": model_task.remote(store, central_uri, docs_ref, scoring)}
+    refs = {"central": model_task.remote(store, central_uri, docs_ref, scoring, cpus)}
     used: dict[str, list[str]] = {}  # composed system -> its experts, in its own order
     if dense_uri and dense_uri != central_uri:
-        refs["dense"] = model_task.remote(store, dense_uri, docs_ref, scoring)
+        refs["dense"] = model_task.remote(store, dense_uri, docs_ref, scoring, cpus)
     if matched_uri:
-        refs[DENSE_MATCHED] = model_task.remote(store, matched_uri, docs_ref, scoring)
+        refs[DENSE_MATCHED] = model_task.remote(store, matched_uri, docs_ref, scoring, cpus)
     for e, uri in enumerate(expert_uris):
-        refs[f"expert{e}"] = model_task.remote(store, uri, docs_ref, scoring)
+        refs[f"expert{e}"] = model_task.remote(store, uri, docs_ref, scoring, cpus)
     if seed_uri:
-        refs["seed"] = model_task.remote(store, seed_uri, docs_ref, scoring)
+        refs["seed"] = model_task.remote(store, seed_uri, docs_ref, scoring, cpus)
     hubs = {"central": central_uri, **({"seed": seed_uri} if seed_uri else {})}
     val_refs = {}
     if validation and validation["docs"]:
         val_docs = ray.put(validation["docs"])
-        val_refs = {f"val/{name}": model_task.remote(store, uri, val_docs, scoring)
+        val_refs = {f"val/{name}": model_task.remote(store, uri, val_docs, scoring, cpus)
                     for name, uri in [*hubs.items(), *((f"expert{e}", u) for e, u in enumerate(expert_uris))]}
     for mode, version in compositions.items():
         if mode not in COMPOSED:
             continue
         state, manifest = catalog.composition_parts(version, tmp / f"composition-{mode}")
         uris = manifest["experts"]
-        system = ComposedSystem(tracking_uri=store, central=manifest["central"], experts=uris,
-                                settings=CompositionSettings.from_manifest(manifest), seed=cfg.seed)
+        system = ComposedSystem.of(manifest, store, cfg.seed)
         routes = None
         if system.settings.routing == "router":  # cBTM weights of each document's prefixes, top-1
             routes = ray.put(_document_routes(catalog, manifest, docs, pipeline_routes, tmp))
         name = COMPOSED[mode]
-        refs[name] = comp_task.remote(system, state, docs_ref, scoring, routes)
+        refs[name] = comp_task.remote(system, state, docs_ref, scoring, cpus, routes)
         used[name] = uris
         if mode == "independent":  # the same gates routing on their own (the k-way gate where there is one)
             for variant, routing in GATE_ONLY.items():
                 if routing == "kway" and not system.settings.kway:
                     continue
                 gated = replace(system, settings=replace(system.settings, routing=routing))
-                refs[variant] = comp_task.remote(gated, state, docs_ref, scoring)
+                refs[variant] = comp_task.remote(gated, state, docs_ref, scoring, cpus)
                 used[variant] = uris
     everything = {**refs, **val_refs}
     results = dict(zip(everything, get_or_fail(list(everything.values()), "evaluation's scoring task")))
     val = {name.removeprefix("val/"): results.pop(name)["log_probs"] for name in val_refs}
     results["dense"] = results.get("dense", results["central"])
-    return {"results": results, "experts": expert_uris, "composition_experts": used, "validation": val}
+    return Scored(results=results, experts=expert_uris, composition_experts=used, validation=val)
 
 
 def validation_set(cfg: Config, catalog: Catalog, experts: list, router, clusters: list[int], tmp: Path) -> dict:
@@ -407,7 +387,7 @@ def validation_set(cfg: Config, catalog: Catalog, experts: list, router, cluster
     eos, share = EOS_ID, max(1, cfg.compose.eval_tokens // max(len(experts), 1))
     docs = []
     for version in experts:
-        tokens = np.load(storage.local_copy(catalog.data_path(version, "val"), tmp / "val"), mmap_mode="r")
+        tokens = storage.load_tokens(catalog.data_path(version, "val"), tmp / "val")
         docs += [np.asarray(d, dtype=np.uint8) for d in stream_documents(tokens, eos, share)]
     return {"docs": docs, "weights": [document_weights(router, bytes(d), clusters, 1) for d in docs]}
 
@@ -421,13 +401,6 @@ def mixture_lambdas(validation: dict[str, list[np.ndarray]], weights: list[np.nd
     routed = [mixture(np.stack([validation[f"expert{e}"][d] for e in range(n)]), w) for d, w in enumerate(weights)]
     return {system: min(LAMBDAS, key=lambda lam: bits_per_byte(output_mixture(routed, validation[hub], lam)))
             for system, hub in MIXTURES.items() if hub in validation}
-
-
-def output_mixture(expert: list[np.ndarray], hub: list[np.ndarray], lam: float) -> list[np.ndarray]:
-    """Per document log(lam p_expert + (1 - lam) p_hub) of per-byte log-probabilities."""
-    with np.errstate(divide="ignore"):
-        a, b = np.log(lam), np.log1p(-lam)
-    return [np.logaddexp(a + x, b + y) for x, y in zip(expert, hub)]
 
 
 def _document_routes(catalog: Catalog, manifest: dict, docs: list[np.ndarray], pipeline_routes: dict,
@@ -446,115 +419,10 @@ def training_curves(catalog: Catalog, pipeline_id: str) -> dict[str, dict[str, l
     """{model: {train_loss | val_bpb: [(step, value)]}} of every model the experts stage trained."""
     curves = {}
     for run in catalog.tracker.stage_runs(pipeline_id, "experts"):
-        name = run.data.tags.get("moie.expert", run.info.run_id)
+        name = run.data.tags.get(Tag.EXPERT, run.info.run_id)
         curves[name] = {key: [(m.step, m.value) for m in catalog.client.get_metric_history(run.info.run_id, key)]
                         for key in ("train_loss", "val_bpb")}
     return curves
-
-
-# --- the results ---------------------------------------------------------------------------------
-
-
-def summarise(domains: list[str], docs: list[np.ndarray], scored: dict, weights: list[np.ndarray],
-              domain_expert: dict[str, int], resamples: int = 2000, seed: int = 0) -> dict:
-    """bpb per system and domain, routing accuracy and load, cost, and each system's difference
-    from the baselines with its paired bootstrap interval; the results table's rows.
-    weights: per document (n_bytes, n_experts) cBTM weights of each byte's prefix."""
-    results, n_experts = scored["results"], len(scored["experts"])
-    log_probs, cbtm_routes = _system_log_probs(domains, docs, results, weights, domain_expert, n_experts)
-    lambdas = scored.get("mixture_lambda", {})
-    for system, lam in lambdas.items():
-        log_probs[system] = output_mixture(log_probs["cbtm_top1"], log_probs[MIXTURES[system]], lam)
-    names = sorted(set(domains))
-    order = ["dense", DENSE_MATCHED, "central", "seed", "oracle", "cbtm_top1", "cbtm_top2", "cbtm_all", *MIXTURES,
-             *COMPOSED_SYSTEMS] + [f"expert{e}" for e in range(n_experts)]
-    order = [s for s in order if s in log_probs]
-    bpb = {s: {dom: bits_per_byte([lp for lp, dd in zip(log_probs[s], domains) if dd == dom]) for dom in names}
-           | {"all": bits_per_byte(log_probs[s])} for s in order}
-    for s in order:  # each domain weighing the same, whatever its held-out bytes
-        bpb[s]["macro"] = float(np.mean([bpb[s][dom] for dom in names]))
-    metrics: dict[str, float] = {f"bpb/{s}/{dom}": v for s in order for dom, v in bpb[s].items()}
-    metrics |= capture(bpb, names)
-    routing_metrics, heat = _routing(domains, scored, cbtm_routes["cbtm_top1"], domain_expert)
-    metrics |= routing_metrics
-    cost = _cost(scored, order, n_experts)
-    metrics |= {f"train_pflops/{s}": c["train_pflops"] for s, c in cost.items() if "train_pflops" in c}
-    metrics |= {f"mixture_lambda/{s}": lam for s, lam in lambdas.items()}
-    metrics |= equal_compute(log_probs, {s: c["train_pflops"] for s, c in cost.items() if "train_pflops" in c},
-                             [s for s in order if s.startswith(("composed", "cbtm", "mixture"))], resamples, seed)
-    deltas = differences(log_probs, [s for s in order if not s.startswith("expert")], resamples, seed)
-    metrics |= {f"delta/{d['system']}_vs_{d['baseline']}/{k}": d[k] for d in deltas for k in ("mean", "ci_low", "ci_high")}
-    for dom in names:  # the same differences within each domain (its documents only)
-        mine = [i for i, dd in enumerate(domains) if dd == dom]
-        sliced: dict[int, list] = {}  # one slice per list: a system that is another (central = dense) stays so
-        within = differences({s: sliced.setdefault(id(lp), [lp[i] for i in mine]) for s, lp in log_probs.items()},
-                             [s for s in order if not s.startswith("expert")], resamples, seed)
-        metrics |= {f"delta/{d['system']}_vs_{d['baseline']}/{dom}/{k}": d[k] for d in within
-                    for k in ("mean", "ci_low", "ci_high")}
-    rows = [{"system": s, **{dom: bpb[s][dom] for dom in names}, "all": bpb[s]["all"], "macro": bpb[s]["macro"],
-             "routing_accuracy": metrics.get(f"routing_accuracy/{s}"),
-             "experts_per_token": metrics.get(f"experts_per_token/{s}"), **cost.get(s, {})} for s in order]
-    # the floor a language model must clear: gzip, bz2, xz on the same documents
-    for system, values in compressor_bpb(domains, [bytes(d) for d in docs]).items():
-        metrics |= {f"bpb/{system}/{part}": v for part, v in values.items()}
-        rows.append({"system": system, **values})
-    return {"metrics": metrics, "rows": rows, "domains": names, "heat": heat, "deltas": deltas, "markdown": ""}
-
-
-BASELINES = ("dense", DENSE_MATCHED)
-
-
-def capture(bpb: dict[str, dict[str, float]], domains: list[str]) -> dict[str, float]:
-    """capture/<system>/<domain>: the share of the oracle's gain over the central model that a
-    system captures there, (central - system) / (central - oracle), for every domain where the
-    oracle gains (the oracle is the ceiling of any composition of the same experts)."""
-    out = {}
-    for dom in domains:
-        gain = bpb["central"][dom] - bpb["oracle"][dom] if "oracle" in bpb else 0.0
-        if gain <= 0:
-            continue
-        for s in bpb:
-            if s not in ("central", "oracle") and not s.startswith("expert"):
-                out[f"capture/{s}/{dom}"] = (bpb["central"][dom] - bpb[s][dom]) / gain
-    return out
-
-
-def differences(log_probs: dict[str, list[np.ndarray]], systems: list[str], resamples: int,
-                seed: int) -> list[dict]:
-    """bpb(system) - bpb(baseline) for every system against each baseline scored, with its paired
-    bootstrap interval over documents (the same resamples for every pair)."""
-    out = []
-    for baseline in (b for b in BASELINES if b in log_probs):
-        for system in (s for s in systems if s != baseline and s in log_probs):
-            if system in ("dense", "central") and baseline == DENSE_MATCHED or (
-                    system == "central" and log_probs["central"] is log_probs["dense"]):
-                continue  # a baseline against the other one is reported once (dense_matched vs dense)
-            interval = paired_bootstrap(log_probs[system], log_probs[baseline], resamples, seed=seed)
-            out.append({"system": system, "baseline": baseline, "mean": interval.mean, "ci_low": interval.ci_low,
-                        "ci_high": interval.ci_high, "holds": interval.excludes_zero() and interval.mean < 0})
-    return out
-
-
-def equal_compute(log_probs: dict[str, list[np.ndarray]], pflops: dict[str, float], systems: list[str],
-                  resamples: int, seed: int) -> dict[str, float]:
-    """equal_compute/<system>/{mean,ci_low,ci_high}: bpb(system) - bpb(dense model), paired bootstrap
-    over documents, against the dense model of the least training compute that is still at least
-    the system's (`dense`, or `dense_matched`: the dense model trained on); that model's PFLOPs
-    as equal_compute/<system>/dense_pflops. A dense model given more compute than the system errs
-    in the dense model's favour; a system more costly than every dense model gets no figure."""
-    dense = sorted((pflops[b], b) for b in BASELINES if b in log_probs and b in pflops)
-    out = {}
-    for system in systems:
-        if system not in log_probs or system not in pflops:
-            continue
-        baseline = next((b for c, b in dense if c >= pflops[system] * (1 - 1e-9)), None)
-        if baseline is None:
-            continue
-        interval = paired_bootstrap(log_probs[system], log_probs[baseline], resamples, seed=seed)
-        out |= {f"equal_compute/{system}/mean": interval.mean, f"equal_compute/{system}/ci_low": interval.ci_low,
-                f"equal_compute/{system}/ci_high": interval.ci_high,
-                f"equal_compute/{system}/dense_pflops": pflops[baseline]}
-    return out
 
 
 def overlap_metrics(held: HeldOut) -> dict[str, float]:
@@ -563,120 +431,3 @@ def overlap_metrics(held: HeldOut) -> dict[str, float]:
     return ({f"heldout_overlap/{d}": v for d, v in held.overlap.items()}
             | {f"heldout_overlap_before/{d}": v for d, v in held.overlap_before.items()}
             | {f"heldout_dropped/{d}": float(held.dropped.get(d, 0)) for d in held.overlap_before})
-
-
-def _system_log_probs(domains: list[str], docs: list[np.ndarray], results: dict, weights: list[np.ndarray],
-                      domain_expert: dict[str, int], n_experts: int) -> tuple[dict, dict]:
-    """Per-byte log-probabilities of every system, the oracle and cBTM mixtures included;
-    and cBTM's kept weights per system."""
-    log_probs: dict[str, list[np.ndarray]] = {name: r["log_probs"] for name, r in results.items()}
-    stacked = [np.stack([results[f"expert{e}"]["log_probs"][d] for e in range(n_experts)]) for d in range(len(docs))]
-    names = sorted(set(domains))
-    # oracle: the domain's expert; a domain the clustering never saw takes its best expert
-    per_domain = {e: {dom: bits_per_byte([lp for lp, dd in zip(log_probs[f"expert{e}"], domains) if dd == dom])
-                      for dom in names} for e in range(n_experts)}
-    oracle_of = {dom: domain_expert.get(dom, min(range(n_experts), key=lambda e: per_domain[e][dom])) for dom in names}
-    log_probs["oracle"] = [stacked[d][oracle_of[dom]] for d, dom in enumerate(domains)]
-    # cBTM: the router's weights for each byte's prefix, restricted to clusters that have experts
-    cbtm_routes = {}
-    for name, kk in CBTM.items():
-        kept = [keep_top_k(w, kk or n_experts) for w in weights]
-        log_probs[name] = [mixture(stacked[d], kept[d]) for d in range(len(docs))]
-        cbtm_routes[name] = kept
-    return log_probs, cbtm_routes
-
-
-def _routing(domains: list[str], scored: dict, cbtm_top1: list[np.ndarray],
-             domain_expert: dict[str, int]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Routing accuracy per byte (the share of bytes whose top-1 expert is their domain's), experts
-    per token and load of cBTM top-1 and every composed system (top-1 counts per document over
-    the pipeline's experts, the last column for others); and each system's domain x expert heat map."""
-    results, expert_uris = scored["results"], scored["experts"]
-    n_experts = len(expert_uris)
-    names = sorted(set(domains))
-    known = [d for d, dom in enumerate(domains) if dom in domain_expert]
-    routing = {"cbtm_top1": (np.stack([np.bincount(w.argmax(axis=1), minlength=n_experts + 1)
-                                       for w in cbtm_top1]), 1.0)}
-    for s in COMPOSED_SYSTEMS:
-        if s in results:
-            # per byte, as cBTM's: the expert weighted most for the prediction of each byte
-            # (-1: none, a miss); over the composition's own expert list, remapped
-            column = [expert_uris.index(uri) if uri in expert_uris else n_experts
-                      for uri in scored["composition_experts"][s]]  # n_experts: an expert from outside
-            remap = np.stack([np.bincount(np.asarray(column + [n_experts + 1])[c], minlength=n_experts + 2)
-                              for c in results[s]["choices"]])  # (docs, n_experts + 2); c = -1 -> the last
-            routing[s] = (remap, results[s]["experts_per_token"])
-    metrics, heat = {}, {}
-    for s, (counts, per_token) in routing.items():
-        hits = sum(counts[d, domain_expert[domains[d]]] for d in known)
-        total = sum(counts[d].sum() for d in known)  # every byte of the known domains' documents
-        counts = counts[:, :n_experts + 1]  # load and heat: the bytes routed somewhere
-        if total:
-            metrics[f"routing_accuracy/{s}"] = float(hits / total)
-        metrics[f"experts_per_token/{s}"] = float(per_token)
-        load = counts.sum(axis=0) / max(counts.sum(), 1)
-        metrics |= {f"load/{s}/expert{e}": float(x) for e, x in enumerate(load[:n_experts])}
-        if load[n_experts]:  # experts from outside the pipeline (added to a composition)
-            metrics[f"load/{s}/other"] = float(load[n_experts])
-        heat[s] = np.stack([counts[[d for d, dd in enumerate(domains) if dd == dom], :n_experts].sum(axis=0)
-                            for dom in names])
-    return metrics, heat
-
-
-def _cost(scored: dict, order: list[str], n_experts: int) -> dict[str, dict]:
-    """Parameters, training PFLOPs (3 x forward FLOPs x tokens of every model a system uses, plus
-    for compositions what the compose stage spent training them), inference MFLOPs and ms per token."""
-    results, uris, tokens = scored["results"], scored["experts"], scored["train_tokens"]
-    experts = [results[f"expert{e}"] for e in range(n_experts)]
-
-    def trained(r: dict, uri: str) -> float:
-        return 3 * r["flops"] * tokens.get(uri, 0.0) / 1e15
-
-    # + the shared seed the experts branched from (the dense model's first steps), counted once
-    seed_pflops = 3 * results["dense"]["flops"] * scored.get("seed_tokens", 0.0) / 1e15
-    own_pflops = sum(trained(r, u) for r, u in zip(experts, uris))
-    experts_pflops = own_pflops + seed_pflops
-    central_pflops = trained(results["central"], scored["central_uri"])
-    dense_pflops = trained(results["dense"], scored["dense_uri"])
-    mean_flops = float(np.mean([r["flops"] for r in experts]))
-    mean_ms = float(np.mean([r["ms_per_token"] for r in experts]))
-    all_params = int(sum(r["params"] for r in experts))
-    cost = {"dense": {"train_pflops": dense_pflops}, "central": {"train_pflops": central_pflops}}
-    if DENSE_MATCHED in results:  # the dense model's training, then its continuation
-        cost[DENSE_MATCHED] = {"train_pflops": dense_pflops + trained(results[DENSE_MATCHED], scored["matched_uri"])}
-    for e, (r, u) in enumerate(zip(experts, uris)):
-        cost[f"expert{e}"] = {"train_pflops": trained(r, u)}
-    compose = scored.get("compose_pflops", {})
-    for s in order:
-        if s in results:
-            r = results[s]
-            cost.setdefault(s, {}).update(params=int(r["params"]), infer_mflops_per_token=r["flops"] / 1e6,
-                                          ms_per_token=r["ms_per_token"])
-            if s.startswith("composed"):  # a dense central model already contains the seed
-                same = scored["central_uri"] == scored["dense_uri"]
-                mode = MODE_OF[s]
-                hub = 0.0 if mode.endswith("_seed") else central_pflops  # the seed is in experts_pflops
-                cost[s]["train_pflops"] = (hub + (own_pflops if same and hub else experts_pflops)
-                                           + compose.get(mode, 0.0)
-                                           + (scored.get("kway_pflops", {}).get(mode, 0.0)
-                                              if GATE_ONLY.get(s) == "kway" else 0.0))
-    if "seed" in results:
-        cost.setdefault("seed", {})["train_pflops"] = seed_pflops
-    for s, hub in MIXTURES.items():  # the hub and one routed expert per byte
-        if hub in results and s in scored.get("mixture_lambda", {}):
-            cost[s] = {"params": all_params + int(results[hub]["params"]),
-                       "train_pflops": experts_pflops if hub == "seed" else central_pflops + (
-                           own_pflops if scored["central_uri"] == scored["dense_uri"] else experts_pflops),
-                       "infer_mflops_per_token": (results[hub]["flops"] + mean_flops) / 1e6,
-                       "ms_per_token": results[hub]["ms_per_token"] + mean_ms}
-    for s, kk in {"oracle": 1, **CBTM}.items():
-        kk = min(kk or n_experts, n_experts)  # k expert forwards (the router's tf-idf not counted)
-        cost[s] = {"params": all_params, "train_pflops": experts_pflops, "infer_mflops_per_token": kk * mean_flops / 1e6,
-                   "ms_per_token": kk * mean_ms}
-    return cost
-
-
-def headline(metrics: dict[str, float]) -> dict[str, float]:
-    """What the parent run shows: overall bpb of every system, routing accuracy, experts per token."""
-    return {k: v for k, v in metrics.items()
-            if (k.startswith("bpb/") and k.endswith("/all")) or k.startswith(HEADLINE[1:])}

@@ -27,8 +27,10 @@ import torch
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
 from experts.trainer import TrainConfig, TrainResult, train
 from pipeline.store import storage
-from pipeline.store.catalog import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, SEED, STORAGE_ROOT, TOKENS_SHA, Catalog,
-                              check_token_files, exact_uri, expert_name)
+from pipeline.store.catalog import Catalog, check_token_files, exact_uri
+from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, ROLE_CENTRAL, ROLE_DENSE,
+                                  ROLE_DENSE_CENTRAL, SEED, Tag, expert_cluster,
+                                  expert_name, is_expert)
 from pipeline.config import Config
 from pipeline.text.corpus import clustered_documents, load_corpus
 from pipeline.errors import StageError
@@ -129,7 +131,7 @@ def expert_data(cfg: Config, root: str, table: dict, k: int) -> dict[str, dict]:
 
 def registered_model(name: str) -> str:
     """The registered model a trained model becomes a version of."""
-    return EXPERT_MODEL if name.startswith("expert-") else CENTRAL_MODEL
+    return EXPERT_MODEL if is_expert(name) else CENTRAL_MODEL
 
 
 def set_aside(location: str, tag: str) -> None:
@@ -160,8 +162,8 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
         model.load_state_dict(load_model(storage.local_copy(task.init_from, scratch))[0].state_dict())
     if task.num_gpus and torch.cuda.is_available():
         model.to("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
-    train_tokens = np.load(storage.local_copy(task.train, scratch), mmap_mode="r")
-    val_tokens = np.load(storage.local_copy(task.val, scratch), mmap_mode="r")
+    train_tokens = storage.load_tokens(task.train, scratch)
+    val_tokens = storage.load_tokens(task.val, scratch)
     val_tokens = val_tokens if len(val_tokens) > 1 else None
     total = cfg.steps(cfg.seq_len or model.config.block_size)
     log_metrics = metrics_logger(task.tracking_uri, task.run_id)
@@ -257,17 +259,17 @@ class _ExpertsStage:
         names = [expert_name(j) for j in range(self.k)] + ([DENSE] if e.dense else [])
         names += [CENTRAL] if self.cfg.central.arch else []
         runs = self.tracker.stage_runs(self.pipeline_id, "experts", None)
-        existing = {r.data.tags.get("moie.expert"): r for r in reversed(runs)  # the newest run of each model
-                    if r.data.tags.get("moie.cluster_run") == self.cluster_run_id}  # experts of this clustering
+        existing = {r.data.tags.get(Tag.EXPERT): r for r in reversed(runs)  # the newest run of each model
+                    if r.data.tags.get(Tag.CLUSTER_RUN) == self.cluster_run_id}  # experts of this clustering
         seed = self.seed_plan()
         registered, tasks = {}, []
         for name in names:
             run = existing.get(name)
-            if run is not None and "moie.model_version" not in run.data.tags:
+            if run is not None and Tag.MODEL_VERSION not in run.data.tags:
                 self.mark_registered(name, run)  # registered just before a stop, not yet marked
                 run = self.tracker.client.get_run(run.info.run_id)
-            if run is not None and "moie.model_version" in run.data.tags:
-                registered[name] = run.data.tags["moie.model_version"]
+            if run is not None and Tag.MODEL_VERSION in run.data.tags:
+                registered[name] = run.data.tags[Tag.MODEL_VERSION]
                 print(f"{name}: already trained and registered as {registered[name]}", flush=True)
                 continue
             task = self.task(name, run, data[name], seed)
@@ -293,7 +295,7 @@ class _ExpertsStage:
         and FINISHED now, so the model is not trained and registered a second time."""
         version = self.catalog.version_of_run(registered_model(name), run.info.run_id)
         if version is not None:
-            self.tracker.set_tags(run.info.run_id, {"moie.model_version": exact_uri(version)})
+            self.tracker.set_tags(run.info.run_id, {Tag.MODEL_VERSION: exact_uri(version)})
             self.tracker.end_run(run.info.run_id, "FINISHED")
 
     def check_trainable(self, names: list[str]) -> None:
@@ -304,7 +306,7 @@ class _ExpertsStage:
         why = "; ".join(f"{name}: {reason}" for name, reason in self.cannot_train.items())
         fix = ("lower experts.train.batch_size or experts.train.seq_len, or cluster into fewer, larger clusters "
                "(cluster.k), then run the stage again")
-        experts = [n for n in names if n.startswith("expert-")]
+        experts = [n for n in names if is_expert(n)]
         if DENSE in self.cannot_train or CENTRAL in self.cannot_train or set(experts) <= set(self.cannot_train):
             raise StageError(f"cannot train {', '.join(self.cannot_train)} ({why}); {fix}")
         log.warning("going on without %s (%s); to train them, %s", ", ".join(self.cannot_train), why, fix)
@@ -330,7 +332,7 @@ class _ExpertsStage:
         seq_len = train_cfg.get("seq_len") or model_config(model_cfg).block_size  # no model built for this
         batch = train_cfg.get("batch_size", 16)
         budget = train_cfg.get("max_tokens", 1_000_000) * (self.k if name == DENSE else 1)
-        branch = seed is not None and name.startswith("expert-")
+        branch = seed is not None and is_expert(name)
         if branch:  # the seed is shared: k experts + seed = the dense budget
             # (each branch warms up to the peak learning rate again: measured on the default config,
             # going on from the seed's decayed rate instead left every expert ~0.03 bits per byte worse)
@@ -354,13 +356,13 @@ class _ExpertsStage:
         if n_train < batch * (seq_len + 1):
             why = (f"its data has {n_train} training tokens, fewer than one batch of {batch} windows of "
                    f"{seq_len + 1} tokens")
-            self.tracker.set_tags(run_id, {"moie.skipped": why})
+            self.tracker.set_tags(run_id, {Tag.SKIPPED: why})
             self.tracker.end_run(run_id, "FAILED")  # not FINISHED: it holds no model; tried again next time
             self.cannot_train[name] = why
             return None
         if branch:  # the shared seed's tokens count once for all experts
-            self.tracker.set_tags(run_id, {"moie.seed_tokens": str(seed.tokens)})
-        domain = self.tracker.client.get_run(run_id).data.tags.get("moie.domain")
+            self.tracker.set_tags(run_id, {Tag.SEED_TOKENS: str(seed.tokens)})
+        domain = self.tracker.client.get_run(run_id).data.tags.get(Tag.DOMAIN)
         return ExpertTask(name=name, run_id=run_id, tracking_uri=self.tracker.uri, model=model_cfg,
                           train_config={**train_cfg, "max_tokens": budget, "seed": self.cfg.seed},
                           train=data["train"], val=data["val"], ckpt_dir=ckpt_dir, num_cpus=e.num_cpus,
@@ -370,15 +372,15 @@ class _ExpertsStage:
                                        "pipeline": self.pipeline_id, "domain": domain}, hold=e.hold)
 
     def create_run(self, name: str, params: dict[str, str], files: dict[str, str]) -> str:
-        tags = {"moie.expert": name, "moie.cluster_run": self.cluster_run_id, STORAGE_ROOT: self.root,
-                "moie.num_cpus": str(self.cfg.experts.num_cpus)}
-        tags |= {f"{TOKENS_SHA}.{split}": storage.sha256(path) for split, path in files.items()}
-        if name.startswith("expert-"):
-            cluster = int(name.removeprefix("expert-"))
-            tags["moie.cluster"] = str(cluster)
+        tags = {Tag.EXPERT: name, Tag.CLUSTER_RUN: self.cluster_run_id, Tag.STORAGE_ROOT: self.root,
+                Tag.NUM_CPUS: str(self.cfg.experts.num_cpus)}
+        tags |= {f"{Tag.TOKENS_SHA}.{split}": storage.sha256(path) for split, path in files.items()}
+        cluster = expert_cluster(name)
+        if cluster is not None:
+            tags[Tag.CLUSTER] = str(cluster)
             dominant = (self.report.get("dominant") or [None] * (cluster + 1))[cluster]
             if dominant:
-                tags |= {"moie.domain": str(dominant["domain"]), "moie.purity": f"{dominant['share']:.4f}"}
+                tags |= {Tag.DOMAIN: str(dominant["domain"]), Tag.PURITY: f"{dominant['share']:.4f}"}
         run_id = self.tracker.create_stage_run(self.pipeline_id, "experts", name=name, tags=tags)
         self.tracker.log_params(run_id, params)
         return run_id
@@ -390,7 +392,7 @@ class _ExpertsStage:
         what = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in sorted(changed.items()))
         print(f"{name}: the config changed since run {run.info.run_id} ({what}): it trains afresh in a new run",
               flush=True)
-        self.tracker.set_tags(run.info.run_id, {"moie.superseded": what})
+        self.tracker.set_tags(run.info.run_id, {Tag.SUPERSEDED: what})
         if run.info.status == "RUNNING":  # left so by a driver that was killed
             self.tracker.end_run(run.info.run_id, "FAILED")
         set_aside(ckpt_dir, run.info.run_id)
@@ -477,7 +479,7 @@ class _ExpertsStage:
         if storage.kind(exported) != "file" or json.loads(storage.read_text(exported)).get("step") != seed.steps:
             return None
         dense = next(r for r in reversed(self.tracker.stage_runs(self.pipeline_id, "experts", None))
-                     if r.data.tags.get("moie.expert") == DENSE and r.data.tags.get("moie.cluster_run") == self.cluster_run_id)
+                     if r.data.tags.get(Tag.EXPERT) == DENSE and r.data.tags.get(Tag.CLUSTER_RUN) == self.cluster_run_id)
         seed_run = self.seed_run(seed, dense.info.run_id)
         files = {split: Catalog.token_file(self.root, DENSE, split) for split in ("train", "val")}
         with tempfile.TemporaryDirectory(prefix="moie-seed-") as tmp:
@@ -499,15 +501,15 @@ class _ExpertsStage:
         """Register the seed its task logged to the seed's own run as a moie-central version with
         moie.role=seed: the dense model where every expert branched, a hub to compose on."""
         run = self.tracker.client.get_run(task.log_run)
-        tags = {"moie.pipeline": self.pipeline_id, "moie.expert": SEED, "moie.role": SEED,
-                "moie.tokenizer": task.tokenizer, "moie.arch": json.dumps(task.model, sort_keys=True),
-                "moie.sha256": trained.files["model.safetensors"], "moie.seed_tokens": str(trained.result.tokens)}
+        tags = {Tag.PIPELINE: self.pipeline_id, Tag.EXPERT: SEED, Tag.ROLE: SEED,
+                Tag.TOKENIZER: task.tokenizer, Tag.ARCH: json.dumps(task.model, sort_keys=True),
+                Tag.SHA: trained.files["model.safetensors"], Tag.SEED_TOKENS: str(trained.result.tokens)}
         tags |= {k: v for k, v in run.data.tags.items()
-                 if k in ("moie.cluster_run", STORAGE_ROOT) or k.startswith(TOKENS_SHA)}
+                 if k in (Tag.CLUSTER_RUN, Tag.STORAGE_ROOT) or k.startswith(Tag.TOKENS_SHA)}
         uri = self.catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", task.log_run, tags)
         self.tracker.log_metrics(task.log_run, {"steps": trained.result.steps, "tokens": trained.result.tokens,
                                                 "params": trained.params, "final_train_loss": trained.result.train_loss})
-        self.tracker.set_tags(task.log_run, {"moie.model_version": uri})
+        self.tracker.set_tags(task.log_run, {Tag.MODEL_VERSION: uri})
         self.tracker.end_run(task.log_run, "FINISHED")
         return uri
 
@@ -523,16 +525,16 @@ class _ExpertsStage:
         manifest = trained.files
         # role: which central-model version composition takes by default (a configured central
         # model wins over the dense baseline, which is then registered as the baseline only)
-        role = {CENTRAL: "central", DENSE: "dense" if task.has_central else "dense+central"}.get(task.name)
-        tags = {"moie.pipeline": self.pipeline_id, "moie.expert": task.name, "moie.tokenizer": task.tokenizer,
-                "moie.arch": json.dumps(task.model, sort_keys=True), "moie.sha256": manifest["model.safetensors"]}
+        role = {CENTRAL: ROLE_CENTRAL, DENSE: ROLE_DENSE if task.has_central else ROLE_DENSE_CENTRAL}.get(task.name)
+        tags = {Tag.PIPELINE: self.pipeline_id, Tag.EXPERT: task.name, Tag.TOKENIZER: task.tokenizer,
+                Tag.ARCH: json.dumps(task.model, sort_keys=True), Tag.SHA: manifest["model.safetensors"]}
         tags |= {k: v for k, v in run.data.tags.items()
-                 if k in ("moie.cluster", "moie.domain", "moie.purity", "moie.cluster_run", "moie.seed_tokens",
-                          STORAGE_ROOT)
-                 or k.startswith(TOKENS_SHA)}
+                 if k in (Tag.CLUSTER, Tag.DOMAIN, Tag.PURITY, Tag.CLUSTER_RUN, Tag.SEED_TOKENS,
+                          Tag.STORAGE_ROOT)
+                 or k.startswith(Tag.TOKENS_SHA)}
         if role:
-            tags["moie.role"] = role
+            tags[Tag.ROLE] = role
         uri = self.catalog.register(name, f"{run.info.artifact_uri}/model", run_id, tags)
-        self.tracker.set_tags(run_id, {"moie.model_version": uri})
+        self.tracker.set_tags(run_id, {Tag.MODEL_VERSION: uri})
         self.tracker.end_run(run_id, "FINISHED")
         return uri

@@ -30,22 +30,22 @@ import ray
 from artifacts import save_state, write_json
 from composition.evaluation import bits_per_byte, mixture
 from composition.intervals import paired_bootstrap, stratified_bootstrap
-from composition.loader import CompositionSettings, assemble
-from composition.training import kway_flops_per_token, windows_per_set
+from composition.loader import CompositionSettings
+from composition.training import planned_added_expert_flops, planned_kway_flops_per_token, windows_per_set
 from experts.checkpoint import build_model, load_model
 from experts.flops import forward_flops_per_token
 from experts.trainer import TrainConfig
 from pipeline.store import storage
-from pipeline.store.catalog import (EXPERT_MODEL, EXTENSION, ROUTER_NAME, SEED, STORAGE_ROOT, TOKENS_SHA,
-                              Catalog, exact_uri, expert_name)
+from pipeline.store.catalog import ROUTER_NAME, Catalog, exact_uri
+from pipeline.store.names import EXPERT_MODEL, SEED, Tag, expert_name, extend_tag, sha_tag
 from pipeline.config import KWAY_TRAIN, Config, CorpusConfig
 from pipeline.text.corpus import Document, load_corpus
 from pipeline.errors import StageError
 from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail
 from pipeline.results.report import markdown_table
-from pipeline.stages.compose import (AddedCluster, MatchedTask, abandon_continued, add_expert, added_expert_flops,
-                                     check_extensible, finish_continued, train_matched_task)
-from pipeline.stages.evaluate import (ComposedSystem, Scoring, held_out, score_composition_task, score_model_task)
+from pipeline.stages.compose import AddedCluster, add_expert, check_extensible
+from pipeline.stages.evaluate import ComposedSystem, held_out, score_composition_task, score_model_task
+from pipeline.stages.matched import MatchedTask, abandon_continued, finish_continued, train_matched_task
 from pipeline.stages.experts import ExpertTask, train_expert, write_tokens
 from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE
 from pipeline.store.tracking import param_strings
@@ -193,7 +193,7 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
     print(f"extend: {domain} from {new.described}: {len(new.train)} training documents ({new.train_bytes} bytes), "
           f"{len(new.val)} validation, {len(new.test)} held-out", flush=True)
     with tracker.pipeline_active(pipeline_id), tracker.stage_run(pipeline_id, "extend", name=f"extend-{domain}", tags={
-            "moie.domain": domain, "moie.extends": pipeline_id, "moie.base": exact_uri(plan.base)}) as run_id, \
+            Tag.DOMAIN: domain, Tag.EXTENDS: pipeline_id, Tag.BASE: exact_uri(plan.base)}) as run_id, \
             tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = catalog.checkpoint_root(pipeline_id, run_id)
@@ -225,7 +225,7 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
         (out / "extend_results.md").write_text(outcome["markdown"], encoding="utf-8")
         write_json(out / "extend_metrics.json", outcome["metrics"])
         tracker.log_artifact_dir(run_id, out, "results")
-        tracker.set_tags(run_id, {f"moie.extend.{k}": v for k, v in uris.items()})
+        tracker.set_tags(run_id, {extend_tag(k): v for k, v in uris.items()})
         print(outcome["markdown"], flush=True)
     return {**outcome, "uris": uris, "run_id": run_id}
 
@@ -237,7 +237,7 @@ def make_plan(cfg: Config, catalog: Catalog, pipeline_id: str, domain: str, tabl
         raise StageError(f"domain name {domain!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a "
                          "letter or digit (it names metrics and the expert's tag)")
     used = ({s for s in table.get("source", []) if s}
-            | {v.tags.get("moie.domain") for v in catalog.extensions(pipeline_id)}) - {None}
+            | {v.tags.get(Tag.DOMAIN) for v in catalog.extensions(pipeline_id)}) - {None}
     if domain in used:
         raise StageError(f"domain {domain!r} is already a domain of pipeline {pipeline_id} (its corpus or an earlier "
                          f"extension); name the new one differently (in use: {', '.join(sorted(used))})")
@@ -266,7 +266,7 @@ def make_plan(cfg: Config, catalog: Catalog, pipeline_id: str, domain: str, tabl
     else:
         branch = central if x.branch == "central" else None
     if branch is not None:
-        model = json.loads(branch.tags["moie.arch"])
+        model = json.loads(branch.tags[Tag.ARCH])
     else:
         model = {"arch": cfg.experts.arch, **cfg.experts.model, **x.model, "vocab_size": VOCAB_SIZE}
     cluster = k  # the index of the grown router's new centroid (the clustering's are 0..k-1)
@@ -282,7 +282,7 @@ def log_router(tracker, run_id: str, cluster: AddedCluster, folder: Path) -> Non
     folder.mkdir(parents=True)
     save_state(folder, ROUTER_NAME, cluster.tensors, cluster.meta)
     manifest = tracker.log_artifact_dir(run_id, folder)
-    tracker.set_tags(run_id, {f"moie.sha256.{name}": sha for name, sha in manifest.items()})
+    tracker.set_tags(run_id, {sha_tag(name): sha for name, sha in manifest.items()})
 
 
 def compute_budgets(cfg: Config, plan: Plan, central) -> dict[str, float]:
@@ -294,17 +294,16 @@ def compute_budgets(cfg: Config, plan: Plan, central) -> dict[str, float]:
     seq = train.seq_len or expert.config.block_size
     expert_flops = 3 * forward_flops_per_token(expert) * train.steps(seq) * train.tokens_per_step(seq)
     settings = plan.base_settings
-    composed = assemble(central, [expert], replace(settings, kway=False))
     c = cfg.compose
-    slot = added_expert_flops(composed, 0, c.blocks_train, c.gates_train, c.mix_train)
+    slot = planned_added_expert_flops(central, expert, settings, c.blocks_train, c.gates_train, c.mix_train)
     budgets = {"expert_new": expert_flops, "composed": expert_flops + slot, "cbtm": expert_flops}
     if settings.kway:  # the k-way gate trained anew over every expert (shapes: the central model and E experts)
         n = len(plan.experts) + 1
-        gated = assemble(central, [build_model(plan.model) for _ in range(n)], settings)
         kway = {**KWAY_TRAIN, **c.kway_train}
-        seq = gated.config.block_size
+        seq = central.config.block_size
         tokens = windows_per_set(kway["max_tokens"], n, seq) * seq * n
-        budgets["composed_kway"] = budgets["composed"] + tokens * kway_flops_per_token(gated)
+        per_token = planned_kway_flops_per_token(central, [build_model(plan.model) for _ in range(n)], settings)
+        budgets["composed_kway"] = budgets["composed"] + tokens * per_token
     return budgets
 
 
@@ -337,10 +336,10 @@ def train_systems(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str, 
         uris["expert_new"] = register_expert(catalog, pipeline_id, run_id, plan, new, expert_task, trained)
         version = catalog.resolve(uris["expert_new"])
         uris["composed"] = add_expert(catalog, cfg, pipeline_id, plan.base, version, added,
-                                      tags={EXTENSION: run_id, "moie.domain": new.domain}, kway=True)
+                                      tags={Tag.EXTENSION: run_id, Tag.DOMAIN: new.domain}, kway=True)
         for name, (ref, matched) in continued.items():
             uris[name] = finish_continued(catalog, pipeline_id, ref, matched, plan.central, role=name,
-                                          tags={EXTENSION: run_id, "moie.domain": new.domain})
+                                          tags={Tag.EXTENSION: run_id, Tag.DOMAIN: new.domain})
     except BaseException as err:
         for ref, matched in continued.values():
             abandon_continued(catalog, ref, matched, killed=isinstance(err, (KeyboardInterrupt, SystemExit)))
@@ -360,8 +359,8 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
     tracker = catalog.tracker
     train_cfg = continued_config(cfg, plan, central, pflops)
     eos = EOS_ID
-    new_train = np.load(storage.local_copy(data["train"], tmp / "new-train"), mmap_mode="r")
-    old = [np.load(storage.local_copy(catalog.data_path(v, "train"), tmp / f"old-{i}"), mmap_mode="r")
+    new_train = storage.load_tokens(data["train"], tmp / "new-train")
+    old = [storage.load_tokens(catalog.data_path(v, "train"), tmp / f"old-{i}")
            for i, v in enumerate(plan.experts)]
     mixed = replay_tokens(new_train, old, cfg.extend.replay, cfg.seed, eos)
     replay_file = storage.join(root, "data", f"{REPLAY}.train.npy")
@@ -373,14 +372,14 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
         if name == REPLAY and cfg.extend.replay == 0:
             continue
         child = tracker.create_stage_run(pipeline_id, "extend", name=name, tags={
-            "moie.mode": name, "moie.expert": name, "moie.continued_from": exact_uri(plan.central), EXTENSION: run_id})
+            Tag.MODE: name, Tag.EXPERT: name, Tag.CONTINUED_FROM: exact_uri(plan.central), Tag.EXTENSION: run_id})
         tracker.log_params(child, {"continued_from": exact_uri(plan.central),
                                    "replay": cfg.extend.replay if name == REPLAY else 0.0,
                                    **{f"train.{k}": v for k, v in train_cfg.items()}})
         tracker.log_metrics(child, {"matched_pflops": pflops / 1e15})
         matched = MatchedTask(name=name, run_id=child, tracking_uri=tracker.uri, dense=exact_uri(plan.central),
                               train=train, val=data["val"], ckpt_dir=Catalog.checkpoint_dir(root, name),
-                              train_config=train_cfg, tokenizer=plan.central.tags["moie.tokenizer"],
+                              train_config=train_cfg, tokenizer=plan.central.tags[Tag.TOKENIZER],
                               num_cpus=cfg.extend.num_cpus, seed=cfg.seed, pipeline=pipeline_id)
         ref = ray.remote(train_matched_task).options(num_cpus=cfg.extend.num_cpus, max_retries=1).remote(matched)
         started[name] = (ref, matched)
@@ -398,9 +397,9 @@ def new_expert_task(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
     if plan.branch is not None:
         init_from = storage.join(root, "branch", "model")
         storage.upload(catalog.model_dir(plan.branch, tmp / "branch"), init_from)
-    tags = {"moie.expert": plan.name, "moie.cluster": str(plan.cluster), "moie.cluster_run": run_id,
-            STORAGE_ROOT: root, "moie.domain": new.domain, EXTENSION: run_id,
-            **{f"{TOKENS_SHA}.{split}": storage.sha256(path) for split, path in data.items()}}
+    tags = {Tag.EXPERT: plan.name, Tag.CLUSTER: str(plan.cluster), Tag.CLUSTER_RUN: run_id,
+            Tag.STORAGE_ROOT: root, Tag.DOMAIN: new.domain, Tag.EXTENSION: run_id,
+            **{f"{Tag.TOKENS_SHA}.{split}": storage.sha256(path) for split, path in data.items()}}
     child = tracker.create_stage_run(pipeline_id, "extend", name=plan.name, tags=tags)
     tracker.log_params(child, param_strings({f"model.{k}": v for k, v in plan.model.items()}
                                             | {f"train.{k}": v for k, v in plan.expert_train.items()}
@@ -423,13 +422,13 @@ def register_expert(catalog: Catalog, pipeline_id: str, run_id: str, plan: Plan,
                                       **({"final_val_bpb": result.val_bpb} if result.val_bpb is not None else {})})
     run = tracker.client.get_run(task.run_id)
     tags = {k: v for k, v in run.data.tags.items()
-            if k in ("moie.expert", "moie.cluster", "moie.cluster_run", "moie.domain", STORAGE_ROOT, EXTENSION)
-            or k.startswith(TOKENS_SHA)}
+            if k in (Tag.EXPERT, Tag.CLUSTER, Tag.CLUSTER_RUN, Tag.DOMAIN, Tag.STORAGE_ROOT, Tag.EXTENSION)
+            or k.startswith(Tag.TOKENS_SHA)}
     uri = catalog.register(EXPERT_MODEL, f"{run.info.artifact_uri}/model", task.run_id, {
-        **tags, "moie.pipeline": pipeline_id, "moie.tokenizer": task.tokenizer,
-        "moie.arch": json.dumps(task.model, sort_keys=True), "moie.sha256": trained.files["model.safetensors"],
-        "moie.branched_from": exact_uri(plan.branch) if plan.branch else "scratch"})
-    tracker.set_tags(task.run_id, {"moie.model_version": uri})
+        **tags, Tag.PIPELINE: pipeline_id, Tag.TOKENIZER: task.tokenizer,
+        Tag.ARCH: json.dumps(task.model, sort_keys=True), Tag.SHA: trained.files["model.safetensors"],
+        Tag.BRANCHED_FROM: exact_uri(plan.branch) if plan.branch else "scratch"})
+    tracker.set_tags(task.run_id, {Tag.MODEL_VERSION: uri})
     tracker.end_run(task.run_id, "FINISHED")
     print(f"{plan.name} ({new.domain}): registered as {uri} (val_bpb {result.val_bpb})", flush=True)
     return uri
@@ -449,34 +448,32 @@ def score_extension(cfg: Config, catalog: Catalog, plan: Plan, uris: dict, added
              "old": range(len(docs["new"]), len(docs["new"]) + len(docs["old"])),
              "mixed": range(len(every) - len(docs["mixed"]), len(every))}
     ev = cfg.evaluate
-    scoring = Scoring(eos_id=EOS_ID, stride=ev.stride or None, batch_size=ev.batch_size,
-                      num_cpus=cfg.extend.num_cpus)
+    scoring, cpus = ev.scoring(), cfg.extend.num_cpus
     docs_ref = ray.put(every)
     model_task = ray.remote(score_model_task).options(num_cpus=cfg.extend.num_cpus)
     comp_task = ray.remote(score_composition_task).options(num_cpus=cfg.extend.num_cpus)
     old_uris = [exact_uri(v) for v in plan.experts]
     models = {"central": exact_uri(plan.central), **{f"expert{e}": u for e, u in enumerate(old_uris)},
               "expert_new": uris["expert_new"], **{b: uris[b] for b in BASELINES if b in uris}}
-    refs = {name: model_task.remote(store, uri, docs_ref, scoring) for name, uri in models.items()}
+    refs = {name: model_task.remote(store, uri, docs_ref, scoring, cpus) for name, uri in models.items()}
     old_router = catalog.router(cluster_run_id, tmp / "old-router")
     after = catalog.resolve(uris["composed"])
     for when, version, route_by in (("before/", plan.base, old_router), ("", after, router)):
         state, manifest = catalog.composition_parts(version, tmp / f"{when.strip('/') or 'after'}-composition")
-        system = ComposedSystem(tracking_uri=store, central=manifest["central"], experts=manifest["experts"],
-                                settings=CompositionSettings.from_manifest(manifest), seed=cfg.seed)
+        system = ComposedSystem.of(manifest, store, cfg.seed)
         routes = ray.put([document_weights(route_by, bytes(d), manifest["clusters"], 1) for d in every])
-        refs[f"{when}composed_independent"] = comp_task.remote(system, state, docs_ref, scoring, routes)
+        refs[f"{when}composed_independent"] = comp_task.remote(system, state, docs_ref, scoring, cpus, routes)
         gated = replace(system, settings=replace(system.settings, routing="topk"))  # the gates alone
-        refs[f"{when}composed_independent_topk"] = comp_task.remote(gated, state, docs_ref, scoring)
+        refs[f"{when}composed_independent_topk"] = comp_task.remote(gated, state, docs_ref, scoring, cpus)
         if system.settings.kway:  # the k-way gate (the extended one's trained anew with the new domain's text)
             gated = replace(system, settings=replace(system.settings, routing="kway"))
-            refs[f"{when}composed_independent_kway"] = comp_task.remote(gated, state, docs_ref, scoring)
+            refs[f"{when}composed_independent_kway"] = comp_task.remote(gated, state, docs_ref, scoring, cpus)
     try:
         results = dict(zip(refs, get_or_fail(list(refs.values()), "extension's scoring task")))
     finally:
         cancel(list(refs.values()))
     log_probs = {name: r["log_probs"] for name, r in results.items()}
-    old_clusters = [int(v.tags["moie.cluster"]) for v in plan.experts]
+    old_clusters = [int(v.tags[Tag.CLUSTER]) for v in plan.experts]
     new_index = len(old_uris)  # the new expert's position in the extended systems
     choices = {s: r["choices"] for s, r in results.items() if s.startswith("composed")}  # per byte: expert or -1
     old_names = [f"expert{e}" for e in range(len(old_uris))]

@@ -10,14 +10,22 @@ compositions registered for a mode, a finished evaluation (its table is printed 
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
+from pathlib import Path
+
+import ray
 
 from pipeline.store.catalog import Catalog
 from pipeline.config import Config
+from pipeline.errors import one_line
+from pipeline.ray_runtime import cancel, get_or_fail
 from pipeline.stages.cluster import run_cluster
-from pipeline.stages.compose import EarlyIndependent, run_compose
+from pipeline.stages.compose import (CompositionTask, centres_task, composition_task, mode_routing, run_compose,
+                                     train_independent_task)
 from pipeline.stages.evaluate import run_evaluate
 from pipeline.stages.experts import run_experts
+from pipeline.store.names import CENTRAL, DENSE, expert_cluster, is_expert
 
 
 def run_pipeline(cfg: Config, resume: str | None = None) -> str:
@@ -56,3 +64,107 @@ def run_pipeline(cfg: Config, resume: str | None = None) -> str:
     else:
         run_evaluate(cfg, pipeline_id)
     return pipeline_id
+
+
+class EarlyIndependent:
+    """The independent composition's work that needs only the central model and one expert,
+    started by `moie run` while the other experts still train: the routing centres as soon as
+    the central model and a first expert are registered, then each expert's blocks and gates
+    as soon as that expert is. The compose stage takes each result where its task is exactly
+    the one it would have started itself (same central model, expert, position, data,
+    settings and centres), so the composition is the same as one started after all experts."""
+
+    def __init__(self, cfg: Config, catalog: Catalog, pipeline_id: str):
+        self.cfg, self.catalog, self.pipeline_id = cfg, catalog, pipeline_id
+        self.central_name = CENTRAL if cfg.central.arch else DENSE  # as Catalog.pipeline_models picks it
+        self.planned: list[str] | None = None  # the experts the stage will register, in cluster order
+        self.root: str | None = None
+        self.versions: dict[str, object] = {}  # model name -> registered version
+        self.centres_ref = None
+        self.centres_spec: CompositionTask | None = None
+        self.started: dict[str, tuple] = {}  # expert name -> (its slot, its task, Ray ref)
+        self.opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
+        self.off = False  # set when starting early failed
+        self.chains: list = [None] * cfg.compose.early_tasks  # the newest task of each chain of early tasks
+
+    # the experts stage's events
+
+    def expect(self, names: list[str], root: str) -> None:
+        """The models the experts stage will have registered when it ends (and its storage root)."""
+        self.planned = sorted((n for n in names if is_expert(n)), key=expert_cluster)
+        self.root = root
+        self._start()
+
+    def registered(self, name: str, uri: str) -> None:
+        self.versions[name] = self.catalog.resolve(uri)
+        self._start()
+
+    def cancel(self) -> None:
+        cancel([ref for ref in [self.centres_ref, *(s[2] for s in self.started.values())] if ref is not None])
+
+    def _task(self, experts: list) -> CompositionTask:
+        with tempfile.TemporaryDirectory() as tmp:
+            task = composition_task(self.cfg, self.catalog, self.versions[self.central_name], experts, Path(tmp))
+        return replace(task, settings=replace(task.settings, routing=mode_routing(task, "independent")))
+
+    def _start(self) -> None:
+        """Start what can start now; a failure here only turns early composition off (the
+        compose stage then does the work itself), it never stops the experts stage."""
+        if self.planned is None or self.central_name not in self.versions or self.off:
+            return
+        try:
+            self._launch()
+        except Exception as err:  # noqa: BLE001 - an optimisation must not fail the experts stage
+            print(f"compose independent: not starting early ({type(err).__name__}: {one_line(err)}); the compose "
+                  "stage will train every expert's blocks and gates", flush=True)
+            self.cancel()
+            self.started.clear()
+            self.centres_ref, self.off = None, True
+
+    def _launch(self) -> None:
+        ready = [n for n in self.planned if n in self.versions]
+        if not ready:
+            return
+        if self.centres_ref is None:
+            data = [Catalog.token_file(self.root, n, "train") for n in self.planned]
+            self.centres_spec = replace(self._task([self.versions[ready[0]]]), expert_data=data)
+            self.centres_ref = ray.remote(centres_task).options(**self.opts).remote(self.centres_spec)
+        for name in ready:
+            if name not in self.started:
+                slot, task = self.planned.index(name), self._task([self.versions[name]])
+                # at most `early_tasks` at once: each waits for the one before it in its chain, so the
+                # experts still training and the compose stage's first tasks keep the other CPUs
+                chain = len(self.started) % len(self.chains)
+                ref = ray.remote(train_independent_task).options(**self.opts).remote(
+                    task, 0, self.centres_ref, slot, self.chains[chain])
+                self.started[name] = (slot, task, ref)
+                self.chains[chain] = ref
+                print(f"compose independent: {name}'s blocks and gates start now, while "
+                      f"{len(self.planned) - len(ready)} experts still train", flush=True)
+
+    # the compose stage's questions
+
+    def centres(self, task: CompositionTask) -> dict | None:
+        """The centres fitted early, if they are what `task` would fit (else None: fitted anew)."""
+        if self.centres_ref is None or not self._same(self.centres_spec, task) \
+                or self.centres_spec.expert_data != task.expert_data:
+            self.cancel()
+            self.started.clear()
+            return None
+        return get_or_fail(self.centres_ref, "routing centres' task (started early)")
+
+    def training(self, task: CompositionTask, e: int):
+        """The Ray ref of expert e's blocks and gates, if started early for exactly this task."""
+        for slot, early, ref in self.started.values():
+            if slot == e and early.experts == [task.experts[e]] and early.expert_data == [task.expert_data[e]] \
+                    and self._same(early, replace(task, settings=replace(task.settings,
+                                                                         routing=mode_routing(task, "independent")))):
+                return ref
+        return None
+
+    @staticmethod
+    def _same(early: CompositionTask, task: CompositionTask) -> bool:
+        """The settings every task of the mode shares are equal (not the experts or their data)."""
+        keys = ("central", "tokenizer", "tracking_uri", "settings", "center_tokens", "blocks_train", "gates_train",
+                "mix_train", "seed", "num_cpus")
+        return all(getattr(early, k) == getattr(task, k) for k in keys) and early.router_run == task.router_run

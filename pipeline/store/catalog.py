@@ -28,16 +28,12 @@ from pipeline.store import storage
 from pipeline.config import Config
 from pipeline.errors import StageError, one_line
 from pipeline.store.tracking import Tracker, quote, workdir
+from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, CENTRAL_ROLES, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
+                                  DENSE_ROLES, EXPERT_MODEL, ROLE_CENTRAL, SEED,
+                                  Tag, sha_tag)
 
-# registered models: the expert library
-EXPERT_MODEL = "moie-expert"
-CENTRAL_MODEL = "moie-central"
-COMPOSITION_MODEL = "moie-composition"
-LIBRARY = (EXPERT_MODEL, CENTRAL_MODEL, COMPOSITION_MODEL)
-CHAMPION = "champion"  # moie-composition's alias for the newest evaluated pipeline's best composition (validation)
 MANIFEST_FORMAT = 1  # composition manifests this moie writes and reads
 COMPOSITION_MANIFEST = "composition_manifest.json"
-MANIFEST_SHA = "moie.sha256.manifest"  # a composition version's tag: the sha256 of its manifest
 PARTS_SHA = "parts_sha256"  # a composition manifest's {exact URI: sha256 of its weights} of central + experts
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))$")
 
@@ -47,29 +43,15 @@ ASSIGNMENTS = "assignments.parquet"
 CLUSTER_REPORT = "cluster_report.json"
 RESULTS_TABLE = "results.md"  # the evaluate run's table
 
-# sha256 of a model's training and validation token files: moie.sha256.tokens.train / .val,
-# tags of its run and of its registered version (the files live under the checkpoint root)
-TOKENS_SHA = "moie.sha256.tokens"
-STORAGE_ROOT = "moie.storage_root"  # where a model's token files and checkpoints live (run and version tag)
 
 # the experts stage's models (tag moie.expert): expert-<cluster>, the dense baseline, an optional central
-DENSE = "dense"
-DENSE_MATCHED = "dense_matched"  # the dense model trained on for the compute composition spends beyond it
-CENTRAL = "central"
-SEED = "seed"  # the dense model at experts.seed_fraction, which every expert branched from: a hub to compose on
-# `moie extend`: every model it registers carries the extend run's id under this tag; they belong to
-# that extension, not to the pipeline's own systems (its experts, its compositions)
-EXTENSION = "moie.extension"
 
-
-def expert_name(cluster: int) -> str:
-    return f"expert-{cluster}"
 
 
 def check_token_files(owner: str, tags: dict[str, str], files: dict[str, str]) -> None:
     """Each token file ({split: location in the storage}) against the sha256 recorded in `tags` (where one is)."""
     for split, path in files.items():
-        expected = tags.get(f"{TOKENS_SHA}.{split}")
+        expected = tags.get(f"{Tag.TOKENS_SHA}.{split}")
         if expected is not None and storage.sha256(path) != expected:
             raise ChecksumError(f"the {split} tokens of {owner} at {path} changed since they were recorded "
                                 f"(sha256 {expected}); delete the file and run `moie experts` for the pipeline "
@@ -98,7 +80,7 @@ def check_manifest(manifest: dict, where: str) -> None:
 
 def check_tokenizers(versions: dict[str, object]) -> str:
     """The one tokenizer fingerprint that every version shares; StageError otherwise."""
-    fingerprints = {uri: v.tags.get("moie.tokenizer") for uri, v in versions.items()}
+    fingerprints = {uri: v.tags.get(Tag.TOKENIZER) for uri, v in versions.items()}
     if len(set(fingerprints.values())) != 1 or None in fingerprints.values():
         raise StageError("the central model and experts must share one tokenizer, got "
                          + ", ".join(f"{uri}: {fp}" for uri, fp in fingerprints.items()))
@@ -107,7 +89,7 @@ def check_tokenizers(versions: dict[str, object]) -> str:
 
 def uses(version) -> list[str]:
     """The exact URIs a registered composition is built from: central first, then its experts."""
-    return [version.tags.get("moie.central"), *json.loads(version.tags.get("moie.experts", "[]"))]
+    return [version.tags.get(Tag.CENTRAL), *json.loads(version.tags.get(Tag.EXPERTS, "[]"))]
 
 
 class Catalog:
@@ -149,10 +131,10 @@ class Catalog:
 
     def run_file(self, run, name: str, dst: Path) -> Path:
         """One artifact of a run (which recorded its sha256 as tag moie.sha256.<name>), downloaded and checked."""
-        expected = run.data.tags.get(f"moie.sha256.{name}")
+        expected = run.data.tags.get(sha_tag(name))
         where = f"{run.info.artifact_uri}/{name}"
         if expected is None:
-            raise ChecksumError(f"run {run.info.run_id} recorded no sha256 for {name} (tag moie.sha256.{name}): "
+            raise ChecksumError(f"run {run.info.run_id} recorded no sha256 for {name} (tag {sha_tag(name)}): "
                                 "refusing to use it unverified; run the stage that made it again")
         path = self.download(run.info.run_id, name, dst, where)
         verify_sha256(path, expected, shown=where, fix=f"run the stage that made it (run {run.info.run_id}) again")
@@ -210,17 +192,17 @@ class Catalog:
         """A token file of the clustering a model was trained on: the model's own data by
         default, or another model's (`name`, e.g. 'dense') of the same clustering."""
         tags = version.tags
-        if "moie.cluster_run" not in tags:
-            raise StageError(f"{version.name}/{version.version} has no moie.cluster_run tag (registered by an older "
+        if Tag.CLUSTER_RUN not in tags:
+            raise StageError(f"{version.name}/{version.version} has no {Tag.CLUSTER_RUN} tag (registered by an older "
                              "moie); retrain it with `moie experts`")
         # where its stage wrote it (recorded), else where this config's storage puts it
-        root = tags.get(STORAGE_ROOT) or self.checkpoint_root(tags["moie.pipeline"], tags["moie.cluster_run"])
-        path = self.token_file(root, name or tags["moie.expert"], split)
+        root = tags.get(Tag.STORAGE_ROOT) or self.checkpoint_root(tags[Tag.PIPELINE], tags[Tag.CLUSTER_RUN])
+        path = self.token_file(root, name or tags[Tag.EXPERT], split)
         if storage.kind(path) != "file":
             raise StageError(f"training data of {version.name}/{version.version} not found at {path}; compose "
                              "with the storage the experts stage wrote to (MOIE_STORAGE or `storage` in the config)")
-        own = tags["moie.expert"]
-        recorded = (path, storage.stamp(path), tags.get(f"{TOKENS_SHA}.{split}", ""))
+        own = tags[Tag.EXPERT]
+        recorded = (path, storage.stamp(path), tags.get(f"{Tag.TOKENS_SHA}.{split}", ""))
         if (name in (None, own) or (own in (CENTRAL, SEED) and name == DENSE)) and recorded not in self._checked:
             check_token_files(exact_uri(version), tags, {split: path})  # the files its run recorded
             self._checked.add(recorded)  # once per catalog: `moie run` asks again for each early task
@@ -279,8 +261,8 @@ class Catalog:
         """(new parameters as tensors, manifest) of a registered composition, both checked."""
         path = self.version_files(version, "composition", dst)
         _verify(version, path, "composition.safetensors")
-        if MANIFEST_SHA in version.tags:  # (compositions registered before moie recorded it have none)
-            _verify(version, path, COMPOSITION_MANIFEST, tag=MANIFEST_SHA)
+        if Tag.MANIFEST_SHA in version.tags:  # (compositions registered before moie recorded it have none)
+            _verify(version, path, COMPOSITION_MANIFEST, tag=Tag.MANIFEST_SHA)
         return read_composition(path, exact_uri(version))
 
     def check_pyfunc(self, version) -> None:
@@ -308,11 +290,11 @@ class Catalog:
 
     def pipeline_models(self, pipeline_id: str) -> tuple[str, list[str]]:
         """The pipeline's central model URI and its experts' URIs, ordered by cluster."""
-        newest_first = self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id})[::-1]
-        central = sorted(newest_first, key=lambda v: v.tags.get("moie.role") != "central")
-        central = [v for v in central if v.tags.get("moie.role") in ("central", "dense+central")]
-        experts = sorted((v for v in self.versions(EXPERT_MODEL, {"moie.pipeline": pipeline_id})
-                          if EXTENSION not in v.tags), key=lambda v: int(v.tags.get("moie.cluster", 0)))
+        newest_first = self.versions(CENTRAL_MODEL, {Tag.PIPELINE: pipeline_id})[::-1]
+        central = sorted(newest_first, key=lambda v: v.tags.get(Tag.ROLE) != ROLE_CENTRAL)
+        central = [v for v in central if v.tags.get(Tag.ROLE) in CENTRAL_ROLES]
+        experts = sorted((v for v in self.versions(EXPERT_MODEL, {Tag.PIPELINE: pipeline_id})
+                          if Tag.EXTENSION not in v.tags), key=lambda v: int(v.tags.get(Tag.CLUSTER, 0)))
         if not central or not experts:
             raise StageError(f"pipeline {pipeline_id} has no registered central model and experts; run "
                              f"`moie experts --pipeline {pipeline_id}` first, or name models with --central/--experts")
@@ -320,33 +302,33 @@ class Catalog:
 
     def dense_model(self, pipeline_id: str):
         """The pipeline's dense baseline version (the central model too, unless one was configured), or None."""
-        dense = [v for v in self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id})
-                 if v.tags.get("moie.role") in ("dense", "dense+central")]
+        dense = [v for v in self.versions(CENTRAL_MODEL, {Tag.PIPELINE: pipeline_id})
+                 if v.tags.get(Tag.ROLE) in DENSE_ROLES]
         return dense[-1] if dense else None
 
     def seed_model(self, pipeline_id: str):
         """The pipeline's registered seed (the dense model where the experts branched), or None."""
-        seeds = self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id, "moie.role": SEED})
+        seeds = self.versions(CENTRAL_MODEL, {Tag.PIPELINE: pipeline_id, Tag.ROLE: SEED})
         return seeds[-1] if seeds else None
 
     def matched_model(self, pipeline_id: str):
         """The pipeline's matched-compute dense baseline version, or None."""
-        matched = self.versions(CENTRAL_MODEL, {"moie.pipeline": pipeline_id, "moie.role": DENSE_MATCHED})
+        matched = self.versions(CENTRAL_MODEL, {Tag.PIPELINE: pipeline_id, Tag.ROLE: DENSE_MATCHED})
         return matched[-1] if matched else None
 
     def pipeline_compositions(self, pipeline_id: str) -> dict[str, object]:
         """The newest registered composition of the pipeline for each mode (not those --add made);
         those composed on the pipeline's seed under `<mode>_seed`."""
         found = {}
-        for v in self.versions(COMPOSITION_MODEL, {"moie.pipeline": pipeline_id}):
-            if "moie.added_to" not in v.tags:  # an expert added later makes a different system
-                mode = v.tags.get("moie.mode")
-                found[f"{mode}_seed" if v.tags.get("moie.hub") == SEED else mode] = v  # on the seed: another system
+        for v in self.versions(COMPOSITION_MODEL, {Tag.PIPELINE: pipeline_id}):
+            if Tag.ADDED_TO not in v.tags:  # an expert added later makes a different system
+                mode = v.tags.get(Tag.MODE)
+                found[f"{mode}_seed" if v.tags.get(Tag.HUB) == SEED else mode] = v  # on the seed: another system
         return found
 
     def extensions(self, pipeline_id: str) -> list:
         """The experts `moie extend` added to the pipeline, oldest first (each tagged with its domain)."""
-        return [v for v in self.versions(EXPERT_MODEL, {"moie.pipeline": pipeline_id}) if EXTENSION in v.tags]
+        return [v for v in self.versions(EXPERT_MODEL, {Tag.PIPELINE: pipeline_id}) if Tag.EXTENSION in v.tags]
 
     def users_of(self, uri: str) -> list[str]:
         """Exact URIs of the compositions that use the model `uri`."""
@@ -372,28 +354,54 @@ class Catalog:
 
     def load_composition(self, state: dict, manifest: dict, tmp: str | Path):
         """(model, meta) of a composition's parameters and manifest, its central model and experts
-        taken from this registry (exact versions, checked), with its routing settings."""
-        from composition.loader import CompositionSettings, load_composed
+        taken from this registry (exact versions, checked), with its routing settings; a
+        router-routed one routes by the experts' cBTM router on the text before each byte."""
+        from composition.loader import CompositionSettings
 
         tmp = Path(tmp)
-        parts = [self.resolve(u) for u in [manifest["central"], *manifest["experts"]]]
+        router = None
+        if manifest["routing"] == "router":
+            router = self.router(manifest["router_run"], tmp / "router"), manifest["clusters"]
+        composed = self.assemble(manifest["central"], manifest["experts"], CompositionSettings.from_manifest(manifest),
+                                 state, tmp, parts_sha256=manifest.get(PARTS_SHA), router=router)
+        experts_meta = [{"uri": uri, "domain": self.resolve(uri).tags.get(Tag.DOMAIN)} for uri in manifest["experts"]]
+        return composed.eval(), {"tokenizer": manifest["tokenizer"], "experts": experts_meta}
+
+    def assemble(self, central: str, experts: list[str], settings, state: dict | None, dst: Path,
+                 parts_sha256: dict[str, str] | None = None, complete: bool = True, router=None,
+                 record_routing: bool = False):
+        """The one assembly of a composed model from the registry: the central model and experts (exact
+        URIs) resolved, each the version the composition was trained with (`parts_sha256`, the
+        manifest's record; older manifests have none), sharing one tokenizer, downloaded into `dst`
+        and checked against its sha256, then composed with `state` (the composition's new
+        parameters). router: (ClusterRouter, its clusters in the experts' order) for routing
+        "router" (generation routes by each window's text, scoring by each byte's whole prefix)."""
+        from composition.loader import load_composed
+
+        parts = [self.resolve(u) for u in [central, *experts]]
         for v in parts:  # the versions it was trained with, not others of the same number in another store
-            recorded = manifest.get(PARTS_SHA, {}).get(exact_uri(v))  # (older manifests record none)
-            if recorded is not None and v.tags.get("moie.sha256") != recorded:
+            recorded = (parts_sha256 or {}).get(exact_uri(v))
+            if recorded is not None and v.tags.get(Tag.SHA) != recorded:
                 raise ChecksumError(f"{exact_uri(v)} in the registry at {self.tracker.uri} is not the model the "
                                     f"composition was trained with (its weights had sha256 {recorded}): load the "
                                     "composition from the registry it was registered in (MLFLOW_TRACKING_URI)")
         check_tokenizers({exact_uri(v): v for v in parts})
-        central_dir, *expert_dirs = [self.model_dir(v, tmp / f"m{i}") for i, v in enumerate(parts)]
-        composed = load_composed(central_dir, expert_dirs, CompositionSettings.from_manifest(manifest), state)
-        if manifest["routing"] == "router":  # the experts' cBTM router, on the text before each byte
+        central_dir, *expert_dirs = [self.model_dir(v, Path(dst) / f"m{i}") for i, v in enumerate(parts)]
+        routers = {}
+        if router is not None:
             from routing.ensemble import document_weights, prefix_router
 
-            router, clusters = self.router(manifest["router_run"], tmp / "router"), manifest["clusters"]
-            composed.prefix_router = prefix_router(router, clusters)  # generation: the window's text
-            composed.document_router = lambda text: document_weights(router, text, clusters, 1)  # scoring
-        experts_meta = [{"uri": exact_uri(v), "domain": v.tags.get("moie.domain")} for v in parts[1:]]
-        return composed.eval(), {"tokenizer": manifest["tokenizer"], "experts": experts_meta}
+            cbtm, clusters = router
+            routers = {"prefix_router": prefix_router(cbtm, clusters),
+                       "document_router": lambda text: document_weights(cbtm, text, clusters, 1)}
+        return load_composed(central_dir, expert_dirs, settings, state, complete=complete,
+                             record_routing=record_routing, **routers)
+
+
+def assemble_registered(tracking_uri: str, central: str, experts: list[str], settings, state: dict | None,
+                        dst: Path, **kwargs):
+    """In a Ray task: Catalog.assemble from the registry at `tracking_uri` (the task's own download)."""
+    return Catalog.of_registry(tracking_uri).assemble(central, experts, settings, state, dst, **kwargs)
 
 
 def fetch_models(tracking_uri: str, uris: list[str], dst: Path) -> list[str]:
@@ -428,7 +436,7 @@ def read_composition(folder: Path, where: str) -> tuple[dict, dict]:
     return read_tensors(folder / "composition.safetensors", framework="pt"), manifest
 
 
-def _verify(version, folder: Path, name: str, tag: str = "moie.sha256") -> None:
+def _verify(version, folder: Path, name: str, tag: str = Tag.SHA) -> None:
     """A downloaded file of a registered version against the sha256 its tag records."""
     if tag not in version.tags:
         raise ChecksumError(f"{exact_uri(version)} has no {tag} tag (not registered by moie, or the tag was "

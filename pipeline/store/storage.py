@@ -22,6 +22,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+
 from artifacts import atomic_path, sha256_file
 from pipeline.errors import StageError, one_line
 
@@ -173,6 +175,11 @@ def download(location: str, local: str | Path) -> Path:
     except OSError as err:
         raise _io("read", location)(err) from None
     return local
+
+
+def load_tokens(location: str, scratch: str | Path) -> np.ndarray:
+    """A token file (.npy) of the storage, memory-mapped from this node's copy (or from where it lies)."""
+    return np.load(local_copy(location, scratch), mmap_mode="r")
 
 
 def local_copy(location: str, scratch: str | Path) -> Path:

@@ -20,15 +20,14 @@ from mlflow.tracking import MlflowClient
 
 from artifacts import sha256_tree, write_json
 from pipeline.config import Config, flatten, to_dict
-from pipeline.errors import StageError, one_line
+from pipeline.errors import MoieError, StageError, one_line
+from pipeline.store.names import Tag
 
 log = logging.getLogger(__name__)
-PIPELINE_TAG = "moie.pipeline"
-STAGE_TAG = "moie.stage"
 PARENT_TAG = "mlflow.parentRunId"
 
 
-class PipelineNotFoundError(LookupError):
+class PipelineNotFoundError(MoieError, LookupError):
     """A --pipeline id that names no pipeline run in the tracking store."""
 
 
@@ -85,10 +84,10 @@ def record_attempt(tracking_uri: str, run_id: str, node_id: str, resume_step: in
     """Tag a training run with the Ray node an attempt of its task runs on (moie.node_id; every
     attempt's node, in order, in moie.nodes) and the checkpoint step it resumes from."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    before = client.get_run(run_id).data.tags.get("moie.nodes", "")
-    tags = {"moie.node_id": node_id, "moie.nodes": ",".join([n for n in before.split(",") if n] + [node_id])}
+    before = client.get_run(run_id).data.tags.get(Tag.NODES, "")
+    tags = {Tag.NODE_ID: node_id, Tag.NODES: ",".join([n for n in before.split(",") if n] + [node_id])}
     if resume_step is not None:
-        tags["moie.resumed_from"] = str(resume_step)
+        tags[Tag.RESUMED_FROM] = str(resume_step)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
@@ -150,9 +149,9 @@ class Tracker:
             self.client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id
         run = self.client.create_run(self.experiment_id, run_name=f"pipeline-{cfg.name}",
-                                     tags={STAGE_TAG: "pipeline"})
+                                     tags={Tag.STAGE: "pipeline"})
         run_id = run.info.run_id
-        self.client.set_tag(run_id, PIPELINE_TAG, run_id)
+        self.client.set_tag(run_id, Tag.PIPELINE, run_id)
         self.log_params(run_id, flatten(to_dict(cfg)))
         with tempfile.TemporaryDirectory() as tmp:
             write_json(Path(tmp) / "config.json", to_dict(cfg))
@@ -165,7 +164,7 @@ class Tracker:
             run = self.client.get_run(pipeline_id)
         except MlflowException:
             run = None
-        if run is None or run.data.tags.get(STAGE_TAG) != "pipeline":
+        if run is None or run.data.tags.get(Tag.STAGE) != "pipeline":
             raise PipelineNotFoundError(
                 f"no pipeline run with id {pipeline_id!r} in the tracking store {self.uri}; "
                 "give the id a previous stage printed (see `mlflow ui`), or omit --pipeline to start a new pipeline")
@@ -237,14 +236,14 @@ class Tracker:
     def create_stage_run(self, pipeline_id: str, stage: str, name: str | None = None,
                          tags: dict[str, str] | None = None) -> str:
         """A RUNNING child run of the pipeline, tagged with pipeline and stage; the caller ends it."""
-        all_tags = {PARENT_TAG: pipeline_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: stage, **(tags or {})}
+        all_tags = {PARENT_TAG: pipeline_id, Tag.PIPELINE: pipeline_id, Tag.STAGE: stage, **(tags or {})}
         run_id = self.client.create_run(self.experiment_id, run_name=name or stage, tags=all_tags).info.run_id
         self._open.add(run_id)
         return run_id
 
     def stage_runs(self, pipeline_id: str, stage: str, status: str | None = "FINISHED") -> list:
         """Child runs of a pipeline for one stage, newest first."""
-        query = f"tags.`{PIPELINE_TAG}` = {quote(pipeline_id)} and tags.`{STAGE_TAG}` = {quote(stage)}"
+        query = f"tags.`{Tag.PIPELINE}` = {quote(pipeline_id)} and tags.`{Tag.STAGE}` = {quote(stage)}"
         if status:
             query += f" and attributes.status = {quote(status)}"
         return self.client.search_runs([self.experiment_id], query, order_by=["attributes.start_time DESC"])

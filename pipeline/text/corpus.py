@@ -15,8 +15,10 @@ from pathlib import Path
 from pipeline.text.chunking import chunk_text
 from pipeline.config import CorpusConfig
 from pipeline.text.embedded import embedded_corpus_file
+from artifacts.errors import MoieError
 
 log = logging.getLogger(__name__)
+
 
 SPLITS = ("train", "validation", "test")
 # plain text (one work per file; markdown, reStructuredText and source code are text too), JSON lines, parquet
@@ -24,7 +26,7 @@ FILE_BUILDERS = {".txt": "text", ".md": "text", ".rst": "text", ".py": "text",
                  ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class CorpusError(ValueError):
+class CorpusError(MoieError, ValueError):
     """A corpus that cannot be loaded as configured."""
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from platformdirs import user_cache_dir
 
-from artifacts import atomic_path
+from artifacts import MoieError, atomic_path
 from pipeline.text.chunking import chunk_text
 
 BUILD_VERSION = 1  # bump when the assembly below changes
@@ -53,7 +53,7 @@ ARCHIVES = {
 DOMAINS = ("plays", "scripture", "speeches", "legal", "code", "docs")
 
 
-class EmbeddedCorpusError(RuntimeError):
+class EmbeddedCorpusError(MoieError, RuntimeError):
     """The embedded corpus could not be assembled."""
 
 

@@ -19,7 +19,7 @@ import pytest
 import textgen
 from pipeline.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
@@ -170,7 +170,7 @@ def runs_of(cfg, pipeline_id, stage="experts"):
 
 
 def expert_versions(cfg):
-    from pipeline.store.catalog import EXPERT_MODEL
+    from pipeline.store.names import EXPERT_MODEL
     from pipeline.store.tracking import Tracker
 
     return Tracker(cfg).client.search_model_versions(f"name = '{EXPERT_MODEL}'")
@@ -230,7 +230,8 @@ def test_case11_a_crafted_pipeline_id_finds_no_run_instead_of_every_run(moie_hom
 
 
 def test_case11_a_crafted_filter_value_matches_nothing_and_a_crafted_tag_key_is_refused(moie_home):
-    from pipeline.store.catalog import EXPERT_MODEL, Catalog
+    from pipeline.store.catalog import Catalog
+    from pipeline.store.names import EXPERT_MODEL
     from pipeline.errors import StageError
     from pipeline.serve.library import parse_filters
 

@@ -11,7 +11,8 @@ from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
 from pipeline.results.report import markdown_table
 from randomise import randomise_
-from pipeline.stages.evaluate import domain_experts, headline
+from pipeline.results.metrics import Scored, headline
+from pipeline.stages.evaluate import domain_experts
 from routing.ensemble import keep_top_k
 
 EOS = 257
@@ -84,8 +85,7 @@ def test_a_composed_model_reports_its_top1_experts_and_experts_per_row():
     torch.manual_seed(0)
     experts = [HourglassLM(HourglassConfig(vocab_size=259, block_size=32, group_len=8, latents=[4], widths=[16, 24],
                                            n_head=2, n_latent_layers=1)).eval() for _ in range(3)]
-    composed = ComposedLM(gpt(), experts, n_points=2, routing="topk", k=2)
-    composed.record_routing = True
+    composed = ComposedLM(gpt(), experts, n_points=2, routing="topk", k=2, record_routing=True)
     many = docs([40, 10])
     scores = score_documents(composed, many, EOS, seq_len=32, n_experts=3, precision="fp32")
     assert scores.experts_per_row == pytest.approx(2.0)
@@ -238,7 +238,7 @@ def test_the_routing_page_groups_bytes_into_characters_and_loses_no_text():
 
 
 def test_capture_is_the_share_of_the_oracles_gain_over_the_central_only_where_the_oracle_gains():
-    from pipeline.stages.evaluate import capture
+    from pipeline.results.metrics import capture
 
     bpb = {"central": {"code": 3.0, "plays": 2.0}, "oracle": {"code": 2.0, "plays": 2.1},
            "cbtm_top1": {"code": 2.25, "plays": 2.05}, "expert0": {"code": 1.0, "plays": 9.0}}
@@ -246,15 +246,15 @@ def test_capture_is_the_share_of_the_oracles_gain_over_the_central_only_where_th
 
 
 def test_routing_accuracy_of_a_composition_is_per_byte_and_a_byte_routed_nowhere_is_a_miss():
-    from pipeline.stages.evaluate import _routing
+    from pipeline.results.metrics import routing_metrics
 
     # two documents of domains a (expert 0) and b (expert 1); the composition lists the experts reversed
     choices = [np.array([1, 1, 1, -1]), np.array([0, 0, 1, 1, 1, 1])]  # per byte, in the composition's order
-    scored = {"experts": ["e0", "e1"], "composition_experts": {"composed_independent": ["e1", "e0"]},
-              "results": {"composed_independent": {"choices": choices, "experts_per_token": 1.0,
-                                                   "top1_counts": np.array([[99, 0], [0, 99]])}}}
+    scored = Scored(experts=["e0", "e1"], composition_experts={"composed_independent": ["e1", "e0"]},
+                    results={"composed_independent": {"choices": choices, "experts_per_token": 1.0,
+                                                      "top1_counts": np.array([[99, 0], [0, 99]])}})
     cbtm = [np.array([[1.0, 0.0]] * 4), np.array([[0.0, 1.0]] * 6)]
-    metrics, heat = _routing(["a", "b"], scored, cbtm, {"a": 0, "b": 1})
+    metrics, heat = routing_metrics(["a", "b"], scored, cbtm, {"a": 0, "b": 1})
     # document a: 3 bytes on e0 of 4 (one nowhere); document b: 2 bytes on e1 of 6
     assert metrics["routing_accuracy/composed_independent"] == pytest.approx((3 + 2) / 10)
     assert metrics["routing_accuracy/cbtm_top1"] == 1.0
@@ -262,15 +262,14 @@ def test_routing_accuracy_of_a_composition_is_per_byte_and_a_byte_routed_nowhere
 
 
 def test_macro_bits_per_byte_weighs_every_domain_the_same_whatever_its_bytes():
-    from pipeline.stages.evaluate import summarise
+    from pipeline.results.metrics import summarise
 
     ln2 = np.log(2)
     docs = [np.zeros(1000, dtype=np.uint8), np.zeros(10, dtype=np.uint8)]
     lp = {"central": [np.full(1000, -1 * ln2), np.full(10, -3 * ln2)]}  # 1 bit per byte on a, 3 on b
     results = {name: {"log_probs": v, "flops": 1.0, "params": 1, "ms_per_token": 1.0} for name, v in lp.items()}
     results["expert0"] = results["central"]
-    scored = {"results": results, "experts": ["e0"], "composition_experts": {}, "train_tokens": {},
-              "central_uri": "c", "dense_uri": "c"}
+    scored = Scored(results=results, experts=["e0"], central_uri="c", dense_uri="c")
     results["dense"] = results["central"]
     out = summarise(["a", "b"], docs, scored, [np.ones((1000, 1)), np.ones((10, 1))], {"a": 0}, resamples=10)
     assert out["metrics"]["bpb/central/macro"] == pytest.approx(2.0)
@@ -278,7 +277,7 @@ def test_macro_bits_per_byte_weighs_every_domain_the_same_whatever_its_bytes():
 
 
 def test_equal_compute_compares_with_the_cheapest_dense_model_that_had_at_least_the_systems_compute():
-    from pipeline.stages.evaluate import equal_compute
+    from pipeline.results.metrics import equal_compute
 
     rng = np.random.default_rng(0)
     docs = lambda shift: [rng.normal(-1.0 - shift, 0.1, 50) for _ in range(20)]  # noqa: E731
@@ -299,7 +298,8 @@ def test_equal_compute_compares_with_the_cheapest_dense_model_that_had_at_least_
 
 
 def test_the_output_mixtures_lambda_is_the_one_that_scores_best_on_validation():
-    from pipeline.stages.evaluate import mixture_lambdas, output_mixture
+    from pipeline.results.metrics import output_mixture
+    from pipeline.stages.evaluate import mixture_lambdas
 
     rng = np.random.default_rng(1)
     # two experts; the routed one (weight 1) is right about a byte where the hub is not, and vice versa

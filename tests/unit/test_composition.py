@@ -195,10 +195,10 @@ def test_joint_training_lowers_the_loss_and_balances_with_an_auxiliary_loss():
     # with a balance weight the training loss carries the auxiliary term on top of the LM loss
     composed.train()
     plain = composed(x[:, :-1], x[:, 1:])[1].item()
-    composed.balance_weight = 0.5
     terms, original = [], composed.load_balance
     composed.load_balance = lambda *a: terms.append(original(*a)) or terms[-1]
-    balanced = composed(x[:, :-1], x[:, 1:])[1].item()
+    with composed.configured(balance_weight=0.5):
+        balanced = composed(x[:, :-1], x[:, 1:])[1].item()
     assert len(terms) == len(composed.points)
     assert balanced == pytest.approx(plain + 0.5 * float(torch.stack(terms).mean().detach()), rel=1e-5)
 
@@ -233,8 +233,8 @@ def one_hot_route(experts_per_position: list[int], n: int) -> torch.Tensor:
 @pytest.mark.parametrize("central_kind", ["gpt", "hourglass"])
 def test_router_routing_weights_each_row_by_its_positions_router_weight_times_the_gate(central_kind):
     central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
-    composed = trained_like(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing="router"))
-    composed.record_routing = True
+    composed = trained_like(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing="router",
+                                       record_routing=True))
     route = one_hot_route([1] * 20 + [2] * 20, 3)
     composed(torch.randint(0, V, (1, 40)), route=route)
     assert composed.active == [0, 1, 2]  # restored after the call
@@ -357,8 +357,8 @@ def test_the_routing_centre_weighs_every_cluster_equally_whatever_its_size_or_or
 @pytest.mark.parametrize("routing", ["topk", "gate"])
 def test_the_expert_chosen_for_a_position_depends_only_on_inputs_up_to_it(central_kind, routing):
     central = central_gpt() if central_kind == "gpt" else expert_hourglass(9, [4, 2], [32, 32, 48])
-    composed = randomised(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing, k=1))
-    composed.record_routing = True
+    composed = randomised(ComposedLM(central, experts_of_differing_depth(), n_points=2, routing=routing, k=1,
+                                     record_routing=True))
     idx = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
     composed(idx)
     before = composed.routed_experts()  # (B, T)
@@ -371,8 +371,8 @@ def test_the_expert_chosen_for_a_position_depends_only_on_inputs_up_to_it(centra
 
 
 def test_the_expert_chosen_for_a_position_is_the_one_its_rows_weigh_most():
-    composed = randomised(ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="gate"))
-    composed.record_routing = True
+    composed = randomised(ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="gate",
+                                     record_routing=True))
     composed(torch.randint(0, V, (1, 30), generator=torch.Generator().manual_seed(2)))
     total = sum(w for w in composed.last_routing.values())  # a GPT's rows are its positions: (1, 30, 3)
     assert torch.equal(composed.routed_experts(), total.argmax(-1))
@@ -475,8 +475,8 @@ def test_output_mix_is_the_composed_and_the_routed_experts_distributions_weighte
     route = one_hot_route([0] * 10 + [2] * 15 + [1] * 20, 3) if route_kind == "one_hot" else softmax_route(T, 3, 5)
     idx = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(3))
     mixed, _ = composed(idx, route=route)
-    composed.output = "none"
-    p_composed = torch.softmax(composed(idx, route=route)[0].float(), -1)  # (1, T, V)
+    with composed.configured(output="none"):
+        p_composed = torch.softmax(composed(idx, route=route)[0].float(), -1)  # (1, T, V)
     p_experts = torch.stack([torch.softmax(e(idx)[0].float(), -1) for e in experts], dim=-2)  # (1, T, 3, V)
     expected = 0.7 * p_composed + 0.3 * (route.unsqueeze(-1) * p_experts).sum(-2)
     torch.testing.assert_close(mixed.exp(), expected, rtol=1e-4, atol=1e-6)
@@ -492,9 +492,8 @@ def test_output_mix_is_causal(routing, central_kind):
     kwargs = {"route": softmax_route(45, 3, seed=2)} if routing == "router" else {}
     idx = torch.randint(0, V, (1, 45), generator=torch.Generator().manual_seed(1))
     base, _ = composed(idx, **kwargs)
-    composed.output = "none"
-    assert not torch.allclose(base, composed(idx, **kwargs)[0])  # the output point does contribute
-    composed.output = "mix"
+    with composed.configured(output="none"):
+        assert not torch.allclose(base, composed(idx, **kwargs)[0])  # the output point does contribute
     assert_causal(composed, idx, base, kwargs)
 
 
@@ -511,8 +510,8 @@ def test_the_output_point_reads_the_experts_final_state_at_t_and_nothing_after()
     features = expert.features
     base = {out: None for out in ("mix", "none")}
     for output in base:
-        composed.output = output
-        base[output] = composed(idx)[0]
+        with composed.configured(output=output):
+            base[output] = composed(idx)[0]
     for t in (5, 17, 39):
         def perturbed(x, t=t):
             out = features(x)
@@ -525,8 +524,8 @@ def test_the_output_point_reads_the_experts_final_state_at_t_and_nothing_after()
         try:
             logits = {}
             for output in base:
-                composed.output = output
-                logits[output] = composed(idx)[0]
+                with composed.configured(output=output):
+                    logits[output] = composed(idx)[0]
         finally:
             expert.features = features
         assert torch.equal(logits["none"], base["none"])
@@ -641,3 +640,16 @@ def test_one_kway_gate_step_costs_the_central_up_to_its_point_plus_three_times_i
     gate = 2 * 32 * 3  # d_c = 32, 3 experts
     assert kway_flops_per_token(composed) == pytest.approx(4 * layer + 3 * gate, rel=1e-12)
     assert not composed.training  # counting left the model in eval mode, as it was
+
+
+def test_configured_switches_are_restored_and_unknown_switches_are_refused():
+    composed = ComposedLM(central_gpt(), experts_of_differing_depth(), n_points=2, routing="topk", k=2)
+    with composed.configured(routing="gate", active=[1], output="none", record_routing=True):
+        assert (composed.routing, composed.active, composed.record_routing) == ("gate", [1], True)
+    assert (composed.routing, composed.active, composed.record_routing) == ("topk", [0, 1, 2], False)
+    with pytest.raises(ValueError, match="no switch"):
+        with composed.configured(prefix_router=None):
+            pass
+    with pytest.raises(ValueError, match="routing must be one of"):
+        with composed.configured(routing="bogus"):
+            pass

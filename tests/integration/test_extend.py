@@ -18,7 +18,8 @@ from stores import module_home
 from test_composition import assert_causal
 from composition.intervals import paired_bootstrap, stratified_bootstrap
 from pipeline.store import storage
-from pipeline.store.catalog import COMPOSITION_MODEL, EXPERT_MODEL, EXTENSION, Catalog, exact_uri
+from pipeline.store.catalog import Catalog, exact_uri
+from pipeline.store.names import COMPOSITION_MODEL, EXPERT_MODEL, Tag
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
@@ -27,7 +28,7 @@ from pipeline.stages.experts import run_experts
 from pipeline.stages.extend import mixed_documents, replay_tokens
 from routing.router import ClusterRouter
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = ["cluster.k=3", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.experiment=test",
              "experts.train.max_tokens=30000", "experts.train.ckpt_every=0", "compose.modes=[independent]",
              "compose.dense_matched=false",
@@ -116,13 +117,13 @@ def test_extend_registers_the_expert_the_composition_and_the_baselines_and_logs_
     tags, m = run.data.tags, run.data.metrics
     assert tags["moie.extends"] == pipeline_id and tags["moie.base"] == before["base"]
     composed = catalog.resolve(tags["moie.extend.composed"])
-    assert composed.tags["moie.added_to"] == before["base"] and composed.tags[EXTENSION] == run.info.run_id
+    assert composed.tags["moie.added_to"] == before["base"] and composed.tags[Tag.EXTENSION] == run.info.run_id
     expert = catalog.resolve(tags["moie.extend.expert_new"])
     assert expert.tags["moie.domain"] == "astronomy" and expert.tags["moie.cluster"] == "3"
     assert expert.tags["moie.branched_from"] == catalog.pipeline_models(pipeline_id)[0]
     for name in ("finetune", "finetune_replay"):
         version = catalog.resolve(tags[f"moie.extend.{name}"])
-        assert version.tags["moie.role"] == name and version.tags[EXTENSION] == run.info.run_id
+        assert version.tags["moie.role"] == name and version.tags[Tag.EXTENSION] == run.info.run_id
     # the pipeline's own systems are untouched: its experts and compositions are what they were
     central, experts = catalog.pipeline_models(pipeline_id)
     assert len(experts) == 3 and exact_uri(catalog.pipeline_compositions(pipeline_id)["independent"]) == before["base"]
@@ -201,9 +202,9 @@ def test_the_extended_composition_is_causal_under_randomised_weights(extended):
     randomise_(composed, seed=3)
     idx = torch.randint(0, 256, (1, 45), generator=torch.Generator().manual_seed(1))
     for routing in ("router", "topk", "kway"):  # the grown router's routes, the gates alone, the k-way gate
-        composed.routing = routing
-        base, _ = composed(idx)
-        assert_causal(composed, idx, base, {})
+        with composed.configured(routing=routing):
+            base, _ = composed(idx)
+            assert_causal(composed, idx, base, {})
 
 
 def refused(capsys, args: list[str]) -> str:

@@ -10,14 +10,14 @@ import pytest
 
 import textgen
 from pipeline.config import load_config
-from pipeline.store.catalog import CENTRAL_MODEL, EXPERT_MODEL
+from pipeline.store.names import CENTRAL_MODEL, EXPERT_MODEL
 from pipeline.ray_runtime import ResourceError
 from pipeline.errors import StageError
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.experts import run_experts
 from pipeline.store.tracking import Tracker
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(tmp_path, extra=(), domains=("cooking", "sailing"), n=25):

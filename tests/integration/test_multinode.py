@@ -22,7 +22,7 @@ import pytest
 import textgen
 from conftest import free_port, wait_for_http
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUCKET = "moie"
 STEPS = 240  # each expert's steps (8 windows of 64 tokens a step); a checkpoint every 20
 

@@ -9,7 +9,8 @@ import torch
 
 import textgen
 from stores import module_home
-from pipeline.store.catalog import COMPOSITION_MODEL, Catalog
+from pipeline.store.catalog import Catalog
+from pipeline.store.names import COMPOSITION_MODEL
 from pipeline.config import load_config
 from pipeline.errors import StageError
 from pipeline.stages.cluster import run_cluster
@@ -17,7 +18,7 @@ from pipeline.stages.compose import run_compose
 from pipeline.stages.experts import run_experts
 from pipeline.store.tracking import Tracker
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_experts_with_different_tokenizers_are_refused(trained_pipeline):
 
 def test_a_resumed_pipeline_composes_what_is_missing_evaluates_and_then_skips_every_stage(trained_pipeline, capsys):
     from pipeline.results.compressors import SYSTEMS as COMPRESSORS
-    from pipeline.stages.evaluate import COMPOSED
+    from pipeline.results.metrics import COMPOSED
     from pipeline.stages.sequence import run_pipeline
 
     cfg, pipeline_id = trained_pipeline
@@ -171,7 +172,8 @@ def test_evaluate_scores_other_text_given_as_eval_data(trained_pipeline, tmp_pat
 
 
 def test_evaluate_points_champion_at_the_composition_best_on_validation_and_says_so(trained_pipeline, capsys):
-    from pipeline.store.catalog import CHAMPION, COMPOSITION_MODEL, Catalog, exact_uri
+    from pipeline.store.catalog import Catalog, exact_uri
+    from pipeline.store.names import CHAMPION, COMPOSITION_MODEL
     from pipeline.stages.evaluate import run_evaluate
 
     cfg, pipeline_id = trained_pipeline
@@ -242,7 +244,8 @@ def test_the_seed_is_registered_and_composing_on_it_is_a_system_that_pays_no_den
 
     from experts.checkpoint import load_model
     from pipeline.store import storage
-    from pipeline.store.catalog import STORAGE_ROOT, exact_uri
+    from pipeline.store.catalog import exact_uri
+    from pipeline.store.names import Tag
     from pipeline.stages.evaluate import run_evaluate
 
     cfg, pipeline_id = trained_pipeline
@@ -254,7 +257,7 @@ def test_the_seed_is_registered_and_composing_on_it_is_a_system_that_pays_no_den
     expert = catalog.resolve(catalog.pipeline_models(pipeline_id)[1][0])
     with tempfile.TemporaryDirectory() as tmp:
         registered, _ = load_model(catalog.model_dir(seed, Path(tmp) / "seed"))
-        exported, _ = load_model(storage.local_copy(Catalog.seed_dir(expert.tags[STORAGE_ROOT]), Path(tmp) / "x"))
+        exported, _ = load_model(storage.local_copy(Catalog.seed_dir(expert.tags[Tag.STORAGE_ROOT]), Path(tmp) / "x"))
     assert all(torch.equal(a, b) for a, b in zip(registered.state_dict().values(), exported.state_dict().values()))
     assert int(seed.tags["moie.seed_tokens"]) == int(expert.tags["moie.seed_tokens"])
     assert seed.tags["moie.sha256.tokens.train"] == dense.tags["moie.sha256.tokens.train"]

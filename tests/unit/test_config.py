@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def write(tmp_path, text: str) -> Path:

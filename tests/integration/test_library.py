@@ -9,7 +9,8 @@ import torch
 import textgen
 from stores import module_home
 from artifacts import ChecksumError, sha256_file
-from pipeline.store.catalog import MANIFEST_SHA, Catalog
+from pipeline.store.catalog import Catalog
+from pipeline.store.names import Tag
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import StageError
@@ -18,7 +19,7 @@ from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_add, run_compose
 from pipeline.stages.experts import run_experts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.experiment=library",
          "experts.train.max_tokens=6000", "experts.train.ckpt_every=0", "compose.modes=[independent]",
          "compose.blocks_train={max_tokens: 4000, batch_size: 8, lr: 0.003, warmup_steps: 1}",
@@ -188,12 +189,12 @@ def test_a_composition_manifest_from_a_newer_format_is_refused(library):
     original = path.read_text()
     try:  # as a newer moie would write and register it: its checksum recorded
         path.write_text(json.dumps({**json.loads(original), "format": 99}))
-        catalog.client.set_model_version_tag(version.name, version.version, MANIFEST_SHA, sha256_file(path))
+        catalog.client.set_model_version_tag(version.name, version.version, Tag.MANIFEST_SHA, sha256_file(path))
         with pytest.raises(StageError, match="format 99, newer than this moie reads"):
             catalog.load_registered(uri, library["home"] / "newer")
     finally:
         path.write_text(original)
-        catalog.client.set_model_version_tag(version.name, version.version, MANIFEST_SHA, version.tags[MANIFEST_SHA])
+        catalog.client.set_model_version_tag(version.name, version.version, Tag.MANIFEST_SHA, version.tags[Tag.MANIFEST_SHA])
 
 
 def test_a_composition_manifest_changed_in_the_store_is_refused(library):

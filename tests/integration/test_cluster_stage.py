@@ -16,7 +16,7 @@ from pipeline.stages.cluster import run_cluster
 from pipeline.store.tracking import PipelineNotFoundError, Tracker, tracking_uri
 from routing.router import ClusterRouter
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = {"router.safetensors", "router.json", "assignments.parquet", "cluster_report.json",
              "domain_cluster_table.png", "manifest.json"}
 

@@ -23,14 +23,15 @@ import textgen
 from conftest import free_port, wait_for_http
 from stores import module_home
 from artifacts import ChecksumError
-from pipeline.store.catalog import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL, Catalog, exact_uri
+from pipeline.store.catalog import Catalog, exact_uri
+from pipeline.store.names import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_compose
 from pipeline.stages.evaluate import ROUTING_PAGE, run_evaluate
 from pipeline.stages.experts import run_experts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.experiment=serving",
          "experts.train.max_tokens=12000", "experts.train.ckpt_every=0", "compose.modes=[independent]",
          "compose.routing=router",  # the default: cBTM picks, gates scale

@@ -11,10 +11,11 @@ from stores import module_home
 from pipeline.store.catalog import Catalog
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
-from pipeline.stages.compose import EarlyIndependent, run_compose
+from pipeline.stages.compose import run_compose
+from pipeline.stages.sequence import EarlyIndependent
 from pipeline.stages.experts import run_experts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Recorder(EarlyIndependent):
@@ -84,7 +85,7 @@ def test_an_independent_composition_started_per_expert_during_training_equals_on
 
 
 def test_a_failure_to_start_early_turns_early_composition_off_without_raising(moie_home, capsys):
-    from pipeline.store.catalog import DENSE
+    from pipeline.store.names import DENSE
 
     class Broken(EarlyIndependent):
         def _launch(self):

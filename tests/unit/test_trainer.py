@@ -178,7 +178,7 @@ def test_moie_generate_samples_text_from_an_exported_model_and_a_checkpoint(tmp_
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     model = small_model()
     train(model, tokens(), None, cfg(), ckpt_dir=tmp_path / "ckpt")
     save_model(tmp_path / "export", model)
@@ -199,7 +199,7 @@ def test_moie_generate_on_a_directory_without_a_model_is_a_clear_error(tmp_path)
     from pathlib import Path
 
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "--model", str(tmp_path)],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "holds neither model.safetensors" in proc.stderr
 
 

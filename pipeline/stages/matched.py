@@ -1,0 +1,131 @@
+"""The dense model trained on: the equal-compute baseline (`dense_matched`, trained beside the
+compositions for the compute they spend beyond the dense model) and `moie extend`'s fine-tuned
+baselines. A helper of the compose and extend stages, not a stage: it registers central-model
+versions of a role, each continued from a registered dense model on its own data and schedule.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from experts.checkpoint import load_model, save_model
+from experts.trainer import TrainConfig, train
+from pipeline.config import Config
+from pipeline.ray_runtime import cancel, get_or_fail, use_granted_cpus
+from pipeline.store import storage
+from pipeline.store.catalog import Catalog, exact_uri, fetch_models
+from pipeline.store.names import CENTRAL_MODEL, DENSE_MATCHED, Tag
+from pipeline.store.tracking import metrics_logger
+
+
+@dataclass
+class MatchedTask:
+    """The dense model trained on, from its final weights, for a given number of tokens."""
+
+    name: str
+    run_id: str
+    tracking_uri: str
+    dense: str  # exact registry URI of the dense model
+    train: str  # the dense model's own training and validation tokens (locations in the storage)
+    val: str
+    ckpt_dir: str  # resumable, under the pipeline's checkpoint root in the storage
+    train_config: dict  # the dense model's TrainConfig fields, with the matched budget
+    tokenizer: str
+    num_cpus: float
+    seed: int
+    pipeline: str
+
+
+# --- Ray task body ---------------------------------------------------------------------------------
+
+
+def train_matched_task(task: MatchedTask) -> dict:
+    """The dense model continued on its own data with its schedule (warm-up + cosine over the
+    extra tokens, as every expert's branch restarts it); logged to its run, exported."""
+    from pipeline.serve.serving import log_model  # (MLflow's model code, imported where it is used)
+
+    use_granted_cpus(task.num_cpus, task.seed)
+    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+        scratch = Path(scratch)
+        cfg = TrainConfig(**task.train_config)
+        checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
+        model, _ = load_model(fetch_models(task.tracking_uri, [task.dense], scratch)[0])
+        val = storage.load_tokens(task.val, scratch)
+        result = train(model, storage.load_tokens(task.train, scratch), val if len(val) > 1 else None, cfg,
+                       ckpt_dir=checkpoints.dir, on_metrics=metrics_logger(task.tracking_uri, task.run_id),
+                       meta={"tokenizer": task.tokenizer}, on_checkpoint=checkpoints.push)
+        save_model(scratch / "model", model, {"tokenizer": task.tokenizer, "name": task.name})
+        files = log_model(task.tracking_uri, task.run_id, scratch / "model", {
+            "registered_model": CENTRAL_MODEL, "model": task.name, "pipeline": task.pipeline})
+    return {"files": files, "tokens": result.tokens, "steps": result.steps,
+            "train_loss": result.train_loss, "val_bpb": result.val_bpb,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def start_continued(catalog: Catalog, cfg: Config, pipeline_id: str, dense_uri: str, dense, extra: float,
+                    modes: set[str], seq: int, flops_per_token: float, train: str, val: str, tokenizer: str):
+    """Launch the dense model's continuation for `extra` training FLOPs (whole steps of its own
+    schedule, never less): its run, its task; (Ray ref, MatchedTask)."""
+    train_cfg = {**cfg.experts.train, "seed": cfg.seed + 1}  # the dense model's schedule; batches it has not drawn
+    seq = seq
+    step_tokens = TrainConfig(**train_cfg).tokens_per_step(train_cfg.get("seq_len") or seq)
+    steps = math.ceil(extra / (3 * flops_per_token) / step_tokens)  # whole steps: never less compute
+    train_cfg["max_tokens"] = steps * step_tokens
+    root = catalog.checkpoint_root(pipeline_id, dense.tags[Tag.CLUSTER_RUN])
+    run_id = catalog.tracker.create_stage_run(pipeline_id, "compose", name=DENSE_MATCHED, tags={
+        Tag.MODE: DENSE_MATCHED, Tag.EXPERT: DENSE_MATCHED, Tag.CONTINUED_FROM: dense_uri,
+        Tag.CLUSTER_RUN: dense.tags[Tag.CLUSTER_RUN]})
+    catalog.tracker.log_params(run_id, {"continued_from": dense_uri, "matched_modes": ",".join(sorted(modes)),
+                                        "max_tokens": train_cfg["max_tokens"],
+                                        **{f"train.{k}": v for k, v in train_cfg.items() if k != "max_tokens"}})
+    catalog.tracker.log_metrics(run_id, {"matched_pflops": extra / 1e15})
+    matched = MatchedTask(name=DENSE_MATCHED, run_id=run_id, tracking_uri=catalog.tracker.uri,
+                          dense=dense_uri, train=train, val=val,
+                          # one checkpoint directory per schedule: a rerun resumes only the same one
+                          ckpt_dir=Catalog.checkpoint_dir(root, f"{DENSE_MATCHED}-{schedule_id(train_cfg)}"),
+                          train_config=train_cfg,
+                          tokenizer=tokenizer, num_cpus=cfg.compose.num_cpus, seed=cfg.seed,
+                          pipeline=pipeline_id)
+    print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
+          "PFLOPs, what the composed systems spend beyond it), beside the compositions", flush=True)
+    ref = ray.remote(train_matched_task).options(num_cpus=cfg.compose.num_cpus, max_retries=1).remote(matched)
+    return ref, matched
+
+
+def schedule_id(train_cfg: dict) -> str:
+    """A short name for a training schedule (budget, rates, seed...): equal for equal configs."""
+    return hashlib.sha256(json.dumps(train_cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def abandon_continued(catalog: Catalog, ref, matched: MatchedTask, killed: bool) -> None:
+    """Cancel the continuation and end its run KILLED or FAILED (a re-run resumes it from its checkpoints)."""
+    cancel(ref)
+    if catalog.tracker.client.get_run(matched.run_id).info.status == "RUNNING":
+        catalog.tracker.end_run(matched.run_id, "KILLED" if killed else "FAILED")
+
+
+def finish_continued(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTask, dense, role: str = DENSE_MATCHED,
+                     tags: dict | None = None) -> str:
+    """Wait for the continuation (which logged its model) and register it as a central-model
+    version of `role` (dense_matched; `moie extend`'s fine-tuned baselines), ending its run."""
+    tracker = catalog.tracker
+    out = get_or_fail(ref, f"{matched.name} training task")
+    tracker.log_metrics(matched.run_id, {"tokens": out["tokens"], "steps": out["steps"], "params": out["params"],
+                                         "final_train_loss": out["train_loss"],
+                                         **({"final_val_bpb": out["val_bpb"]} if out["val_bpb"] is not None else {})})
+    files = out["files"]
+    run = tracker.client.get_run(matched.run_id)
+    kept = {k: v for k, v in dense.tags.items() if k in (Tag.TOKENIZER, Tag.ARCH, Tag.CLUSTER_RUN)}
+    uri = catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", matched.run_id, {
+        **kept, Tag.PIPELINE: pipeline_id, Tag.EXPERT: matched.name, Tag.ROLE: role,
+        Tag.CONTINUED_FROM: exact_uri(dense), Tag.SHA: files["model.safetensors"], **(tags or {})})
+    tracker.set_tags(matched.run_id, {Tag.MODEL_VERSION: uri})
+    tracker.end_run(matched.run_id, "FINISHED")
+    print(f"{matched.name}: registered as {uri} (val_bpb {out['val_bpb']})", flush=True)
+    return uri
