@@ -113,11 +113,11 @@ def main() -> None:
     from composition.evaluation import score_documents, stream_documents
     from composition.loader import CompositionSettings, load_composed
     from experts.checkpoint import load_model
+    from experts.tokenizer import EOS_ID
+    from pipeline.config import load_config
     from pipeline.store import storage
     from pipeline.store.catalog import Catalog, exact_uri
     from pipeline.store.names import Tag, expert_name
-    from pipeline.config import load_config
-    from experts.tokenizer import EOS_ID
     from routing.ensemble import document_weights
 
     torch.set_num_threads(args.threads)

@@ -39,11 +39,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import torch
+    from matched import HOURGLASS
 
     from composition.model import ComposedLM
     from experts.flops import forward_flops_per_token
     from experts.hourglass import HourglassLM
-    from matched import HOURGLASS
     from routing.ensemble import mixture_log_probs
 
     torch.set_num_threads(args.threads)

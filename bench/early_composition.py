@@ -29,13 +29,13 @@ from quality_per_second import cpu_name  # noqa: E402  (bench/ is on the path: t
 
 def variant(config: str, overrides: list[str]) -> dict:
     """In a child process: cluster, experts (watched), compose; the timeline from MLflow."""
-    from pipeline.store.catalog import Catalog
-    from pipeline.store.names import Tag
     from pipeline.config import load_config
     from pipeline.stages.cluster import run_cluster
     from pipeline.stages.compose import run_compose
-    from pipeline.stages.sequence import EarlyIndependent
     from pipeline.stages.experts import run_experts
+    from pipeline.stages.sequence import EarlyIndependent
+    from pipeline.store.catalog import Catalog
+    from pipeline.store.names import Tag
 
     cfg = load_config(REPO / config, overrides)
     pipeline_id = run_cluster(cfg)

@@ -45,12 +45,12 @@ def main() -> None:
     parser.add_argument("--save", default=None, help="export the trained models under this directory")
     args = parser.parse_args()
     import torch
+    from matched import GPT_BASELINE, HOURGLASS
 
     from experts.flops import train_flops_per_token
     from experts.gpt import GPT
     from experts.hourglass import HourglassLM
     from experts.trainer import TrainConfig, bits_per_byte, train
-    from matched import GPT_BASELINE, HOURGLASS
 
     torch.set_num_threads(args.threads)
     train_tokens, val_tokens = corpus_tokens(args.config)

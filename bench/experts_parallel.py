@@ -43,10 +43,10 @@ def main() -> None:
     import ray
 
     import pipeline  # noqa: F401
-    from pipeline.config import load_config
-    from pipeline.text.corpus import load_corpus
-    from pipeline.stages.experts import write_tokens
     from experts.tokenizer import EOS_ID, VOCAB_SIZE
+    from pipeline.config import load_config
+    from pipeline.stages.experts import write_tokens
+    from pipeline.text.corpus import load_corpus
 
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     model_cfg = {"arch": cfg.experts.arch, **cfg.experts.model, "vocab_size": VOCAB_SIZE}

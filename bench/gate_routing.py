@@ -90,8 +90,8 @@ def main() -> None:
 
     import pipeline  # noqa: F401
     from composition.loader import CompositionSettings, load_composed
-    from pipeline.store.catalog import Catalog
     from pipeline.config import load_config
+    from pipeline.store.catalog import Catalog
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -21,8 +21,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
     args = parser.parse_args()
     import pipeline  # noqa: F401
-    from pipeline.store.catalog import Catalog
     from pipeline.config import load_config
+    from pipeline.store.catalog import Catalog
 
     tracker = Catalog(load_config(args.config)).tracker
     parent = tracker.pipeline_run(args.pipeline)

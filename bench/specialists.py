@@ -31,9 +31,9 @@ def main() -> None:
     import pipeline  # noqa: F401
     from experts.checkpoint import load_model
     from experts.trainer import bits_per_byte
+    from pipeline.config import load_config
     from pipeline.store.catalog import Catalog
     from pipeline.store.names import Tag
-    from pipeline.config import load_config
 
     torch.set_num_threads(args.threads)
     catalog = Catalog(load_config(args.config))

@@ -32,16 +32,19 @@ class CompositionSettings:
     k: int
     threshold: float
     pool: str = "token"
-    glue: str = "attention"  # compositions registered before glue was a setting are cross-attention
-    output: str = "none"  # "mix": a composition point in output space (before it was a setting: none)
+    glue: str = "attention"
+    output: str = "none"  # "mix": a composition point in output space
     kway: bool = False  # a k-way gate trained with every cluster's text (routing "kway")
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "CompositionSettings":
-        return cls(n_points=manifest["n_points"], routing=manifest["routing"], k=manifest["k"],
-                   threshold=manifest["threshold"], pool=manifest.get("pool", "token"),
-                   glue=manifest.get("glue", "attention"), output=manifest.get("output", "none"),
-                   kway=manifest.get("kway", False))
+        """The settings a manifest records; every key is required (a manifest without one is not
+        one this moie wrote: CompositionError naming the key)."""
+        try:
+            return cls(**{f: manifest[f] for f in cls.__dataclass_fields__})
+        except KeyError as err:
+            raise CompositionError(f"the composition manifest records no {err.args[0]!r}: it was not written by "
+                                   "this moie; compose the composition again") from None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,5 @@
-"""moie's infrastructure room: config, corpus, tokenizer, MLflow tracking, Ray, the CLI.
+"""moie's orchestration: the CLI, config, Ray, and four wings — store/ (where things are kept),
+text/ (what comes in), results/ (what a person reads), serve/ (models in use) — beside stages/.
 
 Importing it sets the loopback / offline / no-telemetry defaults that every moie
 process (driver, Ray worker, test) must run with; a value the user exported wins.

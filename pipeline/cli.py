@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
+from pipeline.errors import MoieError, StageError, one_line
 from pipeline.serve.sampling import SAMPLING
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -18,7 +24,6 @@ RESUMABLE = ": the runs it left unfinished are marked KILLED; the same command g
 def default_config(relative: str) -> str:
     """A default config path as given where it exists from the current directory, else the clone's
     own (an editable install): `moie serve`, `moie ui` and the rest work from any directory."""
-    from pathlib import Path
 
     beside_package = Path(__file__).resolve().parents[1] / relative
     return relative if Path(relative).is_file() or not beside_package.is_file() else str(beside_package)
@@ -126,7 +131,6 @@ def extend_command(args: argparse.Namespace) -> int:
 
 def default_domain(files: list[str] | None, dataset: str | None) -> str:
     """The new domain's name when --domain is not given: the first file's stem, or the data set's name."""
-    from pathlib import Path
 
     if files:
         return Path(files[0]).stem
@@ -177,7 +181,6 @@ def ui_command(args: argparse.Namespace) -> int:
 def run_server(cmd: list[str], env: dict, what: str) -> int:
     """Run a server in its own process group until it exits; on any exit of this command (Ctrl-C,
     SIGTERM, an error) its whole group is stopped, so it never outlives the command."""
-    from pipeline.errors import StageError
 
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
@@ -191,9 +194,7 @@ def run_server(cmd: list[str], env: dict, what: str) -> int:
 
 def check_port_free(port: int) -> None:
     """StageError unless a server could listen on 127.0.0.1:port."""
-    import socket
 
-    from pipeline.errors import StageError
 
     if not 1 <= port <= 65535:
         raise StageError(f"--port must be between 1 and 65535, got {port}")
@@ -209,7 +210,6 @@ def check_port_free(port: int) -> None:
 def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM to a child's process group (it and its workers), SIGKILL to what lingers; also
     when the child itself has exited already but its workers live on."""
-    import time
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -229,11 +229,10 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 def generate_command(args: argparse.Namespace) -> int:
     """Sample text from a registered model (any URI, compositions included), an exported model
     or a training checkpoint directory; for a composition, show which experts the router picked."""
-    import tempfile
 
     from experts.checkpoint import load_any
-    from pipeline.serve.sampling import check_sampling, sample
     from experts.tokenizer import ByteTokenizer
+    from pipeline.serve.sampling import check_sampling, sample
 
     check_sampling(args.prompt, args.max_new_tokens, args.temperature, args.top_k, cli=True)
     if args.model.startswith("models:/"):
@@ -277,10 +276,9 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def library_command(args: argparse.Namespace) -> int:
     """The registry as an expert library: list, show, alias."""
-    import json
 
-    from pipeline.store.catalog import Catalog
     from pipeline.serve.library import format_table, list_models, parse_filters, set_alias, show_model
+    from pipeline.store.catalog import Catalog
 
     catalog = Catalog(load_config(args.config, args.overrides))
     if args.action == "list":
@@ -361,7 +359,6 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
     """Parse, run, and turn the errors a user can fix into one clear line and exit code 2."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.errors import MoieError, one_line
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: noise on stderr

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -22,9 +23,24 @@ class ConfigError(MoieError, ValueError):
     """A configuration file or override that cannot be used as given."""
 
 
+# the choices of every choice-valued key, checked when a config is loaded (from_dict)
+CorpusSource = Literal["embedded", "files", "hub"]
+EncodingErrors = Literal["strict", "replace"]
+Arch = Literal["hourglass", "gpt"]
+Mode = Literal["independent", "joint"]
+Routing = Literal["router", "topk", "adaptive"]
+Pool = Literal["token", "prefix"]
+Glue = Literal["attention", "aligned", "both"]
+Output = Literal["none", "mix"]
+Branch = Literal["central", "seed", "scratch"]
+CORPUS_SOURCES = typing.get_args(CorpusSource)
+ENCODING_ERRORS = typing.get_args(EncodingErrors)
+EXTEND_BRANCHES = typing.get_args(Branch)
+
+
 @dataclass
 class CorpusConfig:
-    source: str = "embedded"  # embedded | files | hub
+    source: CorpusSource = "embedded"  # embedded | files | hub
     name: str | None = None  # hub data set name (source: hub)
     files: list[str] = field(default_factory=list)  # .txt / .jsonl / .parquet paths or globs
     hub_split: str = "train"  # split of the hub data set to read
@@ -37,7 +53,7 @@ class CorpusConfig:
     # domains (source labels) left out of the corpus, e.g. [code]: a pipeline that has never seen
     # them, to be extended with one later (`moie extend`, bench/new_domain.py)
     exclude_sources: list[str] = field(default_factory=list)
-    encoding_errors: str = "strict"  # strict: refuse non-UTF-8 files; replace: decode with U+FFFD and warn
+    encoding_errors: EncodingErrors = "strict"  # strict: refuse non-UTF-8 files; replace: decode with U+FFFD and warn
     val_fraction: float = 0.05  # share of works held out for validation (split by work, never by chunk)
     test_fraction: float = 0.05  # share of works held out for the final evaluation
 
@@ -57,7 +73,7 @@ class ClusterConfig:
 
 @dataclass
 class ExpertsConfig:
-    arch: str = "hourglass"  # hourglass | gpt
+    arch: Arch = "hourglass"  # hourglass | gpt
     model: dict = field(default_factory=dict)  # HourglassConfig / GPTConfig keys (vocab from the tokenizer)
     train: dict = field(default_factory=dict)  # TrainConfig keys; max_tokens is the budget of one expert
     num_cpus: float = 1.0  # Ray resources of one expert's task
@@ -78,7 +94,7 @@ class ExpertsConfig:
 @dataclass
 class CentralConfig:
     """A central model of its own; by default (arch null) the dense baseline is the central model."""
-    arch: str | None = None  # hourglass | gpt | null
+    arch: Arch | None = None  # hourglass | gpt | null
     model: dict = field(default_factory=dict)  # its HourglassConfig / GPTConfig keys
     train: dict = field(default_factory=dict)  # max_tokens here is the central model's own budget
 
@@ -88,20 +104,20 @@ KWAY_TRAIN = {"max_tokens": 204_800, "batch_size": 8, "lr": 1e-2}  # the k-way g
 
 @dataclass
 class ComposeConfig:
-    modes: list[str] = field(default_factory=lambda: ["independent", "joint"])  # one run (and version) each
+    modes: list[Mode] = field(default_factory=lambda: ["independent", "joint"])  # one run (and version) each
     n_points: int = 2  # composition points spread over the central model's depth
     # inference routing of independent compositions: router (the experts' cBTM router picks per
     # token from the text so far, each expert's gate scales its block) | topk | adaptive (gates)
-    routing: str = "router"
+    routing: Routing = "router"
     k: int = 2  # experts per token (top-k routing)
     threshold: float = 0.5  # adaptive routing: a token takes every expert whose gate exceeds it
-    pool: str = "token"  # what routing looks at: each token's state, or the running mean of its prefix
+    pool: Pool = "token"  # what routing looks at: each token's state, or the running mean of its prefix
     # what a block reads of its expert: attention (CALM: every expert row the position may see) |
     # aligned (the expert's state at the aligned position, one projection) | both
-    glue: str = "both"
+    glue: Glue = "both"
     # a composition point in output space (independent mode): "mix" blends each position's
     # next-byte distribution with its routed expert's own, by a learned per-position gate | none
-    output: str = "mix"
+    output: Output = "mix"
     # a k-way gate over every expert, trained once they are all done with every cluster's text as
     # the others' negatives (routing "kway": evaluate scores it as composed_independent_kway)
     kway: bool = True
@@ -146,7 +162,6 @@ class EvaluateConfig:
         return Scoring(eos_id=EOS_ID, stride=self.stride or None, batch_size=self.batch_size)
 
 
-EXTEND_BRANCHES = ("central", "seed", "scratch")
 
 
 @dataclass
@@ -154,7 +169,7 @@ class ExtendConfig:
     """`moie extend`: a new domain added to a finished pipeline, and the baselines it is measured against."""
     # the new expert starts from the pipeline's central model, its seed (where its experts branched),
     # or from scratch (then `model` may make it smaller than the others)
-    branch: str = "central"
+    branch: Branch = "central"
     model: dict = field(default_factory=dict)  # branch scratch: the new expert's model keys over experts.model
     train: dict = field(default_factory=dict)  # TrainConfig keys over experts.train; max_tokens: its budget
     # fine-tune the central model on the new text (finetune) and with a replay share of the old
@@ -196,11 +211,9 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-CORPUS_SOURCES = ("embedded", "files", "hub")
 MOVED = {"experts.checkpoint_dir": "config key 'experts.checkpoint_dir' moved: name the storage of token files and "
                                    "checkpoints with the top-level key 'storage' (a directory or s3://bucket/prefix), "
                                    "or MOIE_STORAGE"}
-ENCODING_ERRORS = ("strict", "replace")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -257,6 +270,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value or {}, prefix=f"{key}.")
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -266,7 +284,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r} must be a list of {inner.__name__}, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be a list of {getattr(inner, '__name__', inner)}, "
+                              f"got {value!r}")
         return [_coerce(v, inner, key) for v in value]
     if tp is dict:
         if not isinstance(value, dict):
@@ -284,14 +303,10 @@ def validate(cfg: Config) -> None:
     c, k = cfg.corpus, cfg.cluster
     if cfg.storage is not None:
         check_storage(cfg.storage, "config key 'storage'")
-    if c.source not in CORPUS_SOURCES:
-        raise ConfigError(f"corpus.source must be one of {CORPUS_SOURCES}, got {c.source!r}")
     if c.source == "hub" and not c.name:
         raise ConfigError("corpus.source is 'hub' but corpus.name is empty; set corpus.name=<dataset id>")
     if c.source == "files" and not c.files:
         raise ConfigError("corpus.source is 'files' but corpus.files is empty; list .txt/.jsonl/.parquet paths")
-    if c.encoding_errors not in ENCODING_ERRORS:
-        raise ConfigError(f"corpus.encoding_errors must be one of {ENCODING_ERRORS}, got {c.encoding_errors!r}")
     if not (0 <= c.val_fraction < 1 and 0 <= c.test_fraction < 1 and c.val_fraction + c.test_fraction < 1):
         raise ConfigError("corpus.val_fraction and corpus.test_fraction must be in [0, 1) and sum to less than 1, "
                           f"got {c.val_fraction} and {c.test_fraction}")
@@ -309,21 +324,12 @@ def validate(cfg: Config) -> None:
     if c.max_documents is not None and c.max_documents < 1:
         raise ConfigError(f"corpus.max_documents must be null (all documents) or >= 1, got {c.max_documents}")
     validate_experts(cfg.experts)
-    bad_modes = set(cfg.compose.modes) - {"independent", "joint"}
-    if bad_modes or not cfg.compose.modes:
-        raise ConfigError(f"compose.modes must be a non-empty list of 'independent' and 'joint', got {cfg.compose.modes}")
-    if cfg.compose.routing not in ("router", "topk", "adaptive"):
-        raise ConfigError(f"compose.routing must be 'router', 'topk' or 'adaptive', got {cfg.compose.routing!r}")
-    if cfg.compose.glue not in ("attention", "aligned", "both"):
-        raise ConfigError(f"compose.glue must be 'attention', 'aligned' or 'both', got {cfg.compose.glue!r}")
-    if cfg.compose.output not in ("none", "mix"):
-        raise ConfigError(f"compose.output must be 'none' or 'mix', got {cfg.compose.output!r}")
+    if not cfg.compose.modes:
+        raise ConfigError("compose.modes must name at least one of 'independent' and 'joint', got []")
     kway = {**KWAY_TRAIN, **cfg.compose.kway_train}
     if set(kway) != set(KWAY_TRAIN) or not (kway["max_tokens"] >= 1 and kway["batch_size"] >= 1 and kway["lr"] > 0):
         raise ConfigError("compose.kway_train takes max_tokens >= 1, batch_size >= 1 and lr > 0, got "
                           f"{cfg.compose.kway_train}")
-    if cfg.compose.pool not in ("token", "prefix"):
-        raise ConfigError(f"compose.pool must be 'token' or 'prefix', got {cfg.compose.pool!r}")
     if not 0 <= cfg.evaluate.max_overlap <= 1 or cfg.evaluate.shingle_words < 1 or cfg.evaluate.bootstrap < 1:
         raise ConfigError("evaluate.max_overlap must be between 0 and 1 (1: keep every held-out document), "
                           "evaluate.shingle_words >= 1 and evaluate.bootstrap >= 1; got "
@@ -352,8 +358,6 @@ def validate(cfg: Config) -> None:
 
 def validate_extend(cfg: Config) -> None:
     x = cfg.extend
-    if x.branch not in EXTEND_BRANCHES:
-        raise ConfigError(f"extend.branch must be one of {', '.join(EXTEND_BRANCHES)}, got {x.branch!r}")
     if x.model and x.branch != "scratch":
         raise ConfigError(f"extend.model sets the new expert's own shape, which needs extend.branch: scratch (a "
                           f"branch of the {x.branch} model has its shape); got {x.model}")
@@ -415,7 +419,6 @@ def validate_experts(e: "ExpertsConfig") -> None:
 
 def check_storage(value: str, what: str) -> None:
     """A storage setting is a directory or a URI with a scheme and '://' (s3://bucket/prefix)."""
-    import re
 
     if not value.strip():
         raise ConfigError(f"{what} is empty; give a directory or an object-store URI such as s3://bucket/prefix")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-
+import signal
+import threading
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from pipeline.config import Config, RayConfig
 from pipeline.errors import MoieError, StageError, one_line
@@ -136,7 +138,6 @@ def check_cluster_storage(cfg: Config, tracker: Tracker) -> None:
 def single_machine_stores(tracking_uri: str, artifact_location: str | None, storage_location: str) -> list[str]:
     """Which of the stores a stage uses live on one machine's disk (a database server, an
     MLflow server, mlflow-artifacts:/ and object-store URIs do not)."""
-    from urllib.parse import urlparse
 
     from pipeline.store import storage
 
@@ -154,8 +155,6 @@ def single_machine_stores(tracking_uri: str, artifact_location: str | None, stor
 def keep_sigterm_handler():
     """Ray's core worker installs a SIGTERM handler that aborts the process (exit -6): the
     driver's own handler, which ends its runs KILLED (`moie`, `ray job stop`), is put back."""
-    import signal
-    import threading
 
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None

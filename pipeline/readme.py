@@ -17,6 +17,7 @@ from pathlib import Path
 
 from artifacts import atomic_path
 from pipeline import config as config_module
+from pipeline.config import load_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CONFIG_PAGE = README.parent / "docs" / "configuration.md"
@@ -86,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     write_block(CONFIG_PAGE, "config", config_reference())
     if args.pipeline:
-        from pipeline.config import load_config
 
         write_block(README, "results", results_block(load_config(args.config), args.pipeline))
     return 0

@@ -34,3 +34,13 @@ def randomise_(model: nn.Module, seed: int = 0, std: float = 1.0) -> nn.Module:
             value = noise * 0.5 * std
         p.copy_(value.to(p.dtype))
     return model
+
+
+def assert_causal(model, idx: torch.Tensor, base: torch.Tensor, kwargs: dict, vocab: int = 64) -> None:
+    """A change of input j changes the output at j and nothing before it (idx (1, >= 45))."""
+    for j in (0, 3, 7, 8, 16, 30, 44):
+        changed = idx.clone()
+        changed[0, j] = (changed[0, j] + 5) % vocab
+        logits, _ = model(changed, **kwargs)
+        assert torch.equal(logits[:, :j], base[:, :j])
+        assert not torch.equal(logits[:, j], base[:, j])

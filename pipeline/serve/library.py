@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
+from pipeline.errors import StageError
 from pipeline.store.catalog import Catalog, exact_uri, uses
 from pipeline.store.names import COMPOSITION_MODEL, LIBRARY, Tag, is_moie_tag, tag_key
-from pipeline.errors import StageError
 
 TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
 

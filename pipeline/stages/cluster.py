@@ -17,17 +17,17 @@ import pyarrow.parquet as pq
 import ray
 
 from artifacts import save_state, write_json
-from pipeline.store.catalog import ASSIGNMENTS, CLUSTER_REPORT, ROUTER_NAME
 from pipeline.config import Config, ConfigError, from_dict, to_dict, validate
-from pipeline.text.corpus import CorpusError, load_corpus, text_sha256
-from pipeline.text.embedded import EmbeddedCorpusError
 from pipeline.errors import StageError
 from pipeline.ray_runtime import TaskFailedError, check_resources, connect_cluster, describe_failure, task_cause
 from pipeline.results.report import plot_domain_cluster_table
+from pipeline.store.catalog import ASSIGNMENTS, CLUSTER_REPORT, ROUTER_NAME
+from pipeline.store.names import sha_tag
 from pipeline.store.tracking import Tracker
+from pipeline.text.corpus import CorpusError, load_corpus, text_sha256
+from pipeline.text.embedded import EmbeddedCorpusError
 from routing.metrics import clustering_scores, contingency, dominant_domains
 from routing.router import ClusterRouter
-from pipeline.store.names import sha_tag
 
 log = logging.getLogger(__name__)
 

@@ -20,18 +20,18 @@ from artifacts import save_state, write_json
 from composition.evaluation import Scoring, bits_per_byte, stream_documents
 from composition.loader import CompositionSettings, new_parameters
 from composition.model import ComposedLM
-from composition.training import (fit_centers, kway_flops_per_token, mix_flops_per_token, train_flops_per_token,
-                                  phase_tokens, train_independent, train_joint, train_kway, windows_per_set)
+from composition.training import (fit_centers, kway_flops_per_token, mix_flops_per_token, phase_tokens,
+                                  train_flops_per_token, train_independent, train_joint, train_kway, windows_per_set)
 from experts.flops import forward_flops_per_token
 from experts.trainer import TrainConfig
-from pipeline.store import storage
-from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, Catalog, check_tokenizers,
-                                    assemble_registered, exact_uri)
-from pipeline.store.names import COMPOSITION_MODEL, DENSE, DENSE_MATCHED, ROLE_DENSE_CENTRAL, SEED, Tag, expert_name
 from pipeline.config import KWAY_TRAIN, Config
 from pipeline.errors import StageError
 from pipeline.ray_runtime import check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.stages.matched import abandon_continued, finish_continued, start_continued
+from pipeline.store import storage
+from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, Catalog, assemble_registered,
+                                    check_tokenizers, exact_uri)
+from pipeline.store.names import COMPOSITION_MODEL, DENSE, DENSE_MATCHED, ROLE_DENSE_CENTRAL, SEED, Tag, expert_name
 from routing.ensemble import document_weights
 from routing.router import ClusterRouter
 

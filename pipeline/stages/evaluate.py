@@ -30,19 +30,19 @@ from composition.loader import CompositionSettings
 from composition.training import top1_flops_per_token
 from experts.checkpoint import load_model
 from experts.flops import forward_flops_per_token
-from pipeline.store.catalog import PARTS_SHA, Catalog, assemble_registered, exact_uri, fetch_models
-from pipeline.store.names import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Tag
+from experts.tokenizer import EOS_ID, encode_bytes
+from pipeline.config import Config
+from pipeline.errors import StageError
+from pipeline.ray_runtime import check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.results.metrics import (COMPOSED, COMPOSED_SYSTEMS, GATE_ONLY, LAMBDAS, MIXTURES, Scored, headline,
                                       output_mixture, summarise)
-from pipeline.config import Config
-from pipeline.text.corpus import FILE_BUILDERS, clustered_documents, load_corpus
-from pipeline.errors import StageError
-from pipeline.serve.library import set_alias
-from pipeline.text.overlap import ShingleIndex
-from pipeline.ray_runtime import check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.results.report import plot_curves, write_results
 from pipeline.results.routing_page import render as render_routing
-from experts.tokenizer import EOS_ID, encode_bytes
+from pipeline.serve.library import set_alias
+from pipeline.store.catalog import PARTS_SHA, Catalog, assemble_registered, exact_uri, fetch_models
+from pipeline.store.names import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Tag
+from pipeline.text.corpus import FILE_BUILDERS, clustered_documents, load_corpus
+from pipeline.text.overlap import ShingleIndex
 from routing.ensemble import document_weights, keep_top_k
 
 ROUTING_PAGE = "routing.html"  # an artifact of the evaluate run (results/), shown by the MLflow UI
@@ -160,7 +160,7 @@ class ComposedSystem:
     def of(cls, manifest: dict, tracking_uri: str, seed: int) -> "ComposedSystem":
         return cls(tracking_uri=tracking_uri, central=manifest["central"], experts=manifest["experts"],
                    settings=CompositionSettings.from_manifest(manifest), seed=seed,
-                   parts_sha256=manifest.get(PARTS_SHA))
+                   parts_sha256=manifest[PARTS_SHA])
 
 
 def score_model_task(tracking_uri: str, uri: str, docs: list[np.ndarray], scoring: Scoring, num_cpus: float) -> dict:

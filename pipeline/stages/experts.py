@@ -25,20 +25,19 @@ import ray
 import torch
 
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
+from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE, encode_texts
 from experts.trainer import TrainConfig, TrainResult, train
-from pipeline.store import storage
-from pipeline.store.catalog import Catalog, check_token_files, exact_uri
-from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, ROLE_CENTRAL, ROLE_DENSE,
-                                  ROLE_DENSE_CENTRAL, SEED, Tag, expert_cluster,
-                                  expert_name, is_expert)
 from pipeline.config import Config
-from pipeline.text.corpus import clustered_documents, load_corpus
 from pipeline.errors import StageError
 from pipeline.progress import BoardPrinter, open_board
 from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
                                   use_granted_cpus)
-from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE, encode_texts
+from pipeline.store import storage
+from pipeline.store.catalog import Catalog, check_token_files, exact_uri
+from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, ROLE_CENTRAL, ROLE_DENSE,
+                                  ROLE_DENSE_CENTRAL, SEED, Tag, expert_cluster, expert_name, is_expert, tokens_sha_tag)
 from pipeline.store.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
+from pipeline.text.corpus import clustered_documents, load_corpus
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +373,7 @@ class _ExpertsStage:
     def create_run(self, name: str, params: dict[str, str], files: dict[str, str]) -> str:
         tags = {Tag.EXPERT: name, Tag.CLUSTER_RUN: self.cluster_run_id, Tag.STORAGE_ROOT: self.root,
                 Tag.NUM_CPUS: str(self.cfg.experts.num_cpus)}
-        tags |= {f"{Tag.TOKENS_SHA}.{split}": storage.sha256(path) for split, path in files.items()}
+        tags |= {tokens_sha_tag(split): storage.sha256(path) for split, path in files.items()}
         cluster = expert_cluster(name)
         if cluster is not None:
             tags[Tag.CLUSTER] = str(cluster)

@@ -34,21 +34,21 @@ from composition.loader import CompositionSettings
 from composition.training import planned_added_expert_flops, planned_kway_flops_per_token, windows_per_set
 from experts.checkpoint import build_model, load_model
 from experts.flops import forward_flops_per_token
+from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE
 from experts.trainer import TrainConfig
-from pipeline.store import storage
-from pipeline.store.catalog import ROUTER_NAME, Catalog, exact_uri
-from pipeline.store.names import EXPERT_MODEL, SEED, Tag, expert_name, extend_tag, sha_tag
 from pipeline.config import KWAY_TRAIN, Config, CorpusConfig
-from pipeline.text.corpus import Document, load_corpus
 from pipeline.errors import StageError
 from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail
 from pipeline.results.report import markdown_table
 from pipeline.stages.compose import AddedCluster, add_expert, check_extensible
 from pipeline.stages.evaluate import ComposedSystem, held_out, score_composition_task, score_model_task
-from pipeline.stages.matched import MatchedTask, abandon_continued, finish_continued, train_matched_task
 from pipeline.stages.experts import ExpertTask, train_expert, write_tokens
-from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE
+from pipeline.stages.matched import MatchedTask, abandon_continued, finish_continued, train_matched_task
+from pipeline.store import storage
+from pipeline.store.catalog import ROUTER_NAME, Catalog, exact_uri
+from pipeline.store.names import EXPERT_MODEL, SEED, Tag, expert_name, extend_tag, sha_tag, tokens_sha_tag
 from pipeline.store.tracking import param_strings
+from pipeline.text.corpus import Document, load_corpus
 from routing.ensemble import document_weights, keep_top_k
 from routing.router import ClusterRouter
 
@@ -399,7 +399,7 @@ def new_expert_task(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
         storage.upload(catalog.model_dir(plan.branch, tmp / "branch"), init_from)
     tags = {Tag.EXPERT: plan.name, Tag.CLUSTER: str(plan.cluster), Tag.CLUSTER_RUN: run_id,
             Tag.STORAGE_ROOT: root, Tag.DOMAIN: new.domain, Tag.EXTENSION: run_id,
-            **{f"{Tag.TOKENS_SHA}.{split}": storage.sha256(path) for split, path in data.items()}}
+            **{tokens_sha_tag(split): storage.sha256(path) for split, path in data.items()}}
     child = tracker.create_stage_run(pipeline_id, "extend", name=plan.name, tags=tags)
     tracker.log_params(child, param_strings({f"model.{k}": v for k, v in plan.model.items()}
                                             | {f"train.{k}": v for k, v in plan.expert_train.items()}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import ray
 
-from pipeline.store.catalog import Catalog
 from pipeline.config import Config
 from pipeline.errors import one_line
 from pipeline.ray_runtime import cancel, get_or_fail
@@ -25,6 +24,7 @@ from pipeline.stages.compose import (CompositionTask, centres_task, composition_
                                      train_independent_task)
 from pipeline.stages.evaluate import run_evaluate
 from pipeline.stages.experts import run_experts
+from pipeline.store.catalog import Catalog
 from pipeline.store.names import CENTRAL, DENSE, expert_cluster, is_expert
 
 

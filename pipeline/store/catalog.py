@@ -22,19 +22,18 @@ import re
 import tempfile
 from pathlib import Path
 
-
-from artifacts import ChecksumError, load_state, verify_sha256
-from pipeline.store import storage
-from pipeline.config import Config
+from artifacts import ChecksumError, load_state, read_tensors, verify_sha256
+from pipeline.config import Config, check_storage
 from pipeline.errors import StageError, one_line
-from pipeline.store.tracking import Tracker, quote, workdir
+from pipeline.store import storage
 from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, CENTRAL_ROLES, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
-                                  DENSE_ROLES, EXPERT_MODEL, ROLE_CENTRAL, SEED,
-                                  Tag, sha_tag)
+                                  DENSE_ROLES, EXPERT_MODEL, ROLE_CENTRAL, SEED, Tag, sha_tag, tokens_sha_tag)
+from pipeline.store.tracking import Tracker, quote, workdir
 
 MANIFEST_FORMAT = 1  # composition manifests this moie writes and reads
 COMPOSITION_MANIFEST = "composition_manifest.json"
 PARTS_SHA = "parts_sha256"  # a composition manifest's {exact URI: sha256 of its weights} of central + experts
+MANIFEST_KEYS = ("central", "experts", "mode", "tokenizer", PARTS_SHA)  # (+ the CompositionSettings fields)
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))$")
 
 # the cluster run's artifacts
@@ -51,7 +50,7 @@ RESULTS_TABLE = "results.md"  # the evaluate run's table
 def check_token_files(owner: str, tags: dict[str, str], files: dict[str, str]) -> None:
     """Each token file ({split: location in the storage}) against the sha256 recorded in `tags` (where one is)."""
     for split, path in files.items():
-        expected = tags.get(f"{Tag.TOKENS_SHA}.{split}")
+        expected = tags.get(tokens_sha_tag(split))
         if expected is not None and storage.sha256(path) != expected:
             raise ChecksumError(f"the {split} tokens of {owner} at {path} changed since they were recorded "
                                 f"(sha256 {expected}); delete the file and run `moie experts` for the pipeline "
@@ -72,7 +71,14 @@ def exact_uri(version) -> str:
 
 
 def check_manifest(manifest: dict, where: str) -> None:
-    fmt = manifest.get("format", 1)
+    fmt = manifest.get("format")
+    if fmt is None:
+        raise StageError(f"{where} has a composition manifest that records no format: it was not written by "
+                         "this moie; compose it again")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise StageError(f"{where} has a composition manifest without {', '.join(missing)}: it was not written "
+                         "by this moie; compose it again")
     if not isinstance(fmt, int) or fmt > MANIFEST_FORMAT:
         raise StageError(f"{where} has a composition manifest of format {fmt!r}, newer than this moie reads "
                          f"(format {MANIFEST_FORMAT}); upgrade moie to use it")
@@ -202,7 +208,7 @@ class Catalog:
             raise StageError(f"training data of {version.name}/{version.version} not found at {path}; compose "
                              "with the storage the experts stage wrote to (MOIE_STORAGE or `storage` in the config)")
         own = tags[Tag.EXPERT]
-        recorded = (path, storage.stamp(path), tags.get(f"{Tag.TOKENS_SHA}.{split}", ""))
+        recorded = (path, storage.stamp(path), tags.get(tokens_sha_tag(split), ""))
         if (name in (None, own) or (own in (CENTRAL, SEED) and name == DENSE)) and recorded not in self._checked:
             check_token_files(exact_uri(version), tags, {split: path})  # the files its run recorded
             self._checked.add(recorded)  # once per catalog: `moie run` asks again for each early task
@@ -261,8 +267,7 @@ class Catalog:
         """(new parameters as tensors, manifest) of a registered composition, both checked."""
         path = self.version_files(version, "composition", dst)
         _verify(version, path, "composition.safetensors")
-        if Tag.MANIFEST_SHA in version.tags:  # (compositions registered before moie recorded it have none)
-            _verify(version, path, COMPOSITION_MANIFEST, tag=Tag.MANIFEST_SHA)
+        _verify(version, path, COMPOSITION_MANIFEST, tag=Tag.MANIFEST_SHA)
         return read_composition(path, exact_uri(version))
 
     def check_pyfunc(self, version) -> None:
@@ -363,7 +368,7 @@ class Catalog:
         if manifest["routing"] == "router":
             router = self.router(manifest["router_run"], tmp / "router"), manifest["clusters"]
         composed = self.assemble(manifest["central"], manifest["experts"], CompositionSettings.from_manifest(manifest),
-                                 state, tmp, parts_sha256=manifest.get(PARTS_SHA), router=router)
+                                 state, tmp, parts_sha256=manifest[PARTS_SHA], router=router)
         experts_meta = [{"uri": uri, "domain": self.resolve(uri).tags.get(Tag.DOMAIN)} for uri in manifest["experts"]]
         return composed.eval(), {"tokenizer": manifest["tokenizer"], "experts": experts_meta}
 
@@ -380,8 +385,8 @@ class Catalog:
 
         parts = [self.resolve(u) for u in [central, *experts]]
         for v in parts:  # the versions it was trained with, not others of the same number in another store
-            recorded = (parts_sha256 or {}).get(exact_uri(v))
-            if recorded is not None and v.tags.get(Tag.SHA) != recorded:
+            recorded = parts_sha256.get(exact_uri(v)) if parts_sha256 is not None else v.tags.get(Tag.SHA)
+            if recorded is None or v.tags.get(Tag.SHA) != recorded:
                 raise ChecksumError(f"{exact_uri(v)} in the registry at {self.tracker.uri} is not the model the "
                                     f"composition was trained with (its weights had sha256 {recorded}): load the "
                                     "composition from the registry it was registered in (MLFLOW_TRACKING_URI)")
@@ -415,7 +420,6 @@ def fetch_models(tracking_uri: str, uris: list[str], dst: Path) -> list[str]:
 def storage_location(cfg: Config) -> str:
     """Where token files, checkpoints and the seed live: MOIE_STORAGE, else the config's
     `storage`, else <workdir>/checkpoints."""
-    from pipeline.config import check_storage
 
     configured = os.environ.get("MOIE_STORAGE") or cfg.storage
     if not configured:
@@ -429,7 +433,6 @@ def storage_location(cfg: Config) -> str:
 def read_composition(folder: Path, where: str) -> tuple[dict, dict]:
     """(new parameters as tensors, manifest) of a composition's files in a local folder (checked
     by the caller); a manifest of a newer format is refused."""
-    from artifacts import read_tensors
 
     manifest = json.loads((folder / COMPOSITION_MANIFEST).read_text(encoding="utf-8"))
     check_manifest(manifest, where)

@@ -299,8 +299,6 @@ def sha256(location: str) -> str:
 
 def npy_length(location: str) -> int:
     """The length of the first axis of the .npy array at `location`, from its header alone."""
-    import numpy as np
-
     fs, path = _filesystem(location)
     try:
         with fs.open_input_file(path) as f:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,7 +56,6 @@ def changed_params(recorded: dict[str, str], wanted: dict[str, str],
 def metrics_logger(tracking_uri: str, run_id: str):
     """on_metrics(step, metrics) for a training loop in a Ray task: each call is one batch of
     metrics logged to the run (its own client: a task holds no Tracker)."""
-    import time
 
     client = MlflowClient(tracking_uri=tracking_uri)
 
@@ -256,7 +256,6 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start:start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        import time
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]

@@ -12,10 +12,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.text.chunking import chunk_text
-from pipeline.config import CorpusConfig
-from pipeline.text.embedded import embedded_corpus_file
 from artifacts.errors import MoieError
+from pipeline.config import CorpusConfig
+from pipeline.text.chunking import chunk_text
+from pipeline.text.embedded import embedded_corpus_file
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,10 @@ def clustered_documents(table: dict, docs: list[Document]) -> dict[str, Document
     if missing:
         raise CorpusError(f"{len(missing)} clustered documents (e.g. {missing[0]!r}) are not in the corpus of this "
                           "config; give the config the pipeline was clustered with")
-    if "text_sha256" not in table:  # clustered by an older moie
-        log.warning("the pipeline's assignments.parquet records no content hashes (clustered by an older moie): "
-                    "the corpus cannot be checked against its clustering; cluster again to have it checked")
-    for doc_id, expected in zip(table["doc_id"], table.get("text_sha256", [])):
+    if "text_sha256" not in table:
+        raise CorpusError("the pipeline's assignments.parquet records no content hashes, so the corpus cannot be "
+                          "checked against its clustering; cluster it again (`moie cluster`)")
+    for doc_id, expected in zip(table["doc_id"], table["text_sha256"]):
         if text_sha256(by_id[doc_id].text) != expected:
             raise CorpusError(f"document {doc_id!r} changed since the pipeline was clustered (its text no longer "
                               "has the sha256 recorded in assignments.parquet); restore the corpus as it was, or "

@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import textgen
+
 from artifacts import load_state, sha256_file
 from pipeline.config import load_config
 from pipeline.errors import StageError

@@ -9,13 +9,14 @@ import torch
 
 import textgen
 from stores import module_home
-from pipeline.store.catalog import Catalog
-from pipeline.store.names import COMPOSITION_MODEL
+
 from pipeline.config import load_config
 from pipeline.errors import StageError
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_compose
 from pipeline.stages.experts import run_experts
+from pipeline.store.catalog import Catalog
+from pipeline.store.names import COMPOSITION_MODEL
 from pipeline.store.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,9 +173,9 @@ def test_evaluate_scores_other_text_given_as_eval_data(trained_pipeline, tmp_pat
 
 
 def test_evaluate_points_champion_at_the_composition_best_on_validation_and_says_so(trained_pipeline, capsys):
+    from pipeline.stages.evaluate import run_evaluate
     from pipeline.store.catalog import Catalog, exact_uri
     from pipeline.store.names import CHAMPION, COMPOSITION_MODEL
-    from pipeline.stages.evaluate import run_evaluate
 
     cfg, pipeline_id = trained_pipeline
     catalog = Catalog(cfg)
@@ -243,10 +244,10 @@ def test_the_seed_is_registered_and_composing_on_it_is_a_system_that_pays_no_den
     from dataclasses import replace
 
     from experts.checkpoint import load_model
+    from pipeline.stages.evaluate import run_evaluate
     from pipeline.store import storage
     from pipeline.store.catalog import exact_uri
     from pipeline.store.names import Tag
-    from pipeline.stages.evaluate import run_evaluate
 
     cfg, pipeline_id = trained_pipeline
     catalog = Catalog(cfg)

@@ -8,12 +8,13 @@ import pytest
 
 import textgen
 from stores import module_home
-from pipeline.store.catalog import Catalog
+
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_compose
-from pipeline.stages.sequence import EarlyIndependent
 from pipeline.stages.experts import run_experts
+from pipeline.stages.sequence import EarlyIndependent
+from pipeline.store.catalog import Catalog
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 import textgen
+
 from pipeline.config import load_config
-from pipeline.store.names import CENTRAL_MODEL, EXPERT_MODEL
-from pipeline.ray_runtime import ResourceError
 from pipeline.errors import StageError
+from pipeline.ray_runtime import ResourceError
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.experts import run_experts
+from pipeline.store.names import CENTRAL_MODEL, EXPERT_MODEL
 from pipeline.store.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,8 +190,8 @@ def test_an_expert_branched_from_a_seed_starts_from_the_seeds_weights(tmp_path):
     import torch
 
     from experts.checkpoint import build_model, load_model, save_model
-    from pipeline.stages.experts import ExpertTask, train_expert
     from experts.tokenizer import TOKENIZER
+    from pipeline.stages.experts import ExpertTask, train_expert
 
     arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
     torch.manual_seed(123)
@@ -222,8 +223,8 @@ def test_a_task_whose_run_its_stage_ended_stops_at_its_next_checkpoint(tmp_path)
     import numpy as np
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stages.experts import ExpertTask, train_expert
     from experts.tokenizer import TOKENIZER
+    from pipeline.stages.experts import ExpertTask, train_expert
     from pipeline.store.tracking import StageStopped
 
     arch = {"arch": "gpt", "vocab_size": 259, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}

@@ -13,19 +13,19 @@ import pytest
 import torch
 
 import textgen
-from randomise import randomise_
+from randomise import assert_causal, randomise_
 from stores import module_home
-from test_composition import assert_causal
+
 from composition.intervals import paired_bootstrap, stratified_bootstrap
-from pipeline.store import storage
-from pipeline.store.catalog import Catalog, exact_uri
-from pipeline.store.names import COMPOSITION_MODEL, EXPERT_MODEL, Tag
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_compose
 from pipeline.stages.experts import run_experts
 from pipeline.stages.extend import mixed_documents, replay_tokens
+from pipeline.store import storage
+from pipeline.store.catalog import Catalog, exact_uri
+from pipeline.store.names import COMPOSITION_MODEL, EXPERT_MODEL, Tag
 from routing.router import ClusterRouter
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import textgen
+
 from pipeline.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -230,10 +231,10 @@ def test_case11_a_crafted_pipeline_id_finds_no_run_instead_of_every_run(moie_hom
 
 
 def test_case11_a_crafted_filter_value_matches_nothing_and_a_crafted_tag_key_is_refused(moie_home):
-    from pipeline.store.catalog import Catalog
-    from pipeline.store.names import EXPERT_MODEL
     from pipeline.errors import StageError
     from pipeline.serve.library import parse_filters
+    from pipeline.store.catalog import Catalog
+    from pipeline.store.names import EXPERT_MODEL
 
     catalog = Catalog(load_config(TINY))
     run_id = catalog.tracker.start_pipeline(load_config(TINY))
@@ -299,8 +300,8 @@ def test_case1_a_cluster_too_small_to_train_fails_its_run_and_trains_once_the_co
 
 def test_case1_a_model_left_out_for_a_small_cluster_does_not_stop_the_others(ray_local, moie_home, tmp_path):
     """One cluster too small: the other expert is registered, the small one's run FAILED (not FINISHED)."""
-    from pipeline.store.catalog import Catalog
     from pipeline.stages.experts import _ExpertsStage
+    from pipeline.store.catalog import Catalog
 
     overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=2000", "experts.train.batch_size=32"])
     cfg, pipeline_id = clustered(tmp_path, overrides)
@@ -498,8 +499,8 @@ def test_case3_a_run_resumed_at_its_final_checkpoint_reports_its_final_loss_bpb_
 # case 5: what a stage consumes is checked against what the stage that made it recorded
 def test_case5_a_corpus_file_edited_after_clustering_is_refused_before_any_expert_trains(ray_local, moie_home,
                                                                                          tmp_path):
-    from pipeline.text.corpus import CorpusError
     from pipeline.stages.experts import run_experts
+    from pipeline.text.corpus import CorpusError
 
     overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=2000"])
     cfg, pipeline_id = clustered(tmp_path, overrides)
@@ -511,8 +512,8 @@ def test_case5_a_corpus_file_edited_after_clustering_is_refused_before_any_exper
         run_experts(cfg, pipeline_id)
     assert runs_of(cfg, pipeline_id) == [] and expert_versions(cfg) == []
     assert not list(Path(moie_home).glob("checkpoints/**/*.npy"))  # nothing tokenised from the edited corpus
-    from pipeline.store.catalog import Catalog
     from pipeline.stages.evaluate import held_out
+    from pipeline.store.catalog import Catalog
 
     _, table, _ = Catalog(cfg).assignments(pipeline_id)
     with pytest.raises(CorpusError, match="changed since the pipeline was clustered"):  # nor scored
@@ -552,8 +553,8 @@ def test_case5_assignments_changed_in_the_store_are_refused_naming_the_artifact(
 
 def trained_expert(tmp_path):
     """(config, catalog, URI, version) of one of two small experts the experts stage registered."""
-    from pipeline.store.catalog import Catalog
     from pipeline.stages.experts import run_experts
+    from pipeline.store.catalog import Catalog
 
     cfg, pipeline_id = clustered(tmp_path, small_overrides(tmp_path, extra=["experts.train.max_tokens=2000"]))
     uri = sorted(run_experts(cfg, pipeline_id).values())[0]

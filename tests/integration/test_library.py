@@ -8,9 +8,8 @@ import torch
 
 import textgen
 from stores import module_home
+
 from artifacts import ChecksumError, sha256_file
-from pipeline.store.catalog import Catalog
-from pipeline.store.names import Tag
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import StageError
@@ -18,6 +17,8 @@ from pipeline.serve.library import list_models, parse_filters, set_alias, show_m
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_add, run_compose
 from pipeline.stages.experts import run_experts
+from pipeline.store.catalog import Catalog
+from pipeline.store.names import Tag
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.experiment=library",

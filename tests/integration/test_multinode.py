@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, wait_for_http
 
 import textgen
-from conftest import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "moie"

@@ -18,18 +18,19 @@ import mlflow
 import pandas as pd
 import psutil
 import pytest
+from conftest import free_port, wait_for_http
 
 import textgen
-from conftest import free_port, wait_for_http
 from stores import module_home
+
 from artifacts import ChecksumError
-from pipeline.store.catalog import Catalog, exact_uri
-from pipeline.store.names import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_compose
 from pipeline.stages.evaluate import ROUTING_PAGE, run_evaluate
 from pipeline.stages.experts import run_experts
+from pipeline.store.catalog import Catalog, exact_uri
+from pipeline.store.names import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.experiment=serving",

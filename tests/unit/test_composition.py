@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import textgen
-from randomise import randomise_
+from randomise import assert_causal, randomise_
+
 from composition.model import ComposedLM, composition_points, paired_stage
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
@@ -68,16 +69,6 @@ def test_gates_start_at_one_half():
     h = torch.randn(2, 5, 32)
     for point in composed.points:
         assert torch.equal(composed.route(point, h), torch.full((2, 5, 3), 0.5))
-
-
-def assert_causal(composed, idx, base, kwargs):
-    """A change of input j changes the output at j and nothing before it."""
-    for j in (0, 3, 7, 8, 16, 30, 44):
-        changed = idx.clone()
-        changed[0, j] = (changed[0, j] + 5) % V
-        logits, _ = composed(changed, **kwargs)
-        assert torch.equal(logits[:, :j], base[:, :j])
-        assert not torch.equal(logits[:, j], base[:, j])
 
 
 @pytest.mark.parametrize("glue", ["attention", "aligned", "both"])

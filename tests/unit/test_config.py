@@ -127,3 +127,15 @@ def test_storage_from_the_environment_wins_and_file_uris_are_paths(tmp_path, mon
     monkeypatch.setenv("MOIE_STORAGE", "s3:bucket")
     with pytest.raises(ConfigError, match="MOIE_STORAGE 's3:bucket' looks like a URI"):
         storage_location(cfg)
+
+
+@pytest.mark.parametrize("override, choices", [
+    ("compose.routing=bogus", "'router', 'topk', 'adaptive'"),
+    ("compose.modes=[independent, bogus]", "'independent', 'joint'"),
+    ("corpus.source=web", "'embedded', 'files', 'hub'"),
+    ("extend.branch=nowhere", "'central', 'seed', 'scratch'"),
+])
+def test_a_choice_outside_its_literal_is_refused_naming_the_key_and_the_choices(override, choices):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}.*must be one of {choices}"):
+        load_config(CONFIGS / "tiny.yaml", [override])

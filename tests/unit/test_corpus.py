@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import textgen
+
 from pipeline.config import CorpusConfig
 from pipeline.text.chunking import chunk_text
 from pipeline.text.corpus import CorpusError, load_corpus, split_of

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from randomise import randomise_
+
 from composition.evaluation import bits_per_byte, mixture, score_documents, windows
 from composition.model import ComposedLM
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
-from pipeline.results.report import markdown_table
-from randomise import randomise_
 from pipeline.results.metrics import Scored, headline
+from pipeline.results.report import markdown_table
 from pipeline.stages.evaluate import domain_experts
 from routing.ensemble import keep_top_k
 

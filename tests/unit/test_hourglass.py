@@ -6,6 +6,7 @@ and a leak there could not show.
 """
 import pytest
 import torch
+
 from randomise import randomise_
 
 from experts.blocks import Block, MultiChannelBlock

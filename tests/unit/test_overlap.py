@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 import textgen
+
 from pipeline.config import load_config
+from pipeline.stages.evaluate import held_out
 from pipeline.text.corpus import load_corpus
 from pipeline.text.overlap import ShingleIndex, shingle_hashes, words
-from pipeline.stages.evaluate import held_out
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = b"the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat all day"

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import textgen
+
 from artifacts import ChecksumError, load_state, save_state
 from routing.embedding import complete_terms
 from routing.metrics import clustering_scores

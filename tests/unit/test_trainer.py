@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import textgen
+
 from experts.checkpoint import CheckpointError, latest_checkpoint, load_model, save_model
 from experts.flops import forward_flops_per_token, mfu
 from experts.gpt import GPT, GPTConfig
