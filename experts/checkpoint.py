@@ -94,6 +94,14 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def checkpoint_step(filename: str) -> int | None:
+    """step-<n>.json -> n: the step of a complete checkpoint (its JSON is written last); None
+    for any other file (its .safetensors, a file of another kind)."""
+    stem, dot, suffix = filename.rpartition(".")
+    number = stem.removeprefix("step-")
+    return int(number) if dot and suffix == "json" and stem.startswith("step-") and number.isdigit() else None
+
+
 def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, meta: dict, keep: int = 2) -> Path:
     """Write the checkpoint of `step`, then delete all but the newest `keep`."""
@@ -120,7 +128,7 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
 
 def latest_checkpoint(directory: str | Path) -> int | None:
     """Step of the newest complete checkpoint in directory (its JSON is written last)."""
-    steps = [int(p.stem.removeprefix("step-")) for p in Path(directory).glob("step-*.json")]
+    steps = [s for p in Path(directory).glob("step-*.json") if (s := checkpoint_step(p.name)) is not None]
     return max(steps) if steps else None
 
 

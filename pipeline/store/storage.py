@@ -231,8 +231,9 @@ def move(location: str, new: str) -> None:
 
 def checkpoint_steps(location: str) -> list[int]:
     """Steps of the complete checkpoints at a location (their JSON is written last), oldest first."""
-    return sorted(int(n.removeprefix("step-").removesuffix(".json")) for n in names(location)
-                  if n.startswith("step-") and n.endswith(".json"))
+    from experts.checkpoint import checkpoint_step  # (torch: loaded where checkpoints are)
+
+    return sorted(s for n in names(location) if (s := checkpoint_step(n)) is not None)
 
 
 class CheckpointMirror:
