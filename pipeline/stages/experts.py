@@ -35,7 +35,8 @@ from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, curr
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, check_token_files, exact_uri
 from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, ROLE_CENTRAL, ROLE_DENSE,
-                                  ROLE_DENSE_CENTRAL, SEED, Tag, expert_cluster, expert_name, is_expert, tokens_sha_tag)
+                                  ROLE_DENSE_CENTRAL, SEED, Tag, carried_tags, expert_cluster, expert_name, is_expert,
+                                  model_tags, tokens_sha_tag)
 from pipeline.store.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
 from pipeline.text.corpus import clustered_documents, load_corpus
 
@@ -500,11 +501,9 @@ class _ExpertsStage:
         """Register the seed its task logged to the seed's own run as a moie-central version with
         moie.role=seed: the dense model where every expert branched, a hub to compose on."""
         run = self.tracker.client.get_run(task.log_run)
-        tags = {Tag.PIPELINE: self.pipeline_id, Tag.EXPERT: SEED, Tag.ROLE: SEED,
-                Tag.TOKENIZER: task.tokenizer, Tag.ARCH: json.dumps(task.model, sort_keys=True),
-                Tag.SHA: trained.files["model.safetensors"], Tag.SEED_TOKENS: str(trained.result.tokens)}
-        tags |= {k: v for k, v in run.data.tags.items()
-                 if k in (Tag.CLUSTER_RUN, Tag.STORAGE_ROOT) or k.startswith(Tag.TOKENS_SHA)}
+        tags = {**model_tags(self.pipeline_id, SEED, task.tokenizer, task.model, trained.files["model.safetensors"]),
+                Tag.ROLE: SEED, Tag.SEED_TOKENS: str(trained.result.tokens),
+                **carried_tags(run.data.tags, (Tag.CLUSTER_RUN, Tag.STORAGE_ROOT))}
         uri = self.catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", task.log_run, tags)
         self.tracker.log_metrics(task.log_run, {"steps": trained.result.steps, "tokens": trained.result.tokens,
                                                 "params": trained.params, "final_train_loss": trained.result.train_loss})
@@ -525,12 +524,9 @@ class _ExpertsStage:
         # role: which central-model version composition takes by default (a configured central
         # model wins over the dense baseline, which is then registered as the baseline only)
         role = {CENTRAL: ROLE_CENTRAL, DENSE: ROLE_DENSE if task.has_central else ROLE_DENSE_CENTRAL}.get(task.name)
-        tags = {Tag.PIPELINE: self.pipeline_id, Tag.EXPERT: task.name, Tag.TOKENIZER: task.tokenizer,
-                Tag.ARCH: json.dumps(task.model, sort_keys=True), Tag.SHA: manifest["model.safetensors"]}
-        tags |= {k: v for k, v in run.data.tags.items()
-                 if k in (Tag.CLUSTER, Tag.DOMAIN, Tag.PURITY, Tag.CLUSTER_RUN, Tag.SEED_TOKENS,
-                          Tag.STORAGE_ROOT)
-                 or k.startswith(Tag.TOKENS_SHA)}
+        tags = {**model_tags(self.pipeline_id, task.name, task.tokenizer, task.model, manifest["model.safetensors"]),
+                **carried_tags(run.data.tags, (Tag.CLUSTER, Tag.DOMAIN, Tag.PURITY, Tag.CLUSTER_RUN,
+                                               Tag.SEED_TOKENS, Tag.STORAGE_ROOT))}
         if role:
             tags[Tag.ROLE] = role
         uri = self.catalog.register(name, f"{run.info.artifact_uri}/model", run_id, tags)

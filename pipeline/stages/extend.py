@@ -46,7 +46,8 @@ from pipeline.stages.experts import ExpertTask, train_expert, write_tokens
 from pipeline.stages.matched import MatchedTask, abandon_continued, finish_continued, train_matched_task
 from pipeline.store import storage
 from pipeline.store.catalog import ROUTER_NAME, Catalog, exact_uri
-from pipeline.store.names import EXPERT_MODEL, SEED, Tag, expert_name, extend_tag, sha_tag, tokens_sha_tag
+from pipeline.store.names import (EXPERT_MODEL, SEED, Tag, carried_tags, expert_name, extend_tag, model_tags, sha_tag,
+                                  tokens_sha_tag)
 from pipeline.store.tracking import param_strings
 from pipeline.text.corpus import Document, load_corpus
 from routing.ensemble import document_weights, keep_top_k
@@ -421,12 +422,11 @@ def register_expert(catalog: Catalog, pipeline_id: str, run_id: str, plan: Plan,
                                       "tokens": result.tokens, "params": trained.params,
                                       **({"final_val_bpb": result.val_bpb} if result.val_bpb is not None else {})})
     run = tracker.client.get_run(task.run_id)
-    tags = {k: v for k, v in run.data.tags.items()
-            if k in (Tag.EXPERT, Tag.CLUSTER, Tag.CLUSTER_RUN, Tag.DOMAIN, Tag.STORAGE_ROOT, Tag.EXTENSION)
-            or k.startswith(Tag.TOKENS_SHA)}
     uri = catalog.register(EXPERT_MODEL, f"{run.info.artifact_uri}/model", task.run_id, {
-        **tags, Tag.PIPELINE: pipeline_id, Tag.TOKENIZER: task.tokenizer,
-        Tag.ARCH: json.dumps(task.model, sort_keys=True), Tag.SHA: trained.files["model.safetensors"],
+        **carried_tags(run.data.tags, (Tag.EXPERT, Tag.CLUSTER, Tag.CLUSTER_RUN, Tag.DOMAIN, Tag.STORAGE_ROOT,
+                                       Tag.EXTENSION)),
+        **model_tags(pipeline_id, run.data.tags[Tag.EXPERT], task.tokenizer, task.model,
+                     trained.files["model.safetensors"]),
         Tag.BRANCHED_FROM: exact_uri(plan.branch) if plan.branch else "scratch"})
     tracker.set_tags(task.run_id, {Tag.MODEL_VERSION: uri})
     tracker.end_run(task.run_id, "FINISHED")

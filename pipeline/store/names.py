@@ -7,6 +7,7 @@ of earlier runs carry them, so a value here changes only with a migration.
 """
 from __future__ import annotations
 
+import json
 import re
 
 # registered models: the expert library
@@ -112,3 +113,16 @@ def tag_key(key: str) -> str:
 
 def is_moie_tag(key: str) -> bool:
     return key.startswith(PREFIX)
+
+
+def model_tags(pipeline_id: str, name: str, tokenizer: str, model: dict, sha256: str) -> dict[str, str]:
+    """The tags every registered version of a trained model carries: its pipeline, its name there,
+    its tokenizer's fingerprint, its model config and the sha256 of its weights."""
+    return {Tag.PIPELINE: pipeline_id, Tag.EXPERT: name, Tag.TOKENIZER: tokenizer,
+            Tag.ARCH: json.dumps(model, sort_keys=True), Tag.SHA: sha256}
+
+
+def carried_tags(run_tags: dict[str, str], keys: tuple[str, ...]) -> dict[str, str]:
+    """What a registered version copies from its training run: the run's tags among `keys`, and the
+    sha256 of its token files (Tag.TOKENS_SHA.<split>)."""
+    return {k: v for k, v in run_tags.items() if k in keys or k.startswith(Tag.TOKENS_SHA)}
