@@ -44,20 +44,16 @@ class Attention(nn.Module):
     """Multi-head attention of queries from x_q over keys/values from x_kv (self-attention
     when x_kv is None), with qk-norm. `d_kv` lets keys/values come from another width."""
 
-    def __init__(self, dim: int, n_head: int, d_kv: int | None = None, dropout: float = 0.0,
-                 shared_kv: nn.Linear | None = None):
+    def __init__(self, dim: int, n_head: int, d_kv: int | None = None, dropout: float = 0.0):
         super().__init__()
         assert dim % n_head == 0, f"width {dim} must be divisible by n_head {n_head}"
         self.n_head, self.head_dim = n_head, dim // n_head
-        if d_kv is None and shared_kv is None:  # self-attention: one fused matmul for q, k, v
+        if d_kv is None:  # self-attention: one fused matmul for q, k, v
             self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         else:
             self.qkv = None
             self.q = nn.Linear(dim, dim, bias=False)
-            if shared_kv is None:
-                self.kv = nn.Linear(d_kv or dim, 2 * dim, bias=False)
-            else:  # owned (and saved) by the caller; a plain reference here, not a second registration
-                self.__dict__["kv"] = shared_kv
+            self.kv = nn.Linear(d_kv, 2 * dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim, bias=False)
@@ -112,10 +108,10 @@ class Block(nn.Module):
     """Pre-norm causal self-attention block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, dim: int, n_head: int, mlp_hidden: int | None = None, mlp: str = "gelu",
-                 dropout: float = 0.0, shared_kv: nn.Linear | None = None):
+                 dropout: float = 0.0):
         super().__init__()
         self.ln_1 = RMSNorm(dim)
-        self.attn = Attention(dim, n_head, dropout=dropout, shared_kv=shared_kv)
+        self.attn = Attention(dim, n_head, dropout=dropout)
         self.ln_2 = RMSNorm(dim)
         self.mlp = MLP(dim, mlp_hidden or 4 * dim, mlp, dropout)
         self.drop = nn.Dropout(dropout)
@@ -123,28 +119,3 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), mask=mask, is_causal=mask is None))
         return x + self.mlp(self.ln_2(x))
-
-
-class MultiChannelBlock(nn.Module):
-    """s channels, each a causal block with its own q, k, v (optionally shared k, v) and an
-    MLP of width 4*d*mult/s; outputs merged per token and feature by a softmax over
-    channels computed from the outputs themselves (a convex combination). An optional
-    shared MLP (DeepSeekMoE's shared expert) adds its output to every channel's."""
-
-    def __init__(self, dim: int, n_head: int, channels: int, mlp: str = "gelu", mult: float = 1.0,
-                 shared_kv: bool = False, shared_mlp: bool = False, dropout: float = 0.0):
-        super().__init__()
-        hidden = int(4 * dim * mult) // channels
-        self.kv = nn.Linear(dim, 2 * dim, bias=False) if shared_kv else None  # one k, v for all channels
-        self.channels = nn.ModuleList(Block(dim, n_head, hidden, mlp, dropout, shared_kv=self.kv)
-                                      for _ in range(channels))
-        self.shared = MLP(dim, hidden, mlp, dropout) if shared_mlp else None
-        self.ln_shared = RMSNorm(dim) if shared_mlp else None
-        self.gate = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        outs = torch.stack([ch(x, mask) for ch in self.channels])  # (s, B, T, C)
-        if self.shared is not None:
-            outs = outs + self.shared(self.ln_shared(x))
-        weights = torch.softmax(self.gate(outs), dim=0)  # (s, B, T, C): per token, per feature
-        return (weights * outs).sum(dim=0)

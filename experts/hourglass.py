@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from experts.blocks import MLP, Attention, Block, MultiChannelBlock, RMSNorm
+from experts.blocks import MLP, Attention, Block, RMSNorm
 from experts.generation import generate
 from experts.tokenizer import VOCAB_SIZE
 
@@ -42,11 +42,6 @@ class HourglassConfig:
     compressor: str = "perceiver"  # perceiver | transformer
     upsample: str = "repeat"  # repeat | attn
     interleave: bool = False  # local/global layers alternate (True) or all local first (False)
-    channels: int = 1  # multi-channel attention in latent layers (1 = off)
-    shared_channels: bool = False  # an MLP shared by all channels (DeepSeekMoE's shared expert)
-    shared_kv: bool = False  # one k, v projection for all channels
-    channels_every: int = 1  # every n-th latent layer is multi-channel
-    channel_mult: float = 1.0  # channel MLP width = channel_mult * 4d / channels
     denseformer: bool = False  # depth-weighted averaging in the latent stage
     latent_loss: float = 0.0  # weight of the next-latent cosine prediction loss
     dropout: float = 0.0
@@ -78,15 +73,6 @@ class HourglassConfig:
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 bad(key, f"expected one of {valid}, got {getattr(self, key)!r}")
-        if self.channels < 1 or self.channels_every < 1:
-            bad("channels, channels_every", "both must be >= 1")
-        if (self.shared_channels or self.shared_kv) and self.channels < 2:
-            bad("shared_channels, shared_kv, channels", "shared channel parts need channels >= 2")
-        if self.channels > 1 and self.n_latent_layers < self.channels_every:
-            bad("channels, channels_every, n_latent_layers",
-                f"no latent layer is multi-channel: n_latent_layers={self.n_latent_layers} < channels_every={self.channels_every}")
-        if int(4 * self.widths[-1] * self.channel_mult) // self.channels < 1:
-            bad("channels, channel_mult", "channel MLP width 4 * d * channel_mult / channels must be >= 1")
         if self.denseformer and self.n_latent_layers < 1:
             bad("denseformer, n_latent_layers", "DenseFormer averages latent layers; set n_latent_layers >= 1")
         if self.latent_loss < 0:
@@ -211,17 +197,11 @@ class Upsampler(nn.Module):
 
 
 class LatentStack(nn.Module):
-    """Global layers over the latents, optionally multi-channel and DenseFormer-averaged."""
+    """Global layers over the latents, optionally DenseFormer-averaged."""
 
     def __init__(self, dim: int, cfg: HourglassConfig):
         super().__init__()
-        layers = []
-        for i in range(cfg.n_latent_layers):
-            if cfg.channels > 1 and (i + 1) % cfg.channels_every == 0:
-                layers.append(MultiChannelBlock(dim, cfg.n_head, cfg.channels, cfg.mlp, cfg.channel_mult,
-                                                cfg.shared_kv, cfg.shared_channels, cfg.dropout))
-            else:
-                layers.append(Block(dim, cfg.n_head, mlp=cfg.mlp, dropout=cfg.dropout))
+        layers = [Block(dim, cfg.n_head, mlp=cfg.mlp, dropout=cfg.dropout) for _ in range(cfg.n_latent_layers)]
         self.layers = nn.ModuleList(layers)
         # DenseFormer: after layer i, x = sum_j alpha_ij X_j over the input and all layer outputs so
         # far; alpha starts one-hot on the newest output, so at init the stack is a plain one.

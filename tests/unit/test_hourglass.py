@@ -9,7 +9,6 @@ import torch
 
 from randomise import randomise_
 
-from experts.blocks import Block, MultiChannelBlock
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM, PerceiverCompressor
 
@@ -20,8 +19,7 @@ OPTIONS = {
     "perceiver-repeat": {},
     "transformer-attn": dict(compressor="transformer", upsample="attn"),
     "perceiver-attn-interleave-swiglu": dict(upsample="attn", interleave=True, n_local=2, mlp="swiglu"),
-    "channels-shared-denseformer-latentloss": dict(channels=2, shared_channels=True, shared_kv=True,
-                                                   channels_every=1, denseformer=True, latent_loss=0.1),
+    "denseformer-latentloss": dict(denseformer=True, latent_loss=0.1),
     "three-levels": dict(latents=[4, 2, 1], widths=[16, 16, 32, 32]),
     "one-level-no-compression": dict(latents=[8], widths=[16, 32], compressor="transformer"),
     "global-only": dict(n_local=0, n_global=2),
@@ -91,31 +89,6 @@ def test_greedy_generation_equals_teacher_forced_argmax(make):
         assert torch.equal(logits[:, -1].argmax(-1), out[:, t])
 
 
-def test_multichannel_layer_with_one_channel_equals_a_vanilla_block():
-    torch.manual_seed(0)
-    mc = MultiChannelBlock(32, 2, channels=1)
-    block = Block(32, 2)
-    block.load_state_dict(mc.channels[0].state_dict())
-    x = torch.randn(3, 10, 32)
-    assert torch.equal(mc(x), block(x))
-
-
-def test_multichannel_output_is_a_convex_combination_of_the_channels():
-    torch.manual_seed(0)
-    mc = MultiChannelBlock(16, 2, channels=3)
-    x = torch.randn(2, 7, 16)
-    outs = torch.stack([ch(x) for ch in mc.channels])
-    y = mc(x)
-    assert ((y >= outs.min(0).values - 1e-5) & (y <= outs.max(0).values + 1e-5)).all()
-
-
-def test_shared_kv_channels_share_one_projection_saved_once():
-    torch.manual_seed(0)
-    mc = MultiChannelBlock(16, 2, channels=3, shared_kv=True)
-    assert all(ch.attn.kv is mc.kv for ch in mc.channels)
-    assert sum("kv" in k for k in mc.state_dict()) == 1
-
-
 @pytest.mark.parametrize("rows, k", [(8, 4), (8, 1), (8, 8), (16, 3)])
 def test_perceiver_latent_r_sees_exactly_group_positions_0_to_G_minus_K_plus_r(rows, k):
     torch.manual_seed(0)
@@ -174,7 +147,7 @@ def test_gpt_is_causal():
         assert not torch.equal(logits[:, j], base[:, j])
 
 
-@pytest.mark.parametrize("name", ["perceiver-repeat", "channels-shared-denseformer-latentloss"])
+@pytest.mark.parametrize("name", ["perceiver-repeat", "denseformer-latentloss"])
 def test_a_tiny_model_overfits_one_batch(name):
     model = model_for(name, random_weights=False).train()  # trains from the real initialisation
     torch.manual_seed(0)
@@ -208,8 +181,6 @@ def test_sequence_longer_than_block_size_is_a_clear_error():
     (dict(widths=[16, 33, 32]), "widths, n_head"),
     (dict(compressor="lstm"), "compressor"),
     (dict(upsample="nearest"), "upsample"),
-    (dict(shared_channels=True), "shared_channels, shared_kv, channels"),
-    (dict(channels=2, channels_every=3), "channels, channels_every, n_latent_layers"),
     (dict(denseformer=True, n_latent_layers=0), "denseformer, n_latent_layers"),
     (dict(latent_loss=-1.0), "latent_loss"),
     (dict(dropout=1.0), "dropout"),
@@ -225,15 +196,14 @@ def test_bad_gpt_config_names_the_keys():
 
 
 PRODUCT = list(__import__("itertools").product(["perceiver", "transformer"], ["repeat", "attn"], [False, True],
-                                               [1, 2], [False, True]))
+                                               [False, True]))
 
 
-@pytest.mark.parametrize("compressor, upsample, interleave, channels, denseformer", PRODUCT)
-def test_every_option_combination_is_causal(compressor, upsample, interleave, channels, denseformer):
+@pytest.mark.parametrize("compressor, upsample, interleave, denseformer", PRODUCT)
+def test_every_option_combination_is_causal(compressor, upsample, interleave, denseformer):
     torch.manual_seed(0)
     cfg = HourglassConfig(**{**BASE, "compressor": compressor, "upsample": upsample, "interleave": interleave,
-                             "n_local": 2, "channels": channels, "channels_every": 1, "denseformer": denseformer,
-                             "shared_channels": channels > 1, "latent_loss": 0.1 if denseformer else 0.0})
+                             "n_local": 2, "denseformer": denseformer, "latent_loss": 0.1 if denseformer else 0.0})
     model = randomise_(HourglassLM(cfg), seed=5).eval()
     idx = torch.randint(0, 64, (1, 29), generator=torch.Generator().manual_seed(5))  # not a multiple of G
     base, _ = model(idx)
