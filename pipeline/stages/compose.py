@@ -69,10 +69,10 @@ class CompositionTask:
     eval_tokens: int
     seed: int
     scoring: Scoring  # how validation documents are scored (evaluate's settings)
+    parts_sha256: dict[str, str]  # {exact URI: sha256 of its weights}: what the manifest pins
     router: dict | None = None  # {"tensors", "meta"} of the experts' shared cBTM router, if they share one
     router_run: str | None = None
     clusters: list[int] | None = None  # each expert's cluster in that clustering
-    parts_sha256: dict | None = None  # {exact URI: sha256 of its weights}: what the manifest pins
     centers: dict | None = None  # the routing centres every expert's training shares
     flops: dict | None = None  # forward / training FLOPs per token of the models and of each phase (prepare_task)
     hub: str | None = None  # "seed": the central model is the pipeline's seed, not its full dense run

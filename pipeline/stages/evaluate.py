@@ -154,7 +154,7 @@ class ComposedSystem:
     experts: list[str]  # in the composition's order
     settings: CompositionSettings
     seed: int
-    parts_sha256: dict[str, str] | None = None  # the manifest's record of its parts' weights
+    parts_sha256: dict[str, str]  # the manifest's record of its parts' weights
 
     @classmethod
     def of(cls, manifest: dict, tracking_uri: str, seed: int) -> "ComposedSystem":

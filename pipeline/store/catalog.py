@@ -367,25 +367,30 @@ class Catalog:
         router = None
         if manifest["routing"] == "router":
             router = self.router(manifest["router_run"], tmp / "router"), manifest["clusters"]
-        composed = self.assemble(manifest["central"], manifest["experts"], CompositionSettings.from_manifest(manifest),
-                                 state, tmp, parts_sha256=manifest[PARTS_SHA], router=router)
-        experts_meta = [{"uri": uri, "domain": self.resolve(uri).tags.get(Tag.DOMAIN)} for uri in manifest["experts"]]
+        parts = [self.resolve(u) for u in [manifest["central"], *manifest["experts"]]]
+        composed = self._assemble(parts, CompositionSettings.from_manifest(manifest), state, tmp,
+                                  manifest[PARTS_SHA], router=router)
+        experts_meta = [{"uri": exact_uri(v), "domain": v.tags.get(Tag.DOMAIN)} for v in parts[1:]]
         return composed.eval(), {"tokenizer": manifest["tokenizer"], "experts": experts_meta}
 
     def assemble(self, central: str, experts: list[str], settings, state: dict | None, dst: Path,
-                 parts_sha256: dict[str, str] | None = None, complete: bool = True, router=None,
-                 record_routing: bool = False):
+                 parts_sha256: dict[str, str], complete: bool = True, router=None, record_routing: bool = False):
         """The one assembly of a composed model from the registry: the central model and experts (exact
         URIs) resolved, each the version the composition was trained with (`parts_sha256`, the
-        manifest's record; older manifests have none), sharing one tokenizer, downloaded into `dst`
-        and checked against its sha256, then composed with `state` (the composition's new
-        parameters). router: (ClusterRouter, its clusters in the experts' order) for routing
-        "router" (generation routes by each window's text, scoring by each byte's whole prefix)."""
+        manifest's record), sharing one tokenizer, downloaded into `dst` and checked against its
+        sha256, then composed with `state` (the composition's new parameters). router:
+        (ClusterRouter, its clusters in the experts' order) for routing "router" (generation routes
+        by each window's text, scoring by each byte's whole prefix)."""
+        parts = [self.resolve(u) for u in [central, *experts]]
+        return self._assemble(parts, settings, state, dst, parts_sha256, complete, router, record_routing)
+
+    def _assemble(self, parts: list, settings, state: dict | None, dst: Path, parts_sha256: dict[str, str],
+                  complete: bool = True, router=None, record_routing: bool = False):
+        """assemble() of resolved versions, central first."""
         from composition.loader import load_composed
 
-        parts = [self.resolve(u) for u in [central, *experts]]
         for v in parts:  # the versions it was trained with, not others of the same number in another store
-            recorded = parts_sha256.get(exact_uri(v)) if parts_sha256 is not None else v.tags.get(Tag.SHA)
+            recorded = parts_sha256.get(exact_uri(v))
             if recorded is None or v.tags.get(Tag.SHA) != recorded:
                 raise ChecksumError(f"{exact_uri(v)} in the registry at {self.tracker.uri} is not the model the "
                                     f"composition was trained with (its weights had sha256 {recorded}): load the "
@@ -404,9 +409,9 @@ class Catalog:
 
 
 def assemble_registered(tracking_uri: str, central: str, experts: list[str], settings, state: dict | None,
-                        dst: Path, **kwargs):
+                        dst: Path, parts_sha256: dict[str, str], **kwargs):
     """In a Ray task: Catalog.assemble from the registry at `tracking_uri` (the task's own download)."""
-    return Catalog.of_registry(tracking_uri).assemble(central, experts, settings, state, dst, **kwargs)
+    return Catalog.of_registry(tracking_uri).assemble(central, experts, settings, state, dst, parts_sha256, **kwargs)
 
 
 def fetch_models(tracking_uri: str, uris: list[str], dst: Path) -> list[str]:
