@@ -9,17 +9,15 @@ import torch
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
-             on_step: Callable[[], None] | None = None) -> torch.Tensor:
+             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
     generator: the random stream sampling draws from (a seeded one makes the output
-    repeatable whatever else uses torch's global stream); on_step: called after each
-    forward, before the next token is drawn (e.g. to read what a composition routed)."""
+    repeatable whatever else uses torch's global stream); forward: the logits (B, T, vocab) of
+    a context (B, T), model(context)'s by default (a caller may lock, time or record each step)."""
     block_size = model.config.block_size
     for _ in range(max_new_tokens):
         context = idx[:, -block_size:]
-        logits, _ = model(context)
-        if on_step is not None:
-            on_step()
+        logits = forward(context) if forward is not None else model(context)[0]
         logits = logits[:, -1, :].float()
         if temperature == 0:
             nxt = logits.argmax(dim=-1, keepdim=True)

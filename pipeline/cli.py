@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import MoieError, StageError, one_line
-from pipeline.serve.sampling import SAMPLING
+from pipeline.serve.sampling import LIMITS_ENV, SAMPLING, Limits
 
 DEFAULT_CONFIG = "configs/default.yaml"
 RESUMABLE = ": the runs it left unfinished are marked KILLED; the same command goes on from what was saved"
@@ -257,21 +260,34 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """`mlflow models serve` for a registered moie model on 127.0.0.1, in this Python environment;
-    it stops with this command (Ctrl-C, SIGTERM), never outliving it."""
+    """`mlflow models serve` for a registered moie model on 127.0.0.1, in this Python environment:
+    the version's files are downloaded to a scratch copy and checked against the registry's pin
+    before MLflow reads any of them, the server loads that copy with pickle loading off, and
+    requests are bounded by the limits given. It stops with this command (Ctrl-C, SIGTERM),
+    never outliving it, and the scratch copy goes with it."""
+    from pipeline.serve.serving import NO_PICKLES
     from pipeline.store.catalog import Catalog, exact_uri
     from pipeline.store.tracking import tracking_uri
 
+    limits = Limits(rows=args.max_rows, new_bytes=args.max_new_bytes, prompt_bytes=args.max_prompt_bytes,
+                    timeout_s=args.timeout)
     catalog = Catalog.of_registry(tracking_uri(load_config(args.config, args.overrides)))  # reads only
     version = catalog.resolve(args.uri)  # a clear error for a URI the registry does not know
-    catalog.check_pyfunc(version)
     check_port_free(args.port)
     uri = exact_uri(version)  # what was checked is what is served, wherever the alias moves meanwhile
-    env = dict(os.environ, MLFLOW_TRACKING_URI=catalog.tracker.uri, MLFLOW_REGISTRY_URI=catalog.tracker.uri)
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-           "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
-    print(f"serving {args.uri.strip()} ({uri}) at http://127.0.0.1:{args.port}/invocations", file=sys.stderr)
-    return run_server(cmd, env, "mlflow models serve")
+    scratch = Path(tempfile.mkdtemp(prefix="moie-serve-"))
+    try:
+        folder = catalog.version_folder(version, scratch)
+        env = dict(os.environ, MLFLOW_TRACKING_URI=catalog.tracker.uri, MLFLOW_REGISTRY_URI=catalog.tracker.uri,
+                   MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=str(math.ceil(limits.timeout_s) + 10),  # ours answers first
+                   **NO_PICKLES, **{LIMITS_ENV: json.dumps(dataclasses.asdict(limits))})
+        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+        print(f"serving {args.uri.strip()} ({uri}, every file checked against the registry's pin) at "
+              f"http://127.0.0.1:{args.port}/invocations", file=sys.stderr)
+        return run_server(cmd, env, "mlflow models serve")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def library_command(args: argparse.Namespace) -> int:
@@ -351,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("uri", help="e.g. models:/moie-composition@champion or models:/moie-expert/3")
     add_config_args(serve, DEFAULT_CONFIG)
     serve.add_argument("--port", type=int, default=5001)
+    limits = Limits()
+    serve.add_argument("--max-rows", type=int, default=limits.rows, help="rows per request")
+    serve.add_argument("--max-new-bytes", type=int, default=limits.new_bytes,
+                       help="bytes generated per request, max_new_tokens summed over its rows")
+    serve.add_argument("--max-prompt-bytes", type=int, default=limits.prompt_bytes,
+                       help="UTF-8 bytes of prompt text per request, all rows together")
+    serve.add_argument("--timeout", type=float, default=limits.timeout_s,
+                       help="seconds a request may run, waiting included; past it, generation stops (HTTP 504)")
     serve.set_defaults(func=serve_command)
     return parser
 

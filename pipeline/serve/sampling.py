@@ -3,12 +3,52 @@ models (`pipeline.serve.serving`) share, with the checks that give a bad request
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, fields
 
+from artifacts import MoieError
 from pipeline.config import ConfigError
 
 SAMPLING = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "seed": 0}  # defaults, CLI included
+MIN_TEMPERATURE = 1e-6  # below it (but above 0) logits / temperature can overflow to inf: sampling is greedy anyway
+
+
+LIMITS_ENV = "MOIE_SERVE_LIMITS"  # `moie serve` passes its limits to the server's loader as JSON
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a served model; each is refused with a 400 naming it."""
+    rows: int = 16  # rows per request
+    new_bytes: int = 4096  # bytes (tokens) generated per request, all rows together
+    prompt_bytes: int = 65536  # UTF-8 bytes of prompt text per request, all rows together
+    timeout_s: float = 120.0  # a request still generating after this long stops with a 504
+
+    def __post_init__(self):
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"serving limit {field.name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        """The limits `moie serve` set (LIMITS_ENV), else the defaults."""
+        raw = os.environ.get(LIMITS_ENV)
+        if not raw:
+            return cls()
+        try:
+            values = json.loads(raw)
+            return cls(**values)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ConfigError(f"{LIMITS_ENV} must be a JSON object with keys "
+                              f"{[f.name for f in fields(cls)]}, got {raw!r} ({err})") from None
+
+
+class DeadlineExceeded(MoieError):
+    """A generation stopped between two steps because its request's deadline passed."""
 
 
 @dataclass
@@ -37,16 +77,19 @@ def check_sampling(prompt: str, max_new_tokens: int, temperature: float, top_k: 
     check_text(prompt, name("prompt"))
     if max_new_tokens < 1:
         raise ConfigError(f"{name('max_new_tokens')} must be at least 1, got {max_new_tokens}")
-    if not (0 <= temperature < math.inf):
-        raise ConfigError(f"{name('temperature')} must be >= 0 and finite (0: always the likeliest byte), "
-                          f"got {temperature}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise ConfigError(f"{name('temperature')} must be 0 (always the likeliest byte) or between "
+                          f"{MIN_TEMPERATURE:g} and a finite number, got {temperature}")
     if top_k < 1:
         raise ConfigError(f"{name('top_k')} must be at least 1 (sample among the k likeliest bytes), got {top_k}")
 
 
-def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> Sample:
+def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
+           lock=None, deadline: float | None = None) -> Sample:
     """Sample a continuation of `prompt`; the same arguments and seed give the same Sample
-    (the draws come from a generator of their own, not torch's global stream)."""
+    (the draws come from a generator of their own, not torch's global stream). lock: taken
+    for each forward (concurrent samplings of one model take turns step by step); deadline:
+    a time.monotonic() past which the next step raises DeadlineExceeded."""
     import torch
 
     from experts.generation import generate
@@ -57,14 +100,22 @@ def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: i
     generator = torch.Generator().manual_seed(int(seed))
     routed = hasattr(model, "routed_experts")
     chosen: list[int] = []
+    steps = 0
+    recording = (lambda: model.configured(record_routing=True)) if routed else contextlib.nullcontext
 
-    def on_step() -> None:  # the routing of the forward that predicts the next token: its last position
-        chosen.append(int(model.routed_experts()[0, -1]))
+    def forward(context: torch.Tensor) -> torch.Tensor:  # (1, T) -> logits (1, T, vocab)
+        nonlocal steps
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"stopped after {steps} of {max_new_tokens} bytes of a row")
+        with lock or contextlib.nullcontext(), recording():
+            logits, _ = model(context)
+            if routed:  # the routing of the forward that predicts the next token: its last position
+                chosen.append(int(model.routed_experts()[0, -1]))
+        steps += 1
+        return logits
 
     model.eval()
-    with model.configured(record_routing=True) if routed else contextlib.nullcontext():
-        out = generate(model, idx, max_new_tokens, temperature, top_k, generator=generator,
-                       on_step=on_step if routed else None)[0].tolist()
+    out = generate(model, idx, max_new_tokens, temperature, top_k, generator=generator, forward=forward)[0].tolist()
     new = out[idx.shape[1]:]
     experts = [e for e, token in zip(chosen, new) if token < 256] if routed else None  # bytes only, as text
     return Sample(tok.decode(new), out, experts)

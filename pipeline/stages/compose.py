@@ -31,7 +31,8 @@ from pipeline.stages.matched import abandon_continued, finish_continued, start_c
 from pipeline.store import storage
 from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, Catalog, assemble_registered,
                                     check_tokenizers, exact_uri)
-from pipeline.store.names import COMPOSITION_MODEL, DENSE, DENSE_MATCHED, ROLE_DENSE_CENTRAL, SEED, Tag, expert_name
+from pipeline.store.names import (COMPOSITION_MODEL, DENSE, DENSE_MATCHED, ROLE_DENSE_CENTRAL, SEED, Tag, expert_name,
+                                  pin_tags)
 from routing.ensemble import document_weights
 from routing.router import ClusterRouter
 
@@ -553,8 +554,7 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
         uri = catalog.register(COMPOSITION_MODEL, f"{run.info.artifact_uri}/composition", run_id,
                                {Tag.PIPELINE: pipeline_id, Tag.MODE: mode, Tag.TOKENIZER: task.tokenizer,
                                 Tag.CENTRAL: task.central, Tag.EXPERTS: json.dumps(task.experts),
-                                Tag.SHA: files["composition.safetensors"],
-                                Tag.MANIFEST_SHA: files[COMPOSITION_MANIFEST], **hub, **(added or {})})
+                                **pin_tags(files, "composition"), **hub, **(added or {})})
         tracker.set_tags(run_id, {Tag.MODEL_VERSION: uri})
         print(f"compose {mode}: val_bpb {scores['val_bpb']:.4f} vs central {scores['central_val_bpb']:.4f}; "
               f"registered as {uri}", flush=True)

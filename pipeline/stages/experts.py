@@ -501,7 +501,7 @@ class _ExpertsStage:
         """Register the seed its task logged to the seed's own run as a moie-central version with
         moie.role=seed: the dense model where every expert branched, a hub to compose on."""
         run = self.tracker.client.get_run(task.log_run)
-        tags = {**model_tags(self.pipeline_id, SEED, task.tokenizer, task.model, trained.files["model.safetensors"]),
+        tags = {**model_tags(self.pipeline_id, SEED, task.tokenizer, task.model, trained.files),
                 Tag.ROLE: SEED, Tag.SEED_TOKENS: str(trained.result.tokens),
                 **carried_tags(run.data.tags, (Tag.CLUSTER_RUN, Tag.STORAGE_ROOT))}
         uri = self.catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", task.log_run, tags)
@@ -524,7 +524,7 @@ class _ExpertsStage:
         # role: which central-model version composition takes by default (a configured central
         # model wins over the dense baseline, which is then registered as the baseline only)
         role = {CENTRAL: ROLE_CENTRAL, DENSE: ROLE_DENSE if task.has_central else ROLE_DENSE_CENTRAL}.get(task.name)
-        tags = {**model_tags(self.pipeline_id, task.name, task.tokenizer, task.model, manifest["model.safetensors"]),
+        tags = {**model_tags(self.pipeline_id, task.name, task.tokenizer, task.model, manifest),
                 **carried_tags(run.data.tags, (Tag.CLUSTER, Tag.DOMAIN, Tag.PURITY, Tag.CLUSTER_RUN,
                                                Tag.SEED_TOKENS, Tag.STORAGE_ROOT))}
         if role:

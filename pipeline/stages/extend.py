@@ -425,8 +425,7 @@ def register_expert(catalog: Catalog, pipeline_id: str, run_id: str, plan: Plan,
     uri = catalog.register(EXPERT_MODEL, f"{run.info.artifact_uri}/model", task.run_id, {
         **carried_tags(run.data.tags, (Tag.EXPERT, Tag.CLUSTER, Tag.CLUSTER_RUN, Tag.DOMAIN, Tag.STORAGE_ROOT,
                                        Tag.EXTENSION)),
-        **model_tags(pipeline_id, run.data.tags[Tag.EXPERT], task.tokenizer, task.model,
-                     trained.files["model.safetensors"]),
+        **model_tags(pipeline_id, run.data.tags[Tag.EXPERT], task.tokenizer, task.model, trained.files),
         Tag.BRANCHED_FROM: exact_uri(plan.branch) if plan.branch else "scratch"})
     tracker.set_tags(task.run_id, {Tag.MODEL_VERSION: uri})
     tracker.end_run(task.run_id, "FINISHED")

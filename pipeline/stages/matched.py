@@ -20,7 +20,7 @@ from pipeline.config import Config
 from pipeline.ray_runtime import cancel, get_or_fail, use_granted_cpus
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, exact_uri, fetch_models
-from pipeline.store.names import CENTRAL_MODEL, DENSE_MATCHED, Tag
+from pipeline.store.names import CENTRAL_MODEL, DENSE_MATCHED, Tag, pin_tags
 from pipeline.store.tracking import metrics_logger
 
 
@@ -124,7 +124,7 @@ def finish_continued(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTa
     kept = {k: v for k, v in dense.tags.items() if k in (Tag.TOKENIZER, Tag.ARCH, Tag.CLUSTER_RUN)}
     uri = catalog.register(CENTRAL_MODEL, f"{run.info.artifact_uri}/model", matched.run_id, {
         **kept, Tag.PIPELINE: pipeline_id, Tag.EXPERT: matched.name, Tag.ROLE: role,
-        Tag.CONTINUED_FROM: exact_uri(dense), Tag.SHA: files["model.safetensors"], **(tags or {})})
+        Tag.CONTINUED_FROM: exact_uri(dense), **pin_tags(files, "model"), **(tags or {})})
     tracker.set_tags(matched.run_id, {Tag.MODEL_VERSION: uri})
     tracker.end_run(matched.run_id, "FINISHED")
     print(f"{matched.name}: registered as {uri} (val_bpb {out['val_bpb']})", flush=True)

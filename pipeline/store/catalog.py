@@ -28,6 +28,7 @@ from pipeline.errors import StageError, one_line
 from pipeline.store import storage
 from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, CENTRAL_ROLES, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
                                   DENSE_ROLES, EXPERT_MODEL, ROLE_CENTRAL, SEED, Tag, sha_tag, tokens_sha_tag)
+from pipeline.store.pins import MLFLOW_OWN, check_pinned, pinned_files
 from pipeline.store.tracking import Tracker, quote, workdir
 
 MANIFEST_FORMAT = 1  # composition manifests this moie writes and reads
@@ -257,39 +258,26 @@ class Catalog:
             out.setdefault(str(version), []).append(alias)
         return out
 
+    def version_folder(self, version, dst: Path) -> Path:
+        """The MLflow model folder of a registered version (its run's `model/` or `composition/`),
+        downloaded into dst and checked against the registry's pin of every file, MLmodel
+        included (`pins.check_pinned`): nothing reads a file of it, MLflow included, before this
+        returns. MLflow's own registered_model_meta is removed from the copy."""
+        kind = "composition" if version.name == COMPOSITION_MODEL else "model"
+        shown = f"{exact_uri(version)} ({version.source})"
+        files = pinned_files(version, exact_uri(version))  # no pin, no download
+        path = self.download(version.run_id, kind, dst, shown)
+        check_pinned(path, files, kind, shown)
+        (path / MLFLOW_OWN).unlink(missing_ok=True)
+        return path
+
     def model_dir(self, version, dst: Path) -> str:
-        """Download a registered model's safetensors + JSON into dst, refusing a checksum mismatch."""
-        path = self.version_files(version, "model", dst)
-        _verify(version, path, "model.safetensors")
-        return str(path)
+        """A registered model's safetensors + JSON, downloaded into dst and checked (version_folder)."""
+        return str(self.version_folder(version, dst) / "data" / "model")
 
     def composition_parts(self, version, dst: Path) -> tuple[dict, dict]:
-        """(new parameters as tensors, manifest) of a registered composition, both checked."""
-        path = self.version_files(version, "composition", dst)
-        _verify(version, path, "composition.safetensors")
-        _verify(version, path, COMPOSITION_MANIFEST, tag=Tag.MANIFEST_SHA)
-        return read_composition(path, exact_uri(version))
-
-    def check_pyfunc(self, version) -> None:
-        """StageError unless the version's source is an MLflow model (registered by a moie that logs them)."""
-        folder = "composition" if version.name == COMPOSITION_MODEL else "model"
-        names = {a.path.rsplit("/", 1)[-1] for a in self.client.list_artifacts(version.run_id, folder)}
-        if "MLmodel" not in names:
-            raise StageError(f"{exact_uri(version)} was registered before moie logged MLflow models (its "
-                             f"{folder}/ holds no MLmodel): moie's own commands load it, MLflow's cannot; "
-                             "train or compose it again with this moie to serve it")
-
-    def version_files(self, version, folder: str, dst: Path) -> Path:
-        """The safetensors + JSON of a registered version, downloaded from the run folder it was
-        made from: an MLflow model's artifacts/<folder> (or, registered before moie logged
-        pyfunc models, the folder itself)."""
-        path = self.download(version.run_id, folder, dst, f"{exact_uri(version)} ({version.source})")
-        if (path / "MLmodel").is_file():
-            path = path / "artifacts" / folder
-        if not path.is_dir() or not any(path.iterdir()):
-            raise StageError(f"the files of {exact_uri(version)} are gone from {version.source}; retrain it, or "
-                             "delete the version (`mlflow ui` > Models)")
-        return path
+        """(new parameters as tensors, manifest) of a registered composition, checked (version_folder)."""
+        return read_composition(self.version_folder(version, dst) / "data" / "composition", exact_uri(version))
 
     # --- a pipeline's registered models ------------------------------------------------------------
 
@@ -442,16 +430,3 @@ def read_composition(folder: Path, where: str) -> tuple[dict, dict]:
     manifest = json.loads((folder / COMPOSITION_MANIFEST).read_text(encoding="utf-8"))
     check_manifest(manifest, where)
     return read_tensors(folder / "composition.safetensors", framework="pt"), manifest
-
-
-def _verify(version, folder: Path, name: str, tag: str = Tag.SHA) -> None:
-    """A downloaded file of a registered version against the sha256 its tag records."""
-    if tag not in version.tags:
-        raise ChecksumError(f"{exact_uri(version)} has no {tag} tag (not registered by moie, or the tag was "
-                            "removed): refusing to load an unverifiable artifact")
-    if not (folder / name).is_file():
-        raise StageError(f"{exact_uri(version)} has no {name} at {version.source}; retrain it, or delete the version")
-    inside = f"artifacts/{folder.name}/{name}" if folder.parent.name == "artifacts" else name  # in the source
-    verify_sha256(folder / name, version.tags[tag], shown=f"{version.source}/{inside} of {exact_uri(version)}",
-                  fix="refusing to load it; retrain it, or delete the version")
-

@@ -48,6 +48,7 @@ class Tag:
     TOKENIZER = "moie.tokenizer"  # the tokenizer's fingerprint
     ARCH = "moie.arch"  # the model config, JSON
     SHA = "moie.sha256"  # sha256 of a version's weights file
+    FILES = "moie.sha256.files"  # a version's pin: JSON {path in its folder: sha256} of every file, MLmodel included
     SEED_TOKENS = "moie.seed_tokens"  # tokens the seed was trained on before the experts branched
     NUM_CPUS = "moie.num_cpus"
     SKIPPED = "moie.skipped"  # why a model's training was skipped
@@ -66,7 +67,6 @@ class Tag:
     BASE = "moie.base"  # on an extend run: the composition it extends
     STORAGE_ROOT = "moie.storage_root"  # where a model's token files and checkpoints live (run and version tag)
     TOKENS_SHA = "moie.sha256.tokens"  # prefix: .train / .val, sha256 of a model's token files
-    MANIFEST_SHA = "moie.sha256.manifest"  # a composition version's tag: the sha256 of its manifest
     NODE_ID = "moie.node_id"  # the Ray node a run's task ran on
     NODES = "moie.nodes"  # every node an attempt ran on, in order
     RESUMED_FROM = "moie.resumed_from"  # the checkpoint step a run resumed from
@@ -115,11 +115,18 @@ def is_moie_tag(key: str) -> bool:
     return key.startswith(PREFIX)
 
 
-def model_tags(pipeline_id: str, name: str, tokenizer: str, model: dict, sha256: str) -> dict[str, str]:
+def pin_tags(files: dict[str, str], kind: str) -> dict[str, str]:
+    """A registered version's pin, kept in the registry (not beside the files it covers): the
+    sha256 of every file of its MLflow model folder ({path: sha256}, what `log_pyfunc` returns)
+    and, as its identity in composition manifests, of its weights."""
+    return {Tag.FILES: json.dumps(files, sort_keys=True), Tag.SHA: files[f"data/{kind}/{kind}.safetensors"]}
+
+
+def model_tags(pipeline_id: str, name: str, tokenizer: str, model: dict, files: dict[str, str]) -> dict[str, str]:
     """The tags every registered version of a trained model carries: its pipeline, its name there,
-    its tokenizer's fingerprint, its model config and the sha256 of its weights."""
+    its tokenizer's fingerprint, its model config and its pin (`files`: the sha256 of every file)."""
     return {Tag.PIPELINE: pipeline_id, Tag.EXPERT: name, Tag.TOKENIZER: tokenizer,
-            Tag.ARCH: json.dumps(model, sort_keys=True), Tag.SHA: sha256}
+            Tag.ARCH: json.dumps(model, sort_keys=True), **pin_tags(files, "model")}
 
 
 def carried_tags(run_tags: dict[str, str], keys: tuple[str, ...]) -> dict[str, str]:
