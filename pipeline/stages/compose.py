@@ -25,8 +25,8 @@ from composition.training import (fit_centers, kway_flops_per_token, mix_flops_p
 from experts.flops import forward_flops_per_token
 from experts.trainer import TrainConfig
 from pipeline.config import KWAY_TRAIN, Config
-from pipeline.errors import StageError
-from pipeline.ray_runtime import check_resources, connect_cluster, get_or_fail, use_granted_cpus
+from pipeline.errors import StageError, one_line
+from pipeline.ray_runtime import TaskFailedError, check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.stages.matched import abandon_continued, finish_continued, start_continued
 from pipeline.store import storage
 from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, Catalog, assemble_registered,
@@ -275,7 +275,7 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
         task = composition_task(cfg, catalog, central, experts, Path(tmp))
         if central.tags.get(Tag.ROLE) == SEED and central.tags.get(Tag.PIPELINE) == pipeline_id:
             task = replace(task, hub=SEED)  # on this pipeline's own seed: a system of its own, costed as such
-        fitted = early.centres(task) if early is not None else None
+        fitted = _early_result(lambda: early.centres(task), "routing centres") if early is not None else None
         prepared = get_or_fail(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task, fitted),
                                "composition's preparation task")
         task = replace(task, centers=prepared["centers"], flops=prepared["flops"])
@@ -483,8 +483,15 @@ def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask,
     state = dict(base_state or {})
     if mode == "independent":
         todo = range(len(task.experts)) if train_only is None else train_only
-        refs = {e: (early and early.training(task, e))
-                or ray.remote(train_independent_task).options(**opts).remote(task, e) for e in todo}
+        taken = {e: early.training(task, e) for e in todo} if early is not None else {}
+        refs = {e: ray.remote(train_independent_task).options(**opts).remote(task, e) for e in todo
+                if taken.get(e) is None}
+        for e, ref in taken.items():  # a result started early that failed is trained again here
+            if ref is not None and _early_result(lambda: get_or_fail(ref, "early task"), task.experts[e]) is None:
+                refs[e] = ray.remote(train_independent_task).options(**opts).remote(task, e)
+            elif ref is not None:
+                refs[e] = ref
+        refs = {e: refs[e] for e in todo}  # in the experts' order, as the state is merged
         tokens, mix_tokens = [0] * len(task.experts), [0] * len(task.experts)
         for e, r in zip(refs, get_or_fail(list(refs.values()), "independent composition's training task")):
             state |= {k: v for k, v in r["state"].items()
@@ -503,6 +510,17 @@ def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask,
     result = get_or_fail(ray.remote(train_joint_task).options(**opts).remote(task), "joint composition's training task")
     catalog.tracker.log_metrics(run_id, {"joint_loss": result["joint_loss"]})
     return result["state"], result["tokens"], {}
+
+
+def _early_result(get, what: str):
+    """What work started early returns, or None (the stage then does it itself) where it failed:
+    one failed early task must not fail the composition."""
+    try:
+        return get()
+    except TaskFailedError as err:
+        print(f"compose independent: {what}'s work started early failed ({one_line(err)}); training it "
+              "again here", flush=True)
+        return None
 
 
 def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, task: CompositionTask,

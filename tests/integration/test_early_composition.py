@@ -84,6 +84,32 @@ def test_an_independent_composition_started_per_expert_during_training_equals_on
             assert early_state[key].equal(value), key
         assert early_manifest["val_bpb"] == pytest.approx(manifest["val_bpb"], abs=1e-9)
 
+        # an early task that failed (here: expert-1's, raising in Ray) is trained again by the compose stage
+        redone = run_compose(cfg, pipeline_id, early=FailedEarly(failed=1))["independent"]
+        redone_state, _ = catalog.composition_parts(catalog.resolve(redone), home / "c")
+        assert sorted(redone_state) == sorted(state)
+        for key, value in state.items():
+            assert redone_state[key].equal(value), key
+
+
+def failing_task():
+    raise RuntimeError("the node running this early task was lost")
+
+
+class FailedEarly:
+    """The compose stage's Scheduler whose early work for one expert failed in Ray."""
+
+    def __init__(self, failed: int):
+        self.failed = failed
+
+    def centres(self, task):
+        return None
+
+    def training(self, task, e):
+        import ray
+
+        return ray.remote(failing_task).options(max_retries=0).remote() if e == self.failed else None
+
 
 def test_a_failure_to_start_early_turns_early_composition_off_without_raising(moie_home, capsys):
     from pipeline.store.names import DENSE
