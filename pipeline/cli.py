@@ -72,7 +72,8 @@ def compose_command(args: argparse.Namespace) -> int:
     """Compose the pipeline's (or the named) central model and experts; print the pipeline id."""
     from pipeline.stages.compose import run_add, run_compose
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *(["compose.allow_missing_experts=true"]
+                                                        if args.allow_missing_experts else [])])
     if args.add or args.to:
         if not (args.add and args.to):
             raise ConfigError("--add URI and --to COMPOSITION_URI go together")
@@ -92,6 +93,9 @@ def add_compose_args(parser: argparse.ArgumentParser) -> None:
                         help="central model, e.g. models:/moie-central/1, or 'seed': the pipeline's seed, where its "
                              "experts branched (a hub that has not paid for the dense run's second half)")
     parser.add_argument("--experts", default=None, metavar="URI,URI", help="experts, e.g. models:/moie-expert/1,...")
+    parser.add_argument("--allow-missing-experts", action="store_true",
+                        help="compose without the clusters that have no registered expert, recording the gap "
+                             "(compose.allow_missing_experts)")
     parser.add_argument("--add", default=None, metavar="URI", help="one more expert for the composition --to names")
     parser.add_argument("--to", default=None, metavar="COMPOSITION_URI",
                         help="the composition --add extends (e.g. models:/moie-composition/2): a new version in "

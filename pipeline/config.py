@@ -139,6 +139,9 @@ class ComposeConfig:
     # the dense model trained on (its own data, its schedule) for the compute the composed systems
     # spend beyond it, so "composition vs training the dense model longer" compares equal compute
     dense_matched: bool = True
+    # compose without the experts a clustering lacks (deleted, or skipped as too small), recording the
+    # gap; off: such a composition is refused (it is another system than the pipeline's)
+    allow_missing_experts: bool = False
 
 
 @dataclass

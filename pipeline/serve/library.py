@@ -62,8 +62,9 @@ def show_model(catalog: Catalog, uri: str) -> dict:
             "pipeline": {"id": pipeline_id, "name": pipeline.info.run_name if pipeline else None,
                          "config": pipeline.data.params.get("name") if pipeline else None},
             "corpus": corpus, "cluster_run": v.tags.get(Tag.CLUSTER_RUN), "metrics": dict(run.data.metrics)}
-    if v.name == COMPOSITION_MODEL:
-        info["uses"] = uses(v)
+    if v.name == COMPOSITION_MODEL:  # its parts; one deleted from the registry is marked so
+        info["uses"] = [uri if catalog.exists(uri) else f"{uri} (deleted: the composition cannot load)"
+                        for uri in uses(v)]
     info["used_by"] = catalog.users_of(info["uri"])
     return info
 

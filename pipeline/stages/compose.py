@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -77,6 +77,7 @@ class CompositionTask:
     centers: dict | None = None  # the routing centres every expert's training shares
     flops: dict | None = None  # forward / training FLOPs per token of the models and of each phase (prepare_task)
     hub: str | None = None  # "seed": the central model is the pipeline's seed, not its full dense run
+    missing_experts: dict[str, str] = field(default_factory=dict)  # clusters composed without: {name: why}
 
 
 # --- Ray task bodies -------------------------------------------------------------------------
@@ -267,12 +268,15 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
                              "--central a registered moie-central version instead")
         central_uri = exact_uri(seed)
     own = central_uri is None and not expert_uris
+    missing = {}
     if central_uri is None or not expert_uris:
         default_central, default_experts = catalog.pipeline_models(pipeline_id)
+        if not expert_uris:  # the pipeline's experts: all of its clustering's, or a gap on purpose
+            missing = check_missing(cfg, catalog.missing_experts(pipeline_id, default_experts), pipeline_id)
         central_uri, expert_uris = central_uri or default_central, expert_uris or default_experts
     central, experts = catalog.resolve(central_uri), [catalog.resolve(u) for u in expert_uris]
     with catalog.tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
-        task = composition_task(cfg, catalog, central, experts, Path(tmp))
+        task = replace(composition_task(cfg, catalog, central, experts, Path(tmp)), missing_experts=missing)
         if central.tags.get(Tag.ROLE) == SEED and central.tags.get(Tag.PIPELINE) == pipeline_id:
             task = replace(task, hub=SEED)  # on this pipeline's own seed: a system of its own, costed as such
         fitted = _early_result(lambda: early.centres(task), "routing centres") if early is not None else None
@@ -512,6 +516,23 @@ def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask,
     return result["state"], result["tokens"], {}
 
 
+def check_missing(cfg: Config, missing: dict[str, str], pipeline_id: str) -> dict[str, str]:
+    """A composition is whole or refused: the clusters without an expert are one error, unless
+    compose.allow_missing_experts composes without them on purpose (recorded with it)."""
+    if not missing:
+        return {}
+    gap = "; ".join(f"{name}: {why}" for name, why in missing.items())
+    if not cfg.compose.allow_missing_experts:
+        raise StageError(f"pipeline {pipeline_id} has no expert for {len(missing)} of its clusters ({gap}): a "
+                         "composition without them is another system than the pipeline's. Train them with `moie "
+                         f"experts --pipeline {pipeline_id}`, or compose without them on purpose with "
+                         "--allow-missing-experts (compose.allow_missing_experts: true), which records the gap in "
+                         "the composition's manifest and run")
+    print(f"compose: composing without {', '.join(missing)} on purpose ({gap}); recorded as "
+          f"{Tag.MISSING_EXPERTS}", flush=True)
+    return missing
+
+
 def _early_result(get, what: str):
     """What work started early returns, or None (the stage then does it itself) where it failed:
     one failed early task must not fail the composition."""
@@ -538,8 +559,9 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
                                           kway=task.settings.kway and not joint))
     s = task.settings
     hub = {Tag.HUB: task.hub} if task.hub else {}
+    gap = {Tag.MISSING_EXPERTS: json.dumps(task.missing_experts)} if task.missing_experts else {}
     with tracker.stage_run(pipeline_id, "compose", name=f"compose-{mode}" + (f"-on-{task.hub}" if task.hub else ""),
-                           tags={Tag.MODE: mode, **hub}) as run_id:
+                           tags={Tag.MODE: mode, **hub, **gap}) as run_id:
         tracker.log_params(run_id, {"mode": mode, "central": task.central, "experts": ",".join(task.experts),
                                     "n_points": s.n_points, "routing": s.routing, "k": s.k, "pool": s.pool,
                                     "glue": s.glue, "output": s.output, "kway": s.kway,
@@ -561,7 +583,8 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
             manifest = {"format": MANIFEST_FORMAT, "central": task.central, "experts": task.experts, "mode": mode,
                         "tokenizer": task.tokenizer, PARTS_SHA: task.parts_sha256, **s.to_dict(), **scores,
                         **({"router_run": task.router_run, "clusters": task.clusters} if task.router else {}),
-                        **({"added_to": added[Tag.ADDED_TO]} if added else {})}
+                        **({"added_to": added[Tag.ADDED_TO]} if added else {}),
+                        **({"missing_experts": task.missing_experts} if task.missing_experts else {})}
             save_state(Path(tmp), "composition", state, manifest)
             write_json(Path(tmp) / COMPOSITION_MANIFEST, manifest)
             files = log_pyfunc(tracker, run_id, Path(tmp), "composition", {
@@ -572,7 +595,7 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
         uri = catalog.register(COMPOSITION_MODEL, f"{run.info.artifact_uri}/composition", run_id,
                                {Tag.PIPELINE: pipeline_id, Tag.MODE: mode, Tag.TOKENIZER: task.tokenizer,
                                 Tag.CENTRAL: task.central, Tag.EXPERTS: json.dumps(task.experts),
-                                **pin_tags(files, "composition"), **hub, **(added or {})})
+                                **pin_tags(files, "composition"), **hub, **gap, **(added or {})})
         tracker.set_tags(run_id, {Tag.MODEL_VERSION: uri})
         print(f"compose {mode}: val_bpb {scores['val_bpb']:.4f} vs central {scores['central_val_bpb']:.4f}; "
               f"registered as {uri}", flush=True)

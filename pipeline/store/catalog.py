@@ -27,7 +27,8 @@ from pipeline.config import Config, check_storage
 from pipeline.errors import StageError, one_line
 from pipeline.store import storage
 from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, CENTRAL_ROLES, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
-                                  DENSE_ROLES, EXPERT_MODEL, ROLE_CENTRAL, SEED, Tag, sha_tag, tokens_sha_tag)
+                                  DENSE_ROLES, EXPERT_MODEL, ROLE_CENTRAL, SEED, Tag, expert_name, sha_tag,
+                                  tokens_sha_tag)
 from pipeline.store.pins import MLFLOW_OWN, check_pinned, pinned_files
 from pipeline.store.tracking import Tracker, quote, workdir
 
@@ -46,6 +47,10 @@ RESULTS_TABLE = "results.md"  # the evaluate run's table
 
 # the experts stage's models (tag moie.expert): expert-<cluster>, the dense baseline, an optional central
 
+
+
+class MissingVersionError(StageError):
+    """The registry answered: it holds no such version or alias."""
 
 
 def check_token_files(owner: str, tags: dict[str, str], files: dict[str, str]) -> None:
@@ -236,10 +241,21 @@ class Catalog:
             if alias:
                 return self.client.get_model_version_by_alias(name, alias)
             return self.client.get_model_version(name, version)
-        except MlflowException:
+        except MlflowException as err:
+            if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise StageError(f"the registry at {self.tracker.uri} could not answer for {uri} "
+                                 f"({one_line(err)}); check that it is up and reachable") from None
             what = f"alias @{alias} of {name}" if alias else f"model version {uri}"
-            raise StageError(f"{what} does not exist in the registry at {self.tracker.uri}; see what does with "
-                             "`moie library list`") from None
+            raise MissingVersionError(f"{what} does not exist in the registry at {self.tracker.uri}; see what does "
+                                      "with `moie library list`") from None
+
+    def exists(self, uri: str) -> bool:
+        """Whether the registry holds the version `uri` names (errors other than its absence are raised)."""
+        try:
+            self.resolve(uri)
+        except MissingVersionError:
+            return False
+        return True
 
     def register(self, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
         """A new version of registered model `name` for the run's safetensors artifacts; its exact URI."""
@@ -292,6 +308,23 @@ class Catalog:
             raise StageError(f"pipeline {pipeline_id} has no registered central model and experts; run "
                              f"`moie experts --pipeline {pipeline_id}` first, or name models with --central/--experts")
         return exact_uri(central[0]), [exact_uri(v) for v in experts]
+
+    def missing_experts(self, pipeline_id: str, expert_uris: list[str]) -> dict[str, str]:
+        """The clusters of the experts' clustering that have no expert among `expert_uris`:
+        {expert-<k>: why} (its training was skipped, or no version of it is registered: deleted)."""
+        versions = [self.resolve(u) for u in expert_uris]
+        cluster_runs = {v.tags.get(Tag.CLUSTER_RUN) for v in versions} - {None}
+        if len(cluster_runs) != 1:
+            return {}  # experts of several clusterings (named by hand): no one set of clusters to cover
+        run = self.client.get_run(cluster_runs.pop())
+        k = int(run.data.params.get("cluster.k", 0))
+        present = {v.tags.get(Tag.EXPERT) for v in versions}
+        skipped = {r.data.tags[Tag.EXPERT]: r.data.tags[Tag.SKIPPED]
+                   for r in self.tracker.stage_runs(pipeline_id, "experts", status=None)
+                   if Tag.SKIPPED in r.data.tags and Tag.EXPERT in r.data.tags}
+        return {name: (f"its training was skipped: {skipped[name]}" if name in skipped
+                       else "no version of it is registered (deleted, or never trained)")
+                for name in map(expert_name, range(k)) if name not in present}
 
     def dense_model(self, pipeline_id: str):
         """The pipeline's dense baseline version (the central model too, unless one was configured), or None."""

@@ -61,6 +61,7 @@ class Tag:
     EXPERTS = "moie.experts"  # a composition's experts, JSON list of exact URIs
     ADDED_TO = "moie.added_to"  # a composition grown from another by one expert: the base's URI
     ADDED = "moie.added"  # ... and the added expert's URI
+    MISSING_EXPERTS = "moie.missing_experts"  # a composition composed without some clusters on purpose: JSON {name: why}
     CHAMPION = "moie.champion"  # on an evaluate run: the composition it aliased champion
     EXTENSION = "moie.extension"  # every model `moie extend` registers: the extend run's id
     EXTENDS = "moie.extends"  # on an extend run: the pipeline it extends

@@ -105,6 +105,28 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{workdir(cfg) / 'mlflow.db'}"
 
 
+def check_reachable(uri: str, tries: int = 3, timeout_s: float = 3.0) -> None:
+    """StoreError, within about tries x timeout_s seconds, unless the tracking server at `uri`
+    answers (any HTTP status will do: it is up). MLflow's own client retries an unreachable
+    server for minutes and then reports the first query's answer (e.g. "does not exist")."""
+    import urllib.error
+    import urllib.request
+
+    reason = ""
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+                return
+        except urllib.error.HTTPError:  # it answered (authentication, an old server without /health)
+            return
+        except (urllib.error.URLError, OSError) as err:
+            reason = one_line(getattr(err, "reason", err))
+        if attempt + 1 < tries:
+            time.sleep(1.0)  # a server starting up
+    raise StoreError(f"cannot reach the MLflow tracking server at {uri} ({reason}; {tries} tries): start it, "
+                     "or point MLFLOW_TRACKING_URI (or tracking.uri) at one that runs")
+
+
 class Tracker:
     """The pipeline's view of MLflow: runs, params, metrics, checksummed artifacts.
 
@@ -118,6 +140,8 @@ class Tracker:
         experiment (a reader that only loads registered models needs none)."""
         self.uri = uri or tracking_uri(cfg)
         self._open: set[str] = set()  # runs this tracker created or reopened and has not ended
+        if self.uri.startswith(("http://", "https://")):
+            check_reachable(self.uri)
         try:
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

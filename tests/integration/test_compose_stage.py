@@ -67,14 +67,14 @@ def test_compose_stage_runs_both_modes_and_registers_compositions_better_than_ce
         assert ("val_routing_accuracy/kway" in m) == mixing and ("kway_loss" in m) == mixing
         assert ("val_routing_accuracy/topk" in m) == mixing
         files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition")}
-        assert {"composition/MLmodel", "composition/artifacts"} <= files  # an MLflow pyfunc model
-        files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition/artifacts/composition")}
-        assert {f"composition/artifacts/composition/{f}" for f in
+        assert {"composition/MLmodel", "composition/data"} <= files  # an MLflow pyfunc model
+        files = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "composition/data/composition")}
+        assert {f"composition/data/composition/{f}" for f in
                 ("composition.safetensors", "composition.json", "composition_manifest.json")} == files
     versions = tracker.client.search_model_versions(f"name = '{COMPOSITION_MODEL}'")
     assert len(versions) == 2
     manifest = json.loads(Path(tracker.client.download_artifacts(
-        runs[0].info.run_id, "composition/artifacts/composition/composition_manifest.json")).read_text())
+        runs[0].info.run_id, "composition/data/composition/composition_manifest.json")).read_text())
     assert manifest["central"].startswith("models:/moie-central/") and len(manifest["experts"]) == 3
 
 

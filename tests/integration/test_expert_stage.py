@@ -59,9 +59,9 @@ def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions
         if run.data.tags["moie.expert"] != "seed":  # the seed's steps are logged on the dense run: its first ones
             assert "train_loss" in run.data.metrics and "tokens_per_s" in run.data.metrics
         names = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "model")}
-        assert {"model/MLmodel", "model/artifacts", "model/manifest.json"} <= names  # an MLflow pyfunc model
-        weights = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "model/artifacts/model")}
-        assert weights == {"model/artifacts/model/model.safetensors", "model/artifacts/model/model.json"}
+        assert {"model/MLmodel", "model/data", "model/manifest.json"} <= names  # an MLflow pyfunc model
+        weights = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "model/data/model")}
+        assert weights == {"model/data/model/model.safetensors", "model/data/model/model.json"}
     dense = next(r for r in runs if r.data.tags["moie.expert"] == "dense")
     assert dense.data.params["max_tokens"] == str(2 * 6000)  # equal compute: k x one expert's budget
     # a stop between exporting the seed and registering it: the next run of the stage registers it
@@ -209,8 +209,8 @@ def test_an_expert_branched_from_a_seed_starts_from_the_seeds_weights(tmp_path):
             "train": str(tmp_path / "train.npy"), "val": str(tmp_path / "val.npy"), "ckpt_dir": str(tmp_path / "ck"),
             "num_cpus": 1, "tokenizer": TOKENIZER.fingerprint, "seed": 0, "init_from": str(tmp_path / "seed")}
     result = train_expert(ExpertTask(**spec))
-    logged = Path(client.download_artifacts(run_id, "model/artifacts/model", str(tmp_path)))  # the task logged it
-    assert sorted(result.files) == sorted(p.name for p in logged.iterdir())
+    logged = Path(client.download_artifacts(run_id, "model/data/model", str(tmp_path)))  # the task logged it
+    assert sorted(f for f in result.files if f.startswith("data/")) == sorted(f"data/model/{p.name}" for p in logged.iterdir())
     trained, _ = load_model(logged)
     seed, _ = load_model(tmp_path / "seed")
     for (name, a), b in zip(trained.state_dict().items(), seed.state_dict().values()):

@@ -659,11 +659,11 @@ def test_case12_a_checksum_error_names_the_stored_artifact_not_a_temporary_path(
     from artifacts import ChecksumError
 
     _, catalog, uri, version = trained_expert(tmp_path)
-    stored = Path(version.source.removeprefix("file://")) / "artifacts" / "model" / "model.safetensors"
+    stored = Path(version.source.removeprefix("file://")) / "data" / "model" / "model.safetensors"
     stored.write_bytes(stored.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ChecksumError) as caught:
         catalog.load_registered(uri, tmp_path / "download")
-    assert f"{version.source}/artifacts/model/model.safetensors of {uri}" in str(caught.value)
+    assert f"{uri} ({version.source}): data/model/model.safetensors has sha256" in str(caught.value)
     assert str(tmp_path / "download") not in str(caught.value)
 
 

@@ -1,5 +1,6 @@
 """The expert library: two pipelines on different corpora, one registry; experts reused across them."""
 import json
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -170,7 +171,7 @@ def test_a_model_version_that_no_longer_exists_is_a_clear_error(library):
 def test_an_artifact_whose_checksum_does_not_match_is_refused(library):
     catalog = library["catalog"]
     _, experts = catalog.pipeline_models(library["a"])
-    path = artifact_file(catalog, catalog.resolve(experts[0]), "model/artifacts/model/model.safetensors")
+    path = artifact_file(catalog, catalog.resolve(experts[0]), "model/data/model/model.safetensors")
     original = path.read_bytes()
     try:
         path.write_bytes(original[:-4] + bytes(4))  # same size, last bytes changed
@@ -186,26 +187,28 @@ def test_a_composition_manifest_from_a_newer_format_is_refused(library):
     cfg, catalog = library["cfg"], library["catalog"]
     (uri,) = run_compose(cfg, library["a"]).values()
     version = catalog.resolve(uri)
-    path = artifact_file(catalog, version, "composition/artifacts/composition/composition_manifest.json")
+    path = artifact_file(catalog, version, "composition/data/composition/composition_manifest.json")
     original = path.read_text()
-    try:  # as a newer moie would write and register it: its checksum recorded
+    pin = json.loads(version.tags[Tag.FILES])
+    try:  # as a newer moie would write and register it: its checksum pinned
         path.write_text(json.dumps({**json.loads(original), "format": 99}))
-        catalog.client.set_model_version_tag(version.name, version.version, Tag.MANIFEST_SHA, sha256_file(path))
+        newer = {**pin, "data/composition/composition_manifest.json": sha256_file(path)}
+        catalog.client.set_model_version_tag(version.name, version.version, Tag.FILES, json.dumps(newer))
         with pytest.raises(StageError, match="format 99, newer than this moie reads"):
             catalog.load_registered(uri, library["home"] / "newer")
     finally:
         path.write_text(original)
-        catalog.client.set_model_version_tag(version.name, version.version, Tag.MANIFEST_SHA, version.tags[Tag.MANIFEST_SHA])
+        catalog.client.set_model_version_tag(version.name, version.version, Tag.FILES, version.tags[Tag.FILES])
 
 
 def test_a_composition_manifest_changed_in_the_store_is_refused(library):
     cfg, catalog = library["cfg"], library["catalog"]
     (uri,) = run_compose(cfg, library["a"]).values()
-    path = artifact_file(catalog, catalog.resolve(uri), "composition/artifacts/composition/composition_manifest.json")
+    path = artifact_file(catalog, catalog.resolve(uri), "composition/data/composition/composition_manifest.json")
     original = path.read_text()
     try:  # the routing it would be built with, changed behind the registry's back
         path.write_text(json.dumps({**json.loads(original), "k": 1}))
-        with pytest.raises(ChecksumError, match=r"composition_manifest.json of models:/moie-composition/\d+ has"):
+        with pytest.raises(ChecksumError, match=r"models:/moie-composition/\d+ .*: data/composition/composition_manifest.json has sha256"):
             catalog.load_registered(uri, library["home"] / "changed")
     finally:
         path.write_text(original)
@@ -233,3 +236,25 @@ def test_a_version_without_a_recorded_checksum_is_refused(library):
             catalog.load_registered(experts[0], library["home"] / "untagged")
     finally:
         catalog.client.set_model_version_tag(v.name, v.version, "moie.sha256", v.tags["moie.sha256"])
+
+
+def test_a_composition_missing_a_deleted_expert_is_refused_unless_allowed_and_then_records_the_gap(library):
+    cfg, catalog, pipeline_id = library["cfg"], library["catalog"], library["b"]
+    (whole,) = run_compose(cfg, pipeline_id).values()
+    _, experts = catalog.pipeline_models(pipeline_id)
+    deleted = catalog.resolve(experts[1])
+    catalog.client.delete_model_version(deleted.name, deleted.version)
+    try:
+        with pytest.raises(StageError, match=r"no expert for 1 of its clusters \(expert-1: no version of it is "
+                                             r"registered.*--allow-missing-experts"):
+            run_compose(cfg, pipeline_id)
+        assert show_model(catalog, whole)["uses"][2] == f"{experts[1]} (deleted: the composition cannot load)"
+        allowed = replace(cfg, compose=replace(cfg.compose, allow_missing_experts=True))
+        (partial,) = run_compose(allowed, pipeline_id).values()
+        version = catalog.resolve(partial)
+        _, manifest = catalog.composition_parts(version, library["home"] / "partial")
+        assert manifest["experts"] == experts[:1] and list(manifest["missing_experts"]) == ["expert-1"]
+        assert json.loads(version.tags[Tag.MISSING_EXPERTS]) == manifest["missing_experts"]
+        assert Tag.MISSING_EXPERTS in catalog.client.get_run(version.run_id).data.tags
+    finally:  # registered again (a new version of the same run's files), for the module's other tests
+        catalog.client.create_model_version(deleted.name, deleted.source, run_id=deleted.run_id, tags=deleted.tags)

@@ -211,5 +211,5 @@ def test_experts_spread_over_two_nodes_and_one_whose_node_is_lost_resumes_on_the
     assert not home.exists() or sorted(home.rglob("*")) == [], sorted(home.rglob("*"))[:5]
     stored = s3_keys(env, "")
     assert any(k.startswith(f"store/{pipeline_id}/") and k.endswith("/data/expert-0.train.npy") for k in stored)
-    assert any(k.startswith("mlflow/") and k.endswith("artifacts/model/model.safetensors") for k in stored)
+    assert any(k.startswith("mlflow/") and k.endswith("model/data/model/model.safetensors") for k in stored)
     assert any(k.startswith("mlflow/") and k.endswith("composition/composition.safetensors") for k in stored)

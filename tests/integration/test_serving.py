@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -119,6 +120,38 @@ def test_a_bad_request_is_refused_naming_the_row_and_the_field(served):
         model.predict(pd.DataFrame({"text": ["x"]}))
 
 
+def counted_forwards(pyfunc) -> list[int]:
+    """A counter of the served torch model's forward passes (one per generation step)."""
+    count = [0]
+    pyfunc._model_impl.model.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+def test_a_short_request_sent_while_a_long_one_generates_is_answered_before_the_long_one_ends(served):
+    model = mlflow.pyfunc.load_model(uris(served["catalog"])["expert"])
+    forwards = counted_forwards(model)
+    long = concurrent.futures.ThreadPoolExecutor(1).submit(
+        model.predict, pd.DataFrame({"prompt": ["The wind"], "max_new_tokens": [4000]}))
+    while forwards[0] == 0:  # wait (polling, not a fixed sleep) until the long request generates
+        assert not long.done(), long.result()
+        time.sleep(0.001)
+    short = model.predict(pd.DataFrame({"prompt": ["Stir"], "max_new_tokens": [8], "seed": [1]}))
+    assert not long.done() and forwards[0] < 4000  # the short one took turns with it, step by step
+    assert short["text"][0] == model.predict(pd.DataFrame({"prompt": ["Stir"], "max_new_tokens": [8],
+                                                           "seed": [1]}))["text"][0]  # and is the answer alone
+    assert len(long.result()["text"][0].encode("utf-8")) > 0
+
+
+def test_a_request_past_its_deadline_stops_generating_between_steps_with_a_504(served, monkeypatch):
+    monkeypatch.setenv("MOIE_SERVE_LIMITS", json.dumps({"timeout_s": 0.05}))
+    model = mlflow.pyfunc.load_model(uris(served["catalog"])["expert"])
+    forwards = counted_forwards(model)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="ran past the serving deadline of 0.05 s") as err:
+        model.predict(pd.DataFrame({"prompt": ["The wind"], "max_new_tokens": [4096]}))
+    assert err.value.get_http_status_code() == 504
+    assert forwards[0] < 4096  # it stopped, not ran to the end after its answer
+
+
 def test_no_pickle_and_no_code_among_any_logged_artifact_and_every_model_is_loaded_by_installed_code(served):
     catalog = served["catalog"]
     for name in (EXPERT_MODEL, CENTRAL_MODEL, COMPOSITION_MODEL):
@@ -140,7 +173,7 @@ def test_no_pickle_and_no_code_among_any_logged_artifact_and_every_model_is_load
 
 def test_a_tampered_weights_file_is_refused_on_load(served, tmp_path):
     local = Path(mlflow.artifacts.download_artifacts(uris(served["catalog"])["expert"], dst_path=str(tmp_path)))
-    weights = local / "artifacts" / "model" / "model.safetensors"
+    weights = local / "data" / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one bit of one weight
     weights.write_bytes(bytes(data))
@@ -153,7 +186,7 @@ def test_a_composition_refuses_an_expert_whose_registered_file_was_tampered_with
     composition = catalog.resolve(uris(catalog)["composition"])
     expert = catalog.resolve(json.loads(composition.tags["moie.experts"])[0])
     stored = Path(catalog.client.get_run(expert.run_id).info.artifact_uri.removeprefix("file://"))
-    weights = stored / "model" / "artifacts" / "model" / "model.safetensors"
+    weights = stored / "model" / "data" / "model" / "model.safetensors"
     original = weights.read_bytes()
     try:
         weights.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
@@ -218,8 +251,15 @@ def test_moie_serve_answers_invocations_deterministically_and_stops_with_its_com
         assert together == alone
         scored = post(port, {"dataframe_records": [{"prompt": TEXT}], "params": {"score": True}})
         assert scored["predictions"][0]["bytes"] == len(TEXT)
-        with pytest.raises(AssertionError, match="400.*temperature must be >= 0"):
+        with pytest.raises(AssertionError, match="400.*temperature must be 0"):
             post(port, {"dataframe_records": [{"prompt": "x", "temperature": -1.0}]})
+        # bounded requests: each limit refused with a 400 naming it, before any generation
+        with pytest.raises(AssertionError, match="400.*17 rows, above the serving limit rows = 16"):
+            post(port, {"dataframe_records": [{"prompt": "x", "max_new_tokens": 1}] * 17})
+        with pytest.raises(AssertionError, match="400.*asks for 5000 new bytes.*serving limit new_bytes = 4096"):
+            post(port, {"dataframe_records": [{"prompt": "x", "max_new_tokens": 2500}] * 2})
+        with pytest.raises(AssertionError, match="400.*above the serving limit prompt_bytes = 65536"):
+            post(port, {"dataframe_records": [{"prompt": "x" * 65537, "max_new_tokens": 1}]})
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,3 +161,14 @@ def test_an_untouched_version_loads_through_moie_load_model_with_pickles_disable
     out = model.predict(pd.DataFrame({"prompt": ["ab", "c"], "max_new_tokens": [6, 4], "seed": [1, 2]}))
     local, _ = load_exported(exported(tmp_path / "same", TINY, seed=0))  # what was registered
     assert list(out["text"]) == [sample(local, "ab", 6, 0.8, 50, 1).text, sample(local, "c", 4, 0.8, 50, 2).text]
+
+
+def test_an_unreachable_registry_is_named_as_such_not_after_minutes_of_retries_and_not_as_does_not_exist(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "library", "show", f"models:/{EXPERT_MODEL}/1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,  # MLflow alone retries ~250 s
+                          env=dict(os.environ, MLFLOW_TRACKING_URI=url))
+    print(f"answered in {time.monotonic() - started:.1f} s")
+    assert done.returncode == 2 and f"cannot reach the MLflow tracking server at {url}" in done.stderr, done.stderr
+    assert "does not exist" not in done.stderr and "Traceback" not in done.stderr
