@@ -8,6 +8,16 @@ Needs a finished pipeline in the store (the default `moie run`). Both models are
 with `mlflow.pyfunc.load_model`, as `moie serve` loads them; generation is one row of
 `--bytes` new bytes (greedy: the same work every repeat), scoring is score mode on a text
 of the same corpus. Prints the CPU, each figure and the composition / central ratios.
+
+    python bench/serving.py --load [--clients 16] [--long-bytes 2048] [--short-bytes 32]
+
+The load test needs no pipeline: it registers one expert of the default config's size
+(untrained weights: speed does not depend on them) in a private store, serves it with
+`moie serve` at its default limits, and sends mixed requests from `--clients` threads at
+once: a quarter send one long request each, the rest send short ones back to back. It prints
+p50 / p95 latency of short and long requests, the short ones' latency beside one short
+request's on the idle server (the ratio is what taking turns step by step costs them), and
+every answer that was not HTTP 200 (a 504 for a short request is a failure of the limits).
 """
 from __future__ import annotations
 
@@ -57,13 +67,109 @@ def measure(uri: str, n_bytes: int, repeats: int) -> dict:
             "score_bytes_per_s": len(TEXT.encode()) / score, "score_bpb": bpb}
 
 
+def post(port: int, max_new_tokens: int, seed: int) -> tuple[int, float]:
+    """(HTTP status, seconds) of one generation request."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"dataframe_records": [{"prompt": "The ship", "max_new_tokens": max_new_tokens,
+                                              "seed": seed}]}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    began = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            response.read()
+            status = response.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    return status, time.perf_counter() - began
+
+
+def load_test(args) -> None:
+    """16 clients against `moie serve` of a default-sized expert: p50 / p95 of short and long requests."""
+    import concurrent.futures
+    import os
+    import socket
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    home = Path(tempfile.mkdtemp(prefix="moie-bench-serving-"))
+    os.environ["MOIE_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from experts.checkpoint import build_model, save_model
+    from experts.tokenizer import TOKENIZER
+    from pipeline.config import load_config
+    from pipeline.serve.serving import log_pyfunc
+    from pipeline.store.catalog import Catalog
+    from pipeline.store.names import EXPERT_MODEL, model_tags
+
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    model_cfg = {"arch": cfg.experts.arch, **cfg.experts.model}
+    catalog = Catalog(cfg)
+    pipeline_id = catalog.tracker.start_pipeline(cfg)
+    run_id = catalog.tracker.create_stage_run(pipeline_id, "experts", "expert-0")
+    save_model(home / "exported", build_model(model_cfg))
+    files = log_pyfunc(catalog.tracker, run_id, home / "exported", "model", {})
+    uri = catalog.register(EXPERT_MODEL, f"{catalog.client.get_run(run_id).info.artifact_uri}/model", run_id,
+                           model_tags(pipeline_id, "expert-0", TOKENIZER.fingerprint, model_cfg, files))
+    catalog.tracker.end_run(run_id)
+    catalog.tracker.finish_pipeline(pipeline_id)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", uri, "--port", str(port)], cwd=REPO,
+                              start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # the server's start: polled
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        post(port, args.short_bytes, 0)  # warm-up
+        idle = statistics.median(post(port, args.short_bytes, i)[1] for i in range(5))
+        n_long = max(1, args.clients // 4)
+
+        def client(i: int) -> list[tuple[str, int, float]]:
+            if i < n_long:
+                return [("long", *post(port, args.long_bytes, i))]
+            return [("short", *post(port, args.short_bytes, i * 100 + j)) for j in range(args.short_repeats)]
+
+        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+            answers = [a for batch in pool.map(client, range(args.clients)) for a in batch]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    print(f"CPU: {cpu_name()}; {args.clients} clients against moie serve of a {model_cfg['arch']} expert of the "
+          f"default size: {n_long} send one request of {args.long_bytes} bytes, the others "
+          f"{args.short_repeats} of {args.short_bytes} bytes each", flush=True)
+    print(f"one short request on the idle server: {idle:.2f} s", flush=True)
+    for kind in ("short", "long"):
+        times = sorted(t for k, _, t in answers if k == kind)
+        p50, p95 = times[len(times) // 2], times[min(len(times) - 1, int(0.95 * len(times)))]
+        print(f"{kind}: {len(times)} requests, p50 {p50:.2f} s, p95 {p95:.2f} s"
+              + (f" ({p50 / idle:.1f}x / {p95 / idle:.1f}x the idle server's)" if kind == "short" else ""),
+              flush=True)
+    refused = [(k, status) for k, status, _ in answers if status != 200]
+    print(f"answers other than HTTP 200: {refused or 'none'}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", action="store_true", help="the load test against moie serve (no pipeline needed)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--long-bytes", type=int, default=2048)
+    parser.add_argument("--short-bytes", type=int, default=32)
+    parser.add_argument("--short-repeats", type=int, default=3)
     parser.add_argument("--model", default="models:/moie-composition@champion")
     parser.add_argument("--bytes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.load:
+        return load_test(args)
 
     import mlflow
     import torch

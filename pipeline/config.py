@@ -225,9 +225,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; configs/ holds tiny.yaml and default.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        data = read_yaml(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {shown(e, 600)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
     for item in overrides or []:
@@ -241,22 +241,69 @@ def apply_override(data: dict, item: str) -> None:
     """Apply one `section.key=value` override (value parsed as YAML) to a raw config dict."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. cluster.k=6")
+        raise ConfigError(f"override {shown(item)} must look like section.key=value, e.g. cluster.k=6")
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            raise ConfigError(f"override {shown(item)}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = read_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {shown(item)}: the value is not YAML ({shown(e, 400)}); quote text that "
+                          "holds ': ' or starts with a YAML symbol, e.g. name='a: b'") from None
+
+
+MAX_YAML_DEPTH = 32  # no moie config nests deeper than 4; recursion on deeper input would crash the parser
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no tags run) that also refuses what a config never needs and an attack
+    uses: duplicate keys (the last would silently win), anchors and aliases (a few lines of
+    aliases expand to gigabytes), and nesting deeper than MAX_YAML_DEPTH."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            raise yaml.composer.ComposerError(None, None, "YAML anchors and aliases (&name, *name) are not accepted "
+                                              "in a moie config: write the value out", self.peek_event().start_mark)
+        self.depth = getattr(self, "depth", 0) + 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}: each key once",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str):
+    """A config's YAML (StrictLoader)."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
+def shown(value, limit: int = 200) -> str:
+    """repr(value), cut to `limit` characters: an error message never echoes a huge value."""
+    text = repr(value) if not isinstance(value, BaseException) else " ".join(str(value).split())  # one line
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, checking every key and type."""
     where = prefix.rstrip(".") or "the config"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping of keys, got {data!r}")
+        raise ConfigError(f"{where} must be a mapping of keys, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
@@ -276,7 +323,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"config key {key!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -288,16 +335,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"config key {key!r} must be a list of {getattr(inner, '__name__', inner)}, "
-                              f"got {value!r}")
+                              f"got {shown(value)}")
         return [_coerce(v, inner, key) for v in value]
     if tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be a mapping, got {shown(value)}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {shown(value)} ({type(value).__name__})")
     return value
 
 
@@ -415,7 +462,11 @@ def validate_experts(e: "ExpertsConfig") -> None:
         raise ConfigError("experts.num_cpus must be > 0, experts.num_gpus and experts.max_retries >= 0; got "
                           f"{e.num_cpus}, {e.num_gpus}, {e.max_retries}")
     for name, amount in e.resources.items():
-        if name in ("CPU", "GPU", "memory") or not isinstance(amount, (int, float)) or amount <= 0:
+        if not re.fullmatch(r"[A-Za-z0-9_\-.]+", str(name)):  # as Ray and MLflow (a param key) take it
+            raise ConfigError(f"experts.resources key {name!r} must hold only ASCII letters, digits, '_', '-' and "
+                              "'.', e.g. expert_slot")
+        if name in ("CPU", "GPU", "memory") or isinstance(amount, bool) or not isinstance(amount, (int, float)) \
+                or not 0 < amount < math.inf:
             raise ConfigError(f"experts.resources maps custom Ray resource names to amounts > 0 (CPUs and GPUs "
                               f"are experts.num_cpus / num_gpus); got {name}: {amount!r}")
 

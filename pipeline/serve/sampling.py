@@ -23,7 +23,7 @@ LIMITS_ENV = "MOIE_SERVE_LIMITS"  # `moie serve` passes its limits to the server
 class Limits:
     """What one request may ask of a served model; each is refused with a 400 naming it."""
     rows: int = 16  # rows per request
-    new_bytes: int = 4096  # bytes (tokens) generated per request, all rows together
+    new_bytes: int = 1024  # bytes (tokens) generated per request, all rows together: ~45-85 s of a composition
     prompt_bytes: int = 65536  # UTF-8 bytes of prompt text per request, all rows together
     timeout_s: float = 120.0  # a request still generating after this long stops with a 504
 

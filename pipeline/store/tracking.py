@@ -175,11 +175,18 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=f"pipeline-{cfg.name}",
                                      tags={Tag.STAGE: "pipeline"})
         run_id = run.info.run_id
-        self.client.set_tag(run_id, Tag.PIPELINE, run_id)
-        self.log_params(run_id, flatten(to_dict(cfg)))
-        with tempfile.TemporaryDirectory() as tmp:
-            write_json(Path(tmp) / "config.json", to_dict(cfg))
-            self.client.log_artifact(run_id, str(Path(tmp) / "config.json"))
+        try:
+            self.client.set_tag(run_id, Tag.PIPELINE, run_id)
+            self.log_params(run_id, flatten(to_dict(cfg)))
+            with tempfile.TemporaryDirectory() as tmp:
+                write_json(Path(tmp) / "config.json", to_dict(cfg))
+                self.client.log_artifact(run_id, str(Path(tmp) / "config.json"))
+        except BaseException as err:  # a param MLflow refuses, an unwritable store: no run is left RUNNING
+            self._best_effort(self.end_run, run_id, "FAILED")
+            if isinstance(err, MlflowException):
+                raise StoreError(f"MLflow refused the pipeline's config ({one_line(err)}); change the config value "
+                                 "it names") from None
+            raise
         return run_id
 
     def pipeline_run(self, pipeline_id: str):

@@ -172,3 +172,18 @@ def test_an_unreachable_registry_is_named_as_such_not_after_minutes_of_retries_a
     print(f"answered in {time.monotonic() - started:.1f} s")
     assert done.returncode == 2 and f"cannot reach the MLflow tracking server at {url}" in done.stderr, done.stderr
     assert "does not exist" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_loading_and_serving_paths_write_nothing_into_the_registered_store(registered):
+    """A read-only store can be served: moie reads a scratch copy (MLflow's own models:/ download of a
+    local store writes registered_model_meta into the registered folder itself)."""
+    store = Path(mlflow.MlflowClient().get_run(registered.run_id).info.artifact_uri.removeprefix("file://"))
+
+    def snapshot():
+        return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in store.rglob("*")}
+
+    before = snapshot()
+    load_model(registered.uri)
+    registered.catalog.load_registered(registered.uri, Path(tempfile.mkdtemp()))
+    assert snapshot() == before
+

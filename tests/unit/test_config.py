@@ -139,3 +139,32 @@ def test_a_choice_outside_its_literal_is_refused_naming_the_key_and_the_choices(
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"{key}.*must be one of {choices}"):
         load_config(CONFIGS / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("cluster:\n  k: 3\n  k: 4\n", "duplicate key 'k'"),  # the last one would silently win
+    ("a: &leaf [x, x]\nb: &twig [*leaf, *leaf]\ncluster: {k: *twig}\n", "anchors and aliases"),  # an alias bomb
+    ("cluster:\n  k: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32 levels"),
+], ids=["duplicate-key", "alias-bomb", "deep-nesting"])
+def test_yaml_a_config_never_needs_is_refused_in_one_short_line(tmp_path, text, problem):
+    with pytest.raises(ConfigError, match=problem) as err:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 1000
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("cluster.k=[1", "the value is not YAML"),
+    ("corpus.name=@x", "the value is not YAML"),
+    ("cluster.k=" + "[" * 100_000, "nested deeper than 32 levels"),
+    ("corpus.name=[" + "x" * 100_000 + "]", "must be str"),  # a huge value is cut, not echoed whole
+], ids=["unclosed", "reserved-symbol", "deep-nesting", "huge-value"])
+def test_a_set_value_that_is_not_usable_yaml_is_one_short_error_naming_the_override(override, problem):
+    with pytest.raises(ConfigError, match=problem) as err:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert "\n" not in str(err.value) and len(str(err.value)) < 1500
+
+
+@pytest.mark.parametrize("key", ["slöt", "a b", "x/y"])
+def test_a_resource_name_mlflow_or_ray_would_refuse_is_refused_at_load(key):
+    with pytest.raises(ConfigError, match="experts.resources key .* must hold only ASCII letters"):
+        load_config(CONFIGS / "tiny.yaml", [f"experts.resources={{'{key}': 1}}"])
