@@ -271,6 +271,7 @@ def serve_command(args: argparse.Namespace) -> int:
     never outliving it, and the scratch copy goes with it."""
     from pipeline.serve.serving import NO_PICKLES
     from pipeline.store.catalog import Catalog, exact_uri
+    from pipeline.store.leftovers import scratch_path
     from pipeline.store.tracking import tracking_uri
 
     limits = Limits(rows=args.max_rows, new_bytes=args.max_new_bytes, prompt_bytes=args.max_prompt_bytes,
@@ -279,7 +280,7 @@ def serve_command(args: argparse.Namespace) -> int:
     version = catalog.resolve(args.uri)  # a clear error for a URI the registry does not know
     check_port_free(args.port)
     uri = exact_uri(version)  # what was checked is what is served, wherever the alias moves meanwhile
-    scratch = Path(tempfile.mkdtemp(prefix="moie-serve-"))
+    scratch = scratch_path("serve")
     try:
         folder = catalog.version_folder(version, scratch)
         env = dict(os.environ, MLFLOW_TRACKING_URI=catalog.tracker.uri, MLFLOW_REGISTRY_URI=catalog.tracker.uri,
@@ -292,6 +293,25 @@ def serve_command(args: argparse.Namespace) -> int:
         return run_server(cmd, env, "mlflow models serve")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    """What killed processes left: scratch directories and unfinished uploads; listed, or deleted
+    with --delete."""
+    from pipeline.store import storage
+    from pipeline.store.catalog import storage_location
+    from pipeline.store.leftovers import leftovers
+
+    found = leftovers(storage_location(load_config(args.config, args.overrides)))
+    for path, why in found:
+        print(f"{'deleting' if args.delete else 'would delete'} {path}  ({why})")
+        if args.delete:
+            storage.remove(path)
+    if not found:
+        print("nothing left over")
+    elif not args.delete:
+        print(f"{len(found)} left over; `moie gc --delete` deletes them", file=sys.stderr)
+    return 0
 
 
 def library_command(args: argparse.Namespace) -> int:
@@ -367,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(ui, DEFAULT_CONFIG)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=ui_command)
+    gc = sub.add_parser("gc", help="list (or --delete) scratch directories and uploads that killed processes left")
+    add_config_args(gc, DEFAULT_CONFIG)
+    gc.add_argument("--delete", action="store_true", help="delete them (default: only list them)")
+    gc.set_defaults(func=gc_command)
     serve = sub.add_parser("serve", help="mlflow models serve for a registered model (127.0.0.1, this environment)")
     serve.add_argument("uri", help="e.g. models:/moie-composition@champion or models:/moie-expert/3")
     add_config_args(serve, DEFAULT_CONFIG)

@@ -53,6 +53,7 @@ import yaml
 from artifacts import sha256_file, sha256_tree, verify_sha256
 from pipeline.config import ConfigError
 from pipeline.serve.sampling import SAMPLING, DeadlineExceeded, Limits, sample, score_texts
+from pipeline.store.leftovers import scratch_dir
 from pipeline.store.pins import LOADER, MLFLOW_OWN, check_pinned, pinned_files
 
 KINDS = ("model", "composition")  # an exported model (expert, central) or a composition's parameters
@@ -147,7 +148,7 @@ def load_model(uri: str, registry_uri: str | None = None):
     registry_uri = registry_uri or mlflow.get_registry_uri()
     catalog = Catalog.of_registry(registry_uri)
     version = catalog.resolve(uri)
-    with tempfile.TemporaryDirectory(prefix="moie-load-") as tmp:  # the weights are in memory once loaded
+    with scratch_dir("load") as tmp:  # the weights are in memory once loaded
         folder = catalog.version_folder(version, Path(tmp))
         previous = mlflow.get_registry_uri()
         mlflow.set_registry_uri(registry_uri)  # a composition loads its parts from this registry

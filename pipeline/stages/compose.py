@@ -31,6 +31,7 @@ from pipeline.stages.matched import abandon_continued, finish_continued, start_c
 from pipeline.store import storage
 from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, Catalog, assemble_registered,
                                     check_tokenizers, exact_uri)
+from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import (COMPOSITION_MODEL, DENSE, DENSE_MATCHED, ROLE_DENSE_CENTRAL, SEED, Tag, expert_name,
                                   pin_tags)
 from routing.ensemble import document_weights
@@ -98,7 +99,7 @@ def prepare_task(task: CompositionTask, fitted: dict | None = None) -> dict:
     model's mean state at each composition point, averaged over the experts' clusters, so
     independent gates agree on it; `fitted`: fitted already by `centres_task`) and the training
     FLOPs per token of each phase."""
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+    with scratch_dir("task") as scratch:
         n = len(task.experts)
         composed = _composed(replace(task, centers=None), list(range(n)), Path(scratch))
         fitted = fitted or _fit_centres(composed, task, Path(scratch))
@@ -116,7 +117,7 @@ def centres_task(task: CompositionTask) -> dict:
     """The routing centres alone, from the central model and every expert's data (the task's
     first expert only completes the model: centres are states of the central model). `moie run`
     fits them as soon as the central model and one expert are registered."""
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+    with scratch_dir("task") as scratch:
         return _fit_centres(_composed(replace(task, centers=None), [0], Path(scratch)), task, Path(scratch))
 
 
@@ -139,7 +140,7 @@ def train_independent_task(task: CompositionTask, e: int, fitted: dict | None = 
     done); unused."""
     task = task if fitted is None else replace(task, centers=fitted["centers"])
     slot = e if slot is None else slot
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:  # (the k-way gate needs every expert)
+    with scratch_dir("task") as scratch:  # (the k-way gate needs every expert)
         composed = _composed(replace(task, settings=replace(task.settings, kway=False)), [e], Path(scratch))
         blocks, gates, *mix = train_independent(composed, 0, storage.load_tokens(task.expert_data[e], Path(scratch)),
                                                 TrainConfig(**task.blocks_train), TrainConfig(**task.gates_train),
@@ -161,7 +162,7 @@ def _slot(key: str, slot: int) -> str:
 def train_kway_task(task: CompositionTask, state: dict) -> dict:
     """The k-way gate over all the task's experts, on an equal share of every expert's training
     text; its parameters, loss and tokens. Only the central model runs (state: its centres)."""
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+    with scratch_dir("task") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state)
         out = train_kway(composed, [storage.load_tokens(path, Path(scratch)) for path in task.expert_data],
                          task.kway_train["max_tokens"], task.kway_train["batch_size"], task.kway_train["lr"],
@@ -170,7 +171,7 @@ def train_kway_task(task: CompositionTask, state: dict) -> dict:
 
 
 def train_joint_task(task: CompositionTask) -> dict:
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+    with scratch_dir("task") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch))
         result = train_joint(composed, storage.load_tokens(task.train, Path(scratch)), TrainConfig(**task.joint_train),
                              task.balance_weight)
@@ -187,7 +188,7 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
     a router-routed composition, its gates routing alone (`topk_...`, `kway_...` with a k-way
     gate) and the share of bytes they route to their own cluster's expert
     (`val_routing_accuracy/<routing>`), which validation compares to choose the gate."""
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+    with scratch_dir("task") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True,
                              record_routing=True)
         share = max(1, task.eval_tokens // len(task.experts))

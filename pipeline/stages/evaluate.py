@@ -40,6 +40,7 @@ from pipeline.results.report import plot_curves, write_results
 from pipeline.results.routing_page import render as render_routing
 from pipeline.serve.library import set_alias
 from pipeline.store.catalog import PARTS_SHA, Catalog, assemble_registered, exact_uri, fetch_models
+from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Tag
 from pipeline.text.corpus import FILE_BUILDERS, clustered_documents, load_corpus
 from pipeline.text.overlap import ShingleIndex
@@ -166,7 +167,7 @@ class ComposedSystem:
 def score_model_task(tracking_uri: str, uri: str, docs: list[np.ndarray], scoring: Scoring, num_cpus: float) -> dict:
     """Per-byte log-probabilities of one registered model on every document."""
     use_granted_cpus(num_cpus)
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+    with scratch_dir("task") as scratch:
         model, _ = load_model(fetch_models(tracking_uri, [uri], Path(scratch))[0])
     seq = model.config.block_size
     scores = scoring.score(model, docs)
@@ -178,7 +179,7 @@ def score_composition_task(system: ComposedSystem, state: dict, docs: list[np.nd
                            num_cpus: float, routes: list[np.ndarray] | None = None) -> dict:
     """Per-byte log-probabilities of a composition, and which experts its rows were routed to."""
     use_granted_cpus(num_cpus, system.seed)
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+    with scratch_dir("task") as scratch:
         composed = assemble_registered(system.tracking_uri, system.central, system.experts, system.settings, state,
                                        Path(scratch), parts_sha256=system.parts_sha256)
     seq = composed.config.block_size

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pipeline.config import Config
 from pipeline.ray_runtime import cancel, get_or_fail, use_granted_cpus
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, exact_uri, fetch_models
+from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import CENTRAL_MODEL, DENSE_MATCHED, Tag, pin_tags
 from pipeline.store.tracking import metrics_logger
 
@@ -51,7 +51,7 @@ def train_matched_task(task: MatchedTask) -> dict:
     from pipeline.serve.serving import log_model  # (MLflow's model code, imported where it is used)
 
     use_granted_cpus(task.num_cpus, task.seed)
-    with tempfile.TemporaryDirectory(prefix="moie-task-") as scratch:
+    with scratch_dir("task") as scratch:
         scratch = Path(scratch)
         cfg = TrainConfig(**task.train_config)
         checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -61,7 +62,12 @@ def _filesystem(location: str):
             options |= {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
             options.setdefault("region", "us-east-1")  # an S3-compatible server ignores it
         elif "region" not in options:
-            options["region"] = pafs.resolve_s3_region(url.netloc)
+            try:
+                options["region"] = pafs.resolve_s3_region(url.netloc)
+            except OSError as err:
+                raise StageError(f"the region of bucket {url.netloc!r} ({location}) cannot be resolved "
+                                 f"({one_line(err)}); set AWS_REGION, or AWS_ENDPOINT_URL for an S3-compatible "
+                                 "store") from None
         return pafs.S3FileSystem(**options), f"{url.netloc}{url.path}".rstrip("/")
     try:
         return pafs.FileSystem.from_uri(location)
@@ -112,6 +118,22 @@ def names(location: str) -> list[str]:
     except OSError as err:
         raise _io("listed", location)(err) from None
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+def parts_left(location: str, older_than_s: float) -> list[str]:
+    """Unfinished uploads (`<file>.part-<id>`, see _put) anywhere under a location, last
+    written more than older_than_s ago: what an upload killed mid-way leaves."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise _io("listed", location)(err) from None
+    now_ns = time.time_ns()
+    return sorted(join(location, i.path.removeprefix(path).lstrip("/")) for i in infos
+                  if i.type == pafs.FileType.File and ".part-" in i.base_name
+                  and now_ns - (i.mtime_ns or now_ns) > older_than_s * 1e9)
 
 
 def _files(local: Path) -> list[Path]:

@@ -187,3 +187,25 @@ def test_loading_and_serving_paths_write_nothing_into_the_registered_store(regis
     registered.catalog.load_registered(registered.uri, Path(tempfile.mkdtemp()))
     assert snapshot() == before
 
+
+
+def test_moie_gc_lists_only_what_gone_processes_left_and_deletes_it_only_with_delete(moie_home, tmp_path):
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)  # a process that has exited
+    temp, store = tmp_path / "tmp", tmp_path / "storage" / "pipeline"
+    left, in_use = temp / f"moie-task-{gone}-x1", temp / f"moie-serve-{os.getpid()}-x2"
+    old_part, fresh_part = store / "model.safetensors.part-0a1b2c3d", store / "step-4.json.part-4e5f6a7b"
+    for folder in (left, in_use, store):
+        folder.mkdir(parents=True)
+    for file in (left / "tokens.npy", old_part, fresh_part):
+        file.write_bytes(b"x")
+    os.utime(old_part, (time.time() - 2 * 3600,) * 2)  # an upload killed two hours ago; the other one is running
+    env = {"TMPDIR": str(temp), "MOIE_STORAGE": str(tmp_path / "storage")}
+    listed = moie("gc", **env)
+    assert listed.returncode == 0, listed.stderr
+    assert f"would delete {left} " in listed.stdout and f"would delete {old_part} " in listed.stdout
+    assert str(in_use) not in listed.stdout and str(fresh_part) not in listed.stdout
+    assert left.exists() and old_part.exists()  # a dry run by default
+    deleted = moie("gc", "--delete", **env)
+    assert deleted.returncode == 0 and not left.exists() and not old_part.exists()
+    assert in_use.exists() and fresh_part.exists()
