@@ -226,16 +226,16 @@ def test_an_expert_cannot_be_added_to_a_joint_composition(library):
         run_add(cfg, experts_b[0], joint)
 
 
-def test_a_version_without_a_recorded_checksum_is_refused(library):
+def test_a_version_without_its_pin_in_the_registry_is_refused(library):
     catalog = library["catalog"]
     _, experts = catalog.pipeline_models(library["a"])
     v = catalog.resolve(experts[0])
-    catalog.client.delete_model_version_tag(v.name, v.version, "moie.sha256")
+    catalog.client.delete_model_version_tag(v.name, v.version, Tag.FILES)
     try:
-        with pytest.raises(ChecksumError, match="has no moie.sha256 tag"):
+        with pytest.raises(ChecksumError, match="has no moie.sha256.files tag"):
             catalog.load_registered(experts[0], library["home"] / "untagged")
     finally:
-        catalog.client.set_model_version_tag(v.name, v.version, "moie.sha256", v.tags["moie.sha256"])
+        catalog.client.set_model_version_tag(v.name, v.version, Tag.FILES, v.tags[Tag.FILES])
 
 
 def test_a_composition_missing_a_deleted_expert_is_refused_unless_allowed_and_then_records_the_gap(library):
