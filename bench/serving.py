@@ -9,7 +9,7 @@ with `mlflow.pyfunc.load_model`, as `moie serve` loads them; generation is one r
 `--bytes` new bytes (greedy: the same work every repeat), scoring is score mode on a text
 of the same corpus. Prints the CPU, each figure and the composition / central ratios.
 
-    python bench/serving.py --load [--clients 16] [--long-bytes 2048] [--short-bytes 32]
+    python bench/serving.py --load [--clients 16] [--long-bytes 1024] [--short-bytes 32]
 
 The load test needs no pipeline: it registers one expert of the default config's size
 (untrained weights: speed does not depend on them) in a private store, serves it with
@@ -160,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", action="store_true", help="the load test against moie serve (no pipeline needed)")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--long-bytes", type=int, default=2048)
+    parser.add_argument("--long-bytes", type=int, default=1024)
     parser.add_argument("--short-bytes", type=int, default=32)
     parser.add_argument("--short-repeats", type=int, default=3)
     parser.add_argument("--model", default="models:/moie-composition@champion")
