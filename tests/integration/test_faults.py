@@ -602,8 +602,8 @@ def local_model(tmp_path_factory):
 @pytest.mark.parametrize("args, says", [
     (["--top-k", "0"], "--top-k must be at least 1"),
     (["--max-new-tokens", "-5"], "--max-new-tokens must be at least 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--temperature", "inf"], "--temperature must be >= 0 and finite"),
+    (["--temperature", "-1"], "--temperature must be 0 (always the likeliest byte) or between 1e-06"),
+    (["--temperature", "inf"], "--temperature must be 0 (always the likeliest byte) or between 1e-06 and a finite number, got inf"),
     (["--prompt", b"caf\xe9 latin-1"], "--prompt is not valid UTF-8"),
 ])
 def test_case10_a_sampling_argument_no_sampler_can_use_is_one_line(local_model, args, says):
