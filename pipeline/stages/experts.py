@@ -265,6 +265,10 @@ class _ExpertsStage:
         registered, tasks = {}, []
         for name in names:
             run = existing.get(name)
+            gone = run is not None and run.data.tags.get(Tag.MODEL_VERSION)
+            if gone and not self.catalog.exists(gone):  # deleted from the registry: trained again, in a new run
+                print(f"{name}: its version {gone} was deleted from the registry; training it again", flush=True)
+                run = None
             if run is not None and Tag.MODEL_VERSION not in run.data.tags:
                 self.mark_registered(name, run)  # registered just before a stop, not yet marked
                 run = self.tracker.client.get_run(run.info.run_id)
@@ -409,6 +413,8 @@ class _ExpertsStage:
             if json.loads(storage.read_text(exported)).get("step") == seed.steps:
                 return
             set_aside(storage.parent(seed.dir), "step")  # exported at another step (seed_fraction changed)
+        if self.restore_seed(seed):
+            return
         dense = [t for t in tasks if t.name == DENSE]
         if dense and max(storage.checkpoint_steps(dense[0].ckpt_dir), default=0) > seed.steps:
             raise StageError(f"the seed (the dense model at step {seed.steps}) is missing from {seed.dir} "
@@ -422,6 +428,22 @@ class _ExpertsStage:
         seed_run = self.seed_run(seed, dense[0].run_id)
         self.train_all([replace(dense[0], stop_at=seed.steps, seed_dir=seed.dir, log_run=seed_run)], board,
                        register=self.register_seed)
+
+    def restore_seed(self, seed: SeedPlan) -> bool:
+        """The seed, gone from the storage (a storage lost or moved), restored from its registered
+        version (the same files the seed phase exported, checked against the registry's pin);
+        False where none of this seed step is registered."""
+        registered = self.catalog.seed_model(self.pipeline_id)
+        if registered is None or registered.tags.get(Tag.SEED_TOKENS) != str(seed.tokens):
+            return False
+        with tempfile.TemporaryDirectory(prefix="moie-seed-") as tmp:
+            local = self.catalog.model_dir(registered, Path(tmp))
+            if json.loads((Path(local) / "model.json").read_text(encoding="utf-8")).get("step") != seed.steps:
+                return False
+            storage.upload(local, seed.dir)
+        print(f"seed: missing from {seed.dir}; restored from its registered version {exact_uri(registered)}",
+              flush=True)
+        return True
 
     def train_all(self, tasks: list[ExpertTask], board, register=None) -> dict[str, str]:
         """Run the tasks on Ray, print progress, register each model as it finishes (`register`:

@@ -1,6 +1,7 @@
 """The experts stage for real: local Ray (2 CPUs), a private sqlite MLflow store and registry."""
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -15,6 +16,7 @@ from pipeline.errors import StageError
 from pipeline.ray_runtime import ResourceError
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.experts import run_experts
+from pipeline.store.catalog import Catalog
 from pipeline.store.names import CENTRAL_MODEL, EXPERT_MODEL
 from pipeline.store.tracking import Tracker
 
@@ -34,7 +36,8 @@ def versions(tracker, name):
     return tracker.client.search_model_versions(f"name = '{name}'")
 
 
-def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions(ray_local, moie_home, tmp_path):
+def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions(ray_local, moie_home, tmp_path,
+                                                                                 capsys):
     cfg = tiny_config(tmp_path)
     pipeline_id = run_cluster(cfg)
     registered = run_experts(cfg, pipeline_id)
@@ -69,6 +72,18 @@ def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions
     assert sorted(run_experts(cfg, pipeline_id)) == ["dense", "expert-0", "expert-1"]  # nothing trains again
     again = [v for v in versions(tracker, CENTRAL_MODEL) if v.tags["moie.role"] == "seed"]
     assert len(again) == 1 and again[0].tags["moie.sha256"] == seed.tags["moie.sha256"]
+    # the storage lost the seed while an expert must branch from it again (its version and checkpoints gone):
+    # the seed is restored from its registered version, and the expert trains to the same weights as before
+    expert = next(v for v in experts if v.tags["moie.expert"] == "expert-1")
+    root = expert.tags["moie.storage_root"]
+    shutil.rmtree(Path(Catalog.seed_dir(root)).parent)
+    shutil.rmtree(Catalog.checkpoint_dir(root, "expert-1"))
+    tracker.client.delete_model_version(EXPERT_MODEL, expert.version)
+    capsys.readouterr()
+    assert "expert-1" in run_experts(cfg, pipeline_id)
+    assert "restored from its registered version" in capsys.readouterr().out
+    (retrained,) = [v for v in versions(tracker, EXPERT_MODEL) if v.tags["moie.expert"] == "expert-1"]
+    assert retrained.tags["moie.sha256"] == expert.tags["moie.sha256"]
 
 
 def test_a_configured_central_model_is_trained_and_registered_beside_the_dense_baseline(ray_local, moie_home,
