@@ -29,8 +29,8 @@ from pipeline.errors import StageError, one_line
 from pipeline.ray_runtime import TaskFailedError, check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.stages.matched import abandon_continued, finish_continued, start_continued
 from pipeline.store import storage
-from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, Catalog, assemble_registered,
-                                    check_tokenizers, exact_uri)
+from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, ROUTER_SHA, Catalog,
+                                    assemble_registered, check_tokenizers, exact_uri)
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import (COMPOSITION_MODEL, DENSE, DENSE_MATCHED, ROLE_DENSE_CENTRAL, SEED, Tag, expert_name,
                                   pin_tags)
@@ -583,7 +583,8 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
         with tempfile.TemporaryDirectory() as tmp:
             manifest = {"format": MANIFEST_FORMAT, "central": task.central, "experts": task.experts, "mode": mode,
                         "tokenizer": task.tokenizer, PARTS_SHA: task.parts_sha256, **s.to_dict(), **scores,
-                        **({"router_run": task.router_run, "clusters": task.clusters} if task.router else {}),
+                        **({"router_run": task.router_run, "clusters": task.clusters,
+                            ROUTER_SHA: catalog.router_pin(task.router_run)} if task.router else {}),
                         **({"added_to": added[Tag.ADDED_TO]} if added else {}),
                         **({"missing_experts": task.missing_experts} if task.missing_experts else {})}
             save_state(Path(tmp), "composition", state, manifest)

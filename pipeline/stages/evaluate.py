@@ -412,7 +412,7 @@ def _document_routes(catalog: Catalog, manifest: dict, docs: list[np.ndarray], p
     if manifest["router_run"] == pipeline_routes["run"] and set(clusters) <= set(pipeline_routes["clusters"]):
         columns = [pipeline_routes["clusters"].index(c) for c in clusters]
         return [keep_top_k(w[:, columns], 1).astype(np.float32) for w in pipeline_routes["weights"]]
-    router = catalog.router(manifest["router_run"], tmp / f"router-{manifest['router_run']}")
+    router = catalog.composition_router(manifest, tmp / f"router-{manifest['router_run']}")
     return [document_weights(router, bytes(d), clusters, 1) for d in docs]
 
 

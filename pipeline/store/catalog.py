@@ -40,6 +40,8 @@ URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Z
 
 # the cluster run's artifacts
 ROUTER_NAME = "router"  # router.safetensors + router.json
+ROUTER_FILES = (f"{ROUTER_NAME}.safetensors", f"{ROUTER_NAME}.json")
+ROUTER_SHA = "router_sha256"  # a router-routed composition's manifest: {file: sha256} of its router
 ASSIGNMENTS = "assignments.parquet"
 CLUSTER_REPORT = "cluster_report.json"
 RESULTS_TABLE = "results.md"  # the evaluate run's table
@@ -162,21 +164,38 @@ class Catalog:
             raise StageError(f"{where} cannot be read from the artifact store ({one_line(err)}): it was deleted "
                              "or the store moved; run the stage that made it again") from None
 
-    def router_state(self, cluster_run_id: str, dst: Path) -> tuple[dict, dict]:
+    def router_pin(self, cluster_run_id: str) -> dict[str, str]:
+        """{file: sha256} of a cluster run's router as the run recorded it: what a composition's
+        manifest pins (the manifest is pinned in the registry; run tags are not)."""
+        tags = self.client.get_run(cluster_run_id).data.tags
+        return {name: tags.get(sha_tag(name)) for name in ROUTER_FILES}
+
+    def router_state(self, cluster_run_id: str, dst: Path, pinned: dict[str, str] | None = None) -> tuple[dict, dict]:
         """(tensors, meta) of a cluster run's cBTM router, checked against the sha256 the run
-        recorded; downloaded once per catalog (`moie run` asks again for each early task)."""
+        recorded and, for a composition, the sha256 its manifest pinned (`pinned`); downloaded
+        once per catalog (`moie run` asks again for each early task)."""
+        if pinned is not None and self.router_pin(cluster_run_id) != pinned:
+            raise ChecksumError(f"the router of cluster run {cluster_run_id} is not the one the composition was "
+                                f"trained with (its manifest pins {pinned}); refusing to route by it")
         if cluster_run_id not in self._routers:
             run = self.client.get_run(cluster_run_id)
             dst.mkdir(parents=True, exist_ok=True)
-            for name in (f"{ROUTER_NAME}.safetensors", f"{ROUTER_NAME}.json"):  # not the run's other artifacts
+            for name in ROUTER_FILES:  # not the run's other artifacts
                 self.run_file(run, name, dst)
             self._routers[cluster_run_id] = load_state(dst, ROUTER_NAME)
         return self._routers[cluster_run_id]
 
-    def router(self, cluster_run_id: str, dst: Path):
+    def router(self, cluster_run_id: str, dst: Path, pinned: dict[str, str] | None = None):
         from routing.router import ClusterRouter
 
-        return ClusterRouter.from_state(*self.router_state(cluster_run_id, dst))
+        return ClusterRouter.from_state(*self.router_state(cluster_run_id, dst, pinned))
+
+    def composition_router(self, manifest: dict, dst: Path):
+        """The cBTM router a router-routed composition routes by, checked against its manifest's pin."""
+        if ROUTER_SHA not in manifest:
+            raise StageError("this composition's manifest pins no router (router_sha256): it was composed by an "
+                             "older moie; compose it again")
+        return self.router(manifest["router_run"], dst, manifest[ROUTER_SHA])
 
     # --- the experts stage's files ----------------------------------------------------------------
 
@@ -387,7 +406,7 @@ class Catalog:
         tmp = Path(tmp)
         router = None
         if manifest["routing"] == "router":
-            router = self.router(manifest["router_run"], tmp / "router"), manifest["clusters"]
+            router = self.composition_router(manifest, tmp / "router"), manifest["clusters"]
         parts = [self.resolve(u) for u in [manifest["central"], *manifest["experts"]]]
         composed = self._assemble(parts, CompositionSettings.from_manifest(manifest), state, tmp,
                                   manifest[PARTS_SHA], router=router)

@@ -25,14 +25,14 @@ from conftest import free_port, wait_for_http
 import textgen
 from stores import module_home
 
-from artifacts import ChecksumError
+from artifacts import ChecksumError, sha256_file
 from pipeline.config import load_config
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import run_compose
 from pipeline.stages.evaluate import ROUTING_PAGE, run_evaluate
 from pipeline.stages.experts import run_experts
 from pipeline.store.catalog import Catalog, exact_uri
-from pipeline.store.names import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL
+from pipeline.store.names import CENTRAL_MODEL, CHAMPION, COMPOSITION_MODEL, EXPERT_MODEL, sha_tag
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1", "tracking.experiment=serving",
@@ -207,6 +207,23 @@ def test_a_composition_refuses_parts_other_than_those_it_was_trained_with(served
             mlflow.pyfunc.load_model(uris(catalog)["composition"])
     finally:
         catalog.client.set_model_version_tag(expert.name, expert.version, "moie.sha256", original)
+
+
+def test_a_router_rewritten_with_its_run_tags_is_refused_by_the_pin_in_the_composition_manifest(served, tmp_path):
+    catalog = served["catalog"]
+    uri = uris(catalog)["composition"]  # router-routed
+    _, manifest = catalog.composition_parts(catalog.resolve(uri), tmp_path / "parts")
+    run = catalog.client.get_run(manifest["router_run"])
+    tag, stored = sha_tag("router.json"), Path(run.info.artifact_uri.removeprefix("file://")) / "router.json"
+    original, text = run.data.tags[tag], stored.read_text()
+    try:  # who can write the cluster run's artifacts can write its tags too: the registry's pin must decide
+        stored.write_text(text + "\n")  # another file, still a valid router, its run tag rewritten to match
+        catalog.client.set_tag(run.info.run_id, tag, sha256_file(stored))
+        with pytest.raises(ChecksumError, match="is not the one the composition was trained with"):
+            Catalog(served["cfg"]).load_registered(uri, tmp_path / "load")
+    finally:
+        stored.write_text(text)
+        catalog.client.set_tag(run.info.run_id, tag, original)
 
 
 def post(port: int, payload: dict, timeout: float = 60) -> dict:
