@@ -5,6 +5,7 @@ names the key (`cluster.k`) and what would be valid.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import re
@@ -281,6 +282,9 @@ class StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a plain value, got {shown(key)}",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}: each key once",
                                                         key_node.start_mark)

@@ -108,6 +108,8 @@ def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: i
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded(f"stopped after {steps} of {max_new_tokens} bytes of a row")
         with lock or contextlib.nullcontext(), recording():
+            if deadline is not None and time.monotonic() > deadline:  # again: its turn may have come late
+                raise DeadlineExceeded(f"stopped after {steps} of {max_new_tokens} bytes of a row")
             logits, _ = model(context)
             if routed:  # the routing of the forward that predicts the next token: its last position
                 chosen.append(int(model.routed_experts()[0, -1]))

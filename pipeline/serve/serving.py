@@ -50,11 +50,11 @@ import mlflow
 import pandas as pd
 import yaml
 
-from artifacts import sha256_file, sha256_tree, verify_sha256
+from artifacts import ChecksumError, sha256_file, sha256_tree, verify_sha256
 from pipeline.config import ConfigError
 from pipeline.serve.sampling import SAMPLING, DeadlineExceeded, Limits, sample, score_texts
 from pipeline.store.leftovers import scratch_dir
-from pipeline.store.pins import LOADER, MLFLOW_OWN, check_pinned, pinned_files
+from pipeline.store.pins import LOADER, MLFLOW_OWN, check_layout, check_pinned, pinned_files
 
 KINDS = ("model", "composition")  # an exported model (expert, central) or a composition's parameters
 LOADED = {"model": ("model.safetensors", "model.json"),  # the files a load reads: each needs its sha256
@@ -181,7 +181,7 @@ def _number(value, key: str, whole: bool) -> float | int:
     return int(number)
 
 
-def requests(frame: pd.DataFrame, limits: Limits = Limits()) -> list[dict]:
+def requests(frame: pd.DataFrame, limits: Limits = Limits(), score: bool = False) -> list[dict]:
     """One dict per row: prompt and sampling settings, the defaults where a column or a cell is
     missing; a ConfigError naming the row and field for a value no sampler can use, or naming
     the limit a request exceeds."""
@@ -211,7 +211,7 @@ def requests(frame: pd.DataFrame, limits: Limits = Limits()) -> list[dict]:
         raise ConfigError(f"the request's prompts hold {prompt_bytes} UTF-8 bytes, above the serving limit "
                           f"prompt_bytes = {limits.prompt_bytes} (moie serve --max-prompt-bytes); send less text, "
                           "or split it into several requests")
-    new_bytes = sum(r["max_new_tokens"] for r in rows)
+    new_bytes = 0 if score else sum(r["max_new_tokens"] for r in rows)  # score mode generates nothing
     if new_bytes > limits.new_bytes:
         raise ConfigError(f"the request asks for {new_bytes} new bytes (max_new_tokens summed over its rows), above "
                           f"the serving limit new_bytes = {limits.new_bytes} (moie serve --max-new-bytes); ask for "
@@ -228,17 +228,30 @@ class FairLock:
         self._turns = threading.Condition()
         self._next = 0  # the next ticket handed out
         self._serving = 0  # the ticket whose holder may run
+        self._abandoned: set[int] = set()  # tickets whose waiter left (an exception while waiting)
 
     def __enter__(self):
         with self._turns:
             ticket = self._next
             self._next += 1
-            self._turns.wait_for(lambda: self._serving == ticket)
+            try:
+                self._turns.wait_for(lambda: self._serving == ticket)
+            except BaseException:  # its turn must not wait for it forever
+                self._abandoned.add(ticket)
+                self._advance(0)
+                raise
 
     def __exit__(self, *exc):
         with self._turns:
+            self._advance(1)
+
+    def _advance(self, by: int) -> None:
+        """The next turn, past abandoned tickets (the caller holds the condition)."""
+        self._serving += by
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
             self._serving += 1
-            self._turns.notify_all()
+        self._turns.notify_all()
 
 
 class MoieModel:
@@ -258,8 +271,9 @@ class MoieModel:
         deadline = time.monotonic() + self.limits.timeout_s  # from the request's arrival, waiting included
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         try:
-            rows = requests(frame, self.limits)
-            if (params or {}).get("score"):
+            score = bool((params or {}).get("score"))
+            rows = requests(frame, self.limits, score)
+            if score:
                 with self.lock:
                     scored = score_texts(self.model, [r["prompt"] for r in rows])
                 return pd.DataFrame({"bits_per_byte": [bpb for bpb, _ in scored], "bytes": [n for _, n in scored]})
@@ -287,9 +301,12 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> MoieModel:
         raise ConfigError(f"this MLflow model's config names kind {kind!r} and no checksums: it was not logged "
                           "by moie's pipeline; log it again with `moie experts` / `moie compose`")
     folder = Path(data_path)
-    root = folder.parent.parent
+    root = next((d for d in folder.parents if (d / "MLmodel").is_file()), None)
+    if root is None or folder.resolve() != (root / "data" / kind).resolve():
+        raise ChecksumError(f"{data_path} is not data/{kind} of an MLflow model folder moie wrote: refusing to load it")
     if (root / MLFLOW_OWN).is_file():
         _check_registered(root, kind)
+    check_layout(root, kind, str(root))
     verify_files(folder, kind, config["sha256"])
     if kind == "model":
         from experts.checkpoint import load_model as load_exported

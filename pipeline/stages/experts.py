@@ -28,12 +28,13 @@ from experts.checkpoint import build_model, latest_checkpoint, load_model, model
 from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE, encode_texts
 from experts.trainer import TrainConfig, TrainResult, train
 from pipeline.config import Config
-from pipeline.errors import StageError
+from pipeline.errors import MoieError, StageError, one_line
 from pipeline.progress import BoardPrinter, open_board
 from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
                                   use_granted_cpus)
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, check_token_files, exact_uri
+from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, ROLE_CENTRAL, ROLE_DENSE,
                                   ROLE_DENSE_CENTRAL, SEED, Tag, carried_tags, expert_cluster, expert_name, is_expert,
                                   model_tags, tokens_sha_tag)
@@ -436,8 +437,13 @@ class _ExpertsStage:
         registered = self.catalog.seed_model(self.pipeline_id)
         if registered is None or registered.tags.get(Tag.SEED_TOKENS) != str(seed.tokens):
             return False
-        with tempfile.TemporaryDirectory(prefix="moie-seed-") as tmp:
-            local = self.catalog.model_dir(registered, Path(tmp))
+        with scratch_dir("seed") as tmp:
+            try:
+                local = self.catalog.model_dir(registered, Path(tmp))
+            except MoieError as err:  # unpinned (an older moie), changed or gone: not a seed to restore
+                print(f"seed: its registered version {exact_uri(registered)} cannot be restored ({one_line(err)})",
+                      flush=True)
+                return False
             if json.loads((Path(local) / "model.json").read_text(encoding="utf-8")).get("step") != seed.steps:
                 return False
             storage.upload(local, seed.dir)
@@ -504,7 +510,7 @@ class _ExpertsStage:
                      if r.data.tags.get(Tag.EXPERT) == DENSE and r.data.tags.get(Tag.CLUSTER_RUN) == self.cluster_run_id)
         seed_run = self.seed_run(seed, dense.info.run_id)
         files = {split: Catalog.token_file(self.root, DENSE, split) for split in ("train", "val")}
-        with tempfile.TemporaryDirectory(prefix="moie-seed-") as tmp:
+        with scratch_dir("seed") as tmp:
             local = storage.local_copy(seed.dir, tmp)
             model, _ = load_model(local)
             logged = log_model(self.tracker.uri, seed_run, Path(local), {

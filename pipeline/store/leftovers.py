@@ -1,6 +1,6 @@
 """Scratch directories and unfinished uploads that a killed process leaves, and `moie gc`.
 
-Every scratch directory moie makes is named `moie-<kind>-<pid>-...` in the system's
+Every scratch directory moie makes is named `moie-<task|serve|load|seed>-<pid>-...` in the system's
 temporary directory, so a later `moie gc` can tell the ones whose process is gone (a task
 killed with SIGKILL or force-cancelled by Ray, a server killed outright) from those in use.
 An upload writes `<file>.part-<id>` first and moves it into place when whole (storage._put);
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.store import storage
 
-SCRATCH = re.compile(r"^moie-(task|serve|load)-(\d+)-")
+SCRATCH = re.compile(r"^moie-(task|serve|load|seed)-(\d+)-")
 PART_AGE_S = 3600  # an upload still running is younger than this
 
 

@@ -153,6 +153,19 @@ def test_weights_model_json_and_mlmodel_rewritten_together_are_refused_by_every_
         assert done.returncode == 2 and refusal in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+def test_an_mlmodel_that_keeps_moies_loader_but_points_at_planted_data_is_refused_by_plain_mlflow_too(registered,
+                                                                                                    tmp_path):
+    other = save_pyfunc(exported(tmp_path / "other", {**TINY, "n_embd": 32}, seed=1), tmp_path / "model", "model", {})
+    mlmodel = yaml.safe_load((other / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["data"] = "data/planted/model"  # beside the pinned data/model
+    plant(registered.run_id, {"MLmodel": yaml.safe_dump(mlmodel).encode(),
+                              **{f"data/planted/model/{p.name}": p.read_bytes() for p in (other / "data" / "model").iterdir()}})
+    with pytest.raises(ChecksumError, match="not data/model of an MLflow model folder moie wrote"):
+        mlflow.pyfunc.load_model(registered.uri)
+    with pytest.raises(ChecksumError, match="which registration did not pin"):
+        load_model(registered.uri)
+
+
 def test_an_untouched_version_loads_through_moie_load_model_with_pickles_disabled(registered, tmp_path,
                                                                                    monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
@@ -161,6 +174,8 @@ def test_an_untouched_version_loads_through_moie_load_model_with_pickles_disable
     out = model.predict(pd.DataFrame({"prompt": ["ab", "c"], "max_new_tokens": [6, 4], "seed": [1, 2]}))
     local, _ = load_exported(exported(tmp_path / "same", TINY, seed=0))  # what was registered
     assert list(out["text"]) == [sample(local, "ab", 6, 0.8, 50, 1).text, sample(local, "c", 4, 0.8, 50, 2).text]
+    scored = model.predict(pd.DataFrame({"prompt": ["abc"] * 8}), params={"score": True})  # generates nothing:
+    assert list(scored["bytes"]) == [3] * 8  # the new-bytes limit does not count the default max_new_tokens
 
 
 def test_an_unreachable_registry_is_named_as_such_not_after_minutes_of_retries_and_not_as_does_not_exist(tmp_path):

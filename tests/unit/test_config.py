@@ -145,7 +145,8 @@ def test_a_choice_outside_its_literal_is_refused_naming_the_key_and_the_choices(
     ("cluster:\n  k: 3\n  k: 4\n", "duplicate key 'k'"),  # the last one would silently win
     ("a: &leaf [x, x]\nb: &twig [*leaf, *leaf]\ncluster: {k: *twig}\n", "anchors and aliases"),  # an alias bomb
     ("cluster:\n  k: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32 levels"),
-], ids=["duplicate-key", "alias-bomb", "deep-nesting"])
+    ("cluster: {[1]: 2}\n", "a key must be a plain value"),
+], ids=["duplicate-key", "alias-bomb", "deep-nesting", "unhashable-key"])
 def test_yaml_a_config_never_needs_is_refused_in_one_short_line(tmp_path, text, problem):
     with pytest.raises(ConfigError, match=problem) as err:
         load_config(write(tmp_path, text))
