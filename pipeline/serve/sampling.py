@@ -105,10 +105,8 @@ def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: i
 
     def forward(context: torch.Tensor) -> torch.Tensor:  # (1, T) -> logits (1, T, vocab)
         nonlocal steps
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded(f"stopped after {steps} of {max_new_tokens} bytes of a row")
         with lock or contextlib.nullcontext(), recording():
-            if deadline is not None and time.monotonic() > deadline:  # again: its turn may have come late
+            if deadline is not None and time.monotonic() > deadline:  # checked once its turn has come
                 raise DeadlineExceeded(f"stopped after {steps} of {max_new_tokens} bytes of a row")
             logits, _ = model(context)
             if routed:  # the routing of the forward that predicts the next token: its last position

@@ -305,9 +305,10 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> MoieModel:
     if root is None or folder.resolve() != (root / "data" / kind).resolve():
         raise ChecksumError(f"{data_path} is not data/{kind} of an MLflow model folder moie wrote: refusing to load it")
     if (root / MLFLOW_OWN).is_file():
-        _check_registered(root, kind)
-    check_layout(root, kind, str(root))
-    verify_files(folder, kind, config["sha256"])
+        _check_registered(root, kind)  # every file against the registry's pin, and the layout
+    else:
+        check_layout(root, kind, str(root))
+        verify_files(folder, kind, config["sha256"])
     if kind == "model":
         from experts.checkpoint import load_model as load_exported
 

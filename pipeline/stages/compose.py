@@ -269,13 +269,14 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
                              "--central a registered moie-central version instead")
         central_uri = exact_uri(seed)
     own = central_uri is None and not expert_uris
-    missing = {}
+    pipelines_experts = not expert_uris  # all of its clustering's, or a gap on purpose
     if central_uri is None or not expert_uris:
         default_central, default_experts = catalog.pipeline_models(pipeline_id)
-        if not expert_uris:  # the pipeline's experts: all of its clustering's, or a gap on purpose
-            missing = check_missing(cfg, catalog.missing_experts(pipeline_id, default_experts), pipeline_id)
         central_uri, expert_uris = central_uri or default_central, expert_uris or default_experts
     central, experts = catalog.resolve(central_uri), [catalog.resolve(u) for u in expert_uris]
+    missing = {}
+    if pipelines_experts:
+        missing = check_missing(cfg, catalog.missing_experts(pipeline_id, experts), pipeline_id)
     with catalog.tracker.pipeline_active(pipeline_id), tempfile.TemporaryDirectory() as tmp:
         task = replace(composition_task(cfg, catalog, central, experts, Path(tmp)), missing_experts=missing)
         if central.tags.get(Tag.ROLE) == SEED and central.tags.get(Tag.PIPELINE) == pipeline_id:
@@ -488,15 +489,14 @@ def _train_mode(catalog: Catalog, run_id: str, mode: str, task: CompositionTask,
     state = dict(base_state or {})
     if mode == "independent":
         todo = range(len(task.experts)) if train_only is None else train_only
-        taken = {e: early.training(task, e) for e in todo} if early is not None else {}
-        refs = {e: ray.remote(train_independent_task).options(**opts).remote(task, e) for e in todo
-                if taken.get(e) is None}
+        def fresh(e: int):
+            return ray.remote(train_independent_task).options(**opts).remote(task, e)
+
+        taken = {e: early.training(task, e) if early is not None else None for e in todo}
+        refs = {e: ref or fresh(e) for e, ref in taken.items()}  # what was not started early starts now
         for e, ref in taken.items():  # a result started early that failed is trained again here
             if ref is not None and _early_result(lambda: get_or_fail(ref, "early task"), task.experts[e]) is None:
-                refs[e] = ray.remote(train_independent_task).options(**opts).remote(task, e)
-            elif ref is not None:
-                refs[e] = ref
-        refs = {e: refs[e] for e in todo}  # in the experts' order, as the state is merged
+                refs[e] = fresh(e)
         tokens, mix_tokens = [0] * len(task.experts), [0] * len(task.experts)
         for e, r in zip(refs, get_or_fail(list(refs.values()), "independent composition's training task")):
             state |= {k: v for k, v in r["state"].items()

@@ -266,9 +266,9 @@ class _ExpertsStage:
         registered, tasks = {}, []
         for name in names:
             run = existing.get(name)
-            gone = run is not None and run.data.tags.get(Tag.MODEL_VERSION)
-            if gone and not self.catalog.exists(gone):  # deleted from the registry: trained again, in a new run
-                print(f"{name}: its version {gone} was deleted from the registry; training it again", flush=True)
+            recorded = run is not None and run.data.tags.get(Tag.MODEL_VERSION)
+            if recorded and not self.catalog.exists(recorded):  # deleted from the registry: trained again, anew
+                print(f"{name}: its version {recorded} was deleted from the registry; training it again", flush=True)
                 run = None
             if run is not None and Tag.MODEL_VERSION not in run.data.tags:
                 self.mark_registered(name, run)  # registered just before a stop, not yet marked

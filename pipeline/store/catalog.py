@@ -167,18 +167,19 @@ class Catalog:
     def router_pin(self, cluster_run_id: str) -> dict[str, str]:
         """{file: sha256} of a cluster run's router as the run recorded it: what a composition's
         manifest pins (the manifest is pinned in the registry; run tags are not)."""
-        tags = self.client.get_run(cluster_run_id).data.tags
-        return {name: tags.get(sha_tag(name)) for name in ROUTER_FILES}
+        return _router_pin(self.client.get_run(cluster_run_id))
 
     def router_state(self, cluster_run_id: str, dst: Path, pinned: dict[str, str] | None = None) -> tuple[dict, dict]:
         """(tensors, meta) of a cluster run's cBTM router, checked against the sha256 the run
         recorded and, for a composition, the sha256 its manifest pinned (`pinned`); downloaded
         once per catalog (`moie run` asks again for each early task)."""
-        if pinned is not None and self.router_pin(cluster_run_id) != pinned:
+        if pinned is None and cluster_run_id in self._routers:
+            return self._routers[cluster_run_id]
+        run = self.client.get_run(cluster_run_id)
+        if pinned is not None and _router_pin(run) != pinned:
             raise ChecksumError(f"the router of cluster run {cluster_run_id} is not the one the composition was "
                                 f"trained with (its manifest pins {pinned}); refusing to route by it")
         if cluster_run_id not in self._routers:
-            run = self.client.get_run(cluster_run_id)
             dst.mkdir(parents=True, exist_ok=True)
             for name in ROUTER_FILES:  # not the run's other artifacts
                 self.run_file(run, name, dst)
@@ -328,10 +329,10 @@ class Catalog:
                              f"`moie experts --pipeline {pipeline_id}` first, or name models with --central/--experts")
         return exact_uri(central[0]), [exact_uri(v) for v in experts]
 
-    def missing_experts(self, pipeline_id: str, expert_uris: list[str]) -> dict[str, str]:
-        """The clusters of the experts' clustering that have no expert among `expert_uris`:
-        {expert-<k>: why} (its training was skipped, or no version of it is registered: deleted)."""
-        versions = [self.resolve(u) for u in expert_uris]
+    def missing_experts(self, pipeline_id: str, versions: list) -> dict[str, str]:
+        """The clusters of the experts' clustering that have no expert among `versions` (registered
+        expert versions): {expert-<k>: why} (its training was skipped, or no version of it is
+        registered: deleted)."""
         cluster_runs = {v.tags.get(Tag.CLUSTER_RUN) for v in versions} - {None}
         if len(cluster_runs) != 1:
             return {}  # experts of several clusterings (named by hand): no one set of clusters to cover
@@ -473,6 +474,11 @@ def storage_location(cfg: Config) -> str:
     if storage.is_remote(configured):
         return configured
     return str(Path(configured.removeprefix("file://")).expanduser().resolve())
+
+
+def _router_pin(run) -> dict[str, str]:
+    """{file: sha256} of a cluster run's router files, from the run's tags."""
+    return {name: run.data.tags.get(sha_tag(name)) for name in ROUTER_FILES}
 
 
 def read_composition(folder: Path, where: str) -> tuple[dict, dict]:
