@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from experts.blocks import Attention, RMSNorm
+from experts.cache import KVCache, StageRows
 
 GLUES = ("attention", "aligned", "both")  # what a block reads of its expert: see make_block
 
@@ -34,6 +35,22 @@ class CrossAttentionBlock(nn.Module):
         mask = torch.cat([null, mask], dim=1)  # (T_c, 1 + T_e); T_e may be 0 (input shorter than a group)
         return self.attn(self.ln_q(h), self.ln_kv(kv), mask=mask)
 
+    def extend(self, h: torch.Tensor, visible_c: torch.Tensor, rows: StageRows, cache: KVCache) -> torch.Tensor:
+        """forward() for the newest central rows h (incremental decoding), reading all of the
+        expert's rows so far (rows: final, then provisional); cache keeps the keys and values of
+        the null row and the final expert rows, so each expert row is projected once when final."""
+        B = h.shape[0]
+        if cache.n == 0:
+            cache.extend(*self.attn.project_kv(self.ln_kv(self.null.expand(B, 1, -1).to(h.dtype))))
+            cache.commit()
+        z, visible_e = rows.rows()
+        new = z[:, cache.n - 1:]  # (B, m, d_e): rows final since the last call, then provisional ones
+        mask = visible_e[None, :] <= visible_c[:, None]  # (T_c, T_e)
+        mask = torch.cat([torch.ones(mask.shape[0], 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        out = self.attn(self.ln_q(h), self.ln_kv(self.kv_proj(new.to(h.dtype))), mask=mask, cache=cache)
+        cache.commit(rows.n + 1 - cache.n)  # keep the final rows' keys and values only
+        return out
+
 
 class AlignedBlock(nn.Module):
     """The expert's state at the aligned position, projected into the central's width:
@@ -59,6 +76,10 @@ class AlignedBlock(nn.Module):
         picked = z[:, row.clamp(min=0)].to(h.dtype)  # (B, T_c, d_e)
         return self.proj(self.ln(picked)) * (row >= 0).to(h.dtype).view(1, -1, 1)
 
+    def extend(self, h: torch.Tensor, visible_c: torch.Tensor, rows: StageRows, cache: KVCache) -> torch.Tensor:
+        """forward() for the newest central rows (incremental decoding): one row read, nothing kept."""
+        return self(h, visible_c, *rows.rows())
+
 
 class GlueBlock(nn.Module):
     """Cross-attention and the aligned read side by side, summed (glue "both")."""
@@ -70,6 +91,9 @@ class GlueBlock(nn.Module):
 
     def forward(self, h, visible_c, z, visible_e):
         return self.attention(h, visible_c, z, visible_e) + self.aligned(h, visible_c, z, visible_e)
+
+    def extend(self, h, visible_c, rows: StageRows, cache: KVCache):
+        return self.attention.extend(h, visible_c, rows, cache) + self.aligned.extend(h, visible_c, rows, cache)
 
 
 class OutputGate(nn.Module):

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from composition.blocks import GLUES, OutputGate, make_block
+from experts.cache import DecodeCache, KVCache, RunningSum, StageRows
 
 ROUTINGS = ("gate", "topk", "adaptive", "router", "kway")
 POOLS = ("token", "prefix")
@@ -235,33 +236,140 @@ class ComposedLM(nn.Module):
             balance.append(self.load_balance(name, h, weights))
         return h + (weights.unsqueeze(-1).to(outs.dtype) * outs).sum(dim=-2)
 
+    def new_cache(self) -> "CompositionCache":
+        return CompositionCache()
+
+    @torch.no_grad()
+    def extend(self, idx: torch.Tensor, cache: "CompositionCache") -> torch.Tensor:
+        """Incremental decoding: feed the next tokens idx (B, n) after the cache's and return their
+        logits (B, n, V) (log-probabilities with output "mix"), as forward() over the whole sequence
+        would. The central model and every running expert decode incrementally; each expert row is
+        projected into its glue once; running means, the router's weights and the routing pass
+        carry over from step to step. An expert that starts running (routing "router": the first
+        position routed to it) first catches up on the tokens before."""
+        B, n = idx.shape
+        start = cache.length
+        cache.ids = idx if cache.ids is None else torch.cat([cache.ids, idx], dim=1)  # (B, T)
+        active = self.active
+        if self.routing == "router":
+            cache.route = _grown(cache.route, self._route_stream(idx, cache))  # (B, T, n_experts)
+            active = [e for e in self.active if bool((cache.route[..., e] > 0).any())] or self.active[:1]
+        experts_logits = {}
+        for e in active:
+            if e not in cache.experts:  # from the window's first token
+                cache.experts[e] = self.experts[e].new_cache(keep_states=True)
+                experts_logits[e] = self.experts[e].extend(cache.ids, cache.experts[e])[:, -n:]
+            else:
+                experts_logits[e] = self.experts[e].extend(idx, cache.experts[e])
+        mixing = self.output == "mix"
+        last_rows = []
+
+        def inject(name: str, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+            if name in self.points:
+                h = self._extend_point(name, h, visible, cache)
+            if mixing and name == self.last_stage:
+                last_rows.append((h, visible))
+            return h
+
+        saved = self.active
+        self.active = active
+        try:
+            if self.routing == "router":
+                self._route = cache.route[..., active].to(next(self.blocks.parameters()).dtype)  # (B, T, E_active)
+            if self.routing == "kway":  # the routing pass: the central model alone, its own cache
+                self.central.extend(idx, cache.routing_pass, inject=self._kway_recorder(cache.routing_pass))
+                self._kway = cache.routing_pass.states["kway"].rows()
+            logits = self.central.extend(idx, cache.central, inject=inject)
+            if mixing:
+                positions = torch.arange(start, start + n, device=idx.device)
+                h = torch.cat([rows[:, (v >= start) & (v < start + n)] for rows, v in last_rows], dim=1)
+                weights = cache.central.states[f"weights.{self.points[-1]}"].rows()
+                w = self.output_weights(positions, weights[0][..., active], weights[1])
+                stage = [self.experts[e].stage_names()[-1] for e in active]
+                zs = [_rows_at(cache.experts[e].states[name], positions) for e, name in zip(active, stage)]
+                logits = self._mixture(logits, h, w, zs, [experts_logits[e] for e in active])
+        finally:
+            self.active, self._route, self._kway, self._pool = saved, None, None, None
+        cache.length += n
+        if self.record_routing:  # every row so far, as a forward over the whole sequence records them
+            self.last_positions = cache.length
+            rows = {p: cache.central.states[f"weights.{p}"].rows() for p in self.points}
+            self.last_routing = {p: w for p, (w, _) in rows.items()}
+            self.last_visible = {p: v for p, (_, v) in rows.items()}
+        return logits
+
+    def _extend_point(self, name: str, h: torch.Tensor, visible: torch.Tensor, cache: "CompositionCache"):
+        """_compose_point for the newest central rows (incremental decoding)."""
+        if self.pool == "prefix":
+            self._pool = {name: cache.central.part(f"pool.{name}", RunningSum)}
+        outs = torch.stack([self.blocks[e][name].extend(h, visible, cache.expert_rows(e, self.pairs[e][name]),
+                                                        cache.glue(e, name))
+                            for e in self.active], dim=-2)  # (B, R, E_active, d_c)
+        weights = self.route(name, h, visible)  # (B, R, E_active)
+        full = weights.new_zeros(*weights.shape[:-1], len(self.experts))  # experts that did not run weigh 0
+        full[..., self.active] = weights
+        cache.central.part(f"weights.{name}").extend(full, visible)
+        return h + (weights.unsqueeze(-1).to(outs.dtype) * outs).sum(dim=-2)
+
+    def _kway_recorder(self, routing_pass: DecodeCache):
+        """An inject for the routing pass: the k-way gate's softmax for the rows of its point."""
+        (point,) = self.kway
+
+        def record(name, h, visible):
+            if name == point:
+                pooled = routing_pass.part("pool", RunningSum).means(h) - self.centers[point].to(h.dtype)
+                scores = self.kway[point](F.layer_norm(pooled, (pooled.shape[-1],)))
+                routing_pass.part("kway").extend(torch.softmax(scores.float(), dim=-1), visible)
+            return h
+
+        return record
+
+    def _route_stream(self, idx: torch.Tensor, cache: "CompositionCache") -> torch.Tensor:
+        """(B, n, n_experts) the prefix router's weights for the newest n positions: from its
+        stream (O(1) a byte) where it has one, else from the whole window again."""
+        if self.prefix_router is None:
+            raise ValueError("routing='router' decodes with a prefix_router (the composition's cBTM router)")
+        if hasattr(self.prefix_router, "stream"):
+            if cache.router is None:
+                cache.router = self.prefix_router.stream(idx.shape[0])
+            return cache.router.extend(idx).to(idx.device)
+        return self.prefix_router(cache.ids)[:, -idx.shape[1]:]
+
     def mix_output(self, logits: torch.Tensor, h: torch.Tensor, states: dict, point_weights: tuple) -> torch.Tensor:
         """Log-probabilities (B, T, V) of the output mixture: the composed model's distribution
         (logits, from final state h (B, T, d_c)) and each active expert's own, weighted w_e,t g_e,t
         (w: output_weights, g: the expert's OutputGate); the composed model takes the rest."""
         T = logits.shape[1]
-        w = self.output_weights(T, *point_weights)  # (B, T, E_active), each row sums to <= 1
-        parts, shares = [F.log_softmax(logits.float(), dim=-1)], []
-        for j, e in enumerate(self.active):
+        w = self.output_weights(torch.arange(T, device=logits.device), *point_weights)  # (B, T, E_active)
+        zs, experts_logits = [], []
+        for e in self.active:
             expert = self.experts[e]
             z = states[e][expert.stage_names()[-1]]["h"][:, :T]  # (B, T, d_e): what its output head reads
-            parts.append(F.log_softmax(expert.lm_head(expert.ln_f(z)).float(), dim=-1))
+            zs.append(z)
+            experts_logits.append(expert.lm_head(expert.ln_f(z)))
+        return self._mixture(logits, h, w, zs, experts_logits)
+
+    def _mixture(self, logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor, zs: list, experts_logits: list):
+        """The output mixture of the composed model's logits (B, T, V) and each active expert's
+        (experts_logits), the expert's share w_e,t g_e,t from OutputGate(h, z_e)."""
+        parts, shares = [F.log_softmax(logits.float(), dim=-1)], []
+        for j, (e, z, expert_logits) in enumerate(zip(self.active, zs, experts_logits)):
+            parts.append(F.log_softmax(expert_logits.float(), dim=-1))
             shares.append(w[..., j] * self.mixers[e](h, z))
         share = torch.stack(shares, dim=-1)  # (B, T, E_active)
         rest = (1 - share.sum(-1, keepdim=True)).clamp(min=1e-6)  # the composed model's weight
         log_w = torch.cat([rest, share], dim=-1).clamp(min=1e-30).log()  # (B, T, 1 + E_active)
         return torch.logsumexp(torch.stack(parts, dim=-2) + log_w.unsqueeze(-1), dim=-2)  # (B, T, V)
 
-    def output_weights(self, T: int, weights: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """(B, T, E_active) how much each active expert may weigh at each input position: the
+    def output_weights(self, positions: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """(B, P, E_active) how much each active expert may weigh at each input position (P,): the
         outside router's weights for it (routing "router"), else the last composition point's
         `weights` (B, R, E_active) of the newest row (`visible`: (R,)) the position sees,
         normalised; each row sums to <= 1."""
-        positions = torch.arange(T, device=weights.device)
         if self.routing == "router":  # positions past the route's end only serve padding, as in route()
             w = self._route[:, positions.clamp(max=self._route.shape[1] - 1)].float()
         else:
-            w = _newest_rows(weights, visible, positions).float()  # (B, T, E_active)
+            w = _newest_rows(weights, visible, positions).float()  # (B, P, E_active)
         return w / w.sum(-1, keepdim=True).clamp(min=1.0 if self.routing == "router" else 1e-9)
 
     def kway_logits(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +415,8 @@ class ComposedLM(nn.Module):
         """What gates and scores look at: each row's state (pool="token") or the running mean of
         the rows so far (pool="prefix", causal), minus the central model's mean state there."""
         if self.pool == "prefix":
-            h = _running_mean(h)
+            pool = (getattr(self, "_pool", None) or {}).get(point)  # incremental decoding: the rows before h's
+            h = _running_mean(h) if pool is None else pool.means(h)
         return h - self.centers[point].to(h.dtype)
 
     def scores(self, point: str, h: torch.Tensor) -> torch.Tensor:
@@ -406,6 +515,38 @@ class ComposedLM(nn.Module):
         from experts.generation import generate
 
         return generate(self, idx, max_new_tokens, temperature, top_k)
+
+
+class CompositionCache:
+    """ComposedLM's decoding state: its central model's cache, each running expert's (which keep
+    their stages' rows), the glue's keys and values of expert rows, the routing pass's (routing
+    "kway") and the outside router's weights so far (routing "router")."""
+
+    def __init__(self):
+        self.length = 0
+        self.ids: torch.Tensor | None = None  # (B, T) tokens fed
+        self.central = DecodeCache()
+        self.routing_pass = DecodeCache()
+        self.experts: dict[int, DecodeCache] = {}
+        self.route: torch.Tensor | None = None  # (B, T, n_experts)
+        self.router = None  # the prefix router's stream
+        self._glue: dict[tuple[int, str], KVCache] = {}
+
+    def glue(self, expert: int, point: str) -> KVCache:
+        return self._glue.setdefault((expert, point), KVCache())
+
+    def expert_rows(self, expert: int, stage: str) -> StageRows:
+        return self.experts[expert].states[stage]
+
+
+def _grown(rows: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if rows is None else torch.cat([rows, new], dim=1)
+
+
+def _rows_at(stage: StageRows, positions: torch.Tensor) -> torch.Tensor:
+    """(B, P, d) the rows of a stage with a row at every position (visible = position): at `positions`."""
+    h, visible = stage.rows()
+    return h[:, torch.searchsorted(visible.contiguous(), positions.contiguous())]
 
 
 class _Reached(Exception):

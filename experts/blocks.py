@@ -59,22 +59,43 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.dropout = dropout
 
+    def project_kv(self, x_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, nh, Tk, hs) of rows x_kv (B, Tk, d_kv), k normalised (cross-attention)."""
+        B, Tk, _ = x_kv.shape
+        k, v = self.kv(x_kv).split(self.n_head * self.head_dim, dim=2)
+        k = k.view(B, Tk, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tk, hs)
+        v = v.view(B, Tk, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tk, hs)
+        return self.k_norm(k), v
+
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+                is_causal: bool = False, cache=None) -> torch.Tensor:
+        """cache: a KVCache of the rows before x_q's (incremental decoding): x_q's keys and values
+        join it, and queries attend to all of its rows (causally among x_q's own when is_causal)."""
         B, Tq, C = x_q.shape
         if self.qkv is not None:
             if x_kv is not None:
                 raise ValueError("this Attention was built for self-attention; build it with d_kv for cross-attention")
             q, k, v = self.qkv(x_q).split(C, dim=2)
+            k = k.view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hs)
+            v = v.view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hs)
+            k = self.k_norm(k)
         else:
-            x_kv = x_q if x_kv is None else x_kv
             q = self.q(x_q)
-            k, v = self.kv(x_kv).split(C, dim=2)
-        Tk = k.shape[1]
-        q = q.view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hs)
-        k = k.view(B, Tk, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tk, hs)
-        v = v.view(B, Tk, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, Tk, hs)
-        q, k = self.q_norm(q), self.k_norm(k)
+            k, v = self.project_kv(x_q if x_kv is None else x_kv)
+        q = self.q_norm(q.view(B, Tq, self.n_head, self.head_dim).transpose(1, 2))  # (B, nh, Tq, hs)
+        if cache is not None:
+            past = cache.n
+            k, v = cache.extend(k, v)
+            if is_causal and mask is None and Tq > 1:  # row i sees the past and x_q's rows up to i
+                mask = torch.ones(Tq, past + Tq, dtype=torch.bool, device=q.device).tril(past)
+            is_causal = False
+        return self.attend(q, k, v, mask, is_causal)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               is_causal: bool = False) -> torch.Tensor:
+        """Output projection of softmax(q k^T / sqrt(hs)) v: q (B, nh, Tq, hs), k, v (B, nh, Tk, hs)."""
+        B, _, Tq, _ = q.shape
+        Tk = k.shape[2]
         causal = is_causal and mask is None
         dropout = self.dropout if self.training else 0.0
         if Tk <= SHORT_ATTENTION and q.device.type == "cpu":
@@ -83,7 +104,7 @@ class Attention(nn.Module):
             y = _math_attention(q, k, v, mask, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # (B, Tq, C)
+        y = y.transpose(1, 2).contiguous().view(B, Tq, self.n_head * self.head_dim)  # (B, Tq, C)
         return self.proj(y)
 
 
@@ -116,6 +137,7 @@ class Block(nn.Module):
         self.mlp = MLP(dim, mlp_hidden or 4 * dim, mlp, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), mask=mask, is_causal=mask is None))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """cache: the KVCache of the rows before x's (incremental decoding)."""
+        x = x + self.drop(self.attn(self.ln_1(x), mask=mask, is_causal=mask is None, cache=cache))
         return x + self.mlp(self.ln_2(x))

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experts.blocks import Block, RMSNorm
+from experts.cache import DecodeCache
 from experts.generation import generate
 from experts.tokenizer import VOCAB_SIZE
 
@@ -92,6 +93,31 @@ class GPT(nn.Module):
         _, feats = self._run(idx, collect=True)
         visible = torch.arange(idx.shape[1], device=idx.device)
         return [{"name": name, "h": h, "visible": visible} for name, h in feats]
+
+    @torch.no_grad()
+    def extend(self, idx: torch.Tensor, cache: DecodeCache, inject=None) -> torch.Tensor:
+        """Incremental decoding: feed the next tokens idx (B, n) after the cache's and return their
+        logits (B, n, V), as forward() over the whole sequence would; every row is final at once."""
+        B, T = idx.shape
+        start = cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}; start a new "
+                             "cache on the last block_size tokens")
+        cache.final = True
+        visible = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx) + self.wpe(visible)  # (B, T, C)
+        cache.record("embed", x, visible)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=cache.layer(f"blocks.{i}"))
+            if inject is not None:
+                x = inject(f"layer{i + 1}", x, visible)
+            cache.record(f"layer{i + 1}", x, visible)
+        cache.commit()
+        cache.length += T
+        return self.lm_head(self.ln_f(x))
+
+    def new_cache(self, keep_states: bool = False) -> DecodeCache:
+        return DecodeCache(keep_states)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experts.blocks import MLP, Attention, Block, RMSNorm
+from experts.cache import DecodeCache
 from experts.generation import generate
 from experts.tokenizer import VOCAB_SIZE
 
@@ -108,13 +109,16 @@ class LevelStack(nn.Module):
         self.kinds = kinds = layer_order(cfg.n_local, cfg.n_global, cfg.interleave)
         self.blocks = nn.ModuleList(Block(dim, cfg.n_head, mlp=cfg.mlp, dropout=cfg.dropout) for _ in kinds)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache=None, name: str = "") -> torch.Tensor:
+        """cache: incremental decoding of one group (n = 1): global layers attend to the final
+        rows of the groups before it too (cache.layer(f"{name}.{i}"))."""
         B, n, R, C = h.shape
-        for kind, block in zip(self.kinds, self.blocks):
+        for i, (kind, block) in enumerate(zip(self.kinds, self.blocks)):
             if kind == "local":
                 h = block(h.reshape(B * n, R, C)).view(B, n, R, C)
             else:
-                h = block(h.reshape(B, n * R, C)).view(B, n, R, C)
+                past = None if cache is None else cache.layer(f"{name}.{i}")
+                h = block(h.reshape(B, n * R, C), cache=past).view(B, n, R, C)
         return h
 
 
@@ -178,9 +182,13 @@ class Upsampler(nn.Module):
             self.ln_q, self.ln_kv = RMSNorm(d_out), RMSNorm(d_out)
             self.attn = Attention(d_out, cfg.n_head, d_kv=d_out, dropout=cfg.dropout)
 
-    def forward(self, h: torch.Tensor, skip: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, skip: torch.Tensor, pos: torch.Tensor, prev: torch.Tensor | None = None,
+                group: int = 0, cache=None) -> torch.Tensor:
+        """Incremental decoding of one group (n = 1, index `group`): prev, the latents of the group
+        before (None: the start latents); cache, the KVCache of the latents before (upsample attn)."""
         B, n, K, C = h.shape
-        hp = torch.cat([self.start.expand(B, 1, K, C).to(h.dtype), h], dim=1)  # (B, n+1, K, C)
+        first = self.start.expand(B, 1, K, C).to(h.dtype) if prev is None else prev
+        hp = torch.cat([first, h], dim=1)  # (B, n+1, K, C)
         groups = torch.arange(n, device=h.device)[:, None] + self.group_offset[None, :]  # (n, R)
         up = hp[:, groups, self.latent_index[None, :].expand(n, -1)]  # (B, n, R, C)
         # The skip comes in before the level's layers, normalised like the latents so that
@@ -188,11 +196,13 @@ class Upsampler(nn.Module):
         x = self.proj(self.ln(up)) + pos + self.ln_skip(skip)
         if self.attn is not None:
             kv = self.proj(self.ln(hp)).view(B, (n + 1) * K, -1)
-            v_out = level_visible(n, self.rows, self.group_len, h.device)
-            v_in = level_visible(n + 1, K, self.group_len, h.device) - self.group_len  # start latents: -1
-            mask = v_in[None, :] <= v_out[:, None]  # (n*R, (n+1)*K)
+            v_out = level_visible(n, self.rows, self.group_len, h.device) + group * self.group_len
+            v_in = level_visible(group + n + 1, K, self.group_len, h.device) - self.group_len  # start latents: -1
+            if cache is not None and group > 0:  # the start's and earlier groups' latents are cached
+                kv = kv[:, K:]
+            mask = v_in[None, :] <= v_out[:, None]  # (n*R, (n+1)*K), or all latents up to this group's
             q = x.reshape(B, n * self.rows, -1)
-            x = x + self.attn(self.ln_q(q), self.ln_kv(kv), mask=mask).view_as(x)
+            x = x + self.attn(self.ln_q(q), self.ln_kv(kv), mask=mask, cache=cache).view_as(x)
         return x
 
 
@@ -209,10 +219,11 @@ class LatentStack(nn.Module):
             nn.Parameter(F.one_hot(torch.tensor(i + 1), i + 2).float()) for i in range(len(layers))
         ) if cfg.denseformer else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """cache: incremental decoding (each layer's keys and values in cache.layer(f"latent.{i}"))."""
         history = [x]
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            x = layer(x, cache=None if cache is None else cache.layer(f"latent.{i}"))
             if self.alphas is not None:
                 history.append(x)
                 x = torch.einsum("j,j...->...", self.alphas[i].to(x.dtype), torch.stack(history))
@@ -329,6 +340,95 @@ class HourglassLM(nn.Module):
             keep = vis < T  # visible increases along the flattened rows: a prefix
             out.append({"name": name, "h": h.reshape(B, n * R, C)[:, keep], "visible": vis[keep]})
         return out
+
+    def new_cache(self, keep_states: bool = False) -> DecodeCache:
+        return DecodeCache(keep_states)
+
+    @torch.no_grad()
+    def extend(self, idx: torch.Tensor, cache: DecodeCache, inject=None) -> torch.Tensor:
+        """Incremental decoding: feed the next tokens idx (B, n) after the cache's and return their
+        logits (B, n, V), as forward() over the whole sequence would. The open group (the one the
+        newest token is in) is recomputed at each call, attending to the final rows of the groups
+        before it; the levels its newest row does not depend on yet are skipped (a level-l row of
+        the group is first visible at offset G - R_l), so the latent layers run on R_L bytes of G."""
+        B, T = idx.shape
+        G = self.config.group_len
+        if cache.length + T > self.config.block_size:
+            raise ValueError(f"sequence length {cache.length + T} exceeds block_size {self.config.block_size}; "
+                             "start a new cache on the last block_size tokens")
+        out = []
+        while idx.shape[1]:
+            open_group = cache.extra.get("open", idx[:, :0])  # (B, m) tokens of the open group so far
+            take = G - open_group.shape[1]
+            tokens = torch.cat([open_group, idx[:, :take]], dim=1)
+            idx = idx[:, take:]
+            h = self._group_step(tokens, cache, inject)  # (B, m, d0)
+            out.append(h[:, open_group.shape[1]:])
+            cache.length += tokens.shape[1] - open_group.shape[1]
+            cache.extra["open"] = tokens if tokens.shape[1] < G else tokens[:, :0]
+        return self.lm_head(self.ln_f(torch.cat(out, dim=1)))
+
+    def _group_step(self, tokens: torch.Tensor, cache: DecodeCache, inject=None) -> torch.Tensor:
+        """The known tokens (B, m) of group g = cache.extra["groups"] through every level they
+        reach; commits the group's rows when it is complete. Returns the decoder's rows (B, m, d0)."""
+        cfg, G, L = self.config, self.config.group_len, len(self.rows) - 1
+        B, m = tokens.shape
+        g = cache.extra.get("groups", 0)
+        cache.final = m == G
+        levels = max(l for l in range(L + 1) if m - 1 >= G - self.rows[l])  # levels the newest row depends on
+        positions = torch.arange(g * G, (g + 1) * G, device=tokens.device)
+        x = self.wte(F.pad(tokens, (0, G - m))) + self.wpe(positions)
+        h = (x.view(B, 1, G, -1) + self.pos[0])  # (B, 1, G, d0)
+        self._record(cache, "embed", h, g)
+        skips = [h]
+        for l in range(1, levels + 1):
+            h = self.enc[l - 1](self.compress[l - 1](h) + self.pos[l], cache, f"enc.{l - 1}")  # (B, 1, K_l, d_l)
+            h = self._inject_group(inject, f"encoder{l}", h, g)
+            self._record(cache, f"encoder{l}", h, g)
+            skips.append(h)
+        if levels == L:
+            K = h.shape[2]
+            h = self.latent(h.reshape(B, K, -1), cache).view(B, 1, K, -1)
+            h = self._inject_group(inject, "latent", h, g)
+            self._record(cache, "latent", h, g)
+        last = cache.extra.setdefault("last", {})  # level -> the final latents of the group before
+        done = {}
+        for l in reversed(range(1, L + 1)):
+            if l - 1 > levels:
+                continue
+            if l <= levels:
+                done[l] = h
+            own = done.get(l, h.new_zeros(B, 1, self.rows[l], cfg.widths[l]))  # not reached yet: no row reads it
+            h = self.up[l - 1](own, skips[l - 1], self.pos[l - 1], prev=last.get(l), group=g,
+                               cache=cache.layer(f"up.{l - 1}") if self.up[l - 1].attn is not None else None)
+            h = self.dec[l - 1](h, cache, f"dec.{l - 1}")  # (B, 1, R_{l-1}, d_{l-1})
+            h = self._inject_group(inject, f"decoder{l}", h, g)
+            self._record(cache, f"decoder{l}", h, g)
+        if cache.keep_states:  # a stage this group has not reached yet: no rows so far
+            widths = {"latent": cfg.widths[-1], **{f"encoder{l}": cfg.widths[l] for l in range(1, L + 1)},
+                      **{f"decoder{l}": cfg.widths[l - 1] for l in range(1, L + 1)}}
+            for name, width in widths.items():
+                if name not in cache.states:
+                    self._record(cache, name, h.new_zeros(B, 1, 0, width), g)
+        if m == G:  # the group is complete: its rows are final
+            last.update({l: done[l] for l in range(1, L + 1)})
+            cache.commit()
+            cache.extra["groups"] = g + 1
+        return h.reshape(B, G, -1)[:, :m]
+
+    def _inject_group(self, inject, name: str, h: torch.Tensor, group: int) -> torch.Tensor:
+        """_inject for the rows (B, 1, R, C) of one group, at their positions in the sequence."""
+        if inject is None:
+            return h
+        B, _, R, C = h.shape
+        visible = level_visible(1, R, self.config.group_len, h.device) + group * self.config.group_len
+        return inject(name, h.reshape(B, R, C), visible).view(B, 1, R, C)
+
+    def _record(self, cache: DecodeCache, name: str, h: torch.Tensor, group: int) -> None:
+        if cache.keep_states:
+            B, _, R, C = h.shape
+            cache.record(name, h.reshape(B, R, C),
+                         level_visible(1, R, self.config.group_len, h.device) + group * self.config.group_len)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -23,15 +23,16 @@ NUMBER = "<num>"
 def analyze_spans(text: str) -> list[tuple[str, int]]:
     """(term, end offset) for every term of `text`: lower-cased, numbers folded to <num>,
     English stop words and one-letter words dropped."""
-    out = []
-    for m in TOKEN.finditer(text):
-        word = m.group().lower()
-        if word[0].isdigit():
-            word = NUMBER
-        elif len(word) < 2 or word in ENGLISH_STOP_WORDS:
-            continue
-        out.append((word, m.end()))
-    return out
+    return [(term, m.end()) for m in TOKEN.finditer(text) if (term := fold(m.group())) is not None]
+
+
+def fold(word: str) -> str | None:
+    """The term a TOKEN match counts as: lower-cased, numbers folded to <num>; None for an
+    English stop word or a one-letter word."""
+    word = word.lower()
+    if word[0].isdigit():
+        return NUMBER
+    return None if len(word) < 2 or word in ENGLISH_STOP_WORDS else word
 
 
 def analyze(text: str) -> list[str]:
@@ -120,16 +121,46 @@ class TfidfSvd:
         for j in order:
             end = ends[j]
             while i < len(spans) and spans[i][1] < end:  # term complete inside text[:end]
-                col = self.index.get(spans[i][0])
-                if col is not None:
-                    c = counts.get(col, 0)
-                    # sublinear tf: 1 + ln(c) for c >= 1; add the increment of this occurrence
-                    delta = (1 + np.log(c + 1)) - (1 + np.log(c) if c else 0.0)
-                    raw += delta * self.idf[col] * self.basis[col]
-                    counts[col] = c + 1
+                self.add_term(raw, counts, spans[i][0])
                 i += 1
             out[j] = raw
         return normalise(out)
+
+    def add_term(self, raw: np.ndarray, counts: dict[int, int], term: str) -> None:
+        """One more occurrence of `term` in the bag whose unnormalised embedding is raw (d,)
+        (float64, updated in place) and whose term counts are `counts`."""
+        col = self.index.get(term)
+        if col is not None:
+            c = counts.get(col, 0)
+            # sublinear tf: 1 + ln(c) for c >= 1; add the increment of this occurrence
+            delta = (1 + np.log(c + 1)) - (1 + np.log(c) if c else 0.0)
+            raw += delta * self.idf[col] * self.basis[col]
+            counts[col] = c + 1
+
+
+class PrefixEmbedding:
+    """The embedding of a growing text's complete terms, a character at a time (embed_prefixes,
+    incrementally: O(1) a character beside the current word's length)."""
+
+    def __init__(self, embedder: TfidfSvd):
+        self.embedder = embedder
+        self.text = ""
+        self.scan = 0  # where the next term may start: the end of the last complete one
+        self.raw = np.zeros(embedder.dim, dtype=np.float64)
+        self.counts: dict[int, int] = {}
+
+    def push(self, piece: str) -> np.ndarray:
+        """Append `piece` (the characters one byte completed, maybe none); the embedding (d,) of
+        the complete terms so far."""
+        self.text += piece
+        for m in TOKEN.finditer(self.text, self.scan):
+            if m.end() >= len(self.text):  # touches the end: the next character may extend it
+                break
+            self.scan = m.end()
+            term = fold(m.group())
+            if term is not None:
+                self.embedder.add_term(self.raw, self.counts, term)
+        return normalise(self.raw.astype(np.float32)[None])[0]
 
 
 def _sublinear(counts: sp.spmatrix) -> sp.csr_matrix:

@@ -7,6 +7,7 @@ import codecs
 import numpy as np
 import torch
 
+from routing.embedding import PrefixEmbedding
 from routing.router import ClusterRouter
 
 
@@ -69,12 +70,50 @@ def keep_top_k(weights: np.ndarray, k: int) -> np.ndarray:
     return kept / np.maximum(kept.sum(axis=1, keepdims=True), 1e-30)
 
 
-def prefix_router(router: ClusterRouter, clusters: list[int]):
+def prefix_router(router: ClusterRouter, clusters: list[int]) -> "PrefixRouter":
     """A callable idx (B, T) -> (B, T, E) top-1 weights over the experts of `clusters`, each row
     routed by the text of its window up to that position (a composition's router routing)."""
+    return PrefixRouter(router, clusters)
 
-    def route(idx: torch.Tensor) -> torch.Tensor:
-        rows = [window_weights(router, row, clusters, 1) for row in idx.cpu().numpy()]
+
+class PrefixRouter:
+    """window_weights for each row of a batch of windows, top 1; stream() routes a window as it
+    grows, the same weights at O(1) a byte (incremental decoding)."""
+
+    def __init__(self, router: ClusterRouter, clusters: list[int]):
+        self.router, self.clusters = router, clusters
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = [window_weights(self.router, row, self.clusters, 1) for row in idx.cpu().numpy()]
         return torch.from_numpy(np.stack(rows)).to(idx.device)  # (B, T, E)
 
-    return route
+    def stream(self, batch: int) -> "RouteStream":
+        return RouteStream(self, batch)
+
+
+class RouteStream:
+    """The window weights of `batch` growing windows, a token at a time."""
+
+    def __init__(self, prefix: PrefixRouter, batch: int):
+        self.prefix = prefix
+        self.empty = prefix.router.route_prefix("", top_k=prefix.router.k)  # (K,): no complete term yet
+        self.rows = [self._document() for _ in range(batch)]
+
+    def _document(self):
+        return codecs.getincrementaldecoder("utf-8")(errors="replace"), PrefixEmbedding(self.prefix.router.embedder)
+
+    def extend(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, n, E) weights of the next tokens idx (B, n) of each window."""
+        router = self.prefix.router
+        out = np.empty((idx.shape[0], idx.shape[1], router.k), dtype=np.float32)
+        for b, row in enumerate(idx.cpu().numpy()):
+            for j, token in enumerate(row):
+                if token >= 256:  # a special token (a document separator): the next byte starts anew
+                    self.rows[b] = self._document()
+                    out[b, j] = self.empty
+                    continue
+                decoder, embedding = self.rows[b]
+                h = embedding.push(decoder.decode(bytes([int(token)])))
+                out[b, j] = router.weights(h[None], top_k=router.k)[0]
+        weights = [restrict(w, self.prefix.clusters, 1) for w in out]
+        return torch.from_numpy(np.stack(weights))  # (B, n, E)

@@ -103,12 +103,12 @@ def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: i
     steps = 0
     recording = (lambda: model.configured(record_routing=True)) if routed else contextlib.nullcontext
 
-    def forward(context: torch.Tensor) -> torch.Tensor:  # (1, T) -> logits (1, T, vocab)
+    def forward(step) -> torch.Tensor:  # the step's logits (1, n, vocab)
         nonlocal steps
         with lock or contextlib.nullcontext(), recording():
             if deadline is not None and time.monotonic() > deadline:  # checked once its turn has come
                 raise DeadlineExceeded(f"stopped after {steps} of {max_new_tokens} bytes of a row")
-            logits, _ = model(context)
+            logits = step()
             if routed:  # the routing of the forward that predicts the next token: its last position
                 chosen.append(int(model.routed_experts()[0, -1]))
         steps += 1

@@ -9,6 +9,7 @@ import torch
 
 from randomise import randomise_
 
+from experts.generation import window_start
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM, PerceiverCompressor
 
@@ -84,7 +85,7 @@ def test_greedy_generation_equals_teacher_forced_argmax(make):
     out = model.generate(prompt, max_new_tokens=40, temperature=0)  # runs past block_size for the GPT
     assert out.shape == (2, 45)
     for t in range(5, 45):
-        context = out[:, max(0, t - model.config.block_size):t]
+        context = out[:, window_start(t, model.config.block_size):t]
         logits, _ = model(context)
         assert torch.equal(logits[:, -1].argmax(-1), out[:, t])
 
