@@ -9,6 +9,15 @@ with `mlflow.pyfunc.load_model`, as `moie serve` loads them; generation is one r
 `--bytes` new bytes (greedy: the same work every repeat), scoring is score mode on a text
 of the same corpus. Prints the CPU, each figure and the composition / central ratios.
 
+    python bench/serving.py --decode [--bytes 200] [--threads 2]
+
+The decode test needs no pipeline either: the default config's central model and a
+composition of six experts in the default compose settings (router routing by a cBTM router
+fitted on the embedded corpus, glue "both", output "mix"; untrained weights), greedy
+generation from a validation text's first 64 bytes, with the cache (`model.extend`) and
+without (the whole window at every step), side by side; the cached and uncached outputs
+are compared token for token.
+
     python bench/serving.py --load [--clients 16] [--long-bytes 1024] [--short-bytes 32]
 
 The load test needs no pipeline: it registers one expert of the default config's size
@@ -156,9 +165,55 @@ def load_test(args) -> None:
     print(f"answers other than HTTP 200: {refused or 'none'}", flush=True)
 
 
+def decode_bench(args) -> None:
+    """Greedy bytes/s of the default central model and a default-sized composition, cached vs uncached."""
+    import random
+
+    import torch
+
+    from composition.model import ComposedLM
+    from experts.checkpoint import build_model
+    from experts.generation import generate
+    from experts.tokenizer import TOKENIZER
+    from pipeline.config import load_config
+    from pipeline.text.corpus import load_corpus
+    from routing.ensemble import prefix_router
+    from routing.router import ClusterRouter
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    docs = load_corpus(cfg.corpus)
+    train = [d.text for d in docs if d.split == "train"]
+    sample = random.Random(0).sample(train, min(len(train), 2000))
+    router = ClusterRouter.fit(sample, cfg.cluster.k, max_features=cfg.cluster.max_features, min_df=cfg.cluster.min_df,
+                               svd_dim=cfg.cluster.svd_dim, temperature=cfg.cluster.temperature, seed=0)
+    model_cfg = {"arch": cfg.experts.arch, **cfg.experts.model}
+    torch.manual_seed(0)
+    central = build_model(model_cfg).eval()
+    experts = [build_model(model_cfg).eval() for _ in range(cfg.cluster.k)]
+    c = cfg.compose
+    composed = ComposedLM(central, experts, n_points=c.n_points, routing=c.routing, k=c.k, glue=c.glue,
+                          output=c.output, prefix_router=prefix_router(router, list(range(cfg.cluster.k)))).eval()
+    val = [d.text for d in docs if d.split == "validation"]
+    prompt = torch.tensor([TOKENIZER.encode(val[0])[:64]])
+    print(f"CPU: {cpu_name()}; {args.threads} threads; greedy, {args.bytes} bytes after a 64-byte prompt; "
+          f"default config, untrained weights", flush=True)
+    for name, model in (("central model (hourglass)", central), ("composition (router routing, 6 experts)", composed)):
+        rates, outs = {}, {}
+        for cached in (True, False):
+            generate(model, prompt, 8, temperature=0, cached=cached)  # warm-up
+            began = time.perf_counter()
+            outs[cached] = generate(model, prompt, args.bytes, temperature=0, cached=cached)
+            rates[cached] = args.bytes / (time.perf_counter() - began)
+        same = torch.equal(outs[True], outs[False])
+        print(f"{name}: cached {rates[True]:.0f} bytes/s, uncached {rates[False]:.0f} bytes/s, "
+              f"ratio {rates[True] / rates[False]:.1f}x; same tokens: {same}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", action="store_true", help="the load test against moie serve (no pipeline needed)")
+    parser.add_argument("--decode", action="store_true", help="cached vs uncached generation (no pipeline needed)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--long-bytes", type=int, default=1024)
     parser.add_argument("--short-bytes", type=int, default=32)
@@ -170,6 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.load:
         return load_test(args)
+    if args.decode:
+        return decode_bench(args)
 
     import mlflow
     import torch

@@ -245,22 +245,25 @@ class ComposedLM(nn.Module):
         logits (B, n, V) (log-probabilities with output "mix"), as forward() over the whole sequence
         would. The central model and every running expert decode incrementally; each expert row is
         projected into its glue once; running means, the router's weights and the routing pass
-        carry over from step to step. An expert that starts running (routing "router": the first
-        position routed to it) first catches up on the tokens before."""
+        carry over from step to step. With routing "router" only the experts routed to a position
+        of the rows being computed run; one that runs again first catches up on the tokens since."""
         B, n = idx.shape
         start = cache.length
         cache.ids = idx if cache.ids is None else torch.cat([cache.ids, idx], dim=1)  # (B, T)
         active = self.active
         if self.routing == "router":
             cache.route = _grown(cache.route, self._route_stream(idx, cache))  # (B, T, n_experts)
-            active = [e for e in self.active if bool((cache.route[..., e] > 0).any())] or self.active[:1]
+            # Only the rows of the central model's open group are computed now (those of a GPT: the new
+            # ones): an expert none of their positions is routed to weighs 0 in all of them, as in a
+            # forward over the whole window, and need not run. Its cache catches up when it is next routed.
+            first = start - start % getattr(self.central.config, "group_len", 1)
+            active = [e for e in self.active if bool((cache.route[:, first:, e] > 0).any())] or self.active[:1]
         experts_logits = {}
         for e in active:
-            if e not in cache.experts:  # from the window's first token
+            if e not in cache.experts:
                 cache.experts[e] = self.experts[e].new_cache(keep_states=True)
-                experts_logits[e] = self.experts[e].extend(cache.ids, cache.experts[e])[:, -n:]
-            else:
-                experts_logits[e] = self.experts[e].extend(idx, cache.experts[e])
+            behind = cache.ids[:, cache.experts[e].length:]  # (B, >= n): from the window's first token if new
+            experts_logits[e] = self.experts[e].extend(behind, cache.experts[e])[:, -n:]
         mixing = self.output == "mix"
         last_rows = []
 
