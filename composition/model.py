@@ -296,7 +296,8 @@ class ComposedLM(nn.Module):
         cache.length += n
         if self.record_routing:  # every row so far, as a forward over the whole sequence records them
             self.last_positions = cache.length
-            rows = {p: cache.central.states[f"weights.{p}"].rows() for p in self.points}
+            rows = {p: cache.central.states[f"weights.{p}"].rows() for p in self.points  # a point no row has
+                    if f"weights.{p}" in cache.central.states}  # reached yet routes no position
             self.last_routing = {p: w for p, (w, _) in rows.items()}
             self.last_visible = {p: v for p, (_, v) in rows.items()}
         return logits

@@ -159,3 +159,16 @@ def test_cached_router_composition_with_a_cbtm_router_equals_uncached():
     prompt = torch.tensor([TOKENIZER.encode(textgen.document(random.Random(3), "cooking"))[:30]])
     assert torch.equal(generate(model, prompt, 40, temperature=0, cached=True),
                        generate(model, prompt, 40, temperature=0, cached=False))
+
+
+@pytest.mark.parametrize("central", ["gpt", "hourglass"])
+def test_cached_decoding_records_the_routing_a_forward_over_the_window_records(central):
+    model = composition(central, "router", "both", "mix", "token")
+    idx = tokens(1, 30, seed=9)
+    cache = model.new_cache()
+    with model.configured(record_routing=True):
+        for t in range(1, 31):  # from the first byte: points the first rows do not reach yet
+            model.extend(idx[:, t - 1:t], cache)
+            cached = model.routed_experts()
+            model(idx[:, :t])
+            assert torch.equal(cached, model.routed_experts())
