@@ -18,6 +18,11 @@ generation from a validation text's first 64 bytes, with the cache (`model.exten
 without (the whole window at every step), side by side; the cached and uncached outputs
 are compared token for token.
 
+    python bench/serving.py --concurrency [--bytes 100]
+
+Serves the same expert and sends 1, then 4, then 16 requests of `--bytes` bytes at once:
+total bytes/s beside one client's, p50 / p95 latency.
+
     python bench/serving.py --load [--clients 16] [--long-bytes 1024] [--short-bytes 32]
 
 The load test needs no pipeline: it registers one expert of the default config's size
@@ -31,6 +36,7 @@ every answer that was not HTTP 200 (a 504 for a short request is a failure of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -95,9 +101,10 @@ def post(port: int, max_new_tokens: int, seed: int) -> tuple[int, float]:
     return status, time.perf_counter() - began
 
 
-def load_test(args) -> None:
-    """16 clients against `moie serve` of a default-sized expert: p50 / p95 of short and long requests."""
-    import concurrent.futures
+@contextlib.contextmanager
+def served_expert():
+    """(port, model config) of `moie serve` of a default-sized expert (untrained weights: speed does
+    not depend on them) registered in a private store; the server stops on exit."""
     import os
     import socket
     import subprocess
@@ -137,7 +144,23 @@ def load_test(args) -> None:
                 break
             except OSError:
                 time.sleep(0.5)
-        post(port, args.short_bytes, 0)  # warm-up
+        post(port, 32, 0)  # warm-up
+        yield port, model_cfg
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def percentiles(times: list[float]) -> tuple[float, float]:
+    times = sorted(times)
+    return times[len(times) // 2], times[min(len(times) - 1, int(0.95 * len(times)))]
+
+
+def load_test(args) -> None:
+    """16 clients against `moie serve` of a default-sized expert: p50 / p95 of short and long requests."""
+    import concurrent.futures
+
+    with served_expert() as (port, model_cfg):
         idle = statistics.median(post(port, args.short_bytes, i)[1] for i in range(5))
         n_long = max(1, args.clients // 4)
 
@@ -148,21 +171,39 @@ def load_test(args) -> None:
 
         with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
             answers = [a for batch in pool.map(client, range(args.clients)) for a in batch]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     print(f"CPU: {cpu_name()}; {args.clients} clients against moie serve of a {model_cfg['arch']} expert of the "
           f"default size: {n_long} send one request of {args.long_bytes} bytes, the others "
           f"{args.short_repeats} of {args.short_bytes} bytes each", flush=True)
     print(f"one short request on the idle server: {idle:.2f} s", flush=True)
     for kind in ("short", "long"):
-        times = sorted(t for k, _, t in answers if k == kind)
-        p50, p95 = times[len(times) // 2], times[min(len(times) - 1, int(0.95 * len(times)))]
-        print(f"{kind}: {len(times)} requests, p50 {p50:.2f} s, p95 {p95:.2f} s"
+        p50, p95 = percentiles([t for k, _, t in answers if k == kind])
+        print(f"{kind}: {sum(k == kind for k, _, _ in answers)} requests, p50 {p50:.2f} s, p95 {p95:.2f} s"
               + (f" ({p50 / idle:.1f}x / {p95 / idle:.1f}x the idle server's)" if kind == "short" else ""),
               flush=True)
     refused = [(k, status) for k, status, _ in answers if status != 200]
     print(f"answers other than HTTP 200: {refused or 'none'}", flush=True)
+
+
+def concurrency_test(args) -> None:
+    """1, 4 and 16 clients at once, each asking `--bytes` bytes: total bytes/s and p50 / p95 latency."""
+    import concurrent.futures
+
+    print(f"CPU: {cpu_name()}; moie serve of a default-sized expert; every client sends one request of "
+          f"{args.bytes} bytes, all at once. MLflow's scoring server answers a request whole (no streaming), "
+          "so the first byte arrives with the last: time to first byte = latency.", flush=True)
+    print("| clients | total bytes/s | vs 1 client | p50 latency | p95 latency | not HTTP 200 |", flush=True)
+    print("|---|---|---|---|---|---|", flush=True)
+    with served_expert() as (port, _):
+        single = None
+        for clients in (1, 4, 16):
+            began = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                answers = list(pool.map(lambda i: post(port, args.bytes, i), range(clients)))
+            rate = clients * args.bytes / (time.perf_counter() - began)
+            single = single or rate
+            p50, p95 = percentiles([t for _, t in answers])
+            print(f"| {clients} | {rate:.0f} | {rate / single:.2f}x | {p50:.2f} s | {p95:.2f} s | "
+                  f"{sum(status != 200 for status, _ in answers)} |", flush=True)
 
 
 def decode_bench(args) -> None:
@@ -214,6 +255,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", action="store_true", help="the load test against moie serve (no pipeline needed)")
     parser.add_argument("--decode", action="store_true", help="cached vs uncached generation (no pipeline needed)")
+    parser.add_argument("--concurrency", action="store_true",
+                        help="1, 4 and 16 clients against moie serve, --bytes each (no pipeline needed)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--long-bytes", type=int, default=1024)
     parser.add_argument("--short-bytes", type=int, default=32)
@@ -227,6 +270,8 @@ def main() -> None:
         return load_test(args)
     if args.decode:
         return decode_bench(args)
+    if args.concurrency:
+        return concurrency_test(args)
 
     import mlflow
     import torch
