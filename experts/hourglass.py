@@ -254,6 +254,7 @@ class HourglassLM(nn.Module):
         self.lm_head.weight = self.wte.weight  # weight tying
         self.predict_latent = nn.Linear(d[-1], d[-1], bias=False) if cfg.latent_loss > 0 else None
         self.latent_loss_scale = 1.0  # the trainer warms the latent loss up through this
+        self._visible: dict = {}  # incremental decoding: visible positions of a group's rows, by level
         self.apply(_init_weights)
         for up in self.up:
             # The decoder starts from the skip alone; the latents' share grows as they become useful.
@@ -421,14 +422,22 @@ class HourglassLM(nn.Module):
         if inject is None:
             return h
         B, _, R, C = h.shape
-        visible = level_visible(1, R, self.config.group_len, h.device) + group * self.config.group_len
-        return inject(name, h.reshape(B, R, C), visible).view(B, 1, R, C)
+        return inject(name, h.reshape(B, R, C), self._group_visible(R, group, h.device)).view(B, 1, R, C)
 
     def _record(self, cache: DecodeCache, name: str, h: torch.Tensor, group: int) -> None:
         if cache.keep_states:
             B, _, R, C = h.shape
-            cache.record(name, h.reshape(B, R, C),
-                         level_visible(1, R, self.config.group_len, h.device) + group * self.config.group_len)
+            cache.record(name, h.reshape(B, R, C), self._group_visible(R, group, h.device))
+
+    def _group_visible(self, rows: int, group: int, device) -> torch.Tensor:
+        """(rows,) visible positions of a level's rows in group `group` (kept: a step asks for each a few times)."""
+        key = (rows, group, device)
+        visible = self._visible.get(key)
+        if visible is None:
+            visible = level_visible(1, rows, self.config.group_len, device) + group * self.config.group_len
+            kept = {k: v for k, v in self._visible.items() if k[1] == group}  # this group's only
+            self._visible = {**kept, key: visible}  # a new dict: another decoding's reads stay valid
+        return visible
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
