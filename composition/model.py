@@ -321,8 +321,7 @@ class ComposedLM(nn.Module):
 
         def record(name, h, visible):
             if name == point:
-                pooled = routing_pass.part("pool", RunningSum).means(h) - self.centers[point].to(h.dtype)
-                scores = self.kway[point](F.layer_norm(pooled, (pooled.shape[-1],)))
+                scores = self.kway_scores(point, h, routing_pass.part("pool", RunningSum))
                 routing_pass.part("kway").extend(torch.softmax(scores.float(), dim=-1), visible)
             return h
 
@@ -430,10 +429,10 @@ class ComposedLM(nn.Module):
         v = self.gate_vectors(point).to(h.dtype)
         return F.layer_norm(h, (d,)) @ F.layer_norm(v, (d,)).t() / math.sqrt(d)
 
-    def kway_scores(self, point: str, h: torch.Tensor) -> torch.Tensor:
+    def kway_scores(self, point: str, h: torch.Tensor, pool: RunningSum | None = None) -> torch.Tensor:
         """(B, R, n_experts) the k-way gate's scores: a linear map of the running mean of the rows
-        so far (causal), centred and layer-normalised."""
-        pooled = _running_mean(h) - self.centers[point].to(h.dtype)  # (B, R, d)
+        so far (causal), centred and layer-normalised (pool: the rows before h's, decoding)."""
+        pooled = (_running_mean(h) if pool is None else pool.means(h)) - self.centers[point].to(h.dtype)  # (B, R, d)
         return self.kway[point](F.layer_norm(pooled, (pooled.shape[-1],)))
 
     def kway_probs(self, point: str, h: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
