@@ -22,6 +22,50 @@ def window_start(length: int, block_size: int) -> int:
     return -(-(length - block_size) // hop) * hop  # the least multiple of hop that fits the window
 
 
+class Decoder:
+    """A batch of sequences of one length (B, T) and what the model keeps of them: `logits()`
+    gives the logits of the tokens fed since the last call (B, n, vocab), the last of which
+    predicts the next token; `append(tokens)` adds one token to every row. cached: decode
+    incrementally (model.extend; the default where the model has it) or run the whole window
+    at every step."""
+
+    def __init__(self, model, idx: torch.Tensor, cached: bool | None = None):
+        self.model = model
+        self.idx = idx
+        self.cached = hasattr(model, "extend") if cached is None else cached
+        self.cache = None
+        self.start = -1  # the first position of the cache's window
+        self.fed = 0  # tokens the cache holds
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        start = window_start(self.idx.shape[1], self.model.config.block_size)
+        if not self.cached:
+            return self.model(self.idx[:, start:])[0]
+        if start != self.start:  # a new window: refill the cache
+            self.cache, self.start, self.fed = self.model.new_cache(), start, start
+        logits = self.model.extend(self.idx[:, self.fed:], self.cache)
+        self.fed = self.idx.shape[1]
+        return logits
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """tokens: (B, 1)."""
+        self.idx = torch.cat((self.idx, tokens), dim=1)
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 1) tokens drawn from the last position's logits (B, vocab); temperature 0 is greedy."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
@@ -31,33 +75,10 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     generator: the random stream sampling draws from (a seeded one makes the output
     repeatable whatever else uses torch's global stream); forward: called with each step's
     computation (a function returning the logits (B, n, vocab) of the tokens it fed) and
-    returning what it returns (a caller may lock, time or record each step); cached: decode
-    incrementally (model.extend; the default where the model has it) or run the whole window
-    at every step."""
-    block_size = model.config.block_size
-    cached = hasattr(model, "extend") if cached is None else cached
-    state = {"cache": None, "start": -1, "fed": 0}
-
-    def step() -> torch.Tensor:
-        start = window_start(idx.shape[1], block_size)
-        if not cached:
-            return model(idx[:, start:])[0]
-        if start != state["start"]:  # a new window: refill the cache
-            state.update(cache=model.new_cache(), start=start, fed=start)
-        logits = model.extend(idx[:, state["fed"]:], state["cache"])
-        state["fed"] = idx.shape[1]
-        return logits
-
+    returning what it returns (a caller may lock, time or record each step); cached: as
+    `Decoder`'s."""
+    decoder = Decoder(model, idx, cached)
     for _ in range(max_new_tokens):
-        logits = forward(step) if forward is not None else step()
-        logits = logits[:, -1, :].float()
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
-        idx = torch.cat((idx, nxt), dim=1)
-    return idx
+        logits = forward(decoder.logits) if forward is not None else decoder.logits()
+        decoder.append(next_token(logits[:, -1, :], temperature, top_k, generator))
+    return decoder.idx
