@@ -8,6 +8,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, fields
+from typing import Callable
 
 from artifacts import MoieError
 from pipeline.config import ConfigError
@@ -21,11 +22,15 @@ LIMITS_ENV = "MOIE_SERVE_LIMITS"  # `moie serve` passes its limits to the server
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of a served model; each is refused with a 400 naming it."""
+    """What one request may ask of a served model (each is refused with a 400 naming it), and how
+    the server batches requests."""
     rows: int = 16  # rows per request
     new_bytes: int = 1024  # bytes (tokens) generated per request, all rows together: ~45-85 s of a composition
     prompt_bytes: int = 65536  # UTF-8 bytes of prompt text per request, all rows together
     timeout_s: float = 120.0  # a request still generating after this long stops with a 504
+    # how the server batches rows (of one request or of concurrent ones) whose prompts have one length:
+    batch_rows: int = 16  # rows generated together at most (1: each row alone, bitwise independent of the others)
+    batch_wait_s: float = 0.005  # how long a row waits for others to join its batch
 
     def __post_init__(self):
         for field in fields(self):
@@ -84,41 +89,135 @@ def check_sampling(prompt: str, max_new_tokens: int, temperature: float, top_k: 
         raise ConfigError(f"{name('top_k')} must be at least 1 (sample among the k likeliest bytes), got {top_k}")
 
 
-def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-           lock=None, deadline: float | None = None) -> Sample:
-    """Sample a continuation of `prompt`; the same arguments and seed give the same Sample
-    (the draws come from a generator of their own, not torch's global stream). lock: taken
-    for each forward (concurrent samplings of one model take turns step by step); deadline:
-    a time.monotonic() past which the next step raises DeadlineExceeded."""
-    import torch
+@dataclass
+class Row:
+    """One generation a request asks for: its prompt and settings, and whom to tell of its progress.
+    emit(token, expert): each new token as it is drawn, with the expert a composition's router
+    weighted most for it (None for other models); finish(result): the row's Sample, or the
+    exception that stopped it, once it is done; cancelled(): true once nobody waits for the row."""
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    seed: int
+    deadline: float | None = None  # a time.monotonic() past which the next step raises DeadlineExceeded
+    emit: Callable[[int, int | None], None] | None = None
+    finish: Callable[[object], None] | None = None
+    cancelled: Callable[[], bool] | None = None
 
-    from experts.generation import generate
+
+class Cancelled(MoieError):
+    """A row stopped because nobody waits for it any more (a stream's client left)."""
+
+
+def prompt_ids(prompt: str) -> list[int]:
+    """The token ids a generation starts from: the prompt's, or <|bos|> for an empty prompt."""
     from experts.tokenizer import TOKENIZER as tok
 
-    check_sampling(prompt, max_new_tokens, temperature, top_k)
-    idx = torch.tensor([tok.encode(prompt) or [tok.bos_id]], dtype=torch.long)  # (1, T)
-    generator = torch.Generator().manual_seed(int(seed))
-    routed = hasattr(model, "routed_experts")
-    chosen: list[int] = []
-    steps = 0
-    recording = (lambda: model.configured(record_routing=True)) if routed else contextlib.nullcontext
+    return tok.encode(prompt) or [tok.bos_id]
 
-    def forward(step) -> torch.Tensor:  # the step's logits (1, n, vocab)
-        nonlocal steps
-        with lock or contextlib.nullcontext(), recording():
-            if deadline is not None and time.monotonic() > deadline:  # checked once its turn has come
-                raise DeadlineExceeded(f"stopped after {steps} of {max_new_tokens} bytes of a row")
-            logits = step()
-            if routed:  # the routing of the forward that predicts the next token: its last position
-                chosen.append(int(model.routed_experts()[0, -1]))
-        steps += 1
-        return logits
 
-    model.eval()
-    out = generate(model, idx, max_new_tokens, temperature, top_k, generator=generator, forward=forward)[0].tolist()
-    new = out[idx.shape[1]:]
-    experts = [e for e, token in zip(chosen, new) if token < 256] if routed else None  # bytes only, as text
-    return Sample(tok.decode(new), out, experts)
+def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
+           deadline: float | None = None) -> Sample:
+    """Sample a continuation of `prompt`; the same arguments and seed give the same Sample
+    (the draws come from a generator of their own, not torch's global stream). deadline: a
+    time.monotonic() past which the next step raises DeadlineExceeded."""
+    [result] = sample_together(model, [Row(prompt, max_new_tokens, temperature, top_k, seed, deadline)])
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def sample_together(model, rows: list[Row]) -> list:
+    """Every row generated in one batch (`Generation`): each row's Sample, or the exception
+    (DeadlineExceeded, Cancelled) that stopped it."""
+    generation = Generation(model, rows)
+    while generation.step():
+        pass
+    return generation.results
+
+
+class Generation:
+    """Rows generated together, a step at a time (their prompts must encode to as many tokens):
+    one forward a step for all of them, each row drawing from its own seeded generator with its
+    own settings, so a row gets what it gets alone up to the rounding of batched matrix
+    products. A row stops at its own max_new_tokens, deadline or cancellation (its `finish` is
+    told at once); `step()` is False once every row has. `results`: each row's Sample, or the
+    exception that stopped it (None while it runs)."""
+
+    def __init__(self, model, rows: list[Row]):
+        import torch
+
+        from experts.generation import Decoder
+
+        for row in rows:
+            check_sampling(row.prompt, row.max_new_tokens, row.temperature, row.top_k)
+        self.ids = [prompt_ids(row.prompt) for row in rows]
+        if len({len(i) for i in self.ids}) != 1:
+            raise ValueError(f"rows generated together need prompts of one length in tokens, "
+                             f"got {[len(i) for i in self.ids]}")
+        self.model, self.rows = model.eval(), rows
+        self.decoder = Decoder(model, torch.tensor(self.ids, dtype=torch.long))  # (B, T)
+        self.generators = [torch.Generator().manual_seed(int(row.seed)) for row in rows]
+        self.routed = hasattr(model, "routed_experts")
+        self.new: list[list[int]] = [[] for _ in rows]
+        self.chosen: list[list[int | None]] = [[] for _ in rows]  # per new token, the expert weighted most
+        self.results: list = [None] * len(rows)
+
+    def _stop(self, i: int, result) -> None:
+        self.results[i] = result
+        if self.rows[i].finish is not None:
+            self.rows[i].finish(result)
+
+    def step(self) -> bool:
+        """One token more for every live row; False (and nothing run) once every row is done."""
+        try:
+            return self._step()
+        except BaseException as err:  # every row still running learns why its batch stopped
+            for i, result in enumerate(self.results):
+                if result is None:
+                    self._stop(i, err)
+            raise
+
+    def _step(self) -> bool:
+        import torch
+
+        from experts.generation import next_token
+
+        now = time.monotonic()
+        for i, row in enumerate(self.rows):
+            done = len(self.new[i])
+            if self.results[i] is None and row.cancelled is not None and row.cancelled():
+                self._stop(i, Cancelled(f"stopped after {done} of {row.max_new_tokens} bytes of a row: "
+                                        "nobody waits for it"))
+            elif self.results[i] is None and row.deadline is not None and now > row.deadline:
+                self._stop(i, DeadlineExceeded(f"stopped after {done} of {row.max_new_tokens} bytes of a row"))
+        live = [i for i, result in enumerate(self.results) if result is None]
+        if not live:
+            return False
+        with self.model.configured(record_routing=True) if self.routed else contextlib.nullcontext():
+            logits = self.decoder.logits()[:, -1, :]  # (B, vocab): the next token's
+            # the routing of the forward that predicts the next token: its last position
+            experts = self.model.routed_experts()[:, -1].tolist() if self.routed else [None] * len(self.rows)
+        tokens = torch.zeros(len(self.rows), 1, dtype=torch.long)  # a finished row's stays 0, unread
+        for i in live:
+            row = self.rows[i]
+            tokens[i] = next_token(logits[i:i + 1], row.temperature, row.top_k, self.generators[i])[0]
+            self.new[i].append(int(tokens[i]))
+            self.chosen[i].append(experts[i])
+            if row.emit is not None:
+                row.emit(self.new[i][-1], experts[i])
+            if len(self.new[i]) == row.max_new_tokens:
+                self._stop(i, _sample(self.ids[i], self.new[i], self.chosen[i] if self.routed else None))
+        self.decoder.append(tokens)
+        return any(result is None for result in self.results)
+
+
+def _sample(prompt: list[int], new: list[int], chosen: list[int] | None) -> Sample:
+    from experts.tokenizer import TOKENIZER as tok
+
+    experts = [e for e, token in zip(chosen, new) if token < 256] if chosen is not None else None  # bytes only
+    return Sample(tok.decode(new), prompt + new, experts)
 
 
 def score_texts(model, texts: list[str]) -> list[tuple[float, int]]:

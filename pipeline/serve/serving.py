@@ -23,8 +23,10 @@ can name another loader before any moie code runs. docs/serving.md states this t
 weighted most, -1 where none. With params {"score": true} it returns `bits_per_byte` and
 `bytes` of each `prompt` text instead (the held-out scoring of `moie evaluate`). A request is
 bounded (`Limits`: rows, bytes generated, prompt bytes, a deadline checked between generation
-steps), and concurrent requests take turns step by step, so a short one is not queued behind
-a long one.
+steps). Every forward runs on one thread (`Scheduler`): rows of one prompt length, of one
+request or of concurrent ones, are generated together, and batches take turns step by step,
+so a short request is not queued behind a long one. `predict_stream` yields a row's bytes as
+they are drawn (`moie serve --stream`, `pipeline.serve.stream`, sends them over HTTP).
 
 A composition carries only what it adds (blocks, gates, manifest): its central model and
 experts are loaded, as exact versions with their pins checked, from the registry the
@@ -34,17 +36,22 @@ serve -m models:/...` does anyway.
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import math
 import numbers
 import os
+import queue
 import shutil
 import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from importlib import metadata as package_metadata
 from pathlib import Path
+from typing import Callable, Iterator
 
 import mlflow
 import pandas as pd
@@ -52,7 +59,7 @@ import yaml
 
 from artifacts import ChecksumError, sha256_file, sha256_tree, verify_sha256
 from pipeline.config import ConfigError
-from pipeline.serve.sampling import SAMPLING, DeadlineExceeded, Limits, sample, score_texts
+from pipeline.serve.sampling import SAMPLING, DeadlineExceeded, Generation, Limits, Row, prompt_ids, score_texts
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.pins import LOADER, MLFLOW_OWN, check_layout, check_pinned, pinned_files
 
@@ -219,75 +226,203 @@ def requests(frame: pd.DataFrame, limits: Limits = Limits(), score: bool = False
     return rows
 
 
-class FairLock:
-    """A lock granted in the order it was asked for. Each generation step takes it, so concurrent
-    requests take turns step by step (threading.Lock would let a thread that releases and at
-    once re-takes it starve the others, and queue a short request behind a long one)."""
+class Scheduler:
+    """The one thread that runs a served model's forwards, and what it runs next.
 
-    def __init__(self):
-        self._turns = threading.Condition()
-        self._next = 0  # the next ticket handed out
-        self._serving = 0  # the ticket whose holder may run
-        self._abandoned: set[int] = set()  # tickets whose waiter left (an exception while waiting)
+    A row waits up to `wait_s` for other rows whose prompts have as many tokens (a batch is
+    one length), until `size` rows have joined; its batch (`Generation`) then joins those
+    running, and the thread advances every running batch by one step in turn, so 16 clients
+    cost little more than one where a step's time is per-operator overhead, and a short request
+    is not queued behind a long batch. Score jobs run between two rounds of steps. `submit`
+    and `run` return Futures, resolved as soon as their row or job is done.
 
-    def __enter__(self):
-        with self._turns:
-            ticket = self._next
-            self._next += 1
-            try:
-                self._turns.wait_for(lambda: self._serving == ticket)
-            except BaseException:  # its turn must not wait for it forever
-                self._abandoned.add(ticket)
-                self._advance(0)
-                raise
+    One thread, with one OpenMP thread: a decoding step run from a thread other than the one
+    that loaded the model, with torch's 2 OpenMP threads, ran 2-2.4x slower than with 1 at
+    batch 1 (`bench/serving.py --forward-thread`; two OpenMP teams on 2 cores, it seems), and
+    the second core is left to the HTTP server, which encodes a line a byte when streaming."""
 
-    def __exit__(self, *exc):
-        with self._turns:
-            self._advance(1)
+    def __init__(self, model, size: int, wait_s: float):
+        self.model, self.size, self.wait_s = model, size, wait_s
+        self._gathering: dict[int, tuple[float, list[Row]]] = {}  # prompt length -> (opened at, rows)
+        self._ready: list[list[Row]] = []  # batches gathered, not started yet
+        self._jobs: list[tuple[Callable[[], object], Future]] = []
+        self._wake = threading.Condition()  # guards the three above
+        self._thread: threading.Thread | None = None
 
-    def _advance(self, by: int) -> None:
-        """The next turn, past abandoned tickets (the caller holds the condition)."""
-        self._serving += by
-        while self._serving in self._abandoned:
-            self._abandoned.discard(self._serving)
-            self._serving += 1
-        self._turns.notify_all()
+    def submit(self, row: Row) -> Future:
+        """The row generated in a batch; a Future of its Sample (or of the exception that stopped it)."""
+        future: Future = Future()
+        told = row.finish
+
+        def finish(result) -> None:
+            _resolve(future, result)
+            if told is not None:
+                told(result)
+
+        row.finish = finish
+        length = len(prompt_ids(row.prompt))
+        with self._wake:
+            opened, rows = self._gathering.setdefault(length, (time.monotonic(), []))
+            rows.append(row)
+            if len(rows) == self.size:  # full: it starts at the next round, the next row opens another
+                self._ready.append(self._gathering.pop(length)[1])
+            self._start()
+        return future
+
+    def run(self, job: Callable[[], object]) -> Future:
+        """job() on the model's thread, between two rounds of steps; a Future of what it returns."""
+        future: Future = Future()
+        with self._wake:
+            self._jobs.append((job, future))
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        """Wake the thread (its caller holds _wake), starting it the first time."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, daemon=True, name="moie-forwards")
+            self._thread.start()
+        self._wake.notify_all()
+
+    def _serve(self) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # this thread's own: see the class's docstring
+        running: list[Generation] = []
+        while True:
+            with self._wake:
+                while not (running or self._ready or self._jobs or self._gathering_done()):
+                    self._wake.wait(timeout=self._next_window())  # a row or job arrives, or a window closes
+                for length in [n for n, (opened, _) in self._gathering.items() if self._closed(opened)]:
+                    self._ready.append(self._gathering.pop(length)[1])
+                ready, self._ready = self._ready, []
+                jobs, self._jobs = self._jobs, []
+            for rows in ready:
+                try:
+                    running.append(Generation(self.model, rows))
+                except BaseException as err:  # e.g. a bad setting: its rows hear of it
+                    for row in rows:
+                        row.finish(err)
+            for job, future in jobs:
+                try:
+                    future.set_result(job())
+                except BaseException as err:
+                    future.set_exception(err)
+            for generation in list(running):  # a step each, in turn
+                try:
+                    alive = generation.step()
+                except BaseException:  # its rows were told why (Generation.step)
+                    alive = False
+                if not alive:
+                    running.remove(generation)
+
+    def _closed(self, opened: float) -> bool:
+        return time.monotonic() >= opened + self.wait_s
+
+    def _gathering_done(self) -> bool:
+        return any(self._closed(opened) for opened, _ in self._gathering.values())
+
+    def _next_window(self) -> float | None:
+        """Seconds until the first gathering batch closes (None: none gathers)."""
+        if not self._gathering:
+            return None
+        return max(0.0, min(opened for opened, _ in self._gathering.values()) + self.wait_s - time.monotonic())
+
+
+def _resolve(future: Future, result) -> None:
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 class MoieModel:
     """An expert, central model or composition behind MLflow's pyfunc interface (what
-    `_load_pyfunc` returns). A forward records routing on the model itself, so one forward runs
-    at a time: concurrent requests (MLflow's server runs predict in threads) take turns."""
+    `_load_pyfunc` returns). MLflow's server runs predict in threads; their rows and score jobs
+    go to the model's one `Scheduler` thread, which batches rows and steps batches in turn (a
+    forward records routing on the model itself, so one forward runs at a time).
+    `predict_stream` yields a row's bytes as they are drawn (`moie serve --stream` serves it
+    over HTTP)."""
 
     def __init__(self, model, limits: Limits):
         self.model = model.eval()
         self.limits = limits
-        self.lock = FairLock()
+        self.scheduler = Scheduler(self.model, limits.batch_rows, limits.batch_wait_s)
+
+    def get_raw_model(self) -> "MoieModel":
+        """This object, for `PyFuncModel.get_raw_model()` (the torch module is its `.model`)."""
+        return self
 
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
-
         deadline = time.monotonic() + self.limits.timeout_s  # from the request's arrival, waiting included
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        try:
+        with self._answers():
             score = bool((params or {}).get("score"))
             rows = requests(frame, self.limits, score)
             if score:
-                with self.lock:
-                    scored = score_texts(self.model, [r["prompt"] for r in rows])
+                scored = self.scheduler.run(lambda: score_texts(self.model, [r["prompt"] for r in rows])).result()
                 return pd.DataFrame({"bits_per_byte": [bpb for bpb, _ in scored], "bytes": [n for _, n in scored]})
-            out = [sample(self.model, **r, lock=self.lock, deadline=deadline) for r in rows]
+            failed = threading.Event()  # a row failed: the request's other rows stop at their next step
+            futures = [self.scheduler.submit(Row(**r, deadline=deadline, cancelled=failed.is_set)) for r in rows]
+            try:
+                out = [future.result() for future in futures]
+            finally:
+                failed.set()  # (harmless once every row is done)
+        table = pd.DataFrame({"text": [s.text for s in out]})
+        if hasattr(self.model, "routed_experts"):
+            table["experts"] = [s.experts for s in out]
+        return table
+
+    def predict_stream(self, model_input: pd.DataFrame, params: dict | None = None) -> Iterator[dict]:
+        """One row's continuation as it is generated: a dict a byte, {"text": what the byte adds
+        to the text (UTF-8 decoded incrementally: "" inside a character, U+FFFD for a broken
+        one)}, with "expert" for a composition (as predict's experts; a last {"text": U+FFFD}
+        closing a broken character has none); their texts joined, and their experts listed, are
+        what predict returns for the row. Closing the iterator stops the row's generation at its
+        next step."""
+        deadline = time.monotonic() + self.limits.timeout_s
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        stopped = threading.Event()
+        with self._answers():
+            rows = requests(frame, self.limits)
+            if len(rows) != 1:
+                raise ConfigError(f"a stream generates one row, got {len(rows)}; send each row as a request of its own")
+            self.scheduler.submit(Row(**rows[0], deadline=deadline, cancelled=stopped.is_set,
+                                    emit=lambda token, expert: events.put((token, expert)),
+                                    finish=lambda result: events.put((None, result))))
+        routed = hasattr(self.model, "routed_experts")
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            while True:
+                token, expert = events.get()
+                if token is None:  # the row is done: `expert` holds its Sample or what stopped it
+                    if isinstance(expert, BaseException):
+                        with self._answers():
+                            raise expert
+                    break
+                if token < 256:  # special tokens are left out of the text, as predict leaves them out
+                    yield {"text": utf8.decode(bytes([token]))} | ({"expert": expert} if routed else {})
+            tail = utf8.decode(b"", final=True)  # a broken character at the end: U+FFFD, no byte of its own
+            if tail:
+                yield {"text": tail}
+        finally:
+            stopped.set()
+
+    @contextlib.contextmanager
+    def _answers(self):
+        """MLflow's errors for what a request did wrong: a 400 for a bad request, a 504 past its deadline."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
+
+        try:
+            yield
         except ConfigError as err:  # a bad request: HTTP 400 with this message when served
             raise MlflowException.invalid_parameter_value(str(err)) from None
         except DeadlineExceeded as err:  # HTTP 504, and the work for it has stopped
             raise MlflowException(f"the request ran past the serving deadline of {self.limits.timeout_s:g} s "
                                   f"({err}); ask for fewer max_new_tokens or rows, or serve with a longer "
                                   "--timeout", error_code=DEADLINE_EXCEEDED) from None
-        table = pd.DataFrame({"text": [s.text for s in out]})
-        if hasattr(self.model, "routed_experts"):
-            table["experts"] = [s.experts for s in out]
-        return table
 
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> MoieModel:
