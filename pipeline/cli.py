@@ -275,7 +275,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from pipeline.store.tracking import tracking_uri
 
     limits = Limits(rows=args.max_rows, new_bytes=args.max_new_bytes, prompt_bytes=args.max_prompt_bytes,
-                    timeout_s=args.timeout)
+                    timeout_s=args.timeout, batch_rows=args.batch_rows, batch_wait_s=args.batch_wait_ms / 1000)
     catalog = Catalog.of_registry(tracking_uri(load_config(args.config, args.overrides)))  # reads only
     version = catalog.resolve(args.uri)  # a clear error for a URI the registry does not know
     check_port_free(args.port)
@@ -286,11 +286,14 @@ def serve_command(args: argparse.Namespace) -> int:
         env = dict(os.environ, MLFLOW_TRACKING_URI=catalog.tracker.uri, MLFLOW_REGISTRY_URI=catalog.tracker.uri,
                    MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=str(math.ceil(limits.timeout_s) + 10),  # ours answers first
                    **NO_PICKLES, **{LIMITS_ENV: json.dumps(dataclasses.asdict(limits))})
-        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local",
-               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+        if args.stream:  # MLflow's app plus /stream, in one process of this environment
+            cmd = [sys.executable, "-m", "pipeline.serve.stream", "--model", str(folder), "--port", str(args.port)]
+        else:
+            cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local",
+                   "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
         print(f"serving {args.uri.strip()} ({uri}, every file checked against the registry's pin) at "
-              f"http://127.0.0.1:{args.port}/invocations", file=sys.stderr)
-        return run_server(cmd, env, "mlflow models serve")
+              f"http://127.0.0.1:{args.port}/invocations" + (" and /stream" if args.stream else ""), file=sys.stderr)
+        return run_server(cmd, env, "moie's streaming server" if args.stream else "mlflow models serve")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -403,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="UTF-8 bytes of prompt text per request, all rows together")
     serve.add_argument("--timeout", type=float, default=limits.timeout_s,
                        help="seconds a request may run, waiting included; past it, generation stops (HTTP 504)")
+    serve.add_argument("--batch-rows", type=int, default=limits.batch_rows,
+                       help="rows (of one request or concurrent ones) whose prompts have one length, generated "
+                            "together; 1: each row alone, its answer bitwise independent of other requests")
+    serve.add_argument("--batch-wait-ms", type=float, default=limits.batch_wait_s * 1000,
+                       help="how long a row waits for others to join its batch")
+    serve.add_argument("--stream", action="store_true",
+                       help="serve MLflow's scoring app plus POST /stream, which sends a row's bytes as they are "
+                            "generated (newline-delimited JSON); without it, `mlflow models serve`")
     serve.set_defaults(func=serve_command)
     return parser
 
