@@ -20,8 +20,17 @@ are compared token for token.
 
     python bench/serving.py --concurrency [--bytes 100]
 
-Serves the same expert and sends 1, then 4, then 16 requests of `--bytes` bytes at once:
-total bytes/s beside one client's, p50 / p95 latency.
+Serves the same expert with `moie serve --stream`, batched (the default) and one row at a
+time (`--batch-rows 1`), and streams 1, then 4, then 16 requests of `--bytes` bytes at once
+from POST /stream, with prompts of one length (rows batch together) and of 16 lengths (they
+cannot): total bytes/s beside one client's, time to first byte and latency, p50 / p95.
+
+    python bench/serving.py --forward-thread
+
+Decoding bytes/s of a default-sized expert at batch 1, 4 and 16, run on the main thread or
+on another thread (after the main one built the model and ran a forward, as a server loads
+it), with 1 and 2 OpenMP threads: why the server runs its forwards on one thread of its own
+with 1 OpenMP thread.
 
     python bench/serving.py --load [--clients 16] [--long-bytes 1024] [--short-bytes 32]
 
@@ -102,9 +111,9 @@ def post(port: int, max_new_tokens: int, seed: int) -> tuple[int, float]:
 
 
 @contextlib.contextmanager
-def served_expert():
-    """(port, model config) of `moie serve` of a default-sized expert (untrained weights: speed does
-    not depend on them) registered in a private store; the server stops on exit."""
+def served_expert(*flags: str):
+    """(port, model config) of `moie serve [flags]` of a default-sized expert (untrained weights:
+    speed does not depend on them) registered in a private store; the server stops on exit."""
     import os
     import socket
     import subprocess
@@ -135,7 +144,7 @@ def served_expert():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", uri, "--port", str(port)], cwd=REPO,
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", uri, "--port", str(port), *flags], cwd=REPO,
                               start_new_session=True, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):  # the server's start: polled
@@ -184,26 +193,109 @@ def load_test(args) -> None:
     print(f"answers other than HTTP 200: {refused or 'none'}", flush=True)
 
 
+def streamed(port: int, prompt: str, max_new_tokens: int, seed: int) -> tuple[int, float, float]:
+    """(HTTP status, seconds to the first byte, seconds to the last) of one /stream request."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"dataframe_records": [{"prompt": prompt, "max_new_tokens": max_new_tokens, "seed": seed}]})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/stream", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    began = time.perf_counter()
+    first = None
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for _ in response:  # a line a byte, read as it arrives
+                first = first or time.perf_counter() - began
+            status = response.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    end = time.perf_counter() - began
+    return status, first or end, end
+
+
+PROMPT = "The ship sailed"  # 15 bytes: every client's prompt has this length ...
+MIXED = [PROMPT[:n] for n in range(4, 20)]  # ... or one of 16 lengths (no two clients can share a batch)
+
+
 def concurrency_test(args) -> None:
-    """1, 4 and 16 clients at once, each asking `--bytes` bytes: total bytes/s and p50 / p95 latency."""
+    """1, 4 and 16 clients at once, each streaming `--bytes` bytes: total bytes/s, time to first
+    byte, p50 / p95 latency; batched vs one row at a time, prompts of one length vs of many."""
     import concurrent.futures
 
-    print(f"CPU: {cpu_name()}; moie serve of a default-sized expert; every client sends one request of "
-          f"{args.bytes} bytes, all at once. MLflow's scoring server answers a request whole (no streaming), "
-          "so the first byte arrives with the last: time to first byte = latency.", flush=True)
-    print("| clients | total bytes/s | vs 1 client | p50 latency | p95 latency | not HTTP 200 |", flush=True)
-    print("|---|---|---|---|---|---|", flush=True)
-    with served_expert() as (port, _):
-        single = None
-        for clients in (1, 4, 16):
-            began = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-                answers = list(pool.map(lambda i: post(port, args.bytes, i), range(clients)))
-            rate = clients * args.bytes / (time.perf_counter() - began)
-            single = single or rate
-            p50, p95 = percentiles([t for _, t in answers])
-            print(f"| {clients} | {rate:.0f} | {rate / single:.2f}x | {p50:.2f} s | {p95:.2f} s | "
-                  f"{sum(status != 200 for status, _ in answers)} |", flush=True)
+    print(f"CPU: {cpu_name()}; moie serve --stream of a default-sized expert; every client streams one request of "
+          f"{args.bytes} bytes from POST /stream, all at once (one warm-up request first)", flush=True)
+    print("| server | prompts | clients | total bytes/s | vs 1 client | first byte p50 / p95 | latency p50 / p95 | "
+          "not HTTP 200 |", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for server, flags in (("batched (default)", ()), ("one row at a time (--batch-rows 1)", ("--batch-rows", "1"))):
+        with served_expert("--stream", *flags) as (port, _):
+            for prompts, texts in (("one length", [PROMPT] * 16), ("16 lengths", MIXED)):
+                single = None
+                for clients in (1, 4, 16):
+                    began = time.perf_counter()
+                    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                        answers = list(pool.map(lambda i: streamed(port, texts[i], args.bytes, i), range(clients)))
+                    rate = clients * args.bytes / (time.perf_counter() - began)
+                    single = single or rate
+                    ttfb = percentiles([first for _, first, _ in answers])
+                    latency = percentiles([end for _, _, end in answers])
+                    print(f"| {server} | {prompts} | {clients} | {rate:.0f} | {rate / single:.2f}x | "
+                          f"{ttfb[0] * 1000:.0f} / {ttfb[1] * 1000:.0f} ms | {latency[0]:.2f} / {latency[1]:.2f} s | "
+                          f"{sum(status != 200 for status, _, _ in answers)} |", flush=True)
+
+
+def step_rates(where: str, threads: int) -> list[float]:
+    """Decoding bytes/s of a default-sized expert at batch 1, 4 and 16 (64 steps after 10), run
+    on the main thread or on another one after the main thread built it and ran a step with
+    torch's default threads (as a server loads a model), with `threads` OpenMP threads."""
+    import threading
+
+    import torch
+
+    from experts.checkpoint import build_model
+    from experts.generation import Decoder
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    model = build_model({"arch": cfg.experts.arch, **cfg.experts.model}).eval()
+    Decoder(model, torch.zeros(1, 15, dtype=torch.long)).logits()  # the loading thread's own forward
+    rates = []
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        for batch in (1, 4, 16):
+            decoder = Decoder(model, torch.randint(0, 256, (batch, 15), generator=torch.Generator().manual_seed(0)))
+            for i in range(74):
+                if i == 10:
+                    began = time.perf_counter()
+                decoder.logits()
+                decoder.append(torch.zeros(batch, 1, dtype=torch.long))
+            rates.append(batch * 64 / (time.perf_counter() - began))
+
+    if where == "main":
+        run()
+    else:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    return rates
+
+
+def thread_test(args) -> None:
+    """The forward's thread and OpenMP threads, each case in a fresh process."""
+    import subprocess
+
+    print(f"CPU: {cpu_name()}; decoding steps of a default-sized expert, bytes/s at batch 1 / 4 / 16, each case "
+          "in a fresh process whose main thread built the model and ran a forward first", flush=True)
+    print("| where | OpenMP threads | batch 1 | batch 4 | batch 16 |\n|---|---|---|---|---|", flush=True)
+    for where in ("main", "another"):
+        for threads in (1, 2):
+            out = subprocess.run([sys.executable, __file__, "--step-rates", where, str(threads)], check=True,
+                                 capture_output=True, text=True).stdout
+            rates = json.loads(out.strip().splitlines()[-1])
+            print(f"| {'main thread' if where == 'main' else 'another thread'} | {threads} | "
+                  + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
 
 
 def decode_bench(args) -> None:
@@ -257,6 +349,9 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true", help="cached vs uncached generation (no pipeline needed)")
     parser.add_argument("--concurrency", action="store_true",
                         help="1, 4 and 16 clients against moie serve, --bytes each (no pipeline needed)")
+    parser.add_argument("--forward-thread", action="store_true",
+                        help="decoding speed by the forward's thread and OpenMP threads (no pipeline needed)")
+    parser.add_argument("--step-rates", nargs=2, metavar=("WHERE", "THREADS"), help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--long-bytes", type=int, default=1024)
     parser.add_argument("--short-bytes", type=int, default=32)
@@ -272,6 +367,10 @@ def main() -> None:
         return decode_bench(args)
     if args.concurrency:
         return concurrency_test(args)
+    if args.forward_thread:
+        return thread_test(args)
+    if args.step_rates:
+        return print(json.dumps(step_rates(args.step_rates[0], int(args.step_rates[1]))))
 
     import mlflow
     import torch
