@@ -164,6 +164,36 @@ class Generation:
         self.chosen: list[list[int | None]] = [[] for _ in rows]  # per new token, the expert weighted most
         self.results: list = [None] * len(rows)
 
+    @property
+    def length(self) -> int:
+        """Tokens in each row so far, prompt included."""
+        return self.decoder.idx.shape[1]
+
+    @property
+    def live(self) -> list[int]:
+        """The rows still generating."""
+        return [i for i, result in enumerate(self.results) if result is None]
+
+    @classmethod
+    def merged(cls, parts: list["Generation"]) -> "Generation":
+        """One generation of the live rows of `parts` (of one model and one length), each row
+        going on where it is, with its own draws; their tokens are fed again in one batch at the
+        next step (a new cache, as at a window's jump: the same tokens, up to rounding)."""
+        import torch
+
+        from experts.generation import Decoder
+
+        if len({part.length for part in parts}) != 1:
+            raise ValueError(f"generations merge at one length, got {[part.length for part in parts]}")
+        live = [(part, i) for part in parts for i in part.live]
+        merged = cls.__new__(cls)
+        merged.model, merged.routed = parts[0].model, parts[0].routed
+        for name in ("rows", "ids", "generators", "new", "chosen"):
+            setattr(merged, name, [getattr(part, name)[i] for part, i in live])
+        merged.results = [None] * len(live)
+        merged.decoder = Decoder(merged.model, torch.cat([part.decoder.idx[i:i + 1] for part, i in live]))  # (B, T)
+        return merged
+
     def _stop(self, i: int, result) -> None:
         self.results[i] = result
         if self.rows[i].finish is not None:
@@ -192,7 +222,7 @@ class Generation:
                                         "nobody waits for it"))
             elif self.results[i] is None and row.deadline is not None and now > row.deadline:
                 self._stop(i, DeadlineExceeded(f"stopped after {done} of {row.max_new_tokens} bytes of a row"))
-        live = [i for i, result in enumerate(self.results) if result is None]
+        live = self.live
         if not live:
             return False
         with self.model.configured(record_routing=True) if self.routed else contextlib.nullcontext():

@@ -226,6 +226,9 @@ def requests(frame: pd.DataFrame, limits: Limits = Limits(), score: bool = False
     return rows
 
 
+CATCH_UP = 64  # tokens: how far behind a shorter batch may be for a longer one to wait for it, and rounds it waits
+
+
 class Scheduler:
     """The one thread that runs a served model's forwards, and what it runs next.
 
@@ -233,8 +236,10 @@ class Scheduler:
     one length), until `size` rows have joined; its batch (`Generation`) then joins those
     running, and the thread advances every running batch by one step in turn, so 16 clients
     cost little more than one where a step's time is per-operator overhead, and a short request
-    is not queued behind a long batch. Score jobs run between two rounds of steps. `submit`
-    and `run` return Futures, resolved as soon as their row or job is done.
+    is not queued behind a long batch. A batch at most CATCH_UP tokens ahead of a shorter one
+    waits for it to catch up, and batches of one length merge: rows whose prompts differ a
+    little in length share a batch after a few steps. Score jobs run between two rounds of
+    steps. `submit` and `run` return Futures, resolved as soon as their row or job is done.
 
     One thread, with one OpenMP thread: a decoding step run from a thread other than the one
     that loaded the model, with torch's 2 OpenMP threads, ran 2-2.4x slower than with 1 at
@@ -289,6 +294,7 @@ class Scheduler:
 
         torch.set_num_threads(1)  # this thread's own: see the class's docstring
         running: list[Generation] = []
+        waited: dict[Generation, int] = {}  # rounds a batch has waited for a shorter one in a row
         while True:
             with self._wake:
                 while not (running or self._ready or self._jobs or self._gathering_done()):
@@ -308,13 +314,46 @@ class Scheduler:
                     future.set_result(job())
                 except BaseException as err:
                     future.set_exception(err)
-            for generation in list(running):  # a step each, in turn
-                try:
-                    alive = generation.step()
-                except BaseException:  # its rows were told why (Generation.step)
-                    alive = False
-                if not alive:
-                    running.remove(generation)
+            running = self.round(running, waited)
+
+    def round(self, running: list[Generation], waited: dict) -> list[Generation]:
+        """What the thread runs between two looks at its queue: batches at one length merged (up to `size` live rows), then a step for each in turn,
+        except for a batch a shorter one is catching up with (at most CATCH_UP tokens behind:
+        it waits, CATCH_UP rounds in a row at most), so that rows whose prompts differ a little
+        in length end up in one batch; returns the batches still generating."""
+        running = self._merged(running)
+        waiting = [g for g in running if waited.get(g, 0) < CATCH_UP and any(  # (lengths at the round's start)
+            0 < g.length - other.length <= CATCH_UP and len(other.live) + len(g.live) <= self.size for other in running)]
+        for generation in sorted(running, key=lambda g: g.length):
+            if generation in waiting:
+                waited[generation] = waited.get(generation, 0) + 1
+                continue
+            waited.pop(generation, None)
+            try:
+                alive = generation.step()
+            except BaseException:  # its rows were told why (Generation.step)
+                alive = False
+            if not alive:
+                running.remove(generation)
+        for gone in set(waited) - set(running):
+            del waited[gone]
+        return running
+
+    def _merged(self, running: list[Generation]) -> list[Generation]:
+        """The batches, those at one length merged while their live rows fit in `size`."""
+        by_length: dict[int, list[Generation]] = {}
+        for generation in running:
+            by_length.setdefault(generation.length, []).append(generation)
+        merged = []
+        for group in by_length.values():
+            batch: list[Generation] = []
+            for generation in group:
+                if batch and sum(len(g.live) for g in batch) + len(generation.live) > self.size:
+                    merged.append(batch[0] if len(batch) == 1 else Generation.merged(batch))
+                    batch = []
+                batch.append(generation)
+            merged.append(batch[0] if len(batch) == 1 else Generation.merged(batch))
+        return merged
 
     def _closed(self, opened: float) -> bool:
         return time.monotonic() >= opened + self.wait_s

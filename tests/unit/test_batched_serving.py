@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+from concurrent.futures import Future
 import time
 
 import pandas as pd
@@ -19,8 +20,8 @@ from steps import counted_steps
 from composition.model import ComposedLM
 from experts.gpt import GPT, GPTConfig
 from experts.hourglass import HourglassConfig, HourglassLM
-from pipeline.serve.sampling import Cancelled, DeadlineExceeded, Limits, Row, sample, sample_together
-from pipeline.serve.serving import MoieModel
+from pipeline.serve.sampling import Cancelled, DeadlineExceeded, Generation, Limits, Row, sample, sample_together
+from pipeline.serve.serving import MoieModel, Scheduler
 from routing.ensemble import prefix_router
 from routing.router import ClusterRouter
 
@@ -110,6 +111,43 @@ def test_rows_of_other_lengths_run_in_batches_of_their_own():
     assert steps[0] == 4 * 5  # four batches (one a length) of two rows each, five steps each
     assert texts == [sample(model.model, p, 5, 0.0, 50, 0).text for p in ["E", "Ff", "Ggg", "Hhhh"]]
     assert list(got["text"]) == [sample(model.model, p, 5, 0.8, 50, 0).text for p in ["A", "Bb", "Ccc", "Dddd"]]
+
+
+@pytest.mark.parametrize("name", ["hourglass", "composition"])
+def test_rows_whose_prompts_differ_a_little_in_length_catch_up_merge_and_answer_as_alone(name):
+    model = built(name)
+    prompts = ["The ship", "The ship s", "The ship sai"]  # 8, 10 and 12 bytes
+    settings = [dict(max_new_tokens=20, temperature=t, top_k=50, seed=i) for i, t in enumerate([0.0, 0.8, 1.0])]
+    alone = [sample(model, p, **s) for p, s in zip(prompts, settings)]
+    steps = counted_steps(model)
+    scheduler = Scheduler(model, size=4, wait_s=0.005)  # its thread never starts: the test runs its rounds
+    futures = []
+    running = []
+    for p, s in zip(prompts, settings):
+        row = Row(p, **s)
+        futures.append(Future())
+        row.finish = futures[-1].set_result
+        running.append(Generation(model, [row]))
+    waited: dict = {}
+    batches = []
+    while running:
+        running = scheduler.round(running, waited)
+        batches.append(len(running))
+    assert [f.result().text for f in futures] == [a.text for a in alone]
+    # the 8-byte row alone for 2 steps, with the 10-byte one for 2, then all three in one batch for 20
+    assert steps[0] == 2 + 2 + 20
+    assert batches[:5] == [3, 3, 2, 2, 1]  # batches after each round: merged at 10 bytes, then at 12
+
+
+def test_concurrent_requests_of_other_prompt_lengths_answer_what_they_answer_one_by_one():
+    rows = [dict(prompt=p, max_new_tokens=30, temperature=0.8, seed=i)
+            for i, p in enumerate(["The", "The s", "The shi", "The ship s"])]
+    model = served("composition")
+    expected = [served("composition", batch_rows=1).predict(pd.DataFrame([row])) for row in rows]
+    with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
+        answers = list(pool.map(lambda row: model.predict(pd.DataFrame([row])), rows))
+    for got, want in zip(answers, expected):
+        pd.testing.assert_frame_equal(got, want)
 
 
 @pytest.mark.parametrize("name", ["hourglass", "composition"])
