@@ -8,9 +8,10 @@ the hourglass expert against a plain nanoGPT-shaped GPT, side by side in one run
 Every candidate trains in its own process on `--threads` threads (2: the default machine)
 for `budget` seconds of training (evaluation not counted), with the learning rate on a
 clock: linear warm-up over the first 3 % of the budget, then cosine to 0.1x by its end.
-Data: the default config's embedded corpus, training split; score: bits per byte of the
-first 256 K tokens of the validation split (whole works never trained on), each model in
-windows of its own context. The test split is never read. The GPT is the usual shape
+Data: the default config's embedded corpus, training split; score: bits per byte of 256 K
+tokens of the validation split (whole works never trained on), an equal share from each of
+the six domains (before this round: the split's first 256 K tokens, plays and scripture
+only), each model in windows of its own context. The test split is never read. The GPT is the usual shape
 (pre-norm, GELU MLP, learned positions, AdamW, weight decay on matrices), swept over size,
 context, batch and rate so that it is not tuned to lose. Results (one JSON line each)
 are appended to `--out`; the table at the end prints each arch's best per budget and the ratio.
@@ -85,10 +86,28 @@ def corpus_tokens():
     from pipeline.text.corpus import load_corpus
 
     docs = load_corpus(load_config(REPO / "configs" / "default.yaml").corpus)
-    eos = EOS_ID
-    train = encode_texts([d.text for d in docs if d.split == "train"], eos)
-    val = encode_texts([d.text for d in docs if d.split == "validation"], eos)
-    return np.asarray(train), np.asarray(val[:EVAL_TOKENS + 1])
+    train = encode_texts([d.text for d in docs if d.split == "train"], EOS_ID)
+    return np.asarray(train), validation_tokens(docs, EOS_ID)
+
+
+def validation_tokens(docs, eos: int):
+    """EVAL_TOKENS + 1 validation tokens, an equal share from each domain (its documents in
+    corpus order): the corpus-ordered prefix of the split would be one or two domains."""
+    import numpy as np
+
+    from experts.tokenizer import encode_texts
+
+    domains = sorted({d.source or "unlabelled" for d in docs if d.split == "validation"})
+    share = -(-(EVAL_TOKENS + 1) // len(domains))
+    parts = []
+    for domain in domains:
+        tokens = encode_texts([d.text for d in docs if d.split == "validation" and (d.source or "unlabelled") == domain],
+                              eos)
+        if len(tokens) < share:
+            raise SystemExit(f"domain {domain} has {len(tokens)} validation tokens, fewer than its share {share} "
+                             f"of EVAL_TOKENS = {EVAL_TOKENS}; lower EVAL_TOKENS")
+        parts.append(np.asarray(tokens[:share]))
+    return np.concatenate(parts)[:EVAL_TOKENS + 1]
 
 
 def train_for(name: str, budget: float, threads: int, precision: str) -> dict:
