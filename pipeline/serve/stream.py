@@ -86,7 +86,11 @@ def build_app(pyfunc):
         loop, out, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         events = served.predict_stream(pd.DataFrame(records))  # checks the row at its first step
         threading.Thread(target=_pump, args=(events, loop, out, gone), daemon=True, name="moie-stream").start()
-        first = await out.get()
+        try:
+            first = await out.get()
+        except BaseException:  # the client left before the first byte
+            gone.set()
+            raise
         if isinstance(first, MlflowException):  # refused before any byte: MLflow's status and error
             return refused(first)
         if isinstance(first, BaseException):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
-from concurrent.futures import Future
 import time
+from concurrent.futures import Future
 
 import pandas as pd
 import pytest
