@@ -175,6 +175,17 @@ def test_closing_a_stream_stops_its_generation_at_the_next_step():
     assert steps[0] == stopped_at < 10  # nothing runs for it any more, far from the 1,000 bytes asked for
 
 
+def test_a_stream_past_its_deadline_ends_with_a_504_naming_it():
+    from mlflow.exceptions import MlflowException
+
+    model = served("gpt", timeout_s=0.05)
+    stream = model.predict_stream(pd.DataFrame([{"prompt": "The ship", "max_new_tokens": 1024}]))
+    with pytest.raises(MlflowException, match="ran past the serving deadline of 0.05 s") as err:
+        for _ in stream:  # 1,024 steps take far longer than 0.05 s
+            pass
+    assert err.value.get_http_status_code() == 504
+
+
 def test_a_cancelled_row_is_reported_cancelled():
     row = Row("The ship", 1000, 0.0, 50, 0, cancelled=lambda: True)
     [result] = sample_together(built("gpt"), [row])
