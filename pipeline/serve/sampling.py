@@ -37,6 +37,8 @@ class Limits:
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ConfigError(f"serving limit {field.name} must be a positive number, got {value!r}")
+            if field.type in (int, "int") and not isinstance(value, int):
+                raise ConfigError(f"serving limit {field.name} must be a whole number, got {value!r}")
 
     @classmethod
     def from_env(cls) -> "Limits":
@@ -204,10 +206,13 @@ class Generation:
         try:
             return self._step()
         except BaseException as err:  # every row still running learns why its batch stopped
-            for i, result in enumerate(self.results):
-                if result is None:
-                    self._stop(i, err)
+            self.fail(err)
             raise
+
+    def fail(self, err: BaseException) -> None:
+        """Every row still running stops with `err`."""
+        for i in self.live:
+            self._stop(i, err)
 
     def _step(self) -> bool:
         import torch
@@ -232,11 +237,15 @@ class Generation:
         tokens = torch.zeros(len(self.rows), 1, dtype=torch.long)  # a finished row's stays 0, unread
         for i in live:
             row = self.rows[i]
-            tokens[i] = next_token(logits[i:i + 1], row.temperature, row.top_k, self.generators[i])[0]
-            self.new[i].append(int(tokens[i]))
-            self.chosen[i].append(experts[i])
-            if row.emit is not None:
-                row.emit(self.new[i][-1], experts[i])
+            try:  # a row's own fault (its draw, its listener) stops that row, not its batch
+                tokens[i] = next_token(logits[i:i + 1], row.temperature, row.top_k, self.generators[i])[0]
+                self.new[i].append(int(tokens[i]))
+                self.chosen[i].append(experts[i])
+                if row.emit is not None:
+                    row.emit(self.new[i][-1], experts[i])
+            except Exception as err:
+                self._stop(i, err)
+                continue
             if len(self.new[i]) == row.max_new_tokens:
                 self._stop(i, _sample(self.ids[i], self.new[i], self.chosen[i] if self.routed else None))
         self.decoder.append(tokens)

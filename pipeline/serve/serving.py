@@ -39,6 +39,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
+import logging
 import math
 import numbers
 import os
@@ -48,7 +49,7 @@ import tempfile
 import threading
 import time
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Callable, Iterator
@@ -67,6 +68,7 @@ KINDS = ("model", "composition")  # an exported model (expert, central) or a com
 LOADED = {"model": ("model.safetensors", "model.json"),  # the files a load reads: each needs its sha256
           "composition": ("composition.safetensors", "composition.json", "composition_manifest.json")}
 NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # MLflow refuses to unpickle anything
+log = logging.getLogger(__name__)
 
 
 def signature(kind: str):
@@ -308,13 +310,20 @@ class Scheduler:
                     running.append(Generation(self.model, rows))
                 except BaseException as err:  # e.g. a bad setting: its rows hear of it
                     for row in rows:
-                        row.finish(err)
+                        if row.finish is not None:
+                            row.finish(err)
             for job, future in jobs:
                 try:
                     future.set_result(job())
                 except BaseException as err:
                     future.set_exception(err)
-            running = self.round(running, waited)
+            try:
+                running = self.round(running, waited)
+            except Exception as err:  # a fault of the scheduling itself: its rows hear of it, the thread goes on
+                log.exception("the forward thread's round failed; stopping the rows it held")
+                for generation in running:
+                    generation.fail(err)
+                running, waited = [], {}
 
     def round(self, running: list[Generation], waited: dict) -> list[Generation]:
         """What the thread runs between two looks at its queue: batches at one length merged (up to `size` live rows), then a step for each in turn,
@@ -349,10 +358,10 @@ class Scheduler:
             batch: list[Generation] = []
             for generation in group:
                 if batch and sum(len(g.live) for g in batch) + len(generation.live) > self.size:
-                    merged.append(batch[0] if len(batch) == 1 else Generation.merged(batch))
+                    merged += _merge(batch)
                     batch = []
                 batch.append(generation)
-            merged.append(batch[0] if len(batch) == 1 else Generation.merged(batch))
+            merged += _merge(batch)
         return merged
 
     def _closed(self, opened: float) -> bool:
@@ -366,6 +375,17 @@ class Scheduler:
         if not self._gathering:
             return None
         return max(0.0, min(opened for opened, _ in self._gathering.values()) + self.wait_s - time.monotonic())
+
+
+def _merge(batch: list[Generation]) -> list[Generation]:
+    """The batch as one generation; as it was if merging fails (its rows go on apart)."""
+    if len(batch) == 1:
+        return batch
+    try:
+        return [Generation.merged(batch)]
+    except Exception:
+        log.exception("merging %d batches failed; they go on apart", len(batch))
+        return batch
 
 
 def _resolve(future: Future, result) -> None:
@@ -404,6 +424,7 @@ class MoieModel:
             failed = threading.Event()  # a row failed: the request's other rows stop at their next step
             futures = [self.scheduler.submit(Row(**r, deadline=deadline, cancelled=failed.is_set)) for r in rows]
             try:
+                wait(futures, return_when=FIRST_EXCEPTION)  # a row that fails stops the others at once
                 out = [future.result() for future in futures]
             finally:
                 failed.set()  # (harmless once every row is done)
@@ -412,13 +433,14 @@ class MoieModel:
             table["experts"] = [s.experts for s in out]
         return table
 
-    def predict_stream(self, model_input: pd.DataFrame, params: dict | None = None) -> Iterator[dict]:
+    def predict_stream(self, model_input: pd.DataFrame, params: dict | None = None,
+                       cancelled: Callable[[], bool] | None = None) -> Iterator[dict]:
         """One row's continuation as it is generated: a dict a byte, {"text": what the byte adds
         to the text (UTF-8 decoded incrementally: "" inside a character, U+FFFD for a broken
         one)}, with "expert" for a composition (as predict's experts; a last {"text": U+FFFD}
         closing a broken character has none); their texts joined, and their experts listed, are
-        what predict returns for the row. Closing the iterator stops the row's generation at its
-        next step."""
+        what predict returns for the row. Closing the iterator, or `cancelled()` turning true (a
+        server's "the client left"), stops the row's generation at its next step."""
         deadline = time.monotonic() + self.limits.timeout_s
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         events: queue.SimpleQueue = queue.SimpleQueue()
@@ -427,7 +449,8 @@ class MoieModel:
             rows = requests(frame, self.limits)
             if len(rows) != 1:
                 raise ConfigError(f"a stream generates one row, got {len(rows)}; send each row as a request of its own")
-            self.scheduler.submit(Row(**rows[0], deadline=deadline, cancelled=stopped.is_set,
+            self.scheduler.submit(Row(**rows[0], deadline=deadline,
+                                      cancelled=lambda: stopped.is_set() or bool(cancelled and cancelled()),
                                     emit=lambda token, expert: events.put((token, expert)),
                                     finish=lambda result: events.put((None, result))))
         routed = hasattr(self.model, "routed_experts")

@@ -73,6 +73,20 @@ def build_app(pyfunc):
                           "(pip install -U mlflow), or serve without --stream")
     served = pyfunc.get_raw_model()  # the MoieModel behind the pyfunc
 
+    class Stream(StreamingResponse):
+        """A streaming response that sets `gone` however it ends: the client leaving cancels it
+        here even where a middleware keeps the body's generator alive."""
+
+        def __init__(self, content, gone: threading.Event, **kwargs):
+            super().__init__(content, **kwargs)
+            self.gone = gone
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.gone.set()  # the row stops at its next step (its Row's cancelled())
+
     def refused(err: MlflowException) -> Response:
         return Response(content=err.serialize_as_json(), status_code=err.get_http_status_code(),
                         media_type="application/json")
@@ -84,11 +98,11 @@ def build_app(pyfunc):
         except ConfigError as err:
             return refused(MlflowException.invalid_parameter_value(str(err)))
         loop, out, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        events = served.predict_stream(pd.DataFrame(records))  # checks the row at its first step
+        events = served.predict_stream(pd.DataFrame(records), cancelled=gone.is_set)  # checks the row first
         threading.Thread(target=_pump, args=(events, loop, out, gone), daemon=True, name="moie-stream").start()
         try:
             first = await out.get()
-        except BaseException:  # the client left before the first byte
+        except BaseException:  # cancelled (a timeout, a shutdown) before the first byte
             gone.set()
             raise
         if isinstance(first, MlflowException):  # refused before any byte: MLflow's status and error
@@ -103,14 +117,15 @@ def build_app(pyfunc):
                     if isinstance(event, MlflowException):
                         yield json.dumps({"error": event.message, "status": event.get_http_status_code()}) + "\n"
                         return
-                    if isinstance(event, BaseException):
-                        raise event
+                    if isinstance(event, BaseException):  # the model's own fault: said, not a cut-off stream
+                        yield json.dumps({"error": f"{type(event).__name__}: {event}", "status": 500}) + "\n"
+                        return
                     yield json.dumps(event) + "\n"
                     event = await out.get()
             finally:
-                gone.set()  # the client left or the row is done: the pump closes the generator
+                gone.set()
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return Stream(lines(), gone, media_type="application/x-ndjson")
 
     return app
 

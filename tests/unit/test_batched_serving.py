@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import threading
 import time
 from concurrent.futures import Future
 
@@ -93,7 +94,7 @@ def test_concurrent_requests_are_batched_and_answer_what_they_answer_one_by_one(
     batched = served("composition", batch_rows=len(rows), batch_wait_s=600)
     steps = counted_steps(batched.model)
     with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
-        answers = list(pool.map(lambda row: batched.predict(pd.DataFrame([row])), rows))
+        answers = list(pool.map(lambda row: batched.predict(pd.DataFrame([row])), rows, timeout=300))
     for got, want in zip(answers, expected):
         pd.testing.assert_frame_equal(got, want)
     assert steps[0] == max(s["max_new_tokens"] for s in SETTINGS)  # the four requests ran as one batch
@@ -106,8 +107,8 @@ def test_rows_of_other_lengths_run_in_batches_of_their_own():
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # four batches of one row, each waiting ...
         answer = pool.submit(model.predict, frame)
         extra = [model.scheduler.submit(Row(p, 5, 0.0, 50, 0)) for p in ["E", "Ff", "Ggg", "Hhhh"]]  # ... for its second
-        got = answer.result()
-    texts = [f.result().text for f in extra]
+        got = answer.result(timeout=300)
+    texts = [f.result(timeout=300).text for f in extra]
     assert steps[0] == 4 * 5  # four batches (one a length) of two rows each, five steps each
     assert texts == [sample(model.model, p, 5, 0.0, 50, 0).text for p in ["E", "Ff", "Ggg", "Hhhh"]]
     assert list(got["text"]) == [sample(model.model, p, 5, 0.8, 50, 0).text for p in ["A", "Bb", "Ccc", "Dddd"]]
@@ -133,7 +134,7 @@ def test_rows_whose_prompts_differ_a_little_in_length_catch_up_merge_and_answer_
     while running:
         running = scheduler.round(running, waited)
         batches.append(len(running))
-    assert [f.result().text for f in futures] == [a.text for a in alone]
+    assert [f.result(timeout=0).text for f in futures] == [a.text for a in alone]
     # the 8-byte row alone for 2 steps, with the 10-byte one for 2, then all three in one batch for 20
     assert steps[0] == 2 + 2 + 20
     assert batches[:5] == [3, 3, 2, 2, 1]  # batches after each round: merged at 10 bytes, then at 12
@@ -165,14 +166,35 @@ def test_a_stream_yields_the_bytes_and_experts_predict_returns(name):
 def test_closing_a_stream_stops_its_generation_at_the_next_step():
     model = served("gpt")
     steps = counted_steps(model.model)
+    permits = threading.Semaphore(0)  # a step runs only with a permit: the test sets the pace
+    counted = model.model.extend
+
+    def paced(*args, **kwargs):
+        permits.acquire()
+        return counted(*args, **kwargs)
+
+    model.model.extend = paced
     stream = model.predict_stream(pd.DataFrame([{"prompt": "The ship", "max_new_tokens": 1000}]))
-    assert [next(stream) for _ in range(3)]
+    permits.release(3)
+    assert len([next(stream) for _ in range(3)]) == 3  # three steps, three bytes
     stream.close()
+    permits.release(100)  # enough for any step begun before the close, and for 96 more if it went on
     for _ in range(2):  # jobs run between rounds of steps: two rounds on, the cancelled row has stopped
-        model.scheduler.run(lambda: None).result()
-    stopped_at = steps[0]
-    model.scheduler.run(lambda: None).result()
-    assert steps[0] == stopped_at < 10  # nothing runs for it any more, far from the 1,000 bytes asked for
+        model.scheduler.run(lambda: None).result(timeout=300)
+    assert 3 <= steps[0] <= 4  # the three read, and at most the one begun before the close
+
+
+def test_a_row_whose_listener_fails_stops_alone_and_its_batch_goes_on():
+    model = built("gpt")
+
+    def broken(token, expert):
+        raise RuntimeError("the listener is gone")
+
+    failing = Row(PROMPTS[0], **SETTINGS[0], emit=broken)
+    other = Row(PROMPTS[1], **SETTINGS[2])
+    stopped, finished = sample_together(model, [failing, other])
+    assert isinstance(stopped, RuntimeError)
+    assert finished.text == sample(model, PROMPTS[1], **SETTINGS[2]).text
 
 
 def test_a_stream_past_its_deadline_ends_with_a_504_naming_it():
