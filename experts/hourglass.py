@@ -254,7 +254,6 @@ class HourglassLM(nn.Module):
         self.lm_head.weight = self.wte.weight  # weight tying
         self.predict_latent = nn.Linear(d[-1], d[-1], bias=False) if cfg.latent_loss > 0 else None
         self.latent_loss_scale = 1.0  # the trainer warms the latent loss up through this
-        self._visible: dict = {}  # incremental decoding: visible positions of a group's rows, by level
         self.apply(_init_weights)
         for up in self.up:
             # The decoder starts from the skip alone; the latents' share grows as they become useful.
@@ -380,18 +379,18 @@ class HourglassLM(nn.Module):
         positions = torch.arange(g * G, (g + 1) * G, device=tokens.device)
         x = self.wte(F.pad(tokens, (0, G - m))) + self.wpe(positions)
         h = (x.view(B, 1, G, -1) + self.pos[0])  # (B, 1, G, d0)
-        self._record(cache, "embed", h, g)
+        self._record(cache, "embed", h)
         skips = [h]
         for l in range(1, levels + 1):
             h = self.enc[l - 1](self.compress[l - 1](h) + self.pos[l], cache, f"enc.{l - 1}")  # (B, 1, K_l, d_l)
-            h = self._inject_group(inject, f"encoder{l}", h, g)
-            self._record(cache, f"encoder{l}", h, g)
+            h = self._inject_group(inject, f"encoder{l}", h, cache)
+            self._record(cache, f"encoder{l}", h)
             skips.append(h)
         if levels == L:
             K = h.shape[2]
             h = self.latent(h.reshape(B, K, -1), cache).view(B, 1, K, -1)
-            h = self._inject_group(inject, "latent", h, g)
-            self._record(cache, "latent", h, g)
+            h = self._inject_group(inject, "latent", h, cache)
+            self._record(cache, "latent", h)
         last = cache.extra.setdefault("last", {})  # level -> the final latents of the group before
         done = {}
         for l in reversed(range(1, L + 1)):
@@ -403,41 +402,41 @@ class HourglassLM(nn.Module):
             h = self.up[l - 1](own, skips[l - 1], self.pos[l - 1], prev=last.get(l), group=g,
                                cache=cache.layer(f"up.{l - 1}") if self.up[l - 1].attn is not None else None)
             h = self.dec[l - 1](h, cache, f"dec.{l - 1}")  # (B, 1, R_{l-1}, d_{l-1})
-            h = self._inject_group(inject, f"decoder{l}", h, g)
-            self._record(cache, f"decoder{l}", h, g)
+            h = self._inject_group(inject, f"decoder{l}", h, cache)
+            self._record(cache, f"decoder{l}", h)
         if cache.keep_states:  # a stage this group has not reached yet: no rows so far
             widths = {"latent": cfg.widths[-1], **{f"encoder{l}": cfg.widths[l] for l in range(1, L + 1)},
                       **{f"decoder{l}": cfg.widths[l - 1] for l in range(1, L + 1)}}
             for name, width in widths.items():
                 if name not in cache.states:
-                    self._record(cache, name, h.new_zeros(B, 1, 0, width), g)
+                    self._record(cache, name, h.new_zeros(B, 1, 0, width))
         if m == G:  # the group is complete: its rows are final
             last.update({l: done[l] for l in range(1, L + 1)})
             cache.commit()
             cache.extra["groups"] = g + 1
+            cache.extra.pop("visible", None)  # the next group's positions
         return h.reshape(B, G, -1)[:, :m]
 
-    def _inject_group(self, inject, name: str, h: torch.Tensor, group: int) -> torch.Tensor:
-        """_inject for the rows (B, 1, R, C) of one group, at their positions in the sequence."""
+    def _inject_group(self, inject, name: str, h: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """_inject for the rows (B, 1, R, C) of the cache's open group, at their positions in the sequence."""
         if inject is None:
             return h
         B, _, R, C = h.shape
-        return inject(name, h.reshape(B, R, C), self._group_visible(R, group, h.device)).view(B, 1, R, C)
+        return inject(name, h.reshape(B, R, C), self._group_visible(cache, R, h.device)).view(B, 1, R, C)
 
-    def _record(self, cache: DecodeCache, name: str, h: torch.Tensor, group: int) -> None:
+    def _record(self, cache: DecodeCache, name: str, h: torch.Tensor) -> None:
         if cache.keep_states:
             B, _, R, C = h.shape
-            cache.record(name, h.reshape(B, R, C), self._group_visible(R, group, h.device))
+            cache.record(name, h.reshape(B, R, C), self._group_visible(cache, R, h.device))
 
-    def _group_visible(self, rows: int, group: int, device) -> torch.Tensor:
-        """(rows,) visible positions of a level's rows in group `group` (kept: a step asks for each a few times)."""
-        key = (rows, group, device)
-        visible = self._visible.get(key)
-        if visible is None:
-            visible = level_visible(1, rows, self.config.group_len, device) + group * self.config.group_len
-            kept = {k: v for k, v in self._visible.items() if k[1] == group}  # this group's only
-            self._visible = {**kept, key: visible}  # a new dict: another decoding's reads stay valid
-        return visible
+    def _group_visible(self, cache: DecodeCache, rows: int, device) -> torch.Tensor:
+        """(rows,) visible positions of a level's rows in the cache's open group (kept in the cache
+        until the group is complete: a step asks for each a few times)."""
+        memo = cache.extra.setdefault("visible", {})  # rows -> positions, this group's
+        if rows not in memo:
+            group = cache.extra.get("groups", 0)
+            memo[rows] = level_visible(1, rows, self.config.group_len, device) + group * self.config.group_len
+        return memo[rows]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
