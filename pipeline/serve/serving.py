@@ -310,8 +310,7 @@ class Scheduler:
                     running.append(Generation(self.model, rows))
                 except BaseException as err:  # e.g. a bad setting: its rows hear of it
                     for row in rows:
-                        if row.finish is not None:
-                            row.finish(err)
+                        row.finish(err)  # (submit set it)
             for job, future in jobs:
                 try:
                     future.set_result(job())
@@ -326,13 +325,14 @@ class Scheduler:
                 running, waited = [], {}
 
     def round(self, running: list[Generation], waited: dict) -> list[Generation]:
-        """What the thread runs between two looks at its queue: batches at one length merged (up to `size` live rows), then a step for each in turn,
-        except for a batch a shorter one is catching up with (at most CATCH_UP tokens behind:
-        it waits, CATCH_UP rounds in a row at most), so that rows whose prompts differ a little
-        in length end up in one batch; returns the batches still generating."""
+        """What the thread runs between two looks at its queue: batches at one length merged (up
+        to `size` live rows), then a step for each in turn, except for a batch a shorter one is
+        catching up with (at most CATCH_UP tokens behind: it waits, CATCH_UP rounds in a row at
+        most), so that rows whose prompts differ a little in length end up in one batch; returns
+        the batches still generating."""
         running = self._merged(running)
-        waiting = [g for g in running if waited.get(g, 0) < CATCH_UP and any(  # (lengths at the round's start)
-            0 < g.length - other.length <= CATCH_UP and len(other.live) + len(g.live) <= self.size for other in running)]
+        waiting = {g for g in running if waited.get(g, 0) < CATCH_UP and any(  # (lengths at the round's start)
+            0 < g.length - other.length <= CATCH_UP and len(other.live) + len(g.live) <= self.size for other in running)}
         for generation in sorted(running, key=lambda g: g.length):
             if generation in waiting:
                 waited[generation] = waited.get(generation, 0) + 1

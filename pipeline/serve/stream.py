@@ -38,20 +38,16 @@ def one_row(body: bytes) -> list[dict]:
     return records
 
 
-def _pump(events, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, gone: threading.Event) -> None:
+def _pump(events, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> None:
     """In a thread of its own: each event of the row's generator onto the event loop's queue,
-    then None (or the exception that ended it); closes the generator, which stops the row's
-    generation, once the client is gone."""
+    then None, or the exception that ended it (a bad request, a deadline, the row cancelled
+    once its client left)."""
     try:
         for event in events:
-            if gone.is_set():
-                break
             loop.call_soon_threadsafe(out.put_nowait, event)
         end = None
-    except BaseException as err:  # a bad request or a deadline: the client hears of it
+    except BaseException as err:
         end = err
-    finally:
-        events.close()
     loop.call_soon_threadsafe(out.put_nowait, end)
 
 
@@ -99,7 +95,7 @@ def build_app(pyfunc):
             return refused(MlflowException.invalid_parameter_value(str(err)))
         loop, out, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         events = served.predict_stream(pd.DataFrame(records), cancelled=gone.is_set)  # checks the row first
-        threading.Thread(target=_pump, args=(events, loop, out, gone), daemon=True, name="moie-stream").start()
+        threading.Thread(target=_pump, args=(events, loop, out), daemon=True, name="moie-stream").start()
         try:
             first = await out.get()
         except BaseException:  # cancelled (a timeout, a shutdown) before the first byte
@@ -110,20 +106,17 @@ def build_app(pyfunc):
         if isinstance(first, BaseException):
             raise first
 
-        async def lines():
+        async def lines():  # (Stream sets `gone` however the response ends)
             event = first
-            try:
-                while event is not None:
-                    if isinstance(event, MlflowException):
-                        yield json.dumps({"error": event.message, "status": event.get_http_status_code()}) + "\n"
-                        return
-                    if isinstance(event, BaseException):  # the model's own fault: said, not a cut-off stream
-                        yield json.dumps({"error": f"{type(event).__name__}: {event}", "status": 500}) + "\n"
-                        return
-                    yield json.dumps(event) + "\n"
-                    event = await out.get()
-            finally:
-                gone.set()
+            while event is not None:
+                if isinstance(event, MlflowException):
+                    yield json.dumps({"error": event.message, "status": event.get_http_status_code()}) + "\n"
+                    return
+                if isinstance(event, BaseException):  # the model's own fault: said, not a cut-off stream
+                    yield json.dumps({"error": f"{type(event).__name__}: {event}", "status": 500}) + "\n"
+                    return
+                yield json.dumps(event) + "\n"
+                event = await out.get()
 
         return Stream(lines(), gone, media_type="application/x-ndjson")
 
