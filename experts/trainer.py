@@ -22,6 +22,12 @@ from experts.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 
 log = logging.getLogger(__name__)
 
+# compile: auto compiles a schedule of at least this many steps. Measured on the default expert
+# (bench/profile_expert_step.py --compile, 2-core AMD EPYC, bf16, one thread): a compiled step
+# saves ~30 ms of ~105, a cold compile costs ~2 min (once per model shape and thread count) and
+# one from the inductor cache ~5 s: a few hundred steps repay a warm compile, ~4,000 a cold one.
+COMPILE_MIN_STEPS = 2_000
+
 
 @dataclass
 class TrainConfig:
@@ -44,7 +50,9 @@ class TrainConfig:
     latent_loss_warmup: int = 100
     log_every: int = 10
     seed: int = 0
-    compile: bool = False  # torch.compile the training forward (CPU: inductor + a C++ compiler); eager if it fails
+    # torch.compile the training forward (CPU: inductor + a C++ compiler; eager if it fails):
+    # true | false | auto (schedules of COMPILE_MIN_STEPS steps or more: the dense model, its continuation)
+    compile: bool | str = "auto"
 
     def __post_init__(self):
         """Refuse values no run can use, naming the field and what is valid."""
@@ -66,12 +74,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be {valid[name]}, got {getattr(self, name)!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be one of auto, bf16, fp32; got {self.precision!r}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be true, false or auto; got {self.compile!r}")
 
     def tokens_per_step(self, seq_len: int) -> int:
         return self.batch_size * seq_len * self.grad_accum
 
     def steps(self, seq_len: int) -> int:
         return max(1, self.max_tokens // self.tokens_per_step(seq_len))
+
+    def compiles(self, seq_len: int) -> bool:
+        """Whether training compiles: decided by the whole schedule, so that a run resumed near its
+        end (or its seed phase) trains as the uninterrupted run does."""
+        return self.compile is True or (self.compile == "auto" and self.steps(seq_len) >= COMPILE_MIN_STEPS)
 
 
 @dataclass
@@ -213,7 +228,8 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
     window_t0, window_tokens = time.perf_counter(), 0
     tokens_per_step = cfg.tokens_per_step(seq_len)
     end = total if stop_at is None else min(stop_at, total)
-    forward = CompileOnce(model) if cfg.compile else model  # compiled lazily, at its first call
+    forward = CompileOnce(model) if cfg.compiles(seq_len) else model  # compiled lazily, at its first call
+    first_step = step
     while step < end:
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
@@ -234,6 +250,8 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
         step += 1
         loss_value = loss_sum / cfg.grad_accum
         window_tokens += tokens_per_step
+        if step == first_step + 1 and forward is not model:  # what compiling cost: the first step, backward's too
+            emit(step, {"compile_s": time.perf_counter() - window_t0})
         if step % cfg.log_every == 0 or step == total:
             tokens_per_s = window_tokens / (time.perf_counter() - window_t0)
             emit(step, {"train_loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s,

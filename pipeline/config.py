@@ -85,6 +85,10 @@ class ExpertsConfig:
     # BTM / cBTM: experts branch from a shared seed, the dense model after this share of its
     # budget; each expert then trains (its budget - seed / k) tokens, so the total stays equal
     seed_fraction: float = 0.0
+    # Ray CPUs of the seed's task (null: num_cpus). Nothing else can start while the seed trains,
+    # so it may take the cores the experts will use: on 2 cores, 2 threads train the seed 1.3x
+    # faster than one (bench/profile_expert_step.py --threads). Capped at the largest node's CPUs.
+    seed_num_cpus: float | None = None
     progress_every: float = 5.0  # seconds between progress lines in the terminal
     # tests only: a local directory; each training task, once its first checkpoint is written,
     # writes <name>.held there ({"pid", "step"}) and waits until <dir>/release exists. A test that
@@ -465,6 +469,9 @@ def validate_experts(e: "ExpertsConfig") -> None:
     if e.num_cpus <= 0 or e.num_gpus < 0 or e.max_retries < 0:
         raise ConfigError("experts.num_cpus must be > 0, experts.num_gpus and experts.max_retries >= 0; got "
                           f"{e.num_cpus}, {e.num_gpus}, {e.max_retries}")
+    if e.seed_num_cpus is not None and (isinstance(e.seed_num_cpus, bool) or not 0 < e.seed_num_cpus < math.inf):
+        raise ConfigError(f"experts.seed_num_cpus must be null (experts.num_cpus) or a number of CPUs > 0, got "
+                          f"{e.seed_num_cpus!r}")
     for name, amount in e.resources.items():
         if not re.fullmatch(r"[A-Za-z0-9_\-.]+", str(name)):  # as Ray and MLflow (a param key) take it
             raise ConfigError(f"experts.resources key {name!r} must hold only ASCII letters, digits, '_', '-' and "

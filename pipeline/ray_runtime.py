@@ -184,6 +184,13 @@ def check_resources(num_cpus: float, num_gpus: float = 0, what: str = "task", re
                             "or add a node that has them")
 
 
+def largest_node_cpus() -> float:
+    """The CPUs of the alive Ray node that has most: the most one task can be granted."""
+    import ray
+
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+
+
 def current_node() -> str:
     """The id of the Ray node this code runs on ('local' outside Ray)."""
     import ray
@@ -192,9 +199,22 @@ def current_node() -> str:
 
 
 def use_granted_cpus(num_cpus: float, seed: int | None = None) -> None:
-    """Inside a task: torch runs on exactly the CPUs Ray granted (and from `seed`, when given)."""
+    """Inside a task: torch runs on exactly the CPUs Ray granted (and from `seed`, when given),
+    and compiles into the node's shared inductor cache."""
     import torch
 
     torch.set_num_threads(max(1, int(num_cpus)))
     if seed is not None:
         torch.manual_seed(seed)
+    share_compile_cache()
+
+
+def share_compile_cache() -> None:
+    """Every task of a node compiles into one inductor cache, kept between runs: $MOIE_CACHE_DIR/inductor
+    (~/.cache/moie/inductor) unless TORCHINDUCTOR_CACHE_DIR is set. A model compiled once (the dense
+    model's seed phase) then compiles in seconds for the tasks that follow (its continuation,
+    dense_matched) and the next run. The cache holds compiled code that torch loads: it lives in
+    the user's own cache directory, not in /tmp (torch's default), where another user could plant it."""
+    from pipeline.text.embedded import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))

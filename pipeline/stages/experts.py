@@ -31,7 +31,7 @@ from pipeline.config import Config
 from pipeline.errors import MoieError, StageError, one_line
 from pipeline.progress import BoardPrinter, open_board
 from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
-                                  use_granted_cpus)
+                                  largest_node_cpus, use_granted_cpus)
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, check_token_files, exact_uri
 from pipeline.store.leftovers import scratch_dir
@@ -157,7 +157,7 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
     cfg = TrainConfig(**task.train_config)
     checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
     resume_step = latest_checkpoint(checkpoints.dir)
-    record_attempt(task.tracking_uri, task.run_id, current_node(), resume_step)
+    record_attempt(task.tracking_uri, task.run_id, current_node(), resume_step, torch.get_num_threads())
     model = build_model(task.model)
     if task.init_from and resume_step is None:  # branch from the shared seed
         model.load_state_dict(load_model(storage.local_copy(task.init_from, scratch))[0].state_dict())
@@ -427,8 +427,11 @@ class _ExpertsStage:
         print(f"seed: the dense model to step {seed.steps} ({seed.tokens} tokens), then every expert "
               "branches from it", flush=True)
         seed_run = self.seed_run(seed, dense[0].run_id)
-        self.train_all([replace(dense[0], stop_at=seed.steps, seed_dir=seed.dir, log_run=seed_run)], board,
-                       register=self.register_seed)
+        e = self.cfg.experts
+        # alone on the cluster: the seed may take more CPUs than a task of the stage, as many as one node has
+        cpus = min(e.seed_num_cpus or e.num_cpus, largest_node_cpus())
+        self.train_all([replace(dense[0], stop_at=seed.steps, seed_dir=seed.dir, log_run=seed_run, num_cpus=cpus)],
+                       board, register=self.register_seed)
 
     def restore_seed(self, seed: SeedPlan) -> bool:
         """The seed, gone from the storage (a storage lost or moved), restored from its registered
@@ -459,11 +462,11 @@ class _ExpertsStage:
         register = register or self.register
         e = self.cfg.experts
         # a task whose worker or node dies is retried (on any node) and resumes from the storage
-        remote = ray.remote(train_expert).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus,
-                                                  resources=e.resources or None, max_retries=e.max_retries)
+        remote = ray.remote(train_expert).options(num_gpus=e.num_gpus, resources=e.resources or None,
+                                                  max_retries=e.max_retries)
         # longest first: the dense model (k x an expert's budget) must not start last, alone on one CPU
         ordered = sorted(tasks, key=lambda t: -t.train_config["max_tokens"])
-        pending = {remote.remote(task, board): task for task in ordered}
+        pending = {remote.options(num_cpus=task.num_cpus).remote(task, board): task for task in ordered}
         printer = BoardPrinter(board)
         registered, failures = {}, []
         try:

@@ -70,6 +70,7 @@ class Tag:
     TOKENS_SHA = "moie.sha256.tokens"  # prefix: .train / .val, sha256 of a model's token files
     NODE_ID = "moie.node_id"  # the Ray node a run's task ran on
     NODES = "moie.nodes"  # every node an attempt ran on, in order
+    THREADS = "moie.threads"  # the threads each attempt trained on, in order
     RESUMED_FROM = "moie.resumed_from"  # the checkpoint step a run resumed from
 
 

@@ -80,12 +80,20 @@ def stop_unless_running(tracking_uri: str, run_id: str) -> None:
         raise StageStopped(f"run {run_id} is {status}: the stage that started this task stopped; not training on")
 
 
-def record_attempt(tracking_uri: str, run_id: str, node_id: str, resume_step: int | None) -> None:
+def record_attempt(tracking_uri: str, run_id: str, node_id: str, resume_step: int | None,
+                   threads: int | None = None) -> None:
     """Tag a training run with the Ray node an attempt of its task runs on (moie.node_id; every
-    attempt's node, in order, in moie.nodes) and the checkpoint step it resumes from."""
+    attempt's node, in order, in moie.nodes), the checkpoint step it resumes from and the threads
+    it trains on (every attempt's, in order, in moie.threads: the dense run's seed phase first)."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    before = client.get_run(run_id).data.tags.get(Tag.NODES, "")
-    tags = {Tag.NODE_ID: node_id, Tag.NODES: ",".join([n for n in before.split(",") if n] + [node_id])}
+    before = client.get_run(run_id).data.tags
+
+    def appended(tag: str, value: str) -> str:
+        return ",".join([v for v in before.get(tag, "").split(",") if v] + [value])
+
+    tags = {Tag.NODE_ID: node_id, Tag.NODES: appended(Tag.NODES, node_id)}
+    if threads is not None:
+        tags[Tag.THREADS] = appended(Tag.THREADS, str(threads))
     if resume_step is not None:
         tags[Tag.RESUMED_FROM] = str(resume_step)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
