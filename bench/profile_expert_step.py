@@ -2,12 +2,14 @@
 for the hourglass expert of a config and (side by side) the matched plain GPT.
 
     python bench/profile_expert_step.py [--config configs/default.yaml] [--threads 2] [--steps 5]
-    python bench/profile_expert_step.py --compile      # eager vs torch.compile, side by side
+    python bench/profile_expert_step.py --compile --threads 1 --steps 30   # eager vs compiled, hourglass vs GPT
     python bench/profile_expert_step.py --precision    # fp32 vs bf16 autocast, side by side
 
 Prints each model's step time, tokens/s and its top operators (share of self CPU time).
-With --compile: the default expert's training step eager and under torch.compile (the CPU
-inductor backend; it needs a C++ compiler), each step time and the compile time.
+With --compile: the training step of the default expert and of the GPT of its size, eager and
+under torch.compile (the CPU inductor backend; it needs a C++ compiler), as the trainer runs it
+(bf16 autocast where the CPU has bf16 units): tokens/s, the first compiled steps' time (a cold
+compile, or one from the inductor cache) and the ratios, side by side in one process.
 """
 from __future__ import annotations
 
@@ -56,29 +58,52 @@ def profile(model, batch: int, steps: int, top: int) -> str:
     return "\n".join(lines)
 
 
-def compare_compile(model, batch: int, steps: int) -> str:
-    """Eager vs torch.compile of the same training step: ms/step each, and the compile time."""
+def compiled_step_rates(model, batch: int, steps: int) -> dict:
+    """One model's training step as the trainer runs it (precision auto: bf16 autocast where the
+    CPU has bf16 units), eager and compiled side by side: {mode: (tokens/s, first two steps' s)}."""
     import torch
 
-    from experts.trainer import TrainConfig, configure_optimizer
+    from experts.trainer import TrainConfig, autocast_context, configure_optimizer
 
     seq = model.config.block_size
     x = torch.randint(0, 256, (batch, seq))
     opt = configure_optimizer(model, TrainConfig())
-    out = []
+    cpu = torch.device("cpu")
+    rates = {}
     for name, fn in (("eager", model), ("compiled", torch.compile(model))):
         t0 = time.perf_counter()
         for i in range(steps + 2):
-            if i == 2:  # the first calls compile (and warm up)
+            if i == 2:  # the first calls compile (from the inductor cache when it holds this graph) and warm up
                 warm, t0 = time.perf_counter() - t0, time.perf_counter()
-            _, loss = fn(x, x)
+            with autocast_context(cpu, "auto"):
+                _, loss = fn(x, x)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        per_step = (time.perf_counter() - t0) / steps
-        out.append(f"{name}: {1e3 * per_step:.1f} ms/step, {batch * seq / per_step:,.0f} tokens/s "
-                   f"(first two steps {warm:.1f} s)")
-    return "\n".join(out)
+        rates[name] = (batch * seq * steps / (time.perf_counter() - t0), warm)
+    return rates
+
+
+def compare_compile(hourglass, gpt, batch: int, steps: int) -> str:
+    """Eager vs compiled, hourglass vs the GPT of its size: tokens/s of each, and the ratios."""
+    import torch
+
+    from experts.trainer import bf16_supported
+
+    precision = "bf16 autocast" if bf16_supported(torch.device("cpu")) else "fp32"
+    rates = {type(m).__name__: compiled_step_rates(m, batch, steps) for m in (hourglass, gpt)}
+    lines = [f"training step, batch {batch} x {hourglass.config.block_size}, {precision}, "
+             f"{torch.get_num_threads()} threads ({steps} steps timed after 2)",
+             "| model | eager tokens/s | compiled tokens/s | compiled / eager | first two compiled steps |",
+             "|---|---|---|---|---|"]
+    for name, r in rates.items():
+        lines.append(f"| {name} | {r['eager'][0]:,.0f} | {r['compiled'][0]:,.0f} | "
+                     f"{r['compiled'][0] / r['eager'][0]:.2f}x | {r['compiled'][1]:.1f} s |")
+    hg, g = rates["HourglassLM"], rates["GPT"]
+    lines.append(f"hourglass / GPT tokens/s: eager {hg['eager'][0] / g['eager'][0]:.2f}x, "
+                 f"compiled {hg['compiled'][0] / g['compiled'][0]:.2f}x")
+    return "\n".join(lines)
 
 
 def compare_precision(model, batch: int, steps: int) -> str:
@@ -145,10 +170,10 @@ def main() -> None:
     e = cfg.experts
     hourglass = build_model({"arch": e.arch, **e.model, "vocab_size": 259})
     batch = e.train.get("batch_size", 16)
-    if args.compile:
-        print(compare_compile(hourglass, batch, args.steps))
-        return
     gpt = matched_gpt(hourglass)
+    if args.compile:
+        print(compare_compile(hourglass, gpt, batch, args.steps))
+        return
     if args.precision:
         print(compare_precision(hourglass, batch, args.steps))
         print(compare_precision(gpt, batch, args.steps))

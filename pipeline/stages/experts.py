@@ -462,11 +462,11 @@ class _ExpertsStage:
         register = register or self.register
         e = self.cfg.experts
         # a task whose worker or node dies is retried (on any node) and resumes from the storage
-        remote = ray.remote(train_expert).options(num_gpus=e.num_gpus, resources=e.resources or None,
-                                                  max_retries=e.max_retries)
+        remote = ray.remote(train_expert)
+        options = dict(num_gpus=e.num_gpus, resources=e.resources or None, max_retries=e.max_retries)
         # longest first: the dense model (k x an expert's budget) must not start last, alone on one CPU
         ordered = sorted(tasks, key=lambda t: -t.train_config["max_tokens"])
-        pending = {remote.options(num_cpus=task.num_cpus).remote(task, board): task for task in ordered}
+        pending = {remote.options(num_cpus=task.num_cpus, **options).remote(task, board): task for task in ordered}
         printer = BoardPrinter(board)
         registered, failures = {}, []
         try:

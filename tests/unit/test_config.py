@@ -80,6 +80,8 @@ def test_k_below_two_is_an_error(k):
     ("cluster.temperature=0", "cluster.temperature"),
     ("corpus.val_fraction=0.95", "corpus.val_fraction"),
     ("cluster.svd_dim=0", "cluster.svd_dim"),
+    ("experts.seed_num_cpus=0", "experts.seed_num_cpus"),
+    ("experts.train.compile=sometimes", "experts.train.compile"),
 ])
 def test_out_of_range_values_are_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -227,10 +227,30 @@ def test_compiled_training_learns_what_eager_training_learns(caplog):
     data = tokens()
     eager, compiled = small_model(seed=3), small_model(seed=3)
     a = train(eager, data, None, cfg(max_tokens=4 * 8 * 32))
+    metrics = []
     with caplog.at_level("WARNING", logger="experts.trainer"):
-        b = train(compiled, data, None, cfg(max_tokens=4 * 8 * 32, compile=True))
+        b = train(compiled, data, None, cfg(max_tokens=4 * 8 * 32, compile=True),
+                  on_metrics=lambda step, m: metrics.append((step, m)))
     assert "torch.compile failed" not in caplog.text  # it really ran compiled
+    assert [(step, sorted(m)) for step, m in metrics if "compile_s" in m] == [(1, ["compile_s"])]  # its cost, once
     assert b.steps == a.steps == 4
     assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)  # fused kernels round differently
     for (name, x), y in zip(state(eager).items(), state(compiled).values()):
         assert torch.allclose(x, y, atol=1e-4), name
+
+
+def test_compile_auto_compiles_long_schedules_only_and_decides_by_the_whole_schedule():
+    from experts.trainer import COMPILE_MIN_STEPS
+
+    step_tokens = 4 * 64
+    long = TrainConfig(max_tokens=COMPILE_MIN_STEPS * step_tokens, batch_size=4)
+    short = TrainConfig(max_tokens=(COMPILE_MIN_STEPS - 1) * step_tokens, batch_size=4)
+    assert long.compile == "auto" and long.compiles(64) and not short.compiles(64)
+    assert TrainConfig(max_tokens=step_tokens, batch_size=4, compile=True).compiles(64)
+    assert not TrainConfig(max_tokens=10 ** 9, batch_size=4, compile=False).compiles(64)
+
+
+def test_an_eager_schedule_emits_no_compile_time():
+    metrics = []
+    train(small_model(seed=3), tokens(), None, cfg(max_tokens=2 * 8 * 32), on_metrics=lambda s, m: metrics.append(m))
+    assert metrics and not any("compile_s" in m for m in metrics)
