@@ -4,6 +4,7 @@ the hourglass expert against a plain nanoGPT-shaped GPT, side by side in one run
     python bench/quality_per_second.py                       # the final table: 150 s and 600 s
     python bench/quality_per_second.py --set sweep --budgets 150
     python bench/quality_per_second.py --only gpt-d192,hg-default --budgets 60
+    python bench/quality_per_second.py --budgets 600 --precision bf16 --compile   # as the pipeline trains its dense model
 
 Every candidate trains in its own process on `--threads` threads (2: the default machine)
 for `budget` seconds of training (evaluation not counted), with the learning rate on a
@@ -110,8 +111,9 @@ def validation_tokens(docs, eos: int):
     return np.concatenate(parts)[:EVAL_TOKENS + 1]
 
 
-def train_for(name: str, budget: float, threads: int, precision: str) -> dict:
-    """Train one candidate for `budget` seconds; its validation bits per byte and throughput."""
+def train_for(name: str, budget: float, threads: int, precision: str, compiled: bool = False) -> dict:
+    """Train one candidate for `budget` seconds; its validation bits per byte and throughput.
+    compiled: the training forward under torch.compile, its compile time spent from the budget."""
     import torch
 
     from experts.checkpoint import build_model
@@ -128,6 +130,7 @@ def train_for(name: str, budget: float, threads: int, precision: str) -> dict:
     device = torch.device("cpu")
     steps, elapsed = 0, 0.0
     model.train()
+    forward = torch.compile(model) if compiled else model
     while elapsed < budget:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -136,7 +139,7 @@ def train_for(name: str, budget: float, threads: int, precision: str) -> dict:
             model.latent_loss_scale = 1.0
         x, y = sample_batch(train_tokens, batch, seq, generator, device)
         with autocast_context(device, precision):
-            _, loss = model(x, y)
+            _, loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -145,6 +148,7 @@ def train_for(name: str, budget: float, threads: int, precision: str) -> dict:
         elapsed += time.perf_counter() - t0
     val = bits_per_byte(model, val_tokens, seq, EVAL_TOKENS, precision=precision)
     return {"name": name, "arch": model_cfg["arch"], "budget_s": budget, "threads": threads, "precision": precision,
+            "compiled": compiled,
             "params": sum(p.numel() for p in model.parameters()), "context": seq, "batch": batch, "lr": lr,
             "steps": steps, "tokens": steps * batch * seq, "tokens_per_s": steps * batch * seq / elapsed,
             "val_bpb": val, "final_loss": float(loss), "cpu": cpu_name()}
@@ -175,23 +179,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16 only where the CPU has bf16 units (AMX / AVX-512 BF16); emulated bf16 is ~30x slower")
+    parser.add_argument("--compile", action="store_true",
+                        help="train under torch.compile (its compile time counts against the budget)")
     parser.add_argument("--out", default="bench/quality_per_second.jsonl", help="append each result here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: NAME:BUDGET in this process
     args = parser.parse_args()
     if args.one:
         name, budget = args.one.rsplit(":", 1)
-        print(json.dumps(train_for(name, float(budget), args.threads, args.precision)), flush=True)
+        print(json.dumps(train_for(name, float(budget), args.threads, args.precision, args.compile)), flush=True)
         return
     names = args.only.split(",") if args.only else SETS[args.set]
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         raise SystemExit(f"unknown candidates {unknown}; expected some of {', '.join(CANDIDATES)}")
     results = []
-    print(f"{cpu_name()}, {args.threads} threads, {args.precision}", flush=True)
+    print(f"{cpu_name()}, {args.threads} threads, {args.precision}{', compiled' if args.compile else ''}", flush=True)
     for budget in [float(b) for b in args.budgets.split(",")]:
         for name in names:
             out = subprocess.run([sys.executable, __file__, "--one", f"{name}:{budget}", "--threads", str(args.threads),
-                                  "--precision", args.precision], capture_output=True, text=True,
+                                  "--precision", args.precision, *(["--compile"] if args.compile else [])],
+                                 capture_output=True, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             if out.returncode:
                 raise SystemExit(f"{name} at {budget:g} s failed:\n{out.stderr[-3000:]}")
