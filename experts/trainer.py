@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class TrainConfig:
     seed: int = 0
     # torch.compile the training forward (CPU: inductor + a C++ compiler; eager if it fails):
     # true | false | auto (schedules of COMPILE_MIN_STEPS steps or more: the dense model, its continuation)
-    compile: bool | str = "auto"
+    compile: bool | Literal["auto"] = "auto"
 
     def __post_init__(self):
         """Refuse values no run can use, naming the field and what is valid."""

@@ -324,6 +324,13 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def described(tp: Any) -> str:
+    """A type as a config author writes its values: true, false / 'auto' / int."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    return "true, false" if tp is bool else getattr(tp, "__name__", str(tp))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value or {}, prefix=f"{key}.")
@@ -337,8 +344,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        for alternative in inner[:-1]:  # e.g. bool | Literal["auto"]: the first type the value has
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(value, inner[-1], key)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+            raise ConfigError(f"config key {key!r} must be {' or '.join(map(described, inner))}, "
+                              f"got {shown(value)}") from None
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):

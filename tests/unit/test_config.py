@@ -57,6 +57,17 @@ def test_set_overrides_replace_file_values_with_parsed_types():
     assert cfg.ray.address == "auto"
 
 
+@pytest.mark.parametrize("value, parsed", [("true", True), ("false", False), ("auto", "auto")])
+def test_a_key_of_two_kinds_takes_either_kind(value, parsed):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"experts.train.compile={value}"])  # bool | Literal["auto"]
+    assert cfg.experts.train["compile"] == parsed and type(cfg.experts.train["compile"]) is type(parsed)
+
+
+def test_a_key_of_two_kinds_names_both_when_a_value_is_neither():
+    with pytest.raises(ConfigError, match=r"'experts\.train\.compile' must be true, false or 'auto', got 1"):
+        load_config(CONFIGS / "tiny.yaml", ["experts.train.compile=1"])
+
+
 def test_override_of_unknown_key_is_an_error_naming_it():
     with pytest.raises(ConfigError, match=r"'cluster\.nope'"):
         load_config(CONFIGS / "tiny.yaml", ["cluster.nope=1"])
