@@ -202,6 +202,21 @@ class CompileOnce:
         return out
 
 
+@contextlib.contextmanager
+def deterministic_if(compiled: bool):
+    """Compiled training is reproducible only with deterministic algorithms: on more than one
+    thread inductor's CPU kernels otherwise accumulate scatters (the embedding's gradient) with
+    atomic adds, in an order that changes from run to run. Set for the whole loop (the backward
+    graph compiles at the first backward), restored after."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if compiled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
           ckpt_dir: str | Path | None = None, on_metrics: Callable[[int, dict], None] | None = None,
           meta: dict | None = None, stop_at: int | None = None,
@@ -209,6 +224,13 @@ def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarr
     """Train `model` in place for cfg.max_tokens tokens, resuming from ckpt_dir's newest checkpoint.
     stop_at: pause after that step (checkpointed there) on the full run's schedule; train again to go on.
     on_checkpoint: called with each checkpoint's JSON path once it is written (e.g. to upload it)."""
+    seq_len = cfg.seq_len or model.config.block_size
+    with deterministic_if(cfg.compiles(seq_len)):
+        return _train(model, train_tokens, val_tokens, cfg, ckpt_dir, on_metrics, meta, stop_at, on_checkpoint)
+
+
+def _train(model, train_tokens, val_tokens, cfg: TrainConfig, ckpt_dir, on_metrics, meta, stop_at,
+           on_checkpoint) -> TrainResult:
     device = next(model.parameters()).device
     seq_len = cfg.seq_len or model.config.block_size
     total = cfg.steps(seq_len)

@@ -254,3 +254,17 @@ def test_an_eager_schedule_emits_no_compile_time():
     metrics = []
     train(small_model(seed=3), tokens(), None, cfg(max_tokens=2 * 8 * 32), on_metrics=lambda s, m: metrics.append(m))
     assert metrics and not any("compile_s" in m for m in metrics)
+
+
+def test_compiled_training_is_bitwise_the_same_when_compiled_again_from_the_cache():
+    # a second run compiles from the inductor cache the first one filled: the same config must give the same model
+    data = tokens()
+    runs = []
+    for _ in range(2):
+        torch._dynamo.reset()  # compiled anew in this process (inductor's on-disk cache answers the second time)
+        model = small_model(seed=3)
+        runs.append((train(model, data, None, cfg(max_tokens=3 * 8 * 32, compile=True)), state(model)))
+    torch._dynamo.reset()
+    (a, first), (b, second) = runs
+    assert a.train_loss == b.train_loss
+    assert all(torch.equal(x, y) for x, y in zip(first.values(), second.values()))
