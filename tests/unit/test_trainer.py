@@ -222,7 +222,16 @@ def test_compile_without_a_cxx_compiler_falls_back_to_eager_and_trains_the_same(
     assert all(torch.equal(x, y) for x, y in zip(state(eager).values(), state(compiled).values()))
 
 
-def test_compiled_training_learns_what_eager_training_learns(caplog):
+@pytest.fixture
+def two_threads():
+    """Races show only on more than one thread (the CI machine has 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_compiled_training_learns_what_eager_training_learns_and_is_bitwise_repeatable(caplog, two_threads):
     torch._dynamo.reset()
     data = tokens()
     eager, compiled = small_model(seed=3), small_model(seed=3)
@@ -237,6 +246,14 @@ def test_compiled_training_learns_what_eager_training_learns(caplog):
     assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)  # fused kernels round differently
     for (name, x), y in zip(state(eager).items(), state(compiled).values()):
         assert torch.allclose(x, y, atol=1e-4), name
+    # compiled again (from the inductor cache the first compile filled), on 2 threads: the same
+    # config gives the same model bit for bit (without deterministic algorithms 67 of 117 tensors differed)
+    torch._dynamo.reset()
+    again = small_model(seed=3)
+    c = train(again, data, None, cfg(max_tokens=4 * 8 * 32, compile=True))
+    torch._dynamo.reset()
+    assert c.train_loss == b.train_loss
+    assert all(torch.equal(x, y) for x, y in zip(state(compiled).values(), state(again).values()))
 
 
 def test_compile_auto_compiles_long_schedules_only_and_decides_by_the_whole_schedule():
@@ -255,16 +272,3 @@ def test_an_eager_schedule_emits_no_compile_time():
     train(small_model(seed=3), tokens(), None, cfg(max_tokens=2 * 8 * 32), on_metrics=lambda s, m: metrics.append(m))
     assert metrics and not any("compile_s" in m for m in metrics)
 
-
-def test_compiled_training_is_bitwise_the_same_when_compiled_again_from_the_cache():
-    # a second run compiles from the inductor cache the first one filled: the same config must give the same model
-    data = tokens()
-    runs = []
-    for _ in range(2):
-        torch._dynamo.reset()  # compiled anew in this process (inductor's on-disk cache answers the second time)
-        model = small_model(seed=3)
-        runs.append((train(model, data, None, cfg(max_tokens=3 * 8 * 32, compile=True)), state(model)))
-    torch._dynamo.reset()
-    (a, first), (b, second) = runs
-    assert a.train_loss == b.train_loss
-    assert all(torch.equal(x, y) for x, y in zip(first.values(), second.values()))
