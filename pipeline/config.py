@@ -345,18 +345,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for alternative in inner[:-1]:  # e.g. bool | Literal["auto"]: the first type the value has
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for alternative in inner:  # e.g. bool | Literal["auto"]: the first kind the value has
             try:
                 return _coerce(value, alternative, key)
             except ConfigError:
                 pass
-        try:
-            return _coerce(value, inner[-1], key)
-        except ConfigError:
-            if len(inner) == 1:
-                raise
-            raise ConfigError(f"config key {key!r} must be {' or '.join(map(described, inner))}, "
-                              f"got {shown(value)}") from None
+        raise ConfigError(f"config key {key!r} must be {' or '.join(map(described, inner))}, got {shown(value)}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
