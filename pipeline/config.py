@@ -69,7 +69,8 @@ class ClusterConfig:
     iterations: int = 20  # balanced Lloyd iterations
     temperature: float = 0.1  # routing weights softmax(-d^2 / T)
     top_k: int = 1  # experts kept per routed prefix
-    num_cpus: int = 1  # Ray resources of the clustering task
+    num_cpus: int = 1  # Ray resources of the fitting task (each shard's scan and assignment task takes 1)
+    crash_shard: int | None = None  # tests only: the task assigning this shard (its index) exits its worker
 
 
 @dataclass

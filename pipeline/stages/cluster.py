@@ -1,11 +1,28 @@
-"""The cluster stage: load the corpus, fit the cBTM router on (a sample of) the training
-split in a Ray task with the configured CPUs, assign every document to its nearest
-centroid, and log router, assignments and the domain x cluster report to the stage's
-child run (where the catalog finds them).
+"""The cluster stage: read the corpus as shards in parallel Ray tasks, fit the cBTM router
+on (a sample of) the training split in one task, assign every shard's documents to their
+nearest centroids in parallel tasks, and log router, assignments and the domain x cluster
+report to the stage's child run (where the catalog finds them).
+
+No process holds the corpus whole. Three passes over the shards, each a task per shard:
+
+1. *scan*: chunk the shard's rows and return each chunk's dedup key and split (21 bytes a
+   chunk). The driver keeps the first copy of every chunk in corpus order, the first
+   `corpus.max_documents`, and draws the fit sample from the training chunks, as
+   `fit_clusters` (the whole corpus in one process) does.
+2. *sample*: the sampled chunks' texts, passed straight to the fitting task.
+3. *assign*: each kept chunk's cluster, written to the storage as one parquet part per
+   shard with its sha256 beside it. A part is named by everything it depends on (the shard's
+   files, the corpus settings, its keep mask, the router), so a stage re-run after a killed
+   assignment assigns only the shards whose parts are missing.
+
+The driver merges the parts (per-document metadata, no text) into assignments.parquet.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,73 +33,157 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from artifacts import save_state, write_json
-from pipeline.config import Config, ConfigError, from_dict, to_dict, validate
+from artifacts import save_state, sha256_file, write_json
+from pipeline.config import Config, ConfigError, CorpusConfig, from_dict, to_dict, validate
 from pipeline.errors import StageError
 from pipeline.ray_runtime import TaskFailedError, check_resources, connect_cluster, describe_failure, task_cause
 from pipeline.results.report import plot_domain_cluster_table
-from pipeline.store.catalog import ASSIGNMENTS, CLUSTER_REPORT, ROUTER_NAME
+from pipeline.store import storage
+from pipeline.store.catalog import ASSIGNMENTS, CLUSTER_REPORT, ROUTER_NAME, storage_location
 from pipeline.store.names import sha_tag
 from pipeline.store.tracking import Tracker
-from pipeline.text.corpus import CorpusError, load_corpus, text_sha256
+from pipeline.text.corpus import (CorpusError, Shard, check_labels, check_not_empty, corpus_shards, load_corpus,
+                                  shard_documents, text_sha256)
 from pipeline.text.embedded import EmbeddedCorpusError
 from routing.metrics import clustering_scores, contingency, dominant_domains
 from routing.router import ClusterRouter
 
 log = logging.getLogger(__name__)
 
+ASSIGN_BATCH = 2_000  # documents embedded and assigned at a time
+SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
+COLUMNS = ("doc_id", "work", "source", "split", "n_bytes", "text_sha256", "cluster")  # of assignments.parquet
+
 
 @dataclass
 class Clustering:
-    """What the clustering task returns: the router's state and every document's cluster."""
+    """The cluster stage's result: the router's state and every document's row of assignments.parquet."""
 
     router: tuple[dict[str, np.ndarray], dict]  # (tensors, meta) of ClusterRouter.to_state()
-    clusters: np.ndarray  # (n_documents,) cluster of each document
-    doc_id: list[str]
-    work: list[str | None]
-    source: list[str | None]  # domain labels, when the corpus has them
-    split: list[str]
-    n_bytes: list[int]
-    text_sha256: list[str]  # each document's content hash: later stages check the corpus still holds it
-    timing: dict[str, float]
+    table: pa.Table  # COLUMNS, one row per document in corpus order
+    timing: dict[str, float]  # seconds (keys ending in _s) and counts of the stage's work
+
+
+# --- the whole corpus in one process ---------------------------------------------------------------
 
 
 def fit_clusters(cfg: Config) -> Clustering:
-    """Load the corpus, fit the router on (a sample of) the training split, assign every document."""
+    """Load the whole corpus, fit the router on (a sample of) the training split, assign every
+    document: in one process, for a corpus that fits in memory (and the reference the sharded
+    stage is tested against)."""
     t0 = time.perf_counter()
     docs = load_corpus(cfg.corpus)
     train = [d for d in docs if d.split == "train"]
-    k = cfg.cluster.k
-    if len(train) < k:
-        raise StageError(f"the corpus has {len(train)} training documents ({len(docs)} in all), fewer than "
-                         f"cluster.k={k}; lower cluster.k or add documents")
-    rng = np.random.default_rng(cfg.seed)
-    sample = np.sort(rng.choice(len(train), size=min(cfg.cluster.fit_sample, len(train)), replace=False))
+    sample = _sample_positions(len(train), len(docs), cfg)
     t1 = time.perf_counter()
-    c = cfg.cluster
-    try:
-        router = ClusterRouter.fit([train[i].text for i in sample], k, max_features=c.max_features,
-                                   min_df=c.min_df, svd_dim=c.svd_dim, iterations=c.iterations,
-                                   temperature=c.temperature, top_k=c.top_k, seed=cfg.seed)
-    except ValueError as err:  # the corpus and the cluster.* settings do not fit together
-        raise StageError(f"cannot fit the cBTM router on {len(sample)} training documents with these cluster.* "
-                         f"settings: {err}") from None
+    router = fit_router([train[i].text for i in sample], cfg)
     t2 = time.perf_counter()
     clusters = router.assign([d.text for d in docs])
-    t3 = time.perf_counter()
-    return Clustering(router=router.to_state(), clusters=clusters, doc_id=[d.doc_id for d in docs],
-                      work=[d.work for d in docs], source=[d.source for d in docs], split=[d.split for d in docs],
-                      n_bytes=[len(d.text.encode("utf-8")) for d in docs],
-                      text_sha256=[text_sha256(d.text) for d in docs],
-                      timing={"load_s": t1 - t0, "fit_s": t2 - t1, "assign_s": t3 - t2,
-                              "fit_documents": int(len(sample))})
+    table = _assignment_rows(docs, clusters)
+    return Clustering(router.to_state(), table, {"load_s": t1 - t0, "fit_s": t2 - t1,
+                                                  "assign_s": time.perf_counter() - t2,
+                                                  "fit_documents": int(len(sample))})
 
 
-def _fit_clusters_task(cfg_dict: dict) -> Clustering:
-    """Ray task body: the config as plain data in, the clustering out."""
+def _sample_positions(n_train: int, n_documents: int, cfg: Config) -> np.ndarray:
+    """Sorted positions, among the training documents in corpus order, of the fit sample."""
+    if n_train < cfg.cluster.k:
+        raise StageError(f"the corpus has {n_train} training documents ({n_documents} in all), fewer than "
+                         f"cluster.k={cfg.cluster.k}; lower cluster.k or add documents")
+    rng = np.random.default_rng(cfg.seed)
+    return np.sort(rng.choice(n_train, size=min(cfg.cluster.fit_sample, n_train), replace=False))
+
+
+def fit_router(texts: list[str], cfg: Config) -> ClusterRouter:
+    c = cfg.cluster
+    try:
+        return ClusterRouter.fit(texts, c.k, max_features=c.max_features, min_df=c.min_df, svd_dim=c.svd_dim,
+                                 iterations=c.iterations, temperature=c.temperature, top_k=c.top_k, seed=cfg.seed)
+    except ValueError as err:  # the corpus and the cluster.* settings do not fit together
+        raise StageError(f"cannot fit the cBTM router on {len(texts)} training documents with these cluster.* "
+                         f"settings: {err}") from None
+
+
+def _assignment_rows(docs, clusters: np.ndarray) -> pa.Table:
+    return pa.table({"doc_id": [d.doc_id for d in docs], "work": [d.work for d in docs],
+                     "source": pa.array([d.source for d in docs], pa.string()),
+                     "split": [d.split for d in docs], "n_bytes": [len(d.text.encode("utf-8")) for d in docs],
+                     "text_sha256": [text_sha256(d.text) for d in docs],
+                     "cluster": np.asarray(clusters, dtype=np.int32)})
+
+
+# --- the shards' tasks --------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardScan:
+    """A shard's chunks, in order: what the driver needs to de-duplicate and sample them."""
+
+    keys: np.ndarray  # (n_chunks,) V16 dedup keys
+    splits: np.ndarray  # (n_chunks,) uint8 SPLIT_CODES
+    labels: set  # domain labels of the shard's rows (excluded ones too)
+
+
+def scan_shard(shard: Shard, corpus: CorpusConfig) -> ShardScan:
+    keys, splits, labels = bytearray(), bytearray(), set()
+    for key, doc in shard_documents(shard, corpus, labels):
+        keys += key
+        splits.append(SPLIT_CODES[doc.split])
+    return ShardScan(np.frombuffer(bytes(keys), dtype="V16"), np.frombuffer(bytes(splits), dtype=np.uint8), labels)
+
+
+def sample_texts(shard: Shard, corpus: CorpusConfig, positions: np.ndarray) -> list[str]:
+    """The texts of the shard's chunks at `positions` (sorted chunk indices)."""
+    wanted = set(positions.tolist())
+    return [doc.text for i, (_, doc) in enumerate(shard_documents(shard, corpus)) if i in wanted]
+
+
+def assign_shard(shard: Shard, corpus: CorpusConfig, keep: np.ndarray, router_state, location: str,
+                 crash: bool = False) -> int:
+    """Assign the shard's kept chunks (keep: (n_chunks,) bool) to clusters, a batch at a time, and
+    write their rows as one parquet part to `location` in the storage, then its JSON (sha256,
+    rows); the number of rows."""
+    if crash:  # tests only (cluster.crash_shard): the worker dies as a killed one does
+        os._exit(1)
+    router = ClusterRouter.from_state(*router_state)
+    with tempfile.TemporaryDirectory(prefix="moie-assign-") as tmp:
+        path = Path(tmp) / "part.parquet"
+        rows = 0
+        with pq.ParquetWriter(path, _schema()) as writer:
+            batch = []
+            for i, (_, doc) in enumerate(shard_documents(shard, corpus)):
+                if keep[i]:
+                    batch.append(doc)
+                if len(batch) == ASSIGN_BATCH:
+                    writer.write_table(_assignment_rows(batch, router.assign([d.text for d in batch])))
+                    rows += len(batch)
+                    batch = []
+            if batch:
+                writer.write_table(_assignment_rows(batch, router.assign([d.text for d in batch])))
+                rows += len(batch)
+        storage.upload(path, location)
+        write_json(Path(tmp) / "part.json", {"sha256": sha256_file(path), "rows": rows, "shard": shard.describe()})
+        storage.upload(Path(tmp) / "part.json", _part_json(location))  # last: it marks the part whole
+    return rows
+
+
+def _schema() -> pa.Schema:
+    return pa.schema([("doc_id", pa.string()), ("work", pa.string()), ("source", pa.string()),
+                      ("split", pa.string()), ("n_bytes", pa.int64()), ("text_sha256", pa.string()),
+                      ("cluster", pa.int32())])
+
+
+def _part_json(location: str) -> str:
+    return location.removesuffix(".parquet") + ".json"
+
+
+def _fit_task(cfg_dict: dict, *samples: list[str]):
+    """Ray task body: the router fitted on the sampled texts (one list per shard, in corpus order)."""
     cfg = from_dict(Config, cfg_dict)
-    validate(cfg)
-    return fit_clusters(cfg)
+    return fit_router([text for texts in samples for text in texts], cfg).to_state()
+
+
+# --- the driver -------------------------------------------------------------------------------------
 
 
 def run_cluster(cfg: Config, pipeline_id: str | None = None) -> str:
@@ -93,32 +194,122 @@ def run_cluster(cfg: Config, pipeline_id: str | None = None) -> str:
     with tracker.pipeline_active(pipeline_id), tracker.stage_run(pipeline_id, "cluster") as run_id:
         tracker.log_params(run_id, {f"cluster.{k}": v for k, v in to_dict(cfg)["cluster"].items()}
                            | {f"corpus.{k}": v for k, v in to_dict(cfg)["corpus"].items()} | {"seed": cfg.seed})
-        result = _run_on_ray(cfg)
+        result = cluster_shards(cfg, storage.join(storage_location(cfg), pipeline_id, "assignments"))
         summary = _log_cluster_run(tracker, run_id, cfg, result)
         log.info("cluster stage: %s", summary)
     return pipeline_id
 
 
-def _run_on_ray(cfg: Config) -> Clustering:
+def cluster_shards(cfg: Config, parts: str) -> Clustering:
+    """The three passes over the corpus's shards on Ray (module docstring); assignment parts
+    under `parts` (a location in the storage) are reused when whole."""
     check_resources(cfg.cluster.num_cpus, what="clustering task (cluster.num_cpus)")
-    task = ray.remote(_fit_clusters_task).options(num_cpus=cfg.cluster.num_cpus, max_retries=1)
-    try:
-        return ray.get(task.remote(to_dict(cfg)))
-    except ray.exceptions.RayError as err:
-        # the task's own error about its input (a bad corpus, too few documents) as itself, not Ray's wrapper
+    validate(cfg)
+    t0 = time.perf_counter()
+    shards = corpus_shards(cfg.corpus)
+    corpus = ray.put(cfg.corpus)
+    scans = _all(ray.remote(scan_shard).options(num_cpus=1, max_retries=1), [(s, corpus) for s in shards], "scan")
+    keep, train = _keep_masks(cfg.corpus, scans)
+    offsets = np.cumsum([0] + [len(m) for m in keep])
+    sample = _sample_positions(int(sum(m.sum() for m in train)), int(sum(m.sum() for m in keep)), cfg)
+    t1 = time.perf_counter()
+    # the fit sample's texts go from the shards' tasks to the fitting task, not through the driver
+    train_index = np.concatenate([np.flatnonzero(m) + offsets[i] for i, m in enumerate(train)])[sample]
+    positions = [train_index[(train_index >= offsets[i]) & (train_index < offsets[i + 1])] - offsets[i]
+                 for i in range(len(shards))]
+    sampler = ray.remote(sample_texts).options(num_cpus=1, max_retries=1)
+    samples = [sampler.remote(s, corpus, p) for s, p in zip(shards, positions) if len(p)]
+    fit = ray.remote(_fit_task).options(num_cpus=cfg.cluster.num_cpus, max_retries=1)
+    router = _all(fit, [(to_dict(cfg), *samples)], "fit")[0]
+    t2 = time.perf_counter()
+    locations = [storage.join(parts, f"{_fingerprint(s, cfg.corpus, m, router)}.parquet") for s, m in zip(shards, keep)]
+    todo = [i for i, loc in enumerate(locations) if not storage.exists(_part_json(loc))]
+    log.info("cluster stage: %d shards, %d to assign (%d assigned by an earlier run)", len(shards), len(todo),
+             len(shards) - len(todo))
+    router_ref = ray.put(router)
+    assign = ray.remote(assign_shard).options(num_cpus=1, max_retries=1)
+    _all(assign, [(shards[i], corpus, keep[i], router_ref, locations[i], i == cfg.cluster.crash_shard)
+                  for i in todo], "assign")
+    table = _merge_parts(locations)
+    return Clustering(router, table, {"scan_s": t1 - t0, "fit_s": t2 - t1, "assign_s": time.perf_counter() - t2,
+                                      "fit_documents": int(len(sample)), "shards": len(shards),
+                                      "shards_assigned": len(todo)})
+
+
+def _keep_masks(corpus: CorpusConfig, scans: list[ShardScan]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per shard, (n_chunks,) bool: the chunks kept (the first copy of each in corpus order, within
+    corpus.max_documents), and those of them in the training split."""
+    check_labels(corpus, set().union(*(s.labels for s in scans)))
+    keys = np.concatenate([s.keys for s in scans])
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[np.unique(keys, return_index=True)[1]] = True  # the first occurrence of every key
+    if corpus.max_documents is not None:
+        keep[np.flatnonzero(keep)[corpus.max_documents:]] = False
+    check_not_empty(corpus, int(keep.sum()))
+    train = keep & (np.concatenate([s.splits for s in scans]) == SPLIT_CODES["train"])
+    bounds = np.cumsum([len(s.keys) for s in scans])[:-1]
+    return np.split(keep, bounds), np.split(train, bounds)
+
+
+def _fingerprint(shard: Shard, corpus: CorpusConfig, keep: np.ndarray, router) -> str:
+    """sha256 of everything an assignment part depends on: the shard's files (path, size,
+    modification time), the corpus settings, the keep mask and the router's state."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"shard": [shard.builder, shard.files, shard.origin],
+                         "stamps": [storage.stamp(f) for f in shard.files],
+                         "corpus": to_dict(corpus)}, sort_keys=True).encode())
+    h.update(np.packbits(keep).tobytes())
+    tensors, meta = router
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(tensors[name]).tobytes())
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def _merge_parts(locations: list[str]) -> pa.Table:
+    """The parts' rows in shard order, each part checked once against the sha256 its JSON records."""
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="moie-parts-") as scratch:
+        for location in locations:
+            recorded = json.loads(storage.read_text(_part_json(location)))["sha256"]
+            local = storage.local_copy(location, scratch)
+            if sha256_file(local) != recorded:
+                raise StageError(f"assignment part {location} does not match the sha256 its JSON records (damaged "
+                                 "or replaced); delete it and its .json, and run the cluster stage again")
+            tables.append(pq.read_table(local))
+    return pa.concat_tables(tables) if tables else pa.table({}, schema=_schema())
+
+
+def _all(task, args: list[tuple], what: str) -> list:
+    """Run `task` on every argument tuple; the results in order. On a failure, every other task
+    is waited for first (what they wrote is whole and kept), then the first error is raised: a
+    task's own error about its input as itself, a crash as a TaskFailedError."""
+    refs = [task.remote(*a) for a in args]
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    results, errors = [], []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayError as err:
+            errors.append(err)
+    if errors:
+        err = errors[0]
         if isinstance(task_cause(err), (StageError, CorpusError, ConfigError, EmbeddedCorpusError)):
             raise task_cause(err) from None
-        raise TaskFailedError(describe_failure("clustering task", err)) from None
+        raise TaskFailedError(describe_failure(f"{len(errors)} of {len(refs)} clustering {what} tasks; the first",
+                                               err)) from None
+    return results
 
 
 def _log_cluster_run(tracker: Tracker, run_id: str, cfg: Config, result: Clustering) -> dict:
     k = cfg.cluster.k
-    clusters = result.clusters
+    clusters = result.table["cluster"].to_numpy()
     sizes = np.bincount(clusters, minlength=k)
     metrics = {"n_documents": len(clusters), "max_cluster_ratio": float(sizes.max() / sizes.mean()),
                **{f"cluster_size_{j}": int(s) for j, s in enumerate(sizes)},
-               **{f"time_{name}": v for name, v in result.timing.items()}}
-    labels = result.source
+               **{f"time_{name}" if name.endswith("_s") else name: v for name, v in result.timing.items()}}
+    labels = result.table["source"].to_pylist()
     has_labels = all(s is not None for s in labels)
     if has_labels:
         metrics |= clustering_scores(labels, clusters, k)
@@ -127,7 +318,7 @@ def _log_cluster_run(tracker: Tracker, run_id: str, cfg: Config, result: Cluster
         tmp = Path(tmp)
         tensors, meta = result.router
         save_state(tmp, ROUTER_NAME, tensors, meta)
-        _write_assignments(tmp / ASSIGNMENTS, result)
+        pq.write_table(result.table, tmp / ASSIGNMENTS)
         report = {"k": k, "sizes": sizes.tolist(), "metrics": metrics}
         if has_labels:
             domains, table = contingency(labels, clusters, k)
@@ -138,10 +329,3 @@ def _log_cluster_run(tracker: Tracker, run_id: str, cfg: Config, result: Cluster
         manifest = tracker.log_artifact_dir(run_id, tmp)
     tracker.set_tags(run_id, {sha_tag(name): sha for name, sha in manifest.items()})
     return {key: metrics[key] for key in ("purity", "nmi", "ari", "max_cluster_ratio") if key in metrics}
-
-
-def _write_assignments(path: Path, result: Clustering) -> None:
-    table = pa.table({"doc_id": result.doc_id, "work": result.work, "source": result.source,
-                      "split": result.split, "n_bytes": result.n_bytes, "text_sha256": result.text_sha256,
-                      "cluster": np.asarray(result.clusters, dtype=np.int32)})
-    pq.write_table(table, path)

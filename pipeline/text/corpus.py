@@ -1,16 +1,25 @@
 """Corpus loading through `datasets`: a hub data set, local files, or the embedded corpus.
 
-Every source ends as a list of `Document`s (text, optional `source` domain label,
-optional `work` id), chunked at paragraph boundaries, de-duplicated, and assigned to a
-train / validation / test split by a hash of the work id — whole works, never lines.
+Every source ends as `Document`s (text, optional `source` domain label, optional `work`
+id), chunked at paragraph boundaries, de-duplicated, and assigned to a train / validation
+/ test split by a hash of the work id — whole works, never lines.
+
+The corpus is read as shards (`corpus_shards`): one table file (.jsonl / .parquet, streamed
+in batches), a group of text files (one work each) of at most `SHARD_TEXT_BYTES`, or the hub
+data set. A shard is read alone, in bounded memory, and gives the same documents wherever it
+is read, so the cluster stage reads shards in parallel tasks; `load_corpus` reads them one
+after the other into one list (for the stages that still hold the corpus whole).
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from artifacts.errors import MoieError
 from pipeline.config import CorpusConfig
@@ -24,6 +33,8 @@ SPLITS = ("train", "validation", "test")
 # plain text (one work per file; markdown, reStructuredText and source code are text too), JSON lines, parquet
 FILE_BUILDERS = {".txt": "text", ".md": "text", ".rst": "text", ".py": "text",
                  ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SHARD_TEXT_BYTES = 64 << 20  # text files (one work each) are read in groups of at most this size
+BATCH_ROWS = 1_000  # rows of a table file read at a time
 
 
 class CorpusError(MoieError, ValueError):
@@ -39,39 +50,110 @@ class Document:
     split: str = "train"
 
 
-def load_corpus(cfg: CorpusConfig) -> list[Document]:
-    """Load, chunk, de-duplicate and split the configured corpus."""
+@dataclass(frozen=True)
+class Shard:
+    """A part of the corpus that one task reads alone: one table file, a group of text files
+    (each one work, its doc id its path), or the hub data set."""
+
+    builder: str  # text | json | parquet (files read by `datasets`' builders) | hub
+    files: tuple[str, ...] = ()
+    origin: str = ""  # a table row's doc id is "<origin>:<row>": the file's name (its path where names repeat)
+
+    def describe(self) -> str:
+        if self.builder == "hub":
+            return f"hub data set {self.origin!r}"
+        return self.files[0] if len(self.files) == 1 else f"{len(self.files)} text files from {self.files[0]}"
+
+
+def corpus_shards(cfg: CorpusConfig) -> list[Shard]:
+    """The shards of the configured corpus, in corpus order: text files first, then table files."""
     if cfg.source == "embedded":
-        rows = _rows_from_table_files([embedded_corpus_file(cfg.domain_bytes, cfg.max_chunk_bytes)], cfg)
-    elif cfg.source == "files":
-        rows = _rows_from_files(cfg)
-    elif cfg.source == "hub":
-        rows = _rows_from_hub(cfg)
-    else:  # validated in config; kept for callers that build configs by hand
+        path = embedded_corpus_file(cfg.domain_bytes, cfg.max_chunk_bytes)
+        return [Shard("json", (str(path),), path.name)]
+    if cfg.source == "hub":
+        return [Shard("hub", (), cfg.name)]
+    if cfg.source != "files":  # validated in config; kept for callers that build configs by hand
         raise CorpusError(f"corpus.source must be one of embedded, files, hub; got {cfg.source!r}")
-    if cfg.exclude_sources:
-        rows = _without_sources(rows, cfg.exclude_sources)
-    docs = _chunk_and_dedupe(rows, cfg.max_chunk_bytes)
-    if cfg.max_documents is not None:
-        docs = docs[: cfg.max_documents]
-    if not docs:
-        raise CorpusError(f"the corpus ({_describe(cfg)}) holds no non-empty documents; "
-                          "give text files with content, or another corpus.source")
-    for doc in docs:
-        doc.split = split_of(doc.work or doc.doc_id, cfg.val_fraction, cfg.test_fraction)
-    return docs
+    files = _expand_files(cfg.files)
+    text = [f for f in files if FILE_BUILDERS[f.suffix.lower()] == "text"]
+    shards = [Shard("text", tuple(str(f) for f in group)) for group in _groups_of_bytes(text, SHARD_TEXT_BYTES)]
+    tables = [f for f in files if FILE_BUILDERS[f.suffix.lower()] != "text"]
+    repeated = {name for name, n in Counter(f.name for f in tables).items() if n > 1}
+    for builder in sorted({FILE_BUILDERS[f.suffix.lower()] for f in tables}):
+        shards += [Shard(builder, (str(f),), str(f) if f.name in repeated else f.name)
+                   for f in tables if FILE_BUILDERS[f.suffix.lower()] == builder]
+    return shards
 
 
-def _without_sources(rows: list[dict], excluded: list[str]) -> list[dict]:
-    """The rows whose domain label is not among `excluded`; a label no row has is an error (a typo
-    would otherwise leave the domain in)."""
-    present = {row.get("source") for row in rows}
-    unknown = sorted(set(excluded) - present)
+def _groups_of_bytes(files: list[Path], limit: int) -> list[list[Path]]:
+    """Consecutive files in groups of at most `limit` bytes (a larger file alone)."""
+    groups: list[list[Path]] = []
+    size = limit
+    for f in files:
+        n = f.stat().st_size
+        if size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += n
+    return groups
+
+
+def shard_documents(shard: Shard, cfg: CorpusConfig, labels: set | None = None) -> Iterator[tuple[bytes, Document]]:
+    """Every non-empty chunk of a shard's rows, in order, as (dedup key, document with its split).
+    A chunk whose key an earlier chunk of the corpus had is a duplicate; the caller drops it.
+    The domain labels of the rows read (excluded ones too) are added to `labels`."""
+    excluded = set(cfg.exclude_sources)
+    for row in _shard_rows(shard, cfg):
+        if labels is not None:
+            labels.add(row["source"])
+        if row["source"] in excluded:
+            continue
+        chunks = chunk_text(row["text"], cfg.max_chunk_bytes)
+        work = row["work"] or row["doc_id"]  # a row without a work id is its own work: its chunks share one split
+        split = split_of(work, cfg.val_fraction, cfg.test_fraction)
+        for i, chunk in enumerate(chunks):
+            if not chunk.strip():
+                continue
+            doc_id = row["doc_id"] if len(chunks) == 1 else f"{row['doc_id']}#{i}"
+            yield dedup_key(chunk), Document(doc_id=doc_id, text=chunk, source=row["source"], work=work, split=split)
+
+
+def dedup_key(text: str) -> bytes:
+    """16 bytes of sha1 of the text with its whitespace runs made single spaces: equal for copies."""
+    return hashlib.sha1(" ".join(text.split()).encode("utf-8")).digest()[:16]
+
+
+def check_labels(cfg: CorpusConfig, labels: set) -> None:
+    """corpus.exclude_sources may name only labels the corpus has (a typo would otherwise leave the domain in)."""
+    unknown = sorted(set(cfg.exclude_sources) - labels)
     if unknown:
-        known = sorted(s for s in present if s is not None)
+        known = sorted(s for s in labels if s is not None)
         raise CorpusError(f"corpus.exclude_sources names {unknown}, which no document of the corpus is labelled "
                           f"with; its domains are {known or 'none (no source column)'}")
-    return [row for row in rows if row.get("source") not in excluded]
+
+
+def check_not_empty(cfg: CorpusConfig, n_documents: int) -> None:
+    if not n_documents:
+        raise CorpusError(f"the corpus ({_describe(cfg)}) holds no non-empty documents; "
+                          "give text files with content, or another corpus.source")
+
+
+def load_corpus(cfg: CorpusConfig) -> list[Document]:
+    """Load, chunk, de-duplicate and split the configured corpus: its shards one after the other."""
+    docs: list[Document] = []
+    seen: set[bytes] = set()
+    labels: set = set()
+    for shard in corpus_shards(cfg):
+        for key, doc in shard_documents(shard, cfg, labels):
+            if key not in seen:
+                seen.add(key)
+                docs.append(doc)
+    check_labels(cfg, labels)
+    if cfg.max_documents is not None:
+        docs = docs[: cfg.max_documents]
+    check_not_empty(cfg, len(docs))
+    return docs
 
 
 def text_sha256(text: str) -> str:
@@ -103,6 +185,7 @@ def clustered_documents(table: dict, docs: list[Document]) -> dict[str, Document
     return by_id
 
 
+
 def split_of(work: str, val_fraction: float, test_fraction: float) -> str:
     """Deterministic split of a whole work: the first 8 bytes of sha256 of the salted work id
     as a fraction. (The salt keeps it independent of other hash orders, e.g. the embedded
@@ -116,24 +199,7 @@ def split_of(work: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
-def _chunk_and_dedupe(rows: list[dict], max_bytes: int) -> list[Document]:
-    docs: list[Document] = []
-    seen: set[bytes] = set()
-    for row in rows:
-        chunks = chunk_text(row["text"], max_bytes)
-        for i, chunk in enumerate(chunks):
-            key = hashlib.sha1(" ".join(chunk.split()).encode("utf-8")).digest()
-            if not chunk.strip() or key in seen:
-                continue
-            seen.add(key)
-            doc_id = row["doc_id"] if len(chunks) == 1 else f"{row['doc_id']}#{i}"
-            # a row without a work id is its own work: its chunks must share one split
-            docs.append(Document(doc_id=doc_id, text=chunk, source=row.get("source"),
-                                 work=row.get("work") or row["doc_id"]))
-    return docs
-
-
-# --- loaders --------------------------------------------------------------------------
+# --- reading a shard --------------------------------------------------------------------
 
 
 def _expand_files(patterns: list[str]) -> list[Path]:
@@ -154,68 +220,97 @@ def _expand_files(patterns: list[str]) -> list[Path]:
     return files
 
 
-def _rows_from_files(cfg: CorpusConfig) -> list[dict]:
-    files = _expand_files(cfg.files)
-    for f in files:
-        if f.suffix.lower() != ".parquet":
-            _check_utf8(f, cfg.encoding_errors)
-    text_files = [f for f in files if FILE_BUILDERS[f.suffix.lower()] == "text"]
-    table_files = [f for f in files if FILE_BUILDERS[f.suffix.lower()] != "text"]
-    rows = _rows_from_text_files(text_files, cfg) if text_files else []
-    return rows + (_rows_from_table_files(table_files, cfg) if table_files else [])
+def _shard_rows(shard: Shard, cfg: CorpusConfig) -> Iterator[dict]:
+    """The rows of a shard, in order: {doc_id, text, source, work}."""
+    if shard.builder == "text":
+        yield from _text_file_rows(shard, cfg)
+    elif shard.builder == "hub":
+        yield from _table_rows(_hub_dataset(cfg), cfg, shard.origin)
+    else:
+        import datasets
+
+        (path,) = shard.files
+        if shard.builder == "json":
+            _check_utf8(Path(path), cfg.encoding_errors)
+        kwargs = {"encoding_errors": cfg.encoding_errors} if shard.builder == "json" else {}
+        try:  # streamed: a batch of rows at a time, however large the file
+            ds = datasets.load_dataset(shard.builder, data_files=[path], split="train", streaming=True, **kwargs)
+            yield from _table_rows(ds, cfg, shard.origin)
+        except CorpusError:
+            raise
+        except Exception as e:  # datasets raises a dozen exception types for a malformed file
+            raise CorpusError(f"could not read corpus file {path} as {shard.builder}: {e}") from e
+
+
+def _text_file_rows(shard: Shard, cfg: CorpusConfig) -> Iterator[dict]:
+    """One row per text file (a work, its path the doc id), via the `datasets` text builder."""
+    import datasets
+
+    for f in shard.files:
+        _check_utf8(Path(f), cfg.encoding_errors)
+    ds = datasets.load_dataset("text", data_files=list(shard.files), split="train", streaming=True,
+                               sample_by="document", keep_linebreaks=True, encoding_errors=cfg.encoding_errors)
+    files = iter(shard.files)  # one row per file, an empty file included
+    for batch in ds.iter(batch_size=BATCH_ROWS):
+        for text in batch["text"]:
+            f = next(files)  # names repeat across folders: the path is the id
+            yield {"doc_id": f, "text": text, "source": None, "work": f}
+
+
+def _table_rows(ds, cfg: CorpusConfig, origin: str) -> Iterator[dict]:
+    """The rows of a `datasets` table (a batch at a time); row i's doc id is "<origin>:<i>"."""
+    i = 0
+    for batch in ds.iter(batch_size=BATCH_ROWS):
+        if cfg.text_column not in batch:
+            raise CorpusError(f"corpus {origin!r} has no text column {cfg.text_column!r}; its columns are "
+                              f"{sorted(batch)}: set corpus.text_column to one of them")
+        texts = batch[cfg.text_column]
+        sources = batch.get(cfg.source_column) or [None] * len(texts)
+        works = batch.get(cfg.work_column) or [None] * len(texts)
+        for text, source, work in zip(texts, sources, works):
+            if isinstance(text, str):
+                yield {"doc_id": f"{origin}:{i}", "text": text, "source": None if source is None else str(source),
+                       "work": None if work is None else str(work)}
+            i += 1
 
 
 def _check_utf8(path: Path, errors: str) -> None:
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if errors == "strict":
-            raise CorpusError(
-                f"corpus file {str(path)!r} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
-                "convert it (e.g. iconv -f latin1 -t utf-8) or set corpus.encoding_errors=replace "
-                "to decode it with U+FFFD replacement characters") from None
-        log.warning("corpus file %s is not valid UTF-8 (first bad byte at %d); decoding with replacement "
-                    "characters because corpus.encoding_errors=replace", path, e.start)
+    """Refuse (strict) or warn of (replace) a file that is not UTF-8, read a block at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(8 << 20)
+            pending = len(decoder.getstate()[0])  # the start of a character cut at the last block's end
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                start = offset - pending + e.start
+                if errors == "strict":
+                    bad = _byte_at(path, start)
+                    raise CorpusError(
+                        f"corpus file {str(path)!r} is not valid UTF-8 (byte {start}: {bad!r}); convert it (e.g. "
+                        "iconv -f latin1 -t utf-8) or set corpus.encoding_errors=replace to decode it with U+FFFD "
+                        "replacement characters") from None
+                log.warning("corpus file %s is not valid UTF-8 (first bad byte at %d); decoding with replacement "
+                            "characters because corpus.encoding_errors=replace", path, start)
+                return
+            if not block:
+                return
+            offset += len(block)
 
 
-def _rows_from_text_files(files: list[Path], cfg: CorpusConfig) -> list[dict]:
-    """One document per text file (a work), via the `datasets` text builder."""
-    import datasets
-
-    # One split per file keeps the file <-> row mapping explicit.
-    data_files = {f"file{i}": str(f) for i, f in enumerate(files)}
-    dsd = datasets.load_dataset("text", data_files=data_files, sample_by="document", keep_linebreaks=True,
-                                encoding_errors=cfg.encoding_errors)
-    rows = []
-    for i, f in enumerate(files):
-        texts = dsd[f"file{i}"]["text"]
-        text = "\n".join(texts)
-        rows.append({"doc_id": str(f), "text": text, "source": None, "work": str(f)})  # names repeat across folders
-    return rows
+def _byte_at(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(1)
 
 
-def _rows_from_table_files(files: list[Path], cfg: CorpusConfig) -> list[dict]:
-    import datasets
-
-    builders = {FILE_BUILDERS[Path(f).suffix.lower()] for f in files}
-    rows: list[dict] = []
-    for builder in sorted(builders):
-        group = [str(f) for f in files if FILE_BUILDERS[Path(f).suffix.lower()] == builder]
-        kwargs = {"encoding_errors": cfg.encoding_errors} if builder == "json" else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files=group, split="train", **kwargs)
-        except Exception as e:  # datasets raises a dozen exception types for a malformed file
-            raise CorpusError(f"could not read corpus files {group} as {builder}: {e}") from e
-        rows.extend(_rows_from_dataset(ds, cfg, origin=",".join(Path(g).name for g in group)))
-    return rows
-
-
-def _rows_from_hub(cfg: CorpusConfig) -> list[dict]:
+def _hub_dataset(cfg: CorpusConfig):
     import datasets
 
     try:
-        ds = datasets.load_dataset(cfg.name, split=cfg.hub_split)
+        return datasets.load_dataset(cfg.name, split=cfg.hub_split)  # memory-mapped from datasets' cache
     except Exception as e:
         offline = datasets.config.HF_HUB_OFFLINE
         hint = ("this process is offline (HF_HUB_OFFLINE=1, moie's default: nothing is downloaded from the hub); "
@@ -223,25 +318,6 @@ def _rows_from_hub(cfg: CorpusConfig) -> list[dict]:
                 "as .jsonl/.parquet and use corpus.source=files") if offline else "check the name and corpus.hub_split"
         raise CorpusError(f"could not load hub data set {cfg.name!r} (split {cfg.hub_split!r}): "
                           f"{type(e).__name__}: {e}. {hint}") from e
-    return _rows_from_dataset(ds, cfg, origin=cfg.name)
-
-
-def _rows_from_dataset(ds, cfg: CorpusConfig, origin: str) -> list[dict]:
-    columns = set(ds.column_names)
-    if cfg.text_column not in columns:
-        raise CorpusError(f"corpus {origin!r} has no text column {cfg.text_column!r}; its columns are "
-                          f"{sorted(columns)}: set corpus.text_column to one of them")
-    texts = list(ds[cfg.text_column])
-    sources = list(ds[cfg.source_column]) if cfg.source_column in columns else [None] * len(texts)
-    works = list(ds[cfg.work_column]) if cfg.work_column in columns else [None] * len(texts)
-    rows = []
-    for i, (text, source, work) in enumerate(zip(texts, sources, works)):
-        if not isinstance(text, str):
-            continue
-        rows.append({"doc_id": f"{origin}:{i}", "text": text,
-                     "source": None if source is None else str(source),
-                     "work": None if work is None else str(work)})
-    return rows
 
 
 def _describe(cfg: CorpusConfig) -> str:

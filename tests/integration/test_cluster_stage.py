@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
@@ -117,3 +118,83 @@ def test_cli_reports_a_config_error_naming_the_key(moie_home):
                            "--set", "cluster.k=1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "cluster.k must be at least 2" in proc.stderr
+
+
+def sharded_config(tmp_path, extra=()):
+    """A corpus of five shards: four jsonl files (domains mixed, rows without a work id, a copy of
+    a row of the first file in the last) and a group of eight text files, fitted on a sample smaller than the
+    training split (so the sample's texts come from several shards)."""
+    folder = tmp_path / "corpus"
+    if not folder.exists():
+        write_sharded_corpus(folder)
+    overrides = ["corpus.source=files", f"corpus.files=[{folder}/*.jsonl,{folder}/*.txt]", "cluster.k=4",
+                 "cluster.svd_dim=16", "cluster.min_df=1", "cluster.fit_sample=60", "tracking.experiment=test",
+                 *extra]
+    return load_config(REPO / "configs" / "tiny.yaml", overrides)
+
+
+def write_sharded_corpus(folder):
+    import random
+
+    rows = textgen.corpus(30, seed=3)
+    random.Random(0).shuffle(rows)
+    for row in rows[::5]:
+        del row["work"]  # its own work: its split hangs on its doc id
+    folder.mkdir()
+    for i in range(4):
+        part = rows[i * 28:(i + 1) * 28] + ([rows[0]] if i == 3 else [])
+        (folder / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    for i, row in enumerate(rows[112:]):
+        (folder / f"note-{i}.txt").write_text(row["text"])
+
+
+def logged_assignments(cfg, pipeline_id, tmp_path):
+    (run, *_) = cluster_runs(cfg, pipeline_id)  # the newest first
+    return run, pq.read_table(client_for(cfg).download_artifacts(run.info.run_id, "assignments.parquet",
+                                                                 str(tmp_path / run.info.run_id)))
+
+
+def test_sharded_stage_assigns_every_document_as_the_whole_corpus_in_one_process_does(ray_local, moie_home, tmp_path):
+    from pipeline.stages.cluster import fit_clusters
+    from pipeline.text.corpus import corpus_shards
+
+    cfg = sharded_config(tmp_path)
+    assert len(corpus_shards(cfg.corpus)) == 5  # four table files, the text files in one group
+    pipeline_id = run_cluster(cfg)
+    run, table = logged_assignments(cfg, pipeline_id, tmp_path)
+    reference = fit_clusters(cfg)
+    assert run.data.metrics["shards"] == 5 and run.data.metrics["fit_documents"] == 60
+    assert len(table) == 120  # 121 rows, the copy dropped
+    assert table.equals(reference.table)
+    tensors, _ = reference.router
+    local = Path(client_for(cfg).download_artifacts(run.info.run_id, "", str(tmp_path / "router")))
+    logged, _ = load_state(local, "router", run.data.tags["moie.sha256.router.safetensors"])
+    assert all(np.array_equal(logged[name], tensors[name]) for name in tensors)
+
+
+def test_rerun_after_a_killed_assignment_assigns_only_the_unfinished_shards(ray_local, moie_home, tmp_path):
+    from pipeline.ray_runtime import TaskFailedError
+    from pipeline.store.catalog import storage_location
+
+    cfg = sharded_config(tmp_path, ["cluster.crash_shard=2"])
+    with pytest.raises(TaskFailedError, match="1 of 5 clustering assign tasks"):
+        pipeline_id = run_cluster(cfg)
+    (failed,) = Tracker(cfg).client.search_runs([Tracker(cfg).experiment_id], "tags.`moie.stage` = 'pipeline'")
+    pipeline_id = failed.info.run_id
+    parts = Path(storage_location(cfg)) / pipeline_id / "assignments"
+    written = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    assert len(written) == 4 and len(list(parts.glob("*.json"))) == 4  # every other shard's part, whole
+
+    cfg = sharded_config(tmp_path)
+    run_cluster(cfg, pipeline_id)
+    run, table = logged_assignments(cfg, pipeline_id, tmp_path)
+    assert run.data.metrics["shards_assigned"] == 1
+    assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet") if p.name in written} == written
+    assert len(list(parts.glob("*.parquet"))) == 5
+    assert table.equals(fit_clusters_table(cfg))
+
+
+def fit_clusters_table(cfg):
+    from pipeline.stages.cluster import fit_clusters
+
+    return fit_clusters(cfg).table
