@@ -43,9 +43,10 @@ def main() -> None:
     import ray
 
     import pipeline  # noqa: F401
-    from experts.tokenizer import EOS_ID, VOCAB_SIZE
+    import numpy as np
+
+    from experts.tokenizer import EOS_ID, VOCAB_SIZE, encode_texts
     from pipeline.config import load_config
-    from pipeline.stages.experts import write_tokens
     from pipeline.text.corpus import load_corpus
 
     cfg = load_config(REPO / "configs" / "tiny.yaml")
@@ -53,7 +54,8 @@ def main() -> None:
     train_cfg = {**cfg.experts.train, "max_tokens": args.tokens, "eval_every": 0, "ckpt_every": 0}
     with tempfile.TemporaryDirectory() as tmp:
         docs = load_corpus(cfg.corpus)
-        path = str(write_tokens(Path(tmp) / "tokens.npy", [d.text for d in docs], EOS_ID))
+        path = str(Path(tmp) / "tokens.npy")
+        np.save(path, encode_texts([d.text for d in docs], EOS_ID))
         plain = train_one(model_cfg, train_cfg, path)
         ray.init(address="local", num_cpus=args.n, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=False)

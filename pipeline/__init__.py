@@ -12,6 +12,9 @@ LOCAL_DEFAULTS = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # datasets: moie reads text, never torch-formatted rows; without this every streamed data set
+    # imports torch (~150 MB more in each of the cluster stage's shard workers)
+    "USE_TORCH": "0",
     # MLflow and Ray: no telemetry, no usage stats.
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per download floods job logs

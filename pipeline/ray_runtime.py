@@ -76,6 +76,31 @@ def get_or_fail(refs, what: str):
         raise
 
 
+def every_result(refs: list, what: str, own_errors: tuple[type, ...] = ()) -> list:
+    """The results of the tasks of `refs`, in order. On a failure every other task is waited for
+    first (what they write is whole, and kept), then the first failure is raised: an error of
+    `own_errors` (a task's own error about its input) as itself, any other as one
+    TaskFailedError naming `what`. An interrupted wait cancels them all."""
+    import ray
+
+    try:
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    except BaseException:
+        cancel(refs)
+        raise
+    results, errors = [], []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayError as err:
+            errors.append(err)
+    if errors:
+        if isinstance(task_cause(errors[0]), own_errors):
+            raise task_cause(errors[0]) from None
+        raise TaskFailedError(describe_failure(f"{len(errors)} of {len(refs)} {what}; the first", errors[0])) from None
+    return results
+
+
 def cancel(refs) -> None:
     """Stop tasks that no one will wait for (finished ones are left alone)."""
     import ray

@@ -32,3 +32,20 @@ def corpus(n_per_domain: int, domains: list[str] | None = None, seed: int = 0) -
         for i in range(n_per_domain):
             rows.append({"text": document(rng, domain), "source": domain, "work": f"{domain}-{i}"})
     return rows
+
+
+def write_sharded(folder) -> None:
+    """A corpus of five shards in `folder`: four jsonl files of 28 rows (domains mixed, every fifth
+    row without a work id, the first row copied into the last file) and eight text files."""
+    import json
+
+    rows = corpus(30, seed=3)
+    random.Random(0).shuffle(rows)
+    for row in rows[::5]:
+        del row["work"]  # its own work: its split hangs on its doc id
+    folder.mkdir()
+    for i in range(4):
+        part = rows[i * 28:(i + 1) * 28] + ([rows[0]] if i == 3 else [])
+        (folder / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    for i, row in enumerate(rows[112:]):
+        (folder / f"note-{i}.txt").write_text(row["text"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,33 +33,28 @@ import pyarrow.parquet as pq
 import ray
 
 from artifacts import save_state, sha256_file, write_json
-from pipeline.config import Config, ConfigError, CorpusConfig, from_dict, to_dict, validate
+from pipeline.config import Config, ConfigError, CorpusConfig, to_dict, validate
 from pipeline.errors import StageError
-from pipeline.ray_runtime import TaskFailedError, check_resources, connect_cluster, describe_failure, task_cause
+from pipeline.ray_runtime import check_resources, connect_cluster, every_result
 from pipeline.results.report import plot_domain_cluster_table
 from pipeline.store import storage
 from pipeline.store.catalog import ASSIGNMENTS, CLUSTER_REPORT, ROUTER_NAME, storage_location
 from pipeline.store.names import sha_tag
 from pipeline.store.tracking import Tracker
-from pipeline.text.corpus import (CorpusError, Shard, check_labels, check_not_empty, corpus_shards, load_corpus,
-                                  shard_documents, text_sha256)
+from pipeline.stages.shards import (SPLIT_CODES, ShardScan, assign_shard, assignment_rows, fit_router, fit_task,
+                                    part_json, sample_texts, scan_shard, schema)
+from pipeline.text.corpus import CorpusError, Shard, check_labels, check_not_empty, corpus_shards, load_corpus
 from pipeline.text.embedded import EmbeddedCorpusError
 from routing.metrics import clustering_scores, contingency, dominant_domains
-from routing.router import ClusterRouter
 
 log = logging.getLogger(__name__)
-
-ASSIGN_BATCH = 2_000  # documents embedded and assigned at a time
-SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
-COLUMNS = ("doc_id", "work", "source", "split", "n_bytes", "text_sha256", "cluster")  # of assignments.parquet
-
 
 @dataclass
 class Clustering:
     """The cluster stage's result: the router's state and every document's row of assignments.parquet."""
 
     router: tuple[dict[str, np.ndarray], dict]  # (tensors, meta) of ClusterRouter.to_state()
-    table: pa.Table  # COLUMNS, one row per document in corpus order
+    table: pa.Table  # shards.schema(): one row per document, in corpus order
     timing: dict[str, float]  # seconds (keys ending in _s) and counts of the stage's work
 
 
@@ -79,7 +73,7 @@ def fit_clusters(cfg: Config) -> Clustering:
     router = fit_router([train[i].text for i in sample], cfg)
     t2 = time.perf_counter()
     clusters = router.assign([d.text for d in docs])
-    table = _assignment_rows(docs, clusters)
+    table = assignment_rows(docs, clusters)
     return Clustering(router.to_state(), table, {"load_s": t1 - t0, "fit_s": t2 - t1,
                                                   "assign_s": time.perf_counter() - t2,
                                                   "fit_documents": int(len(sample))})
@@ -92,95 +86,6 @@ def _sample_positions(n_train: int, n_documents: int, cfg: Config) -> np.ndarray
                          f"cluster.k={cfg.cluster.k}; lower cluster.k or add documents")
     rng = np.random.default_rng(cfg.seed)
     return np.sort(rng.choice(n_train, size=min(cfg.cluster.fit_sample, n_train), replace=False))
-
-
-def fit_router(texts: list[str], cfg: Config) -> ClusterRouter:
-    c = cfg.cluster
-    try:
-        return ClusterRouter.fit(texts, c.k, max_features=c.max_features, min_df=c.min_df, svd_dim=c.svd_dim,
-                                 iterations=c.iterations, temperature=c.temperature, top_k=c.top_k, seed=cfg.seed)
-    except ValueError as err:  # the corpus and the cluster.* settings do not fit together
-        raise StageError(f"cannot fit the cBTM router on {len(texts)} training documents with these cluster.* "
-                         f"settings: {err}") from None
-
-
-def _assignment_rows(docs, clusters: np.ndarray) -> pa.Table:
-    return pa.table({"doc_id": [d.doc_id for d in docs], "work": [d.work for d in docs],
-                     "source": pa.array([d.source for d in docs], pa.string()),
-                     "split": [d.split for d in docs], "n_bytes": [len(d.text.encode("utf-8")) for d in docs],
-                     "text_sha256": [text_sha256(d.text) for d in docs],
-                     "cluster": np.asarray(clusters, dtype=np.int32)})
-
-
-# --- the shards' tasks --------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardScan:
-    """A shard's chunks, in order: what the driver needs to de-duplicate and sample them."""
-
-    keys: np.ndarray  # (n_chunks,) V16 dedup keys
-    splits: np.ndarray  # (n_chunks,) uint8 SPLIT_CODES
-    labels: set  # domain labels of the shard's rows (excluded ones too)
-
-
-def scan_shard(shard: Shard, corpus: CorpusConfig) -> ShardScan:
-    keys, splits, labels = bytearray(), bytearray(), set()
-    for key, doc in shard_documents(shard, corpus, labels):
-        keys += key
-        splits.append(SPLIT_CODES[doc.split])
-    return ShardScan(np.frombuffer(bytes(keys), dtype="V16"), np.frombuffer(bytes(splits), dtype=np.uint8), labels)
-
-
-def sample_texts(shard: Shard, corpus: CorpusConfig, positions: np.ndarray) -> list[str]:
-    """The texts of the shard's chunks at `positions` (sorted chunk indices)."""
-    wanted = set(positions.tolist())
-    return [doc.text for i, (_, doc) in enumerate(shard_documents(shard, corpus)) if i in wanted]
-
-
-def assign_shard(shard: Shard, corpus: CorpusConfig, keep: np.ndarray, router_state, location: str,
-                 crash: bool = False) -> int:
-    """Assign the shard's kept chunks (keep: (n_chunks,) bool) to clusters, a batch at a time, and
-    write their rows as one parquet part to `location` in the storage, then its JSON (sha256,
-    rows); the number of rows."""
-    if crash:  # tests only (cluster.crash_shard): the worker dies as a killed one does
-        os._exit(1)
-    router = ClusterRouter.from_state(*router_state)
-    with tempfile.TemporaryDirectory(prefix="moie-assign-") as tmp:
-        path = Path(tmp) / "part.parquet"
-        rows = 0
-        with pq.ParquetWriter(path, _schema()) as writer:
-            batch = []
-            for i, (_, doc) in enumerate(shard_documents(shard, corpus)):
-                if keep[i]:
-                    batch.append(doc)
-                if len(batch) == ASSIGN_BATCH:
-                    writer.write_table(_assignment_rows(batch, router.assign([d.text for d in batch])))
-                    rows += len(batch)
-                    batch = []
-            if batch:
-                writer.write_table(_assignment_rows(batch, router.assign([d.text for d in batch])))
-                rows += len(batch)
-        storage.upload(path, location)
-        write_json(Path(tmp) / "part.json", {"sha256": sha256_file(path), "rows": rows, "shard": shard.describe()})
-        storage.upload(Path(tmp) / "part.json", _part_json(location))  # last: it marks the part whole
-    return rows
-
-
-def _schema() -> pa.Schema:
-    return pa.schema([("doc_id", pa.string()), ("work", pa.string()), ("source", pa.string()),
-                      ("split", pa.string()), ("n_bytes", pa.int64()), ("text_sha256", pa.string()),
-                      ("cluster", pa.int32())])
-
-
-def _part_json(location: str) -> str:
-    return location.removesuffix(".parquet") + ".json"
-
-
-def _fit_task(cfg_dict: dict, *samples: list[str]):
-    """Ray task body: the router fitted on the sampled texts (one list per shard, in corpus order)."""
-    cfg = from_dict(Config, cfg_dict)
-    return fit_router([text for texts in samples for text in texts], cfg).to_state()
 
 
 # --- the driver -------------------------------------------------------------------------------------
@@ -219,16 +124,16 @@ def cluster_shards(cfg: Config, parts: str) -> Clustering:
                  for i in range(len(shards))]
     sampler = ray.remote(sample_texts).options(num_cpus=1, max_retries=1)
     samples = [sampler.remote(s, corpus, p) for s, p in zip(shards, positions) if len(p)]
-    fit = ray.remote(_fit_task).options(num_cpus=cfg.cluster.num_cpus, max_retries=1)
+    fit = ray.remote(fit_task).options(num_cpus=cfg.cluster.num_cpus, max_retries=1)
     router = _all(fit, [(to_dict(cfg), *samples)], "fit")[0]
     t2 = time.perf_counter()
     locations = [storage.join(parts, f"{_fingerprint(s, cfg.corpus, m, router)}.parquet") for s, m in zip(shards, keep)]
-    todo = [i for i, loc in enumerate(locations) if not storage.exists(_part_json(loc))]
+    todo = [i for i, loc in enumerate(locations) if not storage.exists(part_json(loc))]
     log.info("cluster stage: %d shards, %d to assign (%d assigned by an earlier run)", len(shards), len(todo),
              len(shards) - len(todo))
     router_ref = ray.put(router)
     assign = ray.remote(assign_shard).options(num_cpus=1, max_retries=1)
-    _all(assign, [(shards[i], corpus, keep[i], router_ref, locations[i], i == cfg.cluster.crash_shard)
+    _all(assign, [(shards[i], i, corpus, keep[i], router_ref, locations[i], i == cfg.cluster.crash_shard)
                   for i in todo], "assign")
     table = _merge_parts(locations)
     return Clustering(router, table, {"scan_s": t1 - t0, "fit_s": t2 - t1, "assign_s": time.perf_counter() - t2,
@@ -272,34 +177,19 @@ def _merge_parts(locations: list[str]) -> pa.Table:
     tables = []
     with tempfile.TemporaryDirectory(prefix="moie-parts-") as scratch:
         for location in locations:
-            recorded = json.loads(storage.read_text(_part_json(location)))["sha256"]
+            recorded = json.loads(storage.read_text(part_json(location)))["sha256"]
             local = storage.local_copy(location, scratch)
             if sha256_file(local) != recorded:
                 raise StageError(f"assignment part {location} does not match the sha256 its JSON records (damaged "
                                  "or replaced); delete it and its .json, and run the cluster stage again")
             tables.append(pq.read_table(local))
-    return pa.concat_tables(tables) if tables else pa.table({}, schema=_schema())
+    return pa.concat_tables(tables) if tables else pa.table({}, schema=schema())
 
 
 def _all(task, args: list[tuple], what: str) -> list:
-    """Run `task` on every argument tuple; the results in order. On a failure, every other task
-    is waited for first (what they wrote is whole and kept), then the first error is raised: a
-    task's own error about its input as itself, a crash as a TaskFailedError."""
-    refs = [task.remote(*a) for a in args]
-    ray.wait(refs, num_returns=len(refs), fetch_local=False)
-    results, errors = [], []
-    for ref in refs:
-        try:
-            results.append(ray.get(ref))
-        except ray.exceptions.RayError as err:
-            errors.append(err)
-    if errors:
-        err = errors[0]
-        if isinstance(task_cause(err), (StageError, CorpusError, ConfigError, EmbeddedCorpusError)):
-            raise task_cause(err) from None
-        raise TaskFailedError(describe_failure(f"{len(errors)} of {len(refs)} clustering {what} tasks; the first",
-                                               err)) from None
-    return results
+    """`task` on every argument tuple in parallel: the results in order (see every_result)."""
+    return every_result([task.remote(*a) for a in args], f"clustering {what} tasks",
+                        (StageError, CorpusError, ConfigError, EmbeddedCorpusError))
 
 
 def _log_cluster_run(tracker: Tracker, run_id: str, cfg: Config, result: Clustering) -> dict:

@@ -16,22 +16,22 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import ray
 import torch
 
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
-from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE, encode_texts
+from experts.tokenizer import TOKENIZER, VOCAB_SIZE
 from experts.trainer import TrainConfig, TrainResult, train
 from pipeline.config import Config
 from pipeline.errors import MoieError, StageError, one_line
 from pipeline.progress import BoardPrinter, open_board
 from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
-                                  largest_node_cpus, use_granted_cpus)
+                                  every_result, largest_node_cpus, use_granted_cpus)
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, check_token_files, exact_uri
 from pipeline.store.leftovers import scratch_dir
@@ -39,7 +39,9 @@ from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, R
                                   ROLE_DENSE_CENTRAL, SEED, Tag, carried_tags, expert_cluster, expert_name, is_expert,
                                   model_tags, tokens_sha_tag)
 from pipeline.store.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
-from pipeline.text.corpus import clustered_documents, load_corpus
+from pipeline.stages.shards import join_tokens, shard_tokens
+from pipeline.text.corpus import CorpusError, corpus_shards
+from pipeline.text.embedded import EmbeddedCorpusError
 
 log = logging.getLogger(__name__)
 
@@ -103,31 +105,64 @@ class SeedPlan:
 # --- data -------------------------------------------------------------------------------
 
 
-def write_tokens(location: str, texts: list[str], eos_id: int) -> str:
-    """Byte tokens of texts (eos after each) as a .npy file in the storage, which tasks memory-map."""
-    if storage.kind(location) != "file":
-        with tempfile.TemporaryDirectory() as tmp:
-            np.save(Path(tmp) / "tokens.npy", encode_texts(texts, eos_id))
-            storage.upload(Path(tmp) / "tokens.npy", location)  # whole or not at all
-    return location
+def expert_data(cfg: Config, root: str, table: dict, k: int) -> dict[str, dict[str, str]]:
+    """Each cluster's training and validation documents as byte tokens in shared .npy files, which
+    tasks memory-map, and every document in the dense model's: {name: {train, val}} (locations in
+    the storage under `root`). Files written by an earlier run are kept. Written by Ray tasks, one
+    per corpus shard (each writes its part of every file), then one per file joining the parts in
+    corpus order: no process holds more than a shard's tokens."""
+    names = [expert_name(j) for j in range(k)] + [DENSE]
+    files = {name: {split: Catalog.token_file(root, name, split) for split in ("train", "val")} for name in names}
+    todo = {(name, split) for name in names for split in ("train", "val") if not storage.exists(files[name][split])}
+    if not todo:
+        return files
+    shards = corpus_shards(cfg.corpus)
+    docs = _documents_by_shard(table, len(shards))
+    staging = storage.join(root, "data", f"parts-{uuid.uuid4().hex[:8]}")
+    own = (CorpusError, StageError, EmbeddedCorpusError)
+    try:
+        corpus = ray.put(cfg.corpus)
+        write = ray.remote(shard_tokens).options(num_cpus=1, max_retries=1)
+        written = every_result([write.remote(shards[i], i, corpus, docs[i], storage.join(staging, f"{i:05d}"))
+                                for i in range(len(shards)) if docs[i]], "token-writing tasks", own)
+        _check_found(docs, written)
+        join = ray.remote(join_tokens).options(num_cpus=1, max_retries=1)
+        every_result([join.remote([w["parts"][name][split] for w in written if split in w["parts"].get(name, {})],
+                                  files[name][split]) for name, split in sorted(todo)], "token-joining tasks", own)
+    finally:
+        storage.remove(staging)
+    return files
 
 
-def expert_data(cfg: Config, root: str, table: dict, k: int) -> dict[str, dict]:
-    """Tokenise each cluster's documents once into shared .npy files: {name: {train, val, train_bytes}}."""
-    docs = clustered_documents(table, load_corpus(cfg.corpus))
-    eos = EOS_ID
-    groups: dict[str, dict[str, list[str]]] = {expert_name(j): {"train": [], "validation": []} for j in range(k)}
-    groups[DENSE] = {"train": [], "validation": []}
-    for doc_id, cluster, split in zip(table["doc_id"], table["cluster"], table["split"]):
+def _documents_by_shard(table: dict, n_shards: int) -> list[dict[str, tuple[str, str, str]]]:
+    """Per corpus shard, {doc_id: (expert, train | val, text sha256)} of its training and validation
+    documents, from the pipeline's assignments (checked to fit this corpus's shards)."""
+    if "text_sha256" not in table:
+        raise CorpusError("the pipeline's assignments.parquet records no content hashes, so the corpus cannot be "
+                          "checked against its clustering; cluster it again (`moie cluster`)")
+    shard_of = table.get("shard")
+    if shard_of is None:  # clustered before corpora were read as shards: right only for a corpus of one
+        if n_shards > 1:
+            raise CorpusError(f"the pipeline's assignments.parquet records no corpus shard per document, and this "
+                              f"corpus has {n_shards} shards; cluster it again (`moie cluster`)")
+        shard_of = [0] * len(table["doc_id"])
+    if shard_of and max(shard_of) >= n_shards:
+        raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({max(shard_of) + 1}) than this "
+                          f"config's ({n_shards}); give the config the pipeline was clustered with")
+    docs: list[dict] = [{} for _ in range(n_shards)]
+    for doc_id, cluster, split, sha, shard in zip(table["doc_id"], table["cluster"], table["split"],
+                                                  table["text_sha256"], shard_of):
         if split in ("train", "validation"):
-            groups[expert_name(cluster)][split].append(docs[doc_id].text)
-            groups[DENSE][split].append(docs[doc_id].text)
-    out = {}
-    for name, texts in groups.items():
-        out[name] = {"train": write_tokens(Catalog.token_file(root, name, "train"), texts["train"], eos),
-                     "val": write_tokens(Catalog.token_file(root, name, "val"), texts["validation"], eos),
-                     "train_bytes": sum(len(t.encode("utf-8")) for t in texts["train"])}
-    return out
+            docs[shard][doc_id] = (expert_name(cluster), "train" if split == "train" else "val", sha)
+    return docs
+
+
+def _check_found(docs: list[dict], written: list[dict]) -> None:
+    expected, found = sum(len(d) for d in docs), sum(w["found"] for w in written)
+    if found < expected:
+        missing = [w["missing"] for w in written if w.get("missing")]
+        raise CorpusError(f"{expected - found} clustered documents (e.g. {missing[0]!r}) are not in the corpus of "
+                          "this config; give the config the pipeline was clustered with")
 
 
 def registered_model(name: str) -> str:

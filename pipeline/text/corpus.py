@@ -48,6 +48,7 @@ class Document:
     source: str | None = None  # domain label, used only to evaluate clustering
     work: str | None = None  # chunks of one work share it, and therefore a split
     split: str = "train"
+    shard: int = 0  # index of the corpus shard it was read from
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,12 @@ def _groups_of_bytes(files: list[Path], limit: int) -> list[list[Path]]:
     return groups
 
 
-def shard_documents(shard: Shard, cfg: CorpusConfig, labels: set | None = None) -> Iterator[tuple[bytes, Document]]:
+def shard_documents(shard: Shard, cfg: CorpusConfig, labels: set | None = None,
+                    index: int = 0) -> Iterator[tuple[bytes, Document]]:
     """Every non-empty chunk of a shard's rows, in order, as (dedup key, document with its split).
     A chunk whose key an earlier chunk of the corpus had is a duplicate; the caller drops it.
-    The domain labels of the rows read (excluded ones too) are added to `labels`."""
+    The domain labels of the rows read (excluded ones too) are added to `labels`; `index` is the
+    shard's place among the corpus's shards."""
     excluded = set(cfg.exclude_sources)
     for row in _shard_rows(shard, cfg):
         if labels is not None:
@@ -116,7 +119,7 @@ def shard_documents(shard: Shard, cfg: CorpusConfig, labels: set | None = None) 
             if not chunk.strip():
                 continue
             doc_id = row["doc_id"] if len(chunks) == 1 else f"{row['doc_id']}#{i}"
-            yield dedup_key(chunk), Document(doc_id=doc_id, text=chunk, source=row["source"], work=work, split=split)
+            yield dedup_key(chunk), Document(doc_id, chunk, row["source"], work, split, index)
 
 
 def dedup_key(text: str) -> bytes:
@@ -144,8 +147,8 @@ def load_corpus(cfg: CorpusConfig) -> list[Document]:
     docs: list[Document] = []
     seen: set[bytes] = set()
     labels: set = set()
-    for shard in corpus_shards(cfg):
-        for key, doc in shard_documents(shard, cfg, labels):
+    for index, shard in enumerate(corpus_shards(cfg)):
+        for key, doc in shard_documents(shard, cfg, labels, index):
             if key not in seen:
                 seen.add(key)
                 docs.append(doc)

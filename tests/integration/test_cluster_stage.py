@@ -126,26 +126,11 @@ def sharded_config(tmp_path, extra=()):
     training split (so the sample's texts come from several shards)."""
     folder = tmp_path / "corpus"
     if not folder.exists():
-        write_sharded_corpus(folder)
+        textgen.write_sharded(folder)
     overrides = ["corpus.source=files", f"corpus.files=[{folder}/*.jsonl,{folder}/*.txt]", "cluster.k=4",
                  "cluster.svd_dim=16", "cluster.min_df=1", "cluster.fit_sample=60", "tracking.experiment=test",
                  *extra]
     return load_config(REPO / "configs" / "tiny.yaml", overrides)
-
-
-def write_sharded_corpus(folder):
-    import random
-
-    rows = textgen.corpus(30, seed=3)
-    random.Random(0).shuffle(rows)
-    for row in rows[::5]:
-        del row["work"]  # its own work: its split hangs on its doc id
-    folder.mkdir()
-    for i in range(4):
-        part = rows[i * 28:(i + 1) * 28] + ([rows[0]] if i == 3 else [])
-        (folder / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    for i, row in enumerate(rows[112:]):
-        (folder / f"note-{i}.txt").write_text(row["text"])
 
 
 def logged_assignments(cfg, pipeline_id, tmp_path):

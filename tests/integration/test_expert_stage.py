@@ -262,3 +262,30 @@ def test_a_task_whose_run_its_stage_ended_stops_at_its_next_checkpoint(tmp_path)
     with pytest.raises(StageStopped, match=f"run {ended} is FAILED"):
         train_expert(ExpertTask(run_id=ended, ckpt_dir=str(tmp_path / "b"), **spec))
     assert sorted(p.name for p in (tmp_path / "b").glob("step-*.json")) == ["step-00000005.json"]
+
+
+def test_token_files_written_shard_by_shard_equal_the_whole_corpus_tokenised_at_once(ray_local, tmp_path):
+    import numpy as np
+
+    from experts.tokenizer import EOS_ID, encode_texts
+    from pipeline.stages.cluster import fit_clusters
+    from pipeline.stages.experts import expert_data
+    from pipeline.text.corpus import corpus_shards, load_corpus
+
+    textgen.write_sharded(tmp_path / "corpus")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        "corpus.source=files", f"corpus.files=[{tmp_path}/corpus/*.jsonl,{tmp_path}/corpus/*.txt]", "cluster.k=3",
+        "cluster.svd_dim=8", "cluster.min_df=1"])
+    assert len(corpus_shards(cfg.corpus)) == 5
+    table = fit_clusters(cfg).table.to_pydict()
+    files = expert_data(cfg, str(tmp_path / "root"), table, 3)
+    text = {d.doc_id: d.text for d in load_corpus(cfg.corpus)}
+    rows = list(zip(table["doc_id"], table["cluster"], table["split"]))
+    for split, name in (("train", "train"), ("validation", "val")):
+        dense = encode_texts([text[d] for d, _, s in rows if s == split], EOS_ID)
+        assert np.array_equal(np.load(files["dense"][name]), dense)
+        for j in range(3):
+            expert = encode_texts([text[d] for d, c, s in rows if s == split and c == j], EOS_ID)
+            assert np.array_equal(np.load(files[f"expert-{j}"][name]), expert)
+    assert sorted(p.name for p in (tmp_path / "root" / "data").iterdir()) == sorted(  # the parts are gone
+        f"{n}.{s}.npy" for n in files for s in ("train", "val"))

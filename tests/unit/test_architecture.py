@@ -190,3 +190,33 @@ def test_model_packages_export_their_public_classes():
     assert isinstance(HourglassLM(config), HourglassLM)
     assert all(callable(x) for x in (GPT, train, ClusterRouter, balanced_kmeans, ComposedLM, load_composed))
     assert CompositionSettings(n_points=1, routing="topk", k=1, threshold=0.5).pool == "token"
+
+
+def test_a_shard_task_reads_and_tokenises_without_loading_torch_or_mlflow(tmp_path):
+    """The cluster and experts stages run a task per corpus shard; each Ray worker of theirs
+    stays small only if reading a shard (a streamed `datasets` file) and writing its tokens
+    import neither torch (~150 MB a worker) nor MLflow."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"words of row {i}", "work": str(i)}) + "\n"
+                                              for i in range(5)))
+    script = f"""
+import sys
+import pipeline
+from pipeline.config import CorpusConfig
+from pipeline.stages.shards import scan_shard, shard_tokens
+from pipeline.text.corpus import corpus_shards, text_sha256
+corpus = CorpusConfig(source="files", files=[{str(tmp_path / "c.jsonl")!r}])
+(shard,) = corpus_shards(corpus)
+assert len(scan_shard(shard, corpus).keys) == 5
+docs = {{"c.jsonl:0": ("expert-0", "train", text_sha256("words of row 0"))}}
+assert shard_tokens(shard, 0, corpus, docs, {str(tmp_path / "out")!r})["found"] == 1
+print(sorted(m for m in ("torch", "mlflow") if m in sys.modules))
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "USE_TORCH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -1,0 +1,214 @@
+"""How the cluster stage scales with the corpus: wall time, MB/s per core and peak memory of
+the whole process tree (driver, Ray's own processes, workers), at several corpus sizes.
+
+    python bench/scale.py                           # 0.1, 0.5 and 2 GB (~15 minutes on 2 cores)
+    python bench/scale.py --sizes 0.1 0.3           # other sizes, in GB
+    python bench/scale.py --baseline /tmp/old-tree  # also a checkout of another commit, side by side
+
+The corpus is grown from the embedded default one (`grow`): every work copied as often as
+the size needs, each copy's paragraphs perturbed (words rotated, one dropped), so
+de-duplication keeps them all and the domains stay what they were. It is written as
+jsonl shards of `--shard-mb` and kept under ~/.cache/moie/bench-scale for later runs.
+
+Each run is `moie cluster` (the default config on those files) in a process of its own,
+with its own Ray and MLflow store; a sampler sums the proportional set size (PSS: shared
+pages split between the processes that map them) of the process and all its descendants
+every 0.2 s. "Beyond start-up" subtracts a 1 MB run of the same code (in as many shards as
+cores, so that it starts as many workers): its wall time (Ray's and MLflow's start, each
+worker's imports) and its peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CACHE = Path.home() / ".cache" / "moie" / "bench-scale"
+MB = 1 << 20
+
+
+# --- the corpus --------------------------------------------------------------------------------
+
+
+def perturbed(text: str, copy: int) -> str:
+    """The text with each paragraph's words rotated by a copy-dependent offset and one word dropped:
+    a different text for every copy (so de-duplication keeps it), the same words otherwise."""
+    paragraphs = []
+    for i, para in enumerate(text.split("\n\n")):
+        words = para.split(" ")
+        if len(words) > 2:
+            k = (copy * 7 + i) % len(words)
+            words = words[k:] + words[:k]
+            del words[copy % len(words)]
+        paragraphs.append(" ".join(words))
+    return "\n\n".join(paragraphs) + f"\n\n[copy {copy}]"  # a paragraph of one word or two differs too
+
+
+def grow(size_bytes: int, shard_bytes: int) -> Path:
+    """A corpus of about `size_bytes` (jsonl shards), grown from the embedded one; cached."""
+    import pipeline  # noqa: F401
+    from pipeline.config import CorpusConfig
+    from pipeline.text.embedded import embedded_corpus_file
+
+    folder = CACHE / f"{size_bytes}-{shard_bytes}"
+    if (folder / "done").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = CorpusConfig()
+    rows = [json.loads(line) for line in embedded_corpus_file(cfg.domain_bytes, cfg.max_chunk_bytes).open()]
+    random.Random(0).shuffle(rows)  # every shard holds every domain
+    written, shard, copy = 0, 0, 0
+    out = None
+    while written < size_bytes:
+        for row in rows:
+            if out is None or out.tell() >= shard_bytes:
+                if out:
+                    out.close()
+                out = open(folder / f"shard-{shard:05d}.jsonl", "w", encoding="utf-8")
+                shard += 1
+            text = perturbed(row["text"], copy) if copy else row["text"]
+            line = json.dumps({"text": text, "source": row["source"], "work": f"{row['work']}~{copy}"}) + "\n"
+            out.write(line)
+            written += len(line.encode("utf-8"))
+            if written >= size_bytes:
+                break
+        copy += 1
+    out.close()
+    (folder / "done").write_text(str(written))
+    return folder
+
+
+def text_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.jsonl"))
+
+
+# --- one run -------------------------------------------------------------------------------------------
+
+
+def process_tree_pss(root) -> dict[str, int]:
+    """{role: PSS bytes} of a process and its descendants: driver, ray (Ray's own processes), workers."""
+    import psutil
+
+    roles = {"driver": 0, "ray": 0, "workers": 0}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            pss = proc.memory_full_info().pss
+            cmd = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        role = "driver" if proc.pid == root.pid else "workers" if cmd.startswith("ray::") or "default_worker" in cmd \
+            else "ray"
+        roles[role] += pss
+    return roles
+
+
+def run_cluster(tree: Path, folder: Path, home: Path) -> dict:
+    """`moie cluster` of the default config on the jsonl files of `folder`, from the checkout `tree`:
+    {wall_s, peak (the tree's PSS), peak_<role>, the stage's timing metrics}."""
+    import psutil
+
+    env = dict(os.environ, MOIE_HOME=str(home), PYTHONPATH=str(tree))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "pipeline.cli", "cluster", "--config", str(tree / "configs" / "default.yaml"),
+           "--set", "corpus.source=files", f"corpus.files=[{folder}/*.jsonl]", "tracking.experiment=scale"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks: dict[str, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            roles = process_tree_pss(root)
+            roles["tree"] = sum(roles.values())
+            for role, value in roles.items():
+                peaks[role] = max(peaks.get(role, 0), value)
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"moie cluster failed ({proc.returncode}):\n{err[-3000:]}")
+    pipeline_id = out.strip().splitlines()[-1]
+    return {"wall_s": wall, **{f"peak_{k}": v for k, v in peaks.items()}, **stage_metrics(home, pipeline_id)}
+
+
+def stage_metrics(home: Path, pipeline_id: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("scale").experiment_id,
+                                f"tags.`moie.pipeline` = '{pipeline_id}' and tags.`moie.stage` = 'cluster'")
+    return {k: v for k, v in run.data.metrics.items() if k.startswith("time_") or k in ("n_documents", "shards")}
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.5, 2.0], help="corpus sizes in GB")
+    parser.add_argument("--shard-mb", type=int, default=64, help="size of one jsonl shard")
+    parser.add_argument("--baseline", type=Path, help="a checkout of another commit, run beside this one")
+    parser.add_argument("--baseline-max-gb", type=float, default=0.5, help="the baseline only up to this size")
+    args = parser.parse_args()
+
+    cores = os.cpu_count()
+    trees = {"this": REPO} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
+    print(f"# bench/scale.py — {cpu_name()}, {cores} cores, {platform.python_version()}\n", flush=True)
+    small = grow(1 * MB, MB // cores)  # as many shards as cores: the workers' own memory is start-up too
+    corpora = [(size, grow(int(size * 1024 * MB), args.shard_mb * MB)) for size in args.sizes]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moie-scale-") as tmp:
+        for name, tree in trees.items():
+            start = run_cluster(tree, small, Path(tmp) / f"{name}-start")
+            rows.append((name, small, start, start))
+            print(f"{name}: 1 MB run {start['wall_s']:.1f} s, peak {start['peak_tree'] / MB:.0f} MB", flush=True)
+            for size, folder in corpora:
+                if name == "baseline" and size > args.baseline_max_gb:
+                    continue
+                result = run_cluster(tree, folder, Path(tmp) / f"{name}-{size}")
+                rows.append((name, folder, result, start))
+                print(f"{name}: {size} GB done in {result['wall_s']:.0f} s", flush=True)
+    print("\n| code | corpus MB | shards | documents | wall s | beyond start-up s | MB/s per core | "
+          "peak tree MB | beyond 1 MB run MB | × corpus | driver MB | Ray MB | workers MB | stage timing s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, folder, r, start in rows:
+        size = text_bytes(folder)
+        beyond_s = r["wall_s"] - start["wall_s"]
+        beyond_mem = r["peak_tree"] - start["peak_tree"]
+        rate = f"{size / MB / beyond_s / cores:.1f}" if r is not start and beyond_s > 0 else "—"
+        ratio = f"{beyond_mem / size:.2f}" if r is not start else "—"
+        timing = ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.0f}" for k, v in sorted(r.items())
+                           if k.startswith("time_") and k.endswith("_s"))
+        print(f"| {name} | {size / MB:,.0f} | {r.get('shards', 1):.0f} | {r.get('n_documents', 0):,.0f} | "
+              f"{r['wall_s']:.0f} | {beyond_s:.0f} | {rate} | {r['peak_tree'] / MB:,.0f} | {beyond_mem / MB:,.0f} | "
+              f"{ratio} | {r['peak_driver'] / MB:,.0f} | {r['peak_ray'] / MB:,.0f} | {r['peak_workers'] / MB:,.0f} | "
+              f"{timing} |")
+
+
+if __name__ == "__main__":
+    main()

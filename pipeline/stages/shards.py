@@ -1,0 +1,178 @@
+"""Ray tasks on one shard of the corpus — the cluster stage's scan, sample and assignment, the
+experts stage's token writing — and the router's fitting task: in a module of their own,
+which imports neither torch nor MLflow, so that each of these workers stays small (~200 MB:
+scikit-learn, `datasets`, pyarrow)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from artifacts import sha256_file, write_json
+from pipeline.config import Config, CorpusConfig, from_dict
+from pipeline.errors import StageError
+from pipeline.store import storage
+from pipeline.text.corpus import Shard, shard_documents, text_sha256
+from routing.router import ClusterRouter
+
+ASSIGN_BATCH = 2_000  # documents embedded and assigned at a time
+SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
+
+
+@dataclass
+class ShardScan:
+    """A shard's chunks, in order: what the driver needs to de-duplicate and sample them."""
+
+    keys: np.ndarray  # (n_chunks,) V16 dedup keys
+    splits: np.ndarray  # (n_chunks,) uint8 SPLIT_CODES
+    labels: set  # domain labels of the shard's rows (excluded ones too)
+
+
+def scan_shard(shard: Shard, corpus: CorpusConfig) -> ShardScan:
+    keys, splits, labels = bytearray(), bytearray(), set()
+    for key, doc in shard_documents(shard, corpus, labels):
+        keys += key
+        splits.append(SPLIT_CODES[doc.split])
+    return ShardScan(np.frombuffer(bytes(keys), dtype="V16"), np.frombuffer(bytes(splits), dtype=np.uint8), labels)
+
+
+def sample_texts(shard: Shard, corpus: CorpusConfig, positions: np.ndarray) -> list[str]:
+    """The texts of the shard's chunks at `positions` (sorted chunk indices)."""
+    wanted = set(positions.tolist())
+    return [doc.text for i, (_, doc) in enumerate(shard_documents(shard, corpus)) if i in wanted]
+
+
+def assign_shard(shard: Shard, index: int, corpus: CorpusConfig, keep: np.ndarray, router_state, location: str,
+                 crash: bool = False) -> int:
+    """Assign the shard's kept chunks (keep: (n_chunks,) bool) to clusters, a batch at a time, and
+    write their rows as one parquet part to `location` in the storage, then its JSON (sha256,
+    rows); the number of rows."""
+    if crash:  # tests only (cluster.crash_shard): the worker dies as a killed one does
+        os._exit(1)
+    router = ClusterRouter.from_state(*router_state)
+    with tempfile.TemporaryDirectory(prefix="moie-assign-") as tmp:
+        path = Path(tmp) / "part.parquet"
+        rows = 0
+        with pq.ParquetWriter(path, schema()) as writer:
+            batch = []
+            for i, (_, doc) in enumerate(shard_documents(shard, corpus, index=index)):
+                if keep[i]:
+                    batch.append(doc)
+                if len(batch) == ASSIGN_BATCH:
+                    writer.write_table(assignment_rows(batch, router.assign([d.text for d in batch])))
+                    rows += len(batch)
+                    batch = []
+            if batch:
+                writer.write_table(assignment_rows(batch, router.assign([d.text for d in batch])))
+                rows += len(batch)
+        storage.upload(path, location)
+        write_json(Path(tmp) / "part.json", {"sha256": sha256_file(path), "rows": rows, "shard": shard.describe()})
+        storage.upload(Path(tmp) / "part.json", part_json(location))  # last: it marks the part whole
+    return rows
+
+
+def schema() -> pa.Schema:
+    return pa.schema([("doc_id", pa.string()), ("work", pa.string()), ("source", pa.string()),
+                      ("split", pa.string()), ("n_bytes", pa.int64()), ("text_sha256", pa.string()),
+                      ("cluster", pa.int32()), ("shard", pa.int32())])
+
+
+def part_json(location: str) -> str:
+    return location.removesuffix(".parquet") + ".json"
+
+
+def fit_task(cfg_dict: dict, *samples: list[str]):
+    """Ray task body: the router fitted on the sampled texts (one list per shard, in corpus order)."""
+    cfg = from_dict(Config, cfg_dict)
+    return fit_router([text for texts in samples for text in texts], cfg).to_state()
+
+
+def fit_router(texts: list[str], cfg: Config) -> ClusterRouter:
+    c = cfg.cluster
+    try:
+        return ClusterRouter.fit(texts, c.k, max_features=c.max_features, min_df=c.min_df, svd_dim=c.svd_dim,
+                                 iterations=c.iterations, temperature=c.temperature, top_k=c.top_k, seed=cfg.seed)
+    except ValueError as err:  # the corpus and the cluster.* settings do not fit together
+        raise StageError(f"cannot fit the cBTM router on {len(texts)} training documents with these cluster.* "
+                         f"settings: {err}") from None
+
+
+def assignment_rows(docs, clusters: np.ndarray) -> pa.Table:
+    return pa.table({"doc_id": [d.doc_id for d in docs], "work": [d.work for d in docs],
+                     "source": pa.array([d.source for d in docs], pa.string()),
+                     "split": [d.split for d in docs], "n_bytes": [len(d.text.encode("utf-8")) for d in docs],
+                     "text_sha256": [text_sha256(d.text) for d in docs],
+                     "cluster": np.asarray(clusters, dtype=np.int32),
+                     "shard": np.asarray([d.shard for d in docs], dtype=np.int32)}, schema=schema())
+
+
+# --- the experts stage's token files ------------------------------------------------------------------
+
+
+def shard_tokens(shard: Shard, index: int, corpus: CorpusConfig, docs: dict[str, tuple[str, str, str]],
+                 dst: str) -> dict:
+    """Byte tokens (eos after each document) of the shard's clustered documents, one .npy per
+    (model, split) under `dst` in the storage, each document in its cluster's expert's file and
+    in the dense model's. `docs`: doc_id -> (expert name, split: train | val, text sha256 recorded
+    at clustering), the shard's documents to write. Returns {"parts": {name: {split: [location,
+    tokens, sha256]}}, "found": documents written, "missing": a document of `docs` not in the shard};
+    a document whose text changed since it was clustered is an error, before anything is written."""
+    from experts.tokenizer import EOS_ID, encode_bytes
+    from pipeline.store.names import DENSE
+    from pipeline.text.corpus import CorpusError
+
+    eos = np.array([EOS_ID], dtype=np.uint16)
+    pieces: dict[tuple[str, str], list[np.ndarray]] = {}
+    found: set[str] = set()
+    for _, doc in shard_documents(shard, corpus, index=index):
+        if doc.doc_id not in docs:
+            continue
+        name, split, recorded = docs[doc.doc_id]
+        if text_sha256(doc.text) != recorded:
+            raise CorpusError(f"document {doc.doc_id!r} changed since the pipeline was clustered (its text no "
+                              "longer has the sha256 recorded in assignments.parquet); restore the corpus as it "
+                              "was, or cluster it again (`moie cluster --pipeline <id>`) to train on the new text")
+        tokens = encode_bytes(doc.text).astype(np.uint16)
+        for model in (name, DENSE):
+            pieces.setdefault((model, split), []).extend([tokens, eos])
+        found.add(doc.doc_id)
+    parts: dict[str, dict[str, list]] = {}
+    with tempfile.TemporaryDirectory(prefix="moie-tokens-") as tmp:
+        for (model, split), arrays in sorted(pieces.items()):
+            path = Path(tmp) / f"{model}.{split}.npy"
+            np.save(path, np.concatenate(arrays))
+            location = storage.join(dst, path.name)
+            storage.upload(path, location)
+            parts.setdefault(model, {})[split] = [location, int(sum(len(a) for a in arrays)), sha256_file(path)]
+    missing = next((d for d in docs if d not in found), None)
+    return {"parts": parts, "found": len(found), "missing": missing}
+
+
+def join_tokens(parts: list[list], location: str) -> str:
+    """One .npy token file at `location` in the storage: the parts ([location, tokens, sha256], in
+    order) one after the other, each checked against its sha256 once, a part at a time in memory.
+    Returns the file's sha256."""
+    total = sum(n for _, n, _ in parts)
+    with tempfile.TemporaryDirectory(prefix="moie-join-") as tmp:
+        path = Path(tmp) / "tokens.npy"
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(total,))
+        at = 0
+        for part, n, recorded in parts:
+            local = storage.local_copy(part, Path(tmp) / "parts")
+            if sha256_file(local) != recorded:
+                raise StageError(f"token part {part} does not match the sha256 recorded when it was written (damaged "
+                                 "or replaced while the stage ran); run the experts stage again")
+            out[at:at + n] = np.load(local, mmap_mode="r")
+            at += n
+            if storage.is_remote(part):
+                local.unlink()
+        out.flush()
+        del out
+        sha = sha256_file(path)
+        storage.upload(path, location)
+    return sha
