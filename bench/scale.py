@@ -1,5 +1,6 @@
-"""How the cluster stage scales with the corpus: wall time, MB/s per core and peak memory of
-the whole process tree (driver, Ray's own processes, workers), at several corpus sizes.
+"""How the data stages scale with the corpus — the cluster stage, and the experts stage's token
+writing — in wall time, MB/s per core and peak memory of the whole process tree (driver, Ray's
+own processes, workers), at several corpus sizes.
 
     python bench/scale.py                           # 0.1, 0.5 and 2 GB (~15 minutes on 2 cores)
     python bench/scale.py --sizes 0.1 0.3           # other sizes, in GB
@@ -10,8 +11,9 @@ the size needs, each copy's paragraphs perturbed (words rotated, one dropped), s
 de-duplication keeps them all and the domains stay what they were. It is written as
 jsonl shards of `--shard-mb` and kept under ~/.cache/moie/bench-scale for later runs.
 
-Each run is `moie cluster` (the default config on those files) in a process of its own,
-with its own Ray and MLflow store; a sampler sums the proportional set size (PSS: shared
+Each run is `moie cluster` (the default config on those files), then the experts stage's
+`expert_data` for that clustering (token files of every expert and the dense model, before
+any training), each in a process of its own, with its own Ray and MLflow store; a sampler sums the proportional set size (PSS: shared
 pages split between the processes that map them) of the process and all its descendants
 every 0.2 s. "Beyond start-up" subtracts a 1 MB run of the same code (in as many shards as
 cores, so that it starts as many workers): its wall time (Ray's and MLflow's start, each
@@ -113,16 +115,46 @@ def process_tree_pss(root) -> dict[str, int]:
     return roles
 
 
-def run_cluster(tree: Path, folder: Path, home: Path) -> dict:
-    """`moie cluster` of the default config on the jsonl files of `folder`, from the checkout `tree`:
-    {wall_s, peak (the tree's PSS), peak_<role>, the stage's timing metrics}."""
-    import psutil
+TOKENS = """
+import sys
+import pipeline, ray
+from pipeline.config import load_config
+from pipeline.stages.experts import expert_data
+from pipeline.store.catalog import Catalog
+cfg = load_config(sys.argv[1], sys.argv[3:])
+catalog = Catalog(cfg)
+run, table, _ = catalog.assignments(sys.argv[2])
+ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+expert_data(cfg, catalog.checkpoint_root(sys.argv[2], run.info.run_id), table, cfg.cluster.k)
+"""
 
+
+def overrides(folder: Path) -> list[str]:
+    return ["corpus.source=files", f"corpus.files=[{folder}/*.jsonl]", "tracking.experiment=scale"]
+
+
+def run_stages(tree: Path, folder: Path, home: Path, tokens: bool) -> dict[str, dict]:
+    """`moie cluster` of the default config on the jsonl files of `folder`, from the checkout
+    `tree`, then (`tokens`) the experts stage's token writing for that clustering:
+    {stage: {wall_s, peak (the tree's PSS), peak_<role>, the stage's timing metrics}}."""
     env = dict(os.environ, MOIE_HOME=str(home), PYTHONPATH=str(tree))
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "pipeline.cli", "cluster", "--config", str(tree / "configs" / "default.yaml"),
-           "--set", "corpus.source=files", f"corpus.files=[{folder}/*.jsonl]", "tracking.experiment=scale"]
+    config = str(tree / "configs" / "default.yaml")
+    out, cluster = measured([sys.executable, "-m", "pipeline.cli", "cluster", "--config", config, "--set",
+                             *overrides(folder)], tree, env)
+    pipeline_id = out.strip().splitlines()[-1]
+    results = {"cluster": cluster | stage_metrics(home, pipeline_id)}
+    if tokens:
+        results["tokens"] = measured([sys.executable, "-c", TOKENS, config, pipeline_id, *overrides(folder)],
+                                     tree, env)[1]
+    return results
+
+
+def measured(cmd: list[str], tree: Path, env: dict) -> tuple[str, dict]:
+    """(stdout, {wall_s, peak_tree, peak_<role>}) of a command, its process tree sampled every 0.2 s."""
+    import psutil
+
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks: dict[str, int] = {}
@@ -144,9 +176,8 @@ def run_cluster(tree: Path, folder: Path, home: Path) -> dict:
     done.set()
     sampler.join()
     if proc.returncode:
-        raise SystemExit(f"moie cluster failed ({proc.returncode}):\n{err[-3000:]}")
-    pipeline_id = out.strip().splitlines()[-1]
-    return {"wall_s": wall, **{f"peak_{k}": v for k, v in peaks.items()}, **stage_metrics(home, pipeline_id)}
+        raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{err[-3000:]}")
+    return out, {"wall_s": wall, **{f"peak_{k}": v for k, v in peaks.items()}}
 
 
 def stage_metrics(home: Path, pipeline_id: str) -> dict:
@@ -174,6 +205,8 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=64, help="size of one jsonl shard")
     parser.add_argument("--baseline", type=Path, help="a checkout of another commit, run beside this one")
     parser.add_argument("--baseline-max-gb", type=float, default=0.5, help="the baseline only up to this size")
+    parser.add_argument("--no-tokens", dest="tokens", action="store_false",
+                        help="only the cluster stage, not the experts stage's token writing")
     args = parser.parse_args()
 
     cores = os.cpu_count()
@@ -184,19 +217,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="moie-scale-") as tmp:
         for name, tree in trees.items():
-            start = run_cluster(tree, small, Path(tmp) / f"{name}-start")
-            rows.append((name, small, start, start))
-            print(f"{name}: 1 MB run {start['wall_s']:.1f} s, peak {start['peak_tree'] / MB:.0f} MB", flush=True)
+            start = run_stages(tree, small, Path(tmp) / f"{name}-start", args.tokens)
+            rows += [(name, stage, small, r, r) for stage, r in start.items()]
+            print(f"{name}: 1 MB run " + ", ".join(f"{stage} {r['wall_s']:.1f} s" for stage, r in start.items()),
+                  flush=True)
             for size, folder in corpora:
                 if name == "baseline" and size > args.baseline_max_gb:
                     continue
-                result = run_cluster(tree, folder, Path(tmp) / f"{name}-{size}")
-                rows.append((name, folder, result, start))
-                print(f"{name}: {size} GB done in {result['wall_s']:.0f} s", flush=True)
-    print("\n| code | corpus MB | shards | documents | wall s | beyond start-up s | MB/s per core | "
+                result = run_stages(tree, folder, Path(tmp) / f"{name}-{size}", args.tokens)
+                rows += [(name, stage, folder, r, start[stage]) for stage, r in result.items()]
+                print(f"{name}: {size} GB done in " + ", ".join(f"{stage} {r['wall_s']:.0f} s"
+                                                              for stage, r in result.items()), flush=True)
+    print("\n| code | stage | corpus MB | shards | documents | wall s | beyond start-up s | MB/s per core | "
           "peak tree MB | beyond 1 MB run MB | × corpus | driver MB | Ray MB | workers MB | stage timing s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, folder, r, start in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, stage, folder, r, start in rows:
         size = text_bytes(folder)
         beyond_s = r["wall_s"] - start["wall_s"]
         beyond_mem = r["peak_tree"] - start["peak_tree"]
@@ -204,10 +239,10 @@ def main() -> None:
         ratio = f"{beyond_mem / size:.2f}" if r is not start else "—"
         timing = ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.0f}" for k, v in sorted(r.items())
                            if k.startswith("time_") and k.endswith("_s"))
-        print(f"| {name} | {size / MB:,.0f} | {r.get('shards', 1):.0f} | {r.get('n_documents', 0):,.0f} | "
+        print(f"| {name} | {stage} | {size / MB:,.0f} | {r.get('shards', 1):.0f} | {r.get('n_documents', 0):,.0f} | "
               f"{r['wall_s']:.0f} | {beyond_s:.0f} | {rate} | {r['peak_tree'] / MB:,.0f} | {beyond_mem / MB:,.0f} | "
               f"{ratio} | {r['peak_driver'] / MB:,.0f} | {r['peak_ray'] / MB:,.0f} | {r['peak_workers'] / MB:,.0f} | "
-              f"{timing} |")
+              f"{timing or '—'} |")
 
 
 if __name__ == "__main__":
