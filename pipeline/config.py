@@ -157,6 +157,9 @@ class EvaluateConfig:
     # shingle_words words above this share is dropped (1: keep every document)
     max_overlap: float = 0.5
     shingle_words: int = 8  # words in a shingle (a run of words held-out text shares with training text)
+    # the training shingles in a Bloom filter of this many MB (a power of two), whatever the corpus's
+    # size; it reports its false-positive rate (bench/overlap.py). 0: the exact set, ~1.3x the training text
+    shingle_filter_mb: int = 64
     bootstrap: int = 2000  # paired bootstrap resamples (over documents) of every difference reported
     stride: int = 0  # window overlap: each window adds `stride` new bytes (0: half the block size)
     batch_size: int = 8  # windows scored at once
@@ -403,6 +406,10 @@ def validate(cfg: Config) -> None:
     if set(kway) != set(KWAY_TRAIN) or not (kway["max_tokens"] >= 1 and kway["batch_size"] >= 1 and kway["lr"] > 0):
         raise ConfigError("compose.kway_train takes max_tokens >= 1, batch_size >= 1 and lr > 0, got "
                           f"{cfg.compose.kway_train}")
+    mb = cfg.evaluate.shingle_filter_mb
+    if mb < 0 or mb & (mb - 1):
+        raise ConfigError(f"evaluate.shingle_filter_mb must be a power of two (e.g. 64, 256) or 0 for the exact "
+                          f"shingle set; got {mb}")
     if not 0 <= cfg.evaluate.max_overlap <= 1 or cfg.evaluate.shingle_words < 1 or cfg.evaluate.bootstrap < 1:
         raise ConfigError("evaluate.max_overlap must be between 0 and 1 (1: keep every held-out document), "
                           "evaluate.shingle_words >= 1 and evaluate.bootstrap >= 1; got "

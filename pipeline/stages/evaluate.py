@@ -18,9 +18,11 @@ is the expert of the document's domain.
 from __future__ import annotations
 
 import glob
+import logging
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import ray
@@ -31,7 +33,7 @@ from composition.training import top1_flops_per_token
 from experts.checkpoint import load_model
 from experts.flops import forward_flops_per_token
 from experts.tokenizer import EOS_ID, encode_bytes
-from pipeline.config import Config
+from pipeline.config import Config, EvaluateConfig
 from pipeline.errors import StageError
 from pipeline.ray_runtime import check_resources, connect_cluster, get_or_fail, use_granted_cpus
 from pipeline.results.metrics import (COMPOSED, COMPOSED_SYSTEMS, GATE_ONLY, LAMBDAS, MIXTURES, Scored, headline,
@@ -43,9 +45,12 @@ from pipeline.store.catalog import PARTS_SHA, Catalog, assemble_registered, exac
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Tag
 from pipeline.text.corpus import FILE_BUILDERS, clustered_documents, load_corpus
-from pipeline.text.overlap import ShingleIndex
+from pipeline.text.overlap import ShingleFilter, ShingleIndex
 from routing.ensemble import document_weights, keep_top_k
 
+log = logging.getLogger(__name__)
+
+FALSE_POSITIVES_WARNED = 1e-4  # of the near-duplicate filter: above it held-out overlap is overstated by ~1e-3
 ROUTING_PAGE = "routing.html"  # an artifact of the evaluate run (results/), shown by the MLflow UI
 PAGE_BYTES = 2000  # of each document on the routing page
 
@@ -87,6 +92,7 @@ class HeldOut:
     overlap: dict[str, float]  # domain -> share of kept bytes covered by training shingles
     overlap_before: dict[str, float]  # ... of every held-out document of the domain, before dropping
     dropped: dict[str, int]  # domain -> documents dropped as near-duplicates of training text
+    false_positive_rate: float = 0.0  # of the shingle filter: a shingle absent from training taken as present
 
 
 def held_out(cfg: Config, eval_data: str | None, table: dict | None = None) -> HeldOut:
@@ -103,7 +109,7 @@ def held_out(cfg: Config, eval_data: str | None, table: dict | None = None) -> H
     if table is not None:
         clustered_documents(table, training)
     ev = cfg.evaluate
-    index = ShingleIndex((d.text.encode("utf-8") for d in training if d.split == "train"), ev.shingle_words)
+    index = training_shingles((d.text.encode("utf-8") for d in training if d.split == "train"), ev)
     budget: dict[str, int] = {}
     covered: dict[str, list[int]] = {}  # domain -> [covered bytes kept, bytes kept, covered all, bytes all]
     out = HeldOut([], [], f"{eval_data or 'pipeline corpus'}{f' ({split} split)' if split else ''}", {}, {}, {})
@@ -131,7 +137,21 @@ def held_out(cfg: Config, eval_data: str | None, table: dict | None = None) -> H
         out.overlap_before[domain] = hits_all / n_all
         if n:
             out.overlap[domain] = hits / n
+    out.false_positive_rate = getattr(index, "false_positive_rate", 0.0)
     return out
+
+
+def training_shingles(texts: Iterable[bytes], ev: EvaluateConfig) -> ShingleIndex | ShingleFilter:
+    """The training split's shingles: a filter of evaluate.shingle_filter_mb, or (0) the exact index."""
+    if not ev.shingle_filter_mb:
+        return ShingleIndex(texts, ev.shingle_words)
+    shingles = ShingleFilter(texts, ev.shingle_words, bits=ev.shingle_filter_mb * 8 << 20)
+    if shingles.false_positive_rate > FALSE_POSITIVES_WARNED:
+        log.warning("the near-duplicate filter (evaluate.shingle_filter_mb=%d) takes %.2g of the shingles absent "
+                    "from training for present: the training text is too large for it, and held-out overlap is "
+                    "overstated; raise evaluate.shingle_filter_mb", ev.shingle_filter_mb,
+                    shingles.false_positive_rate)
+    return shingles
 
 
 def domain_experts(table: dict, expert_clusters: list[int]) -> dict[str, int]:
@@ -428,7 +448,9 @@ def training_curves(catalog: Catalog, pipeline_id: str) -> dict[str, dict[str, l
 
 def overlap_metrics(held: HeldOut) -> dict[str, float]:
     """heldout_overlap/<domain>: share of the scored bytes in training shingles (after dropping);
-    heldout_overlap_before/<domain>, heldout_dropped/<domain>: before, and documents dropped."""
+    heldout_overlap_before/<domain>, heldout_dropped/<domain>: before, and documents dropped;
+    heldout_overlap_false_positive_rate: the shingle filter's (0 for the exact index)."""
     return ({f"heldout_overlap/{d}": v for d, v in held.overlap.items()}
             | {f"heldout_overlap_before/{d}": v for d, v in held.overlap_before.items()}
-            | {f"heldout_dropped/{d}": float(held.dropped.get(d, 0)) for d in held.overlap_before})
+            | {f"heldout_dropped/{d}": float(held.dropped.get(d, 0)) for d in held.overlap_before}
+            | {"heldout_overlap_false_positive_rate": held.false_positive_rate})

@@ -140,12 +140,10 @@ def _documents_by_shard(table: dict, n_shards: int) -> list[dict[str, tuple[str,
     if "text_sha256" not in table:
         raise CorpusError("the pipeline's assignments.parquet records no content hashes, so the corpus cannot be "
                           "checked against its clustering; cluster it again (`moie cluster`)")
-    shard_of = table.get("shard")
-    if shard_of is None:  # clustered before corpora were read as shards: right only for a corpus of one
-        if n_shards > 1:
-            raise CorpusError(f"the pipeline's assignments.parquet records no corpus shard per document, and this "
-                              f"corpus has {n_shards} shards; cluster it again (`moie cluster`)")
-        shard_of = [0] * len(table["doc_id"])
+    if "shard" not in table:
+        raise CorpusError("the pipeline's assignments.parquet records no corpus shard per document (it was clustered "
+                          "before corpora were read as shards); cluster it again (`moie cluster`)")
+    shard_of = table["shard"]
     if shard_of and max(shard_of) >= n_shards:
         raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({max(shard_of) + 1}) than this "
                           f"config's ({n_shards}); give the config the pipeline was clustered with")

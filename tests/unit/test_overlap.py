@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import textgen
@@ -98,3 +99,67 @@ def test_max_overlap_outside_zero_to_one_is_a_clear_config_error(twin_corpus):
 
     with pytest.raises(ConfigError, match="evaluate.max_overlap must be between 0 and 1"):
         _cfg(twin_corpus, "evaluate.max_overlap=1.5")
+
+
+def random_texts(n: int, seed: int) -> list[bytes]:
+    import random
+
+    rng = random.Random(seed)
+    vocabulary = [f"w{i}" for i in range(5000)]
+    return [" ".join(rng.choice(vocabulary) for _ in range(60)).encode() for _ in range(n)]
+
+
+def test_a_filter_finds_every_training_shingle_and_false_positives_at_the_rate_it_reports():
+    from pipeline.text.overlap import ShingleFilter
+
+    train = random_texts(300, seed=1)  # 17,100 shingles in 2^17 bits: ~3 % of absent shingles found
+    shingles = ShingleFilter(train, n=4, bits=1 << 17)
+    assert all(shingles.contains(shingle_hashes(words(t)[0], 4)).all() for t in train)  # never a miss
+    absent = np.concatenate([shingle_hashes(words(t)[0], 4) for t in random_texts(400, seed=2)])
+    rate = shingles.contains(absent).mean()  # 22,800 shingles no training text has
+    assert 0.01 < shingles.false_positive_rate < 0.1
+    assert rate == pytest.approx(shingles.false_positive_rate, rel=0.15)
+
+
+def test_filters_of_two_halves_merged_are_the_filter_of_the_whole():
+    from pipeline.text.overlap import ShingleFilter
+
+    texts = random_texts(100, seed=3)
+    merged = ShingleFilter(texts[:50], n=5, bits=1 << 14) | ShingleFilter(texts[50:], n=5, bits=1 << 14)
+    assert np.array_equal(merged.words, ShingleFilter(texts, n=5, bits=1 << 14).words)
+    with pytest.raises(ValueError, match="cannot merge"):
+        merged | ShingleFilter(texts, n=5, bits=1 << 15)
+
+
+def test_a_filter_of_the_default_size_drops_the_held_out_documents_the_exact_index_drops(twin_corpus):
+    filtered = held_out(_cfg(twin_corpus, "evaluate.max_bytes_per_domain=10000000"), None)
+    exact = held_out(_cfg(twin_corpus, "evaluate.max_bytes_per_domain=10000000", "evaluate.shingle_filter_mb=0"),
+                     None)
+    assert filtered.dropped == exact.dropped and filtered.overlap == exact.overlap
+    assert 0 < filtered.false_positive_rate < 1e-12 and exact.false_positive_rate == 0
+
+
+def test_a_filter_too_small_for_the_training_text_overstates_overlap_and_says_so(caplog):
+    import logging
+
+    from pipeline.config import EvaluateConfig
+    from pipeline.stages.evaluate import training_shingles
+
+    train = random_texts(6000, seed=4)  # 342,000 shingles: 15 % of a 1 MB filter's bits set
+    held = random_texts(200, seed=5)
+    exact = ShingleIndex(train, 4)
+    with caplog.at_level(logging.WARNING):
+        small = training_shingles(train, EvaluateConfig(shingle_words=4, shingle_filter_mb=1))
+    assert small.false_positive_rate > 1e-4 and "raise evaluate.shingle_filter_mb" in caplog.text
+    assert sum(small.covered(h).sum() for h in held) > sum(exact.covered(h).sum() for h in held)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        large = training_shingles(train, EvaluateConfig(shingle_words=4, shingle_filter_mb=16))
+    assert large.false_positive_rate < 1e-6 and "shingle_filter_mb" not in caplog.text
+
+
+def test_a_shingle_filter_size_not_a_power_of_two_is_a_clear_config_error(twin_corpus):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluate.shingle_filter_mb must be a power of two"):
+        _cfg(twin_corpus, "evaluate.shingle_filter_mb=48")

@@ -112,3 +112,19 @@ def test_fit_refuses_fewer_documents_than_clusters():
 def test_fit_refuses_k_below_two():
     with pytest.raises(ValueError, match="k must be at least 2"):
         ClusterRouter.fit(["alpha beta", "gamma delta"], 1)
+
+
+def test_the_ascii_path_of_analyze_gives_the_terms_of_the_word_by_word_path():
+    import random
+
+    from routing.embedding import analyze, analyze_spans
+
+    rng = random.Random(0)
+    pieces = ["The", "a", "I", "x1", "_", "__init__", "snake_case", "CamelCase", "42", "3rd", "v2", "A1b2",
+              "and", "THE", "Hello", "world", "e.g.", "don't", "x", "é", "Kelvin", "\u212a", "İstanbul", "ñu",
+              "\t", "\n\n", " ", "-", "(", ")", "==", "0x1F", "1_000"]
+    ascii_pieces = [p for p in pieces if p.isascii()]
+    texts = ["".join(rng.choice(pieces if i % 2 else ascii_pieces) + rng.choice(["", " ", "."]) for _ in range(60))
+             for i in range(300)]
+    assert sum(t.isascii() for t in texts) > 10 and sum(not t.isascii() for t in texts) > 10  # both paths
+    assert all(analyze(t) == [term for term, _ in analyze_spans(t)] for t in texts)
