@@ -4,6 +4,11 @@ Knows nothing of Ray or MLflow: metrics go to a callback, checkpoints to a direc
 AdamW (decay on 2-D weights only), warm-up + cosine, gradient clipping and accumulation,
 bf16 autocast where the processor has bf16 units, validation in bits per byte, resumable
 checkpoints, and a token budget so runs compare at equal compute.
+
+Data parallel when torch.distributed is initialised (by whoever starts the workers, e.g. Ray
+Train): every worker draws the same global batch and trains on its share of the rows, the
+gradients are averaged, and worker 0 alone validates, reports and checkpoints — so N workers
+take the steps one worker takes with the same batch_size, up to the order of float sums.
 """
 from __future__ import annotations
 
@@ -137,12 +142,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of seq_len + 1 tokens: inputs and next-token targets (B, T)."""
+                 device: torch.device, share: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len + 1 tokens: inputs and next-token targets (B, T). All batch_size
+    windows are drawn (the generator moves the same on every worker); `share` keeps this
+    worker's rows of them."""
     if len(tokens) < seq_len + 1:
         raise ValueError(f"training data has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
                          f"{seq_len + 1}; give more text or a shorter seq_len")
-    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)
+    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)[share]
     rows = np.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()]).astype(np.int64)
     batch = torch.from_numpy(rows).to(device)
     return batch[:, :-1], batch[:, 1:]
@@ -217,6 +224,33 @@ def deterministic_if(compiled: bool):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+def data_parallel_world() -> tuple[int, int]:
+    """(rank, world size) of this process among data-parallel workers: (0, 1) alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def average_gradients(model: torch.nn.Module, world: int) -> None:
+    """Every worker's gradients replaced by their mean over the workers: one all-reduce of all of
+    them flattened (a parameter without a gradient counts as zeros, so every worker sends the same)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for p, mean in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = mean.view_as(p)
+
+
+def mean_over_workers(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t) / world
+
+
 def train(model: torch.nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
           ckpt_dir: str | Path | None = None, on_metrics: Callable[[int, dict], None] | None = None,
           meta: dict | None = None, stop_at: int | None = None,
@@ -234,6 +268,12 @@ def _train(model, train_tokens, val_tokens, cfg: TrainConfig, ckpt_dir, on_metri
     device = next(model.parameters()).device
     seq_len = cfg.seq_len or model.config.block_size
     total = cfg.steps(seq_len)
+    rank, world = data_parallel_world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} data-parallel workers "
+                         "(every worker trains on an equal share of each batch)")
+    share = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    lead = rank == 0  # validates, reports and checkpoints
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = configure_optimizer(model, cfg)
@@ -245,7 +285,10 @@ def _train(model, train_tokens, val_tokens, cfg: TrainConfig, ckpt_dir, on_metri
         # the figures of the step it was saved at: a run resumed at its end reports them, not NaN and 0
         loss_value = saved.get("train_loss", loss_value)
         val_bpb, tokens_per_s = saved.get("val_bpb"), saved.get("tokens_per_s", tokens_per_s)
-    emit = on_metrics or (lambda step, metrics: None)
+    if world > 1:  # every worker starts from worker 0's weights (the same when seeded alike; now certainly)
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    emit = on_metrics if on_metrics is not None and lead else (lambda step, metrics: None)
     model.train()
     window_t0, window_tokens = time.perf_counter(), 0
     tokens_per_step = cfg.tokens_per_step(seq_len)
@@ -260,11 +303,14 @@ def _train(model, train_tokens, val_tokens, cfg: TrainConfig, ckpt_dir, on_metri
             model.latent_loss_scale = min(1.0, (step + 1) / max(1, cfg.latent_loss_warmup))
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
-            x, y = sample_batch(train_tokens, cfg.batch_size, seq_len, generator, device)
+            x, y = sample_batch(train_tokens, cfg.batch_size, seq_len, generator, device, share)
             with autocast_context(device, cfg.precision):
                 _, loss = forward(x, y)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
+        if world > 1:
+            average_gradients(model, world)
+            loss_sum = mean_over_workers(loss_sum, world)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -279,16 +325,16 @@ def _train(model, train_tokens, val_tokens, cfg: TrainConfig, ckpt_dir, on_metri
             emit(step, {"train_loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s,
                         "tokens": step * tokens_per_step})
             window_t0, window_tokens = time.perf_counter(), 0
-        if val_tokens is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+        if lead and val_tokens is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             val_bpb = bits_per_byte(model, val_tokens, seq_len, cfg.eval_tokens, precision=cfg.precision)
             emit(step, {"val_bpb": val_bpb})
-        if ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end):
+        if lead and ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end):
             saved_path = save_checkpoint(ckpt_dir, step, model, optimizer, generator,
                                          {**(meta or {}), "train_config": asdict(cfg), "tokens": step * tokens_per_step,
                                           "train_loss": loss_value, "val_bpb": val_bpb, "tokens_per_s": tokens_per_s},
                                          keep=cfg.keep_checkpoints)
             if on_checkpoint is not None:
                 on_checkpoint(saved_path)
-    if step == total and val_tokens is not None and val_bpb is None:  # resumed at the end of an older run
+    if lead and step == total and val_tokens is not None and val_bpb is None:  # resumed at the end of an older run
         val_bpb = bits_per_byte(model, val_tokens, seq_len, cfg.eval_tokens, precision=cfg.precision)
     return TrainResult(step, step * tokens_per_step, loss_value, val_bpb, tokens_per_s, resumed_from)

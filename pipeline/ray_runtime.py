@@ -9,7 +9,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlparse
 
 from pipeline.config import Config, RayConfig
@@ -243,3 +243,26 @@ def share_compile_cache() -> None:
     from pipeline.text.embedded import cache_dir
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+def run_data_parallel(loop: Callable[[dict], None], config: dict, *, workers: int, cpus_per_worker: float,
+                      storage_path: str, name: str, max_failures: int = 3, use_gpu: bool = False) -> None:
+    """`loop(config)` on `workers` Ray Train workers (TorchTrainer), torch.distributed initialised
+    among them: gloo on CPU, NCCL on GPU. After a worker or its node is lost, Ray Train restarts
+    every worker (up to max_failures times); the loop resumes from its own checkpoints. Ray
+    Train's run state goes under `storage_path` (a directory every node reaches, or an object
+    store URI). A loop that fails raises TaskFailedError naming `name`."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        loop, train_loop_config=config, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures)))
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray Train wraps the workers' errors in its own types
+        raise TaskFailedError(f"{name}: data-parallel training failed: {type(err).__name__}: {one_line(err)}") from None
+    if getattr(result, "error", None) is not None:
+        raise TaskFailedError(f"{name}: data-parallel training failed: {one_line(result.error)}")

@@ -117,7 +117,7 @@ def cluster_shards(cfg: Config, parts: str) -> Clustering:
     keep, train = _keep_masks(cfg.corpus, scans)
     offsets = np.cumsum([0] + [len(m) for m in keep])
     sample = _sample_positions(int(sum(m.sum() for m in train)), int(sum(m.sum() for m in keep)), cfg)
-    t1 = time.perf_counter()
+    t1 = time.perf_counter()  # then the sample's texts and the fit
     # the fit sample's texts go from the shards' tasks to the fitting task, not through the driver
     train_index = np.concatenate([np.flatnonzero(m) + offsets[i] for i, m in enumerate(train)])[sample]
     positions = [train_index[(train_index >= offsets[i]) & (train_index < offsets[i + 1])] - offsets[i]
@@ -127,7 +127,8 @@ def cluster_shards(cfg: Config, parts: str) -> Clustering:
     fit = ray.remote(fit_task).options(num_cpus=cfg.cluster.num_cpus, max_retries=1)
     router = _all(fit, [(to_dict(cfg), *samples)], "fit")[0]
     t2 = time.perf_counter()
-    locations = [storage.join(parts, f"{_fingerprint(s, cfg.corpus, m, router)}.parquet") for s, m in zip(shards, keep)]
+    locations = [storage.join(parts, f"{_fingerprint(i, s, cfg.corpus, m, router)}.parquet")
+                 for i, (s, m) in enumerate(zip(shards, keep))]
     todo = [i for i, loc in enumerate(locations) if not storage.exists(part_json(loc))]
     log.info("cluster stage: %d shards, %d to assign (%d assigned by an earlier run)", len(shards), len(todo),
              len(shards) - len(todo))
@@ -156,11 +157,11 @@ def _keep_masks(corpus: CorpusConfig, scans: list[ShardScan]) -> tuple[list[np.n
     return np.split(keep, bounds), np.split(train, bounds)
 
 
-def _fingerprint(shard: Shard, corpus: CorpusConfig, keep: np.ndarray, router) -> str:
-    """sha256 of everything an assignment part depends on: the shard's files (path, size,
-    modification time), the corpus settings, the keep mask and the router's state."""
+def _fingerprint(index: int, shard: Shard, corpus: CorpusConfig, keep: np.ndarray, router) -> str:
+    """sha256 of everything an assignment part depends on: the shard's place and files (path,
+    size, modification time), the corpus settings, the keep mask and the router's state."""
     h = hashlib.sha256()
-    h.update(json.dumps({"shard": [shard.builder, shard.files, shard.origin],
+    h.update(json.dumps({"shard": [index, shard.builder, shard.files, shard.origin],
                          "stamps": [storage.stamp(f) for f in shard.files],
                          "corpus": to_dict(corpus)}, sort_keys=True).encode())
     h.update(np.packbits(keep).tobytes())
