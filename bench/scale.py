@@ -15,7 +15,9 @@ Each run is `moie cluster` (the default config on those files), then the experts
 `expert_data` for that clustering (token files of every expert and the dense model, before
 any training), each in a process of its own, with its own Ray and MLflow store; a sampler sums the proportional set size (PSS: shared
 pages split between the processes that map them) of the process and all its descendants
-every 0.2 s. "Beyond start-up" subtracts a 1 MB run of the same code (in as many shards as
+every 0.2 s: of every page, and of the pages the kernel cannot drop ("held": anonymous and
+shared memory, Ray's object store included; not the page cache of files read or
+memory-mapped, which PSS counts while they are mapped). "Beyond start-up" subtracts a 1 MB run of the same code (in as many shards as
 cores, so that it starts as many workers): its wall time (Ray's and MLflow's start, each
 worker's imports) and its peak memory.
 """
@@ -98,21 +100,33 @@ def text_bytes(folder: Path) -> int:
 # --- one run -------------------------------------------------------------------------------------------
 
 
-def process_tree_pss(root) -> dict[str, int]:
-    """{role: PSS bytes} of a process and its descendants: driver, ray (Ray's own processes), workers."""
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/<pid>/smaps_rollup, in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def process_tree_memory(root) -> dict[str, int]:
+    """{role: bytes} of a process and its descendants, by role — driver, ray (Ray's own processes),
+    workers — and by kind: PSS of every page, and `held`, PSS of anonymous and shared memory only
+    (what the kernel cannot drop: not the page cache of files read or memory-mapped)."""
     import psutil
 
-    roles = {"driver": 0, "ray": 0, "workers": 0}
+    memory = {f"{kind}{role}": 0 for kind in ("", "held_") for role in ("driver", "ray", "workers")}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            pss = proc.memory_full_info().pss
+            fields = smaps_rollup(proc.pid)
             cmd = " ".join(proc.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
         role = "driver" if proc.pid == root.pid else "workers" if cmd.startswith("ray::") or "default_worker" in cmd \
             else "ray"
-        roles[role] += pss
-    return roles
+        memory[role] += fields["Pss"]
+        memory[f"held_{role}"] += fields["Pss_Anon"] + fields["Pss_Shmem"]
+    return memory
 
 
 TOKENS = """
@@ -163,8 +177,9 @@ def measured(cmd: list[str], tree: Path, env: dict) -> tuple[str, dict]:
     def sample() -> None:
         root = psutil.Process(proc.pid)
         while not done.is_set():
-            roles = process_tree_pss(root)
-            roles["tree"] = sum(roles.values())
+            roles = process_tree_memory(root)
+            roles["tree"] = sum(v for k, v in roles.items() if not k.startswith("held_"))
+            roles["held_tree"] = sum(v for k, v in roles.items() if k.startswith("held_"))
             for role, value in roles.items():
                 peaks[role] = max(peaks.get(role, 0), value)
             done.wait(0.2)
@@ -229,19 +244,23 @@ def main() -> None:
                 print(f"{name}: {size} GB done in " + ", ".join(f"{stage} {r['wall_s']:.0f} s"
                                                               for stage, r in result.items()), flush=True)
     print("\n| code | stage | corpus MB | shards | documents | wall s | beyond start-up s | MB/s per core | "
-          "peak tree MB | beyond 1 MB run MB | × corpus | driver MB | Ray MB | workers MB | stage timing s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "peak tree MB (PSS) | beyond 1 MB run | × corpus | peak held MB | beyond 1 MB run | × corpus | "
+          "held: driver / Ray / workers MB | stage timing s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, stage, folder, r, start in rows:
         size = text_bytes(folder)
         beyond_s = r["wall_s"] - start["wall_s"]
         beyond_mem = r["peak_tree"] - start["peak_tree"]
+        beyond_held = r["peak_held_tree"] - start["peak_held_tree"]
         rate = f"{size / MB / beyond_s / cores:.1f}" if r is not start and beyond_s > 0 else "—"
         ratio = f"{beyond_mem / size:.2f}" if r is not start else "—"
+        held_ratio = f"{beyond_held / size:.2f}" if r is not start else "—"
         timing = ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.0f}" for k, v in sorted(r.items())
                            if k.startswith("time_") and k.endswith("_s"))
         print(f"| {name} | {stage} | {size / MB:,.0f} | {r.get('shards', 1):.0f} | {r.get('n_documents', 0):,.0f} | "
               f"{r['wall_s']:.0f} | {beyond_s:.0f} | {rate} | {r['peak_tree'] / MB:,.0f} | {beyond_mem / MB:,.0f} | "
-              f"{ratio} | {r['peak_driver'] / MB:,.0f} | {r['peak_ray'] / MB:,.0f} | {r['peak_workers'] / MB:,.0f} | "
+              f"{ratio} | {r['peak_held_tree'] / MB:,.0f} | {beyond_held / MB:,.0f} | {held_ratio} | "
+              f"{r['peak_held_driver'] / MB:,.0f} / {r['peak_held_ray'] / MB:,.0f} / {r['peak_held_workers'] / MB:,.0f} | "
               f"{timing or '—'} |")
 
 

@@ -5,6 +5,7 @@ scikit-learn, `datasets`, pyarrow)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from routing.router import ClusterRouter
 
 ASSIGN_BATCH = 2_000  # documents embedded and assigned at a time
 SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
+COPY_BLOCK = 8 << 20
 
 
 @dataclass
@@ -114,6 +116,37 @@ def assignment_rows(docs, clusters: np.ndarray) -> pa.Table:
 # --- the experts stage's token files ------------------------------------------------------------------
 
 
+class TokenFile:
+    """A .npy file of uint16 tokens written a document at a time: the tokens go to a raw file,
+    and `close` writes the .npy header and copies them after it, so that neither holds more
+    than one document in memory."""
+
+    def __init__(self, path: Path):
+        self.path, self.raw = path, open(path.with_suffix(".raw"), "wb")
+        self.tokens = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        self.raw.write(tokens.astype("<u2", copy=False).tobytes())
+        self.tokens += len(tokens)
+
+    def close(self) -> None:
+        self.raw.close()
+        raw = self.path.with_suffix(".raw")
+        with open(self.path, "wb") as out, open(raw, "rb") as src:
+            np.lib.format.write_array_header_1_0(out, {"descr": "<u2", "fortran_order": False,
+                                                       "shape": (self.tokens,)})
+            shutil.copyfileobj(src, out, COPY_BLOCK)
+        raw.unlink()
+
+
+def npy_payload(path: Path):
+    """An open .npy file of a 1-D array, positioned at its first element."""
+    f = open(path, "rb")
+    version = np.lib.format.read_magic(f)
+    (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+    return f
+
+
 def shard_tokens(shard: Shard, index: int, corpus: CorpusConfig, docs: dict[str, tuple[str, str, str]],
                  dst: str) -> dict:
     """Byte tokens (eos after each document) of the shard's clustered documents, one .npy per
@@ -127,52 +160,53 @@ def shard_tokens(shard: Shard, index: int, corpus: CorpusConfig, docs: dict[str,
     from pipeline.text.corpus import CorpusError
 
     eos = np.array([EOS_ID], dtype=np.uint16)
-    pieces: dict[tuple[str, str], list[np.ndarray]] = {}
     found: set[str] = set()
-    for _, doc in shard_documents(shard, corpus, index=index):
-        if doc.doc_id not in docs:
-            continue
-        name, split, recorded = docs[doc.doc_id]
-        if text_sha256(doc.text) != recorded:
-            raise CorpusError(f"document {doc.doc_id!r} changed since the pipeline was clustered (its text no "
-                              "longer has the sha256 recorded in assignments.parquet); restore the corpus as it "
-                              "was, or cluster it again (`moie cluster --pipeline <id>`) to train on the new text")
-        tokens = encode_bytes(doc.text).astype(np.uint16)
-        for model in (name, DENSE):
-            pieces.setdefault((model, split), []).extend([tokens, eos])
-        found.add(doc.doc_id)
     parts: dict[str, dict[str, list]] = {}
     with tempfile.TemporaryDirectory(prefix="moie-tokens-") as tmp:
-        for (model, split), arrays in sorted(pieces.items()):
-            path = Path(tmp) / f"{model}.{split}.npy"
-            np.save(path, np.concatenate(arrays))
-            location = storage.join(dst, path.name)
-            storage.upload(path, location)
-            parts.setdefault(model, {})[split] = [location, int(sum(len(a) for a in arrays)), sha256_file(path)]
+        files: dict[tuple[str, str], TokenFile] = {}
+        for _, doc in shard_documents(shard, corpus, index=index):
+            if doc.doc_id not in docs:
+                continue
+            name, split, recorded = docs[doc.doc_id]
+            if text_sha256(doc.text) != recorded:
+                raise CorpusError(f"document {doc.doc_id!r} changed since the pipeline was clustered (its text no "
+                                  "longer has the sha256 recorded in assignments.parquet); restore the corpus as it "
+                                  "was, or cluster it again (`moie cluster --pipeline <id>`) to train on the new "
+                                  "text")
+            tokens = encode_bytes(doc.text)
+            for model in (name, DENSE):
+                if (model, split) not in files:
+                    files[model, split] = TokenFile(Path(tmp) / f"{model}.{split}.npy")
+                files[model, split].write(tokens)
+                files[model, split].write(eos)
+            found.add(doc.doc_id)
+        for (model, split), file in sorted(files.items()):  # written only now: a changed document stops all
+            file.close()
+            location = storage.join(dst, file.path.name)
+            storage.upload(file.path, location)
+            parts.setdefault(model, {})[split] = [location, file.tokens, sha256_file(file.path)]
     missing = next((d for d in docs if d not in found), None)
     return {"parts": parts, "found": len(found), "missing": missing}
 
 
 def join_tokens(parts: list[list], location: str) -> str:
     """One .npy token file at `location` in the storage: the parts ([location, tokens, sha256], in
-    order) one after the other, each checked against its sha256 once, a part at a time in memory.
-    Returns the file's sha256."""
+    order) one after the other, each checked against its sha256 once, copied a block at a time
+    (no memory map: its pages would count as the process's). Returns the file's sha256."""
     total = sum(n for _, n, _ in parts)
     with tempfile.TemporaryDirectory(prefix="moie-join-") as tmp:
         path = Path(tmp) / "tokens.npy"
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(total,))
-        at = 0
-        for part, n, recorded in parts:
-            local = storage.local_copy(part, Path(tmp) / "parts")
-            if sha256_file(local) != recorded:
-                raise StageError(f"token part {part} does not match the sha256 recorded when it was written (damaged "
-                                 "or replaced while the stage ran); run the experts stage again")
-            out[at:at + n] = np.load(local, mmap_mode="r")
-            at += n
-            if storage.is_remote(part):
-                local.unlink()
-        out.flush()
-        del out
+        with open(path, "wb") as out:
+            np.lib.format.write_array_header_1_0(out, {"descr": "<u2", "fortran_order": False, "shape": (total,)})
+            for part, n, recorded in parts:
+                local = storage.local_copy(part, Path(tmp) / "parts")
+                if sha256_file(local) != recorded:
+                    raise StageError(f"token part {part} does not match the sha256 recorded when it was written "
+                                     "(damaged or replaced while the stage ran); run the experts stage again")
+                with npy_payload(local) as src:
+                    shutil.copyfileobj(src, out, COPY_BLOCK)
+                if storage.is_remote(part):
+                    local.unlink()
         sha = sha256_file(path)
         storage.upload(path, location)
     return sha
