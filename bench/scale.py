@@ -137,7 +137,10 @@ from pipeline.stages.experts import expert_data
 from pipeline.store.catalog import Catalog
 cfg = load_config(sys.argv[1], sys.argv[3:])
 catalog = Catalog(cfg)
-run, table, _ = catalog.assignments(sys.argv[2])
+try:
+    run, table, _ = catalog.assignments(sys.argv[2], arrow=True)
+except TypeError:  # a checkout from before the arrow table (its expert_data takes columns as lists)
+    run, table, _ = catalog.assignments(sys.argv[2])
 ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 expert_data(cfg, catalog.checkpoint_root(sys.argv[2], run.info.run_id), table, cfg.cluster.k)
 """

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+import pyarrow as pa
 import ray
 import torch
 
@@ -105,7 +106,7 @@ class SeedPlan:
 # --- data -------------------------------------------------------------------------------
 
 
-def expert_data(cfg: Config, root: str, table: dict, k: int) -> dict[str, dict[str, str]]:
+def expert_data(cfg: Config, root: str, table: pa.Table, k: int) -> dict[str, dict[str, str]]:
     """Each cluster's training and validation documents as byte tokens in shared .npy files, which
     tasks memory-map, and every document in the dense model's: {name: {train, val}} (locations in
     the storage under `root`). Files written by an earlier run are kept. Written by Ray tasks, one
@@ -124,7 +125,7 @@ def expert_data(cfg: Config, root: str, table: dict, k: int) -> dict[str, dict[s
         corpus = ray.put(cfg.corpus)
         write = ray.remote(shard_tokens).options(num_cpus=1, max_retries=1)
         written = every_result([write.remote(shards[i], i, corpus, docs[i], storage.join(staging, f"{i:05d}"))
-                                for i in range(len(shards)) if docs[i]], "token-writing tasks", own)
+                                for i in range(len(shards)) if len(docs[i])], "token-writing tasks", own)
         _check_found(docs, written)
         join = ray.remote(join_tokens).options(num_cpus=1, max_retries=1)
         every_result([join.remote([w["parts"][name][split] for w in written if split in w["parts"].get(name, {})],
@@ -134,28 +135,26 @@ def expert_data(cfg: Config, root: str, table: dict, k: int) -> dict[str, dict[s
     return files
 
 
-def _documents_by_shard(table: dict, n_shards: int) -> list[dict[str, tuple[str, str, str]]]:
-    """Per corpus shard, {doc_id: (expert, train | val, text sha256)} of its training and validation
-    documents, from the pipeline's assignments (checked to fit this corpus's shards)."""
-    if "text_sha256" not in table:
+def _documents_by_shard(table: pa.Table, n_shards: int) -> list[pa.Table]:
+    """Per corpus shard, its training and validation documents of the pipeline's assignments
+    (doc_id, cluster, split, text_sha256), checked to fit this corpus's shards."""
+    import pyarrow.compute as pc
+
+    if "text_sha256" not in table.column_names:
         raise CorpusError("the pipeline's assignments.parquet records no content hashes, so the corpus cannot be "
                           "checked against its clustering; cluster it again (`moie cluster`)")
-    if "shard" not in table:
+    if "shard" not in table.column_names:
         raise CorpusError("the pipeline's assignments.parquet records no corpus shard per document (it was clustered "
                           "before corpora were read as shards); cluster it again (`moie cluster`)")
-    shard_of = table["shard"]
-    if shard_of and max(shard_of) >= n_shards:
-        raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({max(shard_of) + 1}) than this "
-                          f"config's ({n_shards}); give the config the pipeline was clustered with")
-    docs: list[dict] = [{} for _ in range(n_shards)]
-    for doc_id, cluster, split, sha, shard in zip(table["doc_id"], table["cluster"], table["split"],
-                                                  table["text_sha256"], shard_of):
-        if split in ("train", "validation"):
-            docs[shard][doc_id] = (expert_name(cluster), "train" if split == "train" else "val", sha)
-    return docs
+    if len(table) and pc.max(table["shard"]).as_py() >= n_shards:
+        raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({pc.max(table['shard']).as_py() + 1})"
+                          f" than this config's ({n_shards}); give the config the pipeline was clustered with")
+    table = table.filter(pc.is_in(table["split"], pa.array(["train", "validation"])))
+    table = table.select(["doc_id", "cluster", "split", "text_sha256", "shard"])
+    return [table.filter(pc.equal(table["shard"], i)).drop_columns(["shard"]) for i in range(n_shards)]
 
 
-def _check_found(docs: list[dict], written: list[dict]) -> None:
+def _check_found(docs: list[pa.Table], written: list[dict]) -> None:
     expected, found = sum(len(d) for d in docs), sum(w["found"] for w in written)
     if found < expected:
         missing = [w["missing"] for w in written if w.get("missing")]
@@ -269,7 +268,7 @@ def run_experts(cfg: Config, pipeline_id: str, watcher: ExpertsWatcher | None = 
     catalog = Catalog(cfg)
     connect_cluster(cfg, catalog.tracker)  # before any work: a multi-node cluster needs shared stores
     catalog.tracker.pipeline_run(pipeline_id)
-    cluster_run, table, report = catalog.assignments(pipeline_id)
+    cluster_run, table, report = catalog.assignments(pipeline_id, arrow=True)
     k = int(cluster_run.data.params["cluster.k"])
     with catalog.tracker.pipeline_active(pipeline_id):
         stage = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, k, report, watcher)
@@ -286,7 +285,7 @@ class _ExpertsStage:
         self.root = catalog.checkpoint_root(pipeline_id, cluster_run_id)
         self.cannot_train: dict[str, str] = {}  # model -> why its data cannot make one batch
 
-    def run(self, table: dict) -> dict[str, str]:
+    def run(self, table: pa.Table) -> dict[str, str]:
         e = self.cfg.experts
         data = expert_data(self.cfg, self.root, table, self.k)
         data[CENTRAL] = data[DENSE]  # the central model reads the whole corpus too

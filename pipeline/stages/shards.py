@@ -147,18 +147,20 @@ def npy_payload(path: Path):
     return f
 
 
-def shard_tokens(shard: Shard, index: int, corpus: CorpusConfig, docs: dict[str, tuple[str, str, str]],
-                 dst: str) -> dict:
+def shard_tokens(shard: Shard, index: int, corpus: CorpusConfig, table: pa.Table, dst: str) -> dict:
     """Byte tokens (eos after each document) of the shard's clustered documents, one .npy per
     (model, split) under `dst` in the storage, each document in its cluster's expert's file and
-    in the dense model's. `docs`: doc_id -> (expert name, split: train | val, text sha256 recorded
-    at clustering), the shard's documents to write. Returns {"parts": {name: {split: [location,
+    in the dense model's. `table`: the shard's documents to write (doc_id, cluster, split: train |
+    validation, text_sha256 recorded at clustering). Returns {"parts": {name: {split: [location,
     tokens, sha256]}}, "found": documents written, "missing": a document of `docs` not in the shard};
     a document whose text changed since it was clustered is an error, before anything is written."""
     from experts.tokenizer import EOS_ID, encode_bytes
-    from pipeline.store.names import DENSE
+    from pipeline.store.names import DENSE, expert_name
     from pipeline.text.corpus import CorpusError
 
+    docs = {doc_id: (expert_name(cluster), "train" if split == "train" else "val", sha)
+            for doc_id, cluster, split, sha in zip(*(table[c].to_pylist() for c in
+                                                     ("doc_id", "cluster", "split", "text_sha256")))}
     eos = np.array([EOS_ID], dtype=np.uint16)
     found: set[str] = set()
     parts: dict[str, dict[str, list]] = {}

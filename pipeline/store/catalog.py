@@ -132,14 +132,16 @@ class Catalog:
                              f"`moie cluster --pipeline {pipeline_id} --config ...` first")
         return runs[0]
 
-    def assignments(self, pipeline_id: str) -> tuple[object, dict, dict]:
-        """(cluster run, its assignments table as columns, its report) of the pipeline's clustering,
-        each file checked against the sha256 the cluster run recorded."""
+    def assignments(self, pipeline_id: str, arrow: bool = False) -> tuple[object, dict, dict]:
+        """(cluster run, its assignments table as columns — or, `arrow`, as a pyarrow Table, a few
+        bytes a document instead of Python objects — and its report) of the pipeline's
+        clustering, each file checked against the sha256 the cluster run recorded."""
         import pyarrow.parquet as pq
 
         run = self.cluster_run(pipeline_id)
         with tempfile.TemporaryDirectory() as tmp:
-            table = pq.read_table(self.run_file(run, ASSIGNMENTS, Path(tmp))).to_pydict()
+            table = pq.read_table(self.run_file(run, ASSIGNMENTS, Path(tmp)))
+            table = table if arrow else table.to_pydict()
             report = json.loads(self.run_file(run, CLUSTER_REPORT, Path(tmp)).read_text(encoding="utf-8"))
         return run, table, report
 

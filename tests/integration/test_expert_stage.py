@@ -277,8 +277,9 @@ def test_token_files_written_shard_by_shard_equal_the_whole_corpus_tokenised_at_
         "corpus.source=files", f"corpus.files=[{tmp_path}/corpus/*.jsonl,{tmp_path}/corpus/*.txt]", "cluster.k=3",
         "cluster.svd_dim=8", "cluster.min_df=1"])
     assert len(corpus_shards(cfg.corpus)) == 5
-    table = fit_clusters(cfg).table.to_pydict()
+    table = fit_clusters(cfg).table
     files = expert_data(cfg, str(tmp_path / "root"), table, 3)
+    table = table.to_pydict()
     text = {d.doc_id: d.text for d in load_corpus(cfg.corpus)}
     rows = list(zip(table["doc_id"], table["cluster"], table["split"]))
     for split, name in (("train", "train"), ("validation", "val")):

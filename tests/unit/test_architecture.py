@@ -211,7 +211,9 @@ from pipeline.text.corpus import corpus_shards, text_sha256
 corpus = CorpusConfig(source="files", files=[{str(tmp_path / "c.jsonl")!r}])
 (shard,) = corpus_shards(corpus)
 assert len(scan_shard(shard, corpus).keys) == 5
-docs = {{"c.jsonl:0": ("expert-0", "train", text_sha256("words of row 0"))}}
+import pyarrow as pa
+docs = pa.table({{"doc_id": ["c.jsonl:0"], "cluster": [0], "split": ["train"],
+                 "text_sha256": [text_sha256("words of row 0")]}})
 assert shard_tokens(shard, 0, corpus, docs, {str(tmp_path / "out")!r})["found"] == 1
 print(sorted(m for m in ("torch", "mlflow") if m in sys.modules))
 """
