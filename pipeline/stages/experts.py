@@ -21,12 +21,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 import ray
 import torch
 
 from experts.checkpoint import build_model, latest_checkpoint, load_model, model_config, save_model
-from experts.tokenizer import TOKENIZER, VOCAB_SIZE
+from experts.tokenizer import TOKENIZER, VOCAB_SIZE, encode_texts
 from experts.trainer import TrainConfig, TrainResult, train
 from pipeline.config import Config
 from pipeline.errors import MoieError, StageError, one_line
@@ -104,6 +105,16 @@ class SeedPlan:
 
 
 # --- data -------------------------------------------------------------------------------
+
+
+def write_tokens(location: str, texts: list[str], eos_id: int) -> str:
+    """Byte tokens of texts held in memory (eos after each) as a .npy file in the storage, which tasks
+    memory-map (a new domain's, in `moie extend`); written once."""
+    if storage.kind(location) != "file":
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(Path(tmp) / "tokens.npy", encode_texts(texts, eos_id))
+            storage.upload(Path(tmp) / "tokens.npy", location)  # whole or not at all
+    return location
 
 
 def expert_data(cfg: Config, root: str, table: pa.Table, k: int) -> dict[str, dict[str, str]]:
