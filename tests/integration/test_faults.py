@@ -300,6 +300,8 @@ def test_case1_a_cluster_too_small_to_train_fails_its_run_and_trains_once_the_co
 
 def test_case1_a_model_left_out_for_a_small_cluster_does_not_stop_the_others(ray_local, moie_home, tmp_path):
     """One cluster too small: the other expert is registered, the small one's run FAILED (not FINISHED)."""
+    import pyarrow as pa
+
     from pipeline.stages.experts import _ExpertsStage
     from pipeline.store.catalog import Catalog
 
@@ -312,7 +314,8 @@ def test_case1_a_model_left_out_for_a_small_cluster_does_not_stop_the_others(ray
     for i in ones[1:]:
         table["cluster"][i] = 0
     with catalog.tracker.pipeline_active(pipeline_id):
-        registered = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, 2, report).run(table)
+        stage = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, 2, report)
+        registered = stage.run(pa.Table.from_pydict(table))
     assert sorted(registered) == ["expert-0"]
     status = {r.data.tags["moie.expert"]: r.info.status for r in runs_of(cfg, pipeline_id)}
     assert status == {"expert-0": "FINISHED", "expert-1": "FAILED"}
