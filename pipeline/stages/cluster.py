@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import ray
 
 from artifacts import save_state, sha256_file, write_json
-from pipeline.config import Config, ConfigError, CorpusConfig, to_dict, validate
+from pipeline.config import Config, ConfigError, CorpusConfig, to_dict
 from pipeline.errors import StageError
 from pipeline.ray_runtime import check_resources, connect_cluster, every_result
 from pipeline.results.report import plot_domain_cluster_table
@@ -42,7 +42,7 @@ from pipeline.store.catalog import ASSIGNMENTS, CLUSTER_REPORT, ROUTER_NAME, sto
 from pipeline.store.names import sha_tag
 from pipeline.store.tracking import Tracker
 from pipeline.stages.shards import (SPLIT_CODES, ShardScan, assign_shard, assignment_rows, fit_router, fit_task,
-                                    part_json, sample_texts, scan_shard, schema)
+                                    part_json, sample_texts, scan_shard)
 from pipeline.text.corpus import CorpusError, Shard, check_labels, check_not_empty, corpus_shards, load_corpus
 from pipeline.text.embedded import EmbeddedCorpusError
 from routing.metrics import clustering_scores, contingency, dominant_domains
@@ -109,7 +109,6 @@ def cluster_shards(cfg: Config, parts: str) -> Clustering:
     """The three passes over the corpus's shards on Ray (module docstring); assignment parts
     under `parts` (a location in the storage) are reused when whole."""
     check_resources(cfg.cluster.num_cpus, what="clustering task (cluster.num_cpus)")
-    validate(cfg)
     t0 = time.perf_counter()
     shards = corpus_shards(cfg.corpus)
     corpus = ray.put(cfg.corpus)
@@ -184,7 +183,7 @@ def _merge_parts(locations: list[str]) -> pa.Table:
                 raise StageError(f"assignment part {location} does not match the sha256 its JSON records (damaged "
                                  "or replaced); delete it and its .json, and run the cluster stage again")
             tables.append(pq.read_table(local))
-    return pa.concat_tables(tables) if tables else pa.table({}, schema=schema())
+    return pa.concat_tables(tables)  # a corpus has at least one shard
 
 
 def _all(task, args: list[tuple], what: str) -> list:

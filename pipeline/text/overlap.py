@@ -13,6 +13,7 @@ reports (`false_positive_rate`); filters of parts of a corpus merge with `|`.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from typing import Iterable
@@ -123,8 +124,8 @@ class ShingleFilter(_Shingles):
         if (self.n, self.bits) != (other.n, other.bits):
             raise ValueError(f"cannot merge a filter of {self.n}-word shingles in {self.bits} bits with one of "
                              f"{other.n}-word shingles in {other.bits} bits")
-        merged = ShingleFilter(n=self.n, bits=64)
-        merged.bits, merged.words = self.bits, self.words | other.words
+        merged = copy.copy(self)
+        merged.words = self.words | other.words
         return merged
 
     @property
