@@ -55,13 +55,14 @@ def fit_centers(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: in
         raise ValueError("fit_centers needs at least one token set (one per expert)")
     per_set = windows_per_set(n_tokens, len(token_sets), seq)
     rng = np.random.default_rng(seed)
+    device = composed.centers[composed.points[0]].device
     means = []
     for tokens in token_sets:
         if len(tokens) < seq + 1:
             raise ValueError(f"need at least {seq + 1} tokens in every set to fit routing centers, got {len(tokens)}")
         starts = np.sort(rng.integers(0, len(tokens) - seq, size=per_set))
         x = torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq]) for s in starts]).astype(np.int64))  # (W, seq)
-        composed.fit_centers(x.split(batch_size))
+        composed.fit_centers(x.to(device).split(batch_size))
         means.append({p: c.detach().clone() for p, c in composed.centers.items()})
     for p in composed.points:
         composed.centers[p].copy_(torch.stack([m[p] for m in means]).mean(dim=0))

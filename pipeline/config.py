@@ -34,6 +34,7 @@ Pool = Literal["token", "prefix"]
 Glue = Literal["attention", "aligned", "both"]
 Output = Literal["none", "mix"]
 Branch = Literal["central", "seed", "scratch"]
+Device = Literal["auto", "cpu", "cuda"]
 CORPUS_SOURCES = typing.get_args(CorpusSource)
 ENCODING_ERRORS = typing.get_args(EncodingErrors)
 EXTEND_BRANCHES = typing.get_args(Branch)
@@ -79,7 +80,7 @@ class ExpertsConfig:
     model: dict = field(default_factory=dict)  # HourglassConfig / GPTConfig keys (vocab from the tokenizer)
     train: dict = field(default_factory=dict)  # TrainConfig keys; max_tokens is the budget of one expert
     num_cpus: float = 1.0  # Ray resources of one expert's task
-    num_gpus: float = 0.0  # GPUs of one expert's task (the model moves to the GPU when > 0)
+    num_gpus: float | None = None  # GPUs of one expert's task (null: by `device`; 0.5 puts two on a GPU)
     max_retries: int = 3  # Ray retries of a task whose worker died; it resumes from its checkpoint
     resources: dict = field(default_factory=dict)  # custom Ray resources of one expert's task, e.g. {expert_slot: 1}
     dense: bool = True  # also train the dense baseline (k x the expert budget); it is the central model
@@ -139,6 +140,7 @@ class ComposeConfig:
     joint_train: dict = field(default_factory=dict)  # joint: all blocks and gates
     balance_weight: float = 0.01  # joint: weight of the load-balancing loss
     num_cpus: float = 1.0  # Ray resources of one composition task
+    num_gpus: float | None = None  # GPUs of one composition task and of dense_matched's (null: by `device`)
     eval_tokens: int = 65_536  # validation tokens scored for composed vs central
     early: bool = True  # moie run: each expert's blocks and gates start once it (and the central model) is registered
     early_tasks: int = 1  # at most this many of those at once while experts train (the rest wait their turn)
@@ -164,6 +166,7 @@ class EvaluateConfig:
     stride: int = 0  # window overlap: each window adds `stride` new bytes (0: half the block size)
     batch_size: int = 8  # windows scored at once
     num_cpus: float = 1.0  # Ray resources of one scoring task
+    num_gpus: float | None = None  # GPUs of one scoring task (null: by `device`)
 
     def scoring(self):
         """The one way moie scores documents (composition.evaluation.Scoring), as configured here:
@@ -191,6 +194,7 @@ class ExtendConfig:
     old_bytes_per_domain: int = 16_384  # held-out bytes scored per old domain (the new one: evaluate's)
     mixed_chunk: int = 512  # mixed documents: chunks of this many bytes, new and old text in turn
     num_cpus: float = 1.0  # Ray resources of each training and scoring task
+    num_gpus: float | None = None  # GPUs of each training and scoring task (null: by `device`)
 
 
 @dataclass
@@ -212,6 +216,9 @@ class Config:
     workdir: str | None = None  # MLflow database + artifacts; default $MOIE_HOME or ~/.moie
     storage: str | None = None  # token files, checkpoints, seed: a directory or s3://bucket/prefix; MOIE_STORAGE wins
     shared_filesystem: bool = False  # every Ray node mounts the local paths in use (NFS): multi-node may use them
+    # where every task that trains or scores runs: auto (a GPU where the Ray cluster has one: each such
+    # task asks for <section>.num_gpus, default 1), cpu, or cuda (the same, and an error where no node has a GPU)
+    device: Device = "auto"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
@@ -400,6 +407,7 @@ def validate(cfg: Config) -> None:
     if c.max_documents is not None and c.max_documents < 1:
         raise ConfigError(f"corpus.max_documents must be null (all documents) or >= 1, got {c.max_documents}")
     validate_experts(cfg.experts)
+    validate_gpus(cfg)
     if not cfg.compose.modes:
         raise ConfigError("compose.modes must name at least one of 'independent' and 'joint', got []")
     kway = {**KWAY_TRAIN, **cfg.compose.kway_train}
@@ -488,9 +496,9 @@ def validate_experts(e: "ExpertsConfig") -> None:
                           f"dense model's early checkpoint); got {e.seed_fraction} with dense={e.dense}")
     if not 0 < e.progress_every < math.inf:
         raise ConfigError(f"experts.progress_every must be > 0 seconds and finite, got {e.progress_every}")
-    if e.num_cpus <= 0 or e.num_gpus < 0 or e.max_retries < 0:
-        raise ConfigError("experts.num_cpus must be > 0, experts.num_gpus and experts.max_retries >= 0; got "
-                          f"{e.num_cpus}, {e.num_gpus}, {e.max_retries}")
+    if e.num_cpus <= 0 or e.max_retries < 0:
+        raise ConfigError("experts.num_cpus must be > 0 and experts.max_retries >= 0; got "
+                          f"{e.num_cpus}, {e.max_retries}")
     if e.seed_num_cpus is not None and (isinstance(e.seed_num_cpus, bool) or not 0 < e.seed_num_cpus < math.inf):
         raise ConfigError(f"experts.seed_num_cpus must be null (experts.num_cpus) or a number of CPUs > 0, got "
                           f"{e.seed_num_cpus!r}")
@@ -502,6 +510,24 @@ def validate_experts(e: "ExpertsConfig") -> None:
                 or not 0 < amount < math.inf:
             raise ConfigError(f"experts.resources maps custom Ray resource names to amounts > 0 (CPUs and GPUs "
                               f"are experts.num_cpus / num_gpus); got {name}: {amount!r}")
+
+
+GPU_SECTIONS = ("experts", "compose", "evaluate", "extend")  # each has num_gpus: its tasks train or score
+
+
+def validate_gpus(cfg: Config) -> None:
+    """Each section's num_gpus is null (by `device`) or a number >= 0; device cpu asks for none."""
+    for section in GPU_SECTIONS:
+        gpus = getattr(cfg, section).num_gpus
+        if gpus is not None and not 0 <= gpus < math.inf:
+            raise ConfigError(f"{section}.num_gpus must be null (by the top-level key 'device') or a number of GPUs "
+                              f">= 0 (0.5: two tasks share a GPU), got {gpus!r}")
+        if cfg.device == "cpu" and gpus:
+            raise ConfigError(f"device is 'cpu' but {section}.num_gpus is {gpus:g}: set device=auto (or cuda) to "
+                              f"train and score on GPUs, or {section}.num_gpus=0")
+        if cfg.device == "cuda" and gpus == 0:
+            raise ConfigError(f"device is 'cuda' but {section}.num_gpus is 0: set {section}.num_gpus to the GPUs of "
+                              "one task (null: 1), or device=auto")
 
 
 def check_storage(value: str, what: str) -> None:

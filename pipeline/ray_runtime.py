@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlparse
 
@@ -130,10 +131,66 @@ def connect_ray(cfg: RayConfig) -> str:
 
 
 def connect_cluster(cfg: Config, tracker: Tracker) -> str:
-    """connect_ray, then check_cluster_storage: what every stage does before its first task."""
+    """connect_ray, then check_device and check_cluster_storage: what every stage does before its first task."""
     address = connect_ray(cfg.ray)
+    check_device(cfg.device)
     check_cluster_storage(cfg, tracker)
     return address
+
+
+def largest_node_gpus() -> float:
+    """The GPUs of the alive Ray node that has most (0 on a cluster without GPUs)."""
+    import ray
+
+    return max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+
+
+def check_device(device: str) -> None:
+    """`device: cuda` on a Ray cluster without a GPU fails before any work, in one line."""
+    if device == "cuda" and not largest_node_gpus():
+        raise ResourceError("device is 'cuda' but no node of the Ray cluster has a GPU (Ray found none: no CUDA "
+                            "device, or its driver is missing); set device=auto (a GPU where there is one) or "
+                            "device=cpu, or run on nodes with GPUs")
+
+
+def gpus_per_task(device: str, num_gpus: float | None, node_gpus: float) -> float:
+    """The GPUs one training or scoring task asks Ray for: none on device cpu; else the
+    section's num_gpus if set, else one (device auto: one where a node has a GPU, else none)."""
+    if device == "cpu":
+        return 0.0
+    if num_gpus is not None:
+        return float(num_gpus)
+    return 1.0 if node_gpus or device == "cuda" else 0.0
+
+
+def task_gpus(cfg: Config, section: str) -> float:
+    """gpus_per_task for the tasks of config section `section` (experts, compose, evaluate, extend)."""
+    return gpus_per_task(cfg.device, getattr(cfg, section).num_gpus, largest_node_gpus())
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one training or scoring task of a config section asks Ray for, and takes inside it."""
+    num_cpus: float
+    num_gpus: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: Config, section: str) -> "Grant":
+        """The grant of section `section`'s tasks (after connect_cluster: GPUs depend on the cluster)."""
+        return cls(getattr(cfg, section).num_cpus, task_gpus(cfg, section))
+
+    def options(self, **more) -> dict:
+        """Ray options of such a task (`more`: e.g. max_retries)."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, **more}
+
+    def check(self, what: str) -> None:
+        """check_resources: fail now if no node could run such a task."""
+        check_resources(self.num_cpus, self.num_gpus, what=what)
+
+    def take(self, seed: int | None = None):
+        """Inside the task: use_granted_cpus; the torch device to train or score on."""
+        use_granted_cpus(self.num_cpus, seed)
+        return granted_device(self.num_gpus)
 
 
 def check_cluster_storage(cfg: Config, tracker: Tracker) -> None:
@@ -232,6 +289,29 @@ def use_granted_cpus(num_cpus: float, seed: int | None = None) -> None:
     if seed is not None:
         torch.manual_seed(seed)
     share_compile_cache()
+
+
+def granted_device(num_gpus: float):
+    """Inside a task: the torch device to train or score on. A task granted GPUs (Ray set
+    CUDA_VISIBLE_DEVICES to them) runs on CUDA, and fails in one line if torch cannot see one
+    (a CPU build of torch, or no driver); a task granted none runs on the CPU."""
+    import torch
+
+    if not num_gpus:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ResourceError(f"this task was granted num_gpus={num_gpus:g} but torch {torch.__version__} sees no CUDA "
+                            f"device (torch built for CUDA: {torch.version.cuda or 'no, a CPU build'}; "
+                            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a CUDA "
+                            "build of torch on the GPU nodes, or set device=cpu")
+    return torch.device("cuda")
+
+
+def device_name(device) -> str:
+    """'cpu', or 'cuda (<the GPU's name>)': what a run records it trained on."""
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def share_compile_cache() -> None:

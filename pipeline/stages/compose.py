@@ -26,7 +26,8 @@ from experts.flops import forward_flops_per_token
 from experts.trainer import TrainConfig
 from pipeline.config import KWAY_TRAIN, Config
 from pipeline.errors import StageError, one_line
-from pipeline.ray_runtime import TaskFailedError, check_resources, connect_cluster, get_or_fail, use_granted_cpus
+from pipeline.ray_runtime import (TaskFailedError, check_resources, connect_cluster, get_or_fail, granted_device,
+                                  task_gpus, use_granted_cpus)
 from pipeline.stages.matched import abandon_continued, finish_continued, start_continued
 from pipeline.store import storage
 from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, ROUTER_SHA, Catalog,
@@ -79,6 +80,11 @@ class CompositionTask:
     flops: dict | None = None  # forward / training FLOPs per token of the models and of each phase (prepare_task)
     hub: str | None = None  # "seed": the central model is the pipeline's seed, not its full dense run
     missing_experts: dict[str, str] = field(default_factory=dict)  # clusters composed without: {name: why}
+    num_gpus: float = 0.0  # of each of its Ray tasks (task_gpus)
+
+    def options(self, max_retries: int = 1) -> dict:
+        """The Ray options of each of its tasks."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": max_retries}
 
 
 # --- Ray task bodies -------------------------------------------------------------------------
@@ -89,9 +95,10 @@ def _composed(task: CompositionTask, experts: list[int], scratch: Path, state: d
     """The composition of the task's central model and these of its experts (fetched from the
     registry into this node's scratch, checked), with `state` or else the shared centres."""
     use_granted_cpus(task.num_cpus, task.seed)
-    return assemble_registered(task.tracking_uri, task.central, [task.experts[e] for e in experts], task.settings,
-                               task.centers if state is None else state, scratch, parts_sha256=task.parts_sha256,
-                               complete=complete, record_routing=record_routing)
+    composed = assemble_registered(task.tracking_uri, task.central, [task.experts[e] for e in experts], task.settings,
+                                   task.centers if state is None else state, scratch, parts_sha256=task.parts_sha256,
+                                   complete=complete, record_routing=record_routing)
+    return composed.to(granted_device(task.num_gpus))
 
 
 def prepare_task(task: CompositionTask, fitted: dict | None = None) -> dict:
@@ -282,7 +289,7 @@ def run_compose(cfg: Config, pipeline_id: str, central_uri: str | None = None,
         if central.tags.get(Tag.ROLE) == SEED and central.tags.get(Tag.PIPELINE) == pipeline_id:
             task = replace(task, hub=SEED)  # on this pipeline's own seed: a system of its own, costed as such
         fitted = _early_result(lambda: early.centres(task), "routing centres") if early is not None else None
-        prepared = get_or_fail(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task, fitted),
+        prepared = get_or_fail(ray.remote(prepare_task).options(**task.options(max_retries=3)).remote(task, fitted),
                                "composition's preparation task")
         task = replace(task, centers=prepared["centers"], flops=prepared["flops"])
         matched = _start_matched(catalog, cfg, pipeline_id, task, central, experts) if own else None
@@ -418,7 +425,7 @@ def add_expert(catalog: Catalog, cfg: Config, pipeline_id: str, base, new, clust
             task = replace(task, router={"tensors": cluster.tensors, "meta": cluster.meta}, router_run=cluster.run_id,
                                       clusters=manifest["clusters"] + [cluster.meta["k"] - 1])
         fitted = {"centers": {k: v for k, v in state.items() if k.startswith("centers.")}, "center_tokens": 0}
-        prepared = get_or_fail(ray.remote(prepare_task).options(num_cpus=cfg.compose.num_cpus).remote(task, fitted),
+        prepared = get_or_fail(ray.remote(prepare_task).options(**task.options(max_retries=3)).remote(task, fitted),
                                "composition's preparation task")
         task = replace(task, centers=fitted["centers"], flops=prepared["flops"])  # the base's centres, not refitted
         return _compose_mode(catalog, cfg, pipeline_id, "independent", task, base_state=state,
@@ -452,7 +459,8 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
         parts_sha256={uri: v.tags[Tag.SHA] for uri, v in versions.items()})
     task = shared_router(catalog, task, experts, tmp)
     connect_cluster(cfg, catalog.tracker)
-    check_resources(c.num_cpus, what="composition task (compose.num_cpus)")
+    task = replace(task, num_gpus=task_gpus(cfg, "compose"))
+    check_resources(c.num_cpus, task.num_gpus, what="composition task (compose.num_cpus / compose.num_gpus)")
     return task
 
 
@@ -553,7 +561,7 @@ def _compose_mode(catalog: Catalog, cfg: Config, pipeline_id: str, mode: str, ta
     from pipeline.serve.serving import log_pyfunc
 
     tracker = catalog.tracker
-    opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
+    opts = task.options()
     joint = mode == "joint"  # no output point and no k-way gate: its own top-k routing trained in the loop
     task = replace(task, settings=replace(task.settings, routing=mode_routing(task, mode),
                                           output="none" if joint else task.settings.output,

@@ -35,7 +35,7 @@ from experts.flops import forward_flops_per_token
 from experts.tokenizer import EOS_ID, encode_bytes
 from pipeline.config import Config, EvaluateConfig
 from pipeline.errors import StageError
-from pipeline.ray_runtime import check_resources, connect_cluster, get_or_fail, use_granted_cpus
+from pipeline.ray_runtime import Grant, connect_cluster, get_or_fail
 from pipeline.results.metrics import (COMPOSED, COMPOSED_SYSTEMS, GATE_ONLY, LAMBDAS, MIXTURES, Scored, headline,
                                       output_mixture, summarise)
 from pipeline.results.report import plot_curves, write_results
@@ -184,11 +184,12 @@ class ComposedSystem:
                    parts_sha256=manifest[PARTS_SHA])
 
 
-def score_model_task(tracking_uri: str, uri: str, docs: list[np.ndarray], scoring: Scoring, num_cpus: float) -> dict:
+def score_model_task(tracking_uri: str, uri: str, docs: list[np.ndarray], scoring: Scoring, grant: Grant) -> dict:
     """Per-byte log-probabilities of one registered model on every document."""
-    use_granted_cpus(num_cpus)
+    device = grant.take()
     with scratch_dir("task") as scratch:
         model, _ = load_model(fetch_models(tracking_uri, [uri], Path(scratch))[0])
+    model.to(device)
     seq = model.config.block_size
     scores = scoring.score(model, docs)
     return {"log_probs": scores.log_probs, "ms_per_token": 1e3 * scores.seconds / scores.tokens,
@@ -196,12 +197,13 @@ def score_model_task(tracking_uri: str, uri: str, docs: list[np.ndarray], scorin
 
 
 def score_composition_task(system: ComposedSystem, state: dict, docs: list[np.ndarray], scoring: Scoring,
-                           num_cpus: float, routes: list[np.ndarray] | None = None) -> dict:
+                           grant: Grant, routes: list[np.ndarray] | None = None) -> dict:
     """Per-byte log-probabilities of a composition, and which experts its rows were routed to."""
-    use_granted_cpus(num_cpus, system.seed)
+    device = grant.take(system.seed)
     with scratch_dir("task") as scratch:
         composed = assemble_registered(system.tracking_uri, system.central, system.experts, system.settings, state,
                                        Path(scratch), parts_sha256=system.parts_sha256)
+    composed.to(device)
     seq = composed.config.block_size
     n = len(system.experts)
     with composed.configured(record_routing=True):
@@ -352,27 +354,28 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_ur
     log-probabilities on the validation documents (to choose the output mixtures' lambda)."""
     connect_cluster(cfg, catalog.tracker)
     ev = cfg.evaluate
-    check_resources(ev.num_cpus, what="evaluation task (evaluate.num_cpus)")
-    scoring, cpus = ev.scoring(), ev.num_cpus
+    grant = Grant.of(cfg, "evaluate")  # each scoring task's CPUs and GPUs
+    grant.check("evaluation task (evaluate.num_cpus / evaluate.num_gpus)")
+    scoring = ev.scoring()
     docs_ref = ray.put(docs)
-    model_task = ray.remote(score_model_task).options(num_cpus=ev.num_cpus)
-    comp_task = ray.remote(score_composition_task).options(num_cpus=ev.num_cpus)
+    model_task = ray.remote(score_model_task).options(**grant.options())
+    comp_task = ray.remote(score_composition_task).options(**grant.options())
     store = catalog.tracker.uri
-    refs = {"central": model_task.remote(store, central_uri, docs_ref, scoring, cpus)}
+    refs = {"central": model_task.remote(store, central_uri, docs_ref, scoring, grant)}
     used: dict[str, list[str]] = {}  # composed system -> its experts, in its own order
     if dense_uri and dense_uri != central_uri:
-        refs["dense"] = model_task.remote(store, dense_uri, docs_ref, scoring, cpus)
+        refs["dense"] = model_task.remote(store, dense_uri, docs_ref, scoring, grant)
     if matched_uri:
-        refs[DENSE_MATCHED] = model_task.remote(store, matched_uri, docs_ref, scoring, cpus)
+        refs[DENSE_MATCHED] = model_task.remote(store, matched_uri, docs_ref, scoring, grant)
     for e, uri in enumerate(expert_uris):
-        refs[f"expert{e}"] = model_task.remote(store, uri, docs_ref, scoring, cpus)
+        refs[f"expert{e}"] = model_task.remote(store, uri, docs_ref, scoring, grant)
     if seed_uri:
-        refs["seed"] = model_task.remote(store, seed_uri, docs_ref, scoring, cpus)
+        refs["seed"] = model_task.remote(store, seed_uri, docs_ref, scoring, grant)
     hubs = {"central": central_uri, **({"seed": seed_uri} if seed_uri else {})}
     val_refs = {}
     if validation and validation["docs"]:
         val_docs = ray.put(validation["docs"])
-        val_refs = {f"val/{name}": model_task.remote(store, uri, val_docs, scoring, cpus)
+        val_refs = {f"val/{name}": model_task.remote(store, uri, val_docs, scoring, grant)
                     for name, uri in [*hubs.items(), *((f"expert{e}", u) for e, u in enumerate(expert_uris))]}
     for mode, version in compositions.items():
         if mode not in COMPOSED:
@@ -384,14 +387,14 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_ur
         if system.settings.routing == "router":  # cBTM weights of each document's prefixes, top-1
             routes = ray.put(_document_routes(catalog, manifest, docs, pipeline_routes, tmp))
         name = COMPOSED[mode]
-        refs[name] = comp_task.remote(system, state, docs_ref, scoring, cpus, routes)
+        refs[name] = comp_task.remote(system, state, docs_ref, scoring, grant, routes)
         used[name] = uris
         if mode == "independent":  # the same gates routing on their own (the k-way gate where there is one)
             for variant, routing in GATE_ONLY.items():
                 if routing == "kway" and not system.settings.kway:
                     continue
                 gated = replace(system, settings=replace(system.settings, routing=routing))
-                refs[variant] = comp_task.remote(gated, state, docs_ref, scoring, cpus)
+                refs[variant] = comp_task.remote(gated, state, docs_ref, scoring, grant)
                 used[variant] = uris
     everything = {**refs, **val_refs}
     results = dict(zip(everything, get_or_fail(list(everything.values()), "evaluation's scoring task")))

@@ -33,7 +33,8 @@ from pipeline.config import Config
 from pipeline.errors import MoieError, StageError, one_line
 from pipeline.progress import BoardPrinter, open_board
 from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
-                                  every_result, largest_node_cpus, use_granted_cpus)
+                                  device_name, every_result, granted_device, largest_node_cpus, task_gpus,
+                                  use_granted_cpus)
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, check_token_files, exact_uri
 from pipeline.store.leftovers import scratch_dir
@@ -200,12 +201,13 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
     cfg = TrainConfig(**task.train_config)
     checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
     resume_step = latest_checkpoint(checkpoints.dir)
-    record_attempt(task.tracking_uri, task.run_id, current_node(), resume_step, torch.get_num_threads())
+    device = granted_device(task.num_gpus)  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
+    record_attempt(task.tracking_uri, task.run_id, current_node(), resume_step, torch.get_num_threads(),
+                   device_name(device))
     model = build_model(task.model)
     if task.init_from and resume_step is None:  # branch from the shared seed
         model.load_state_dict(load_model(storage.local_copy(task.init_from, scratch))[0].state_dict())
-    if task.num_gpus and torch.cuda.is_available():
-        model.to("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
+    model.to(device)
     train_tokens = storage.load_tokens(task.train, scratch)
     val_tokens = storage.load_tokens(task.val, scratch)
     val_tokens = val_tokens if len(val_tokens) > 1 else None
@@ -295,6 +297,7 @@ class _ExpertsStage:
         self.pipeline_id, self.cluster_run_id, self.k, self.report = pipeline_id, cluster_run_id, k, report
         self.root = catalog.checkpoint_root(pipeline_id, cluster_run_id)
         self.cannot_train: dict[str, str] = {}  # model -> why its data cannot make one batch
+        self.num_gpus = task_gpus(cfg, "experts")  # of each training task (the seed's too)
 
     def run(self, table: pa.Table) -> dict[str, str]:
         e = self.cfg.experts
@@ -329,7 +332,7 @@ class _ExpertsStage:
             for name, uri in registered.items():
                 self.watcher.registered(name, uri)
         if tasks:
-            check_resources(e.num_cpus, e.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)",
+            check_resources(e.num_cpus, self.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)",
                             resources=e.resources)
             board = open_board(self.pipeline_id)  # one board for seed and branches (it dies with its last handle)
             self.train_seed(seed, tasks, board)
@@ -414,7 +417,7 @@ class _ExpertsStage:
         return ExpertTask(name=name, run_id=run_id, tracking_uri=self.tracker.uri, model=model_cfg,
                           train_config={**train_cfg, "max_tokens": budget, "seed": self.cfg.seed},
                           train=data["train"], val=data["val"], ckpt_dir=ckpt_dir, num_cpus=e.num_cpus,
-                          num_gpus=e.num_gpus, tokenizer=TOKENIZER.fingerprint, seed=self.cfg.seed,
+                          num_gpus=self.num_gpus, tokenizer=TOKENIZER.fingerprint, seed=self.cfg.seed,
                           has_central=bool(self.cfg.central.arch), init_from=seed.dir if branch else None,
                           description={"registered_model": registered_model(name), "model": name,
                                        "pipeline": self.pipeline_id, "domain": domain}, hold=e.hold)
@@ -506,10 +509,11 @@ class _ExpertsStage:
         e = self.cfg.experts
         # a task whose worker or node dies is retried (on any node) and resumes from the storage
         remote = ray.remote(train_expert)
-        options = dict(num_gpus=e.num_gpus, resources=e.resources or None, max_retries=e.max_retries)
+        options = dict(resources=e.resources or None, max_retries=e.max_retries)
         # longest first: the dense model (k x an expert's budget) must not start last, alone on one CPU
         ordered = sorted(tasks, key=lambda t: -t.train_config["max_tokens"])
-        pending = {remote.options(num_cpus=task.num_cpus, **options).remote(task, board): task for task in ordered}
+        pending = {remote.options(num_cpus=task.num_cpus, num_gpus=task.num_gpus, **options).remote(task, board): task
+                   for task in ordered}
         printer = BoardPrinter(board)
         registered, failures = {}, []
         try:

@@ -38,7 +38,7 @@ from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE
 from experts.trainer import TrainConfig
 from pipeline.config import KWAY_TRAIN, Config, CorpusConfig
 from pipeline.errors import StageError
-from pipeline.ray_runtime import cancel, check_resources, connect_cluster, get_or_fail
+from pipeline.ray_runtime import Grant, cancel, connect_cluster, get_or_fail, task_gpus
 from pipeline.results.report import markdown_table
 from pipeline.stages.compose import AddedCluster, add_expert, check_extensible
 from pipeline.stages.evaluate import ComposedSystem, held_out, score_composition_task, score_model_task
@@ -190,7 +190,7 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
     old_scoring = replace(cfg.evaluate, max_bytes_per_domain=cfg.extend.old_bytes_per_domain)
     old_held = held_out(replace(cfg, evaluate=old_scoring), None, table)
     connect_cluster(cfg, tracker)
-    check_resources(cfg.extend.num_cpus, what="extension task (extend.num_cpus)")
+    Grant.of(cfg, "extend").check("extension task (extend.num_cpus / extend.num_gpus)")
     print(f"extend: {domain} from {new.described}: {len(new.train)} training documents ({new.train_bytes} bytes), "
           f"{len(new.val)} validation, {len(new.test)} held-out", flush=True)
     with tracker.pipeline_active(pipeline_id), tracker.stage_run(pipeline_id, "extend", name=f"extend-{domain}", tags={
@@ -324,7 +324,7 @@ def train_systems(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str, 
     register each; {system: registry URI}."""
     tracker = catalog.tracker
     x = cfg.extend
-    opts = {"num_cpus": x.num_cpus, "max_retries": 1}
+    opts = Grant.of(cfg, "extend").options(max_retries=1)
     # the baselines get what the costliest composed system adds (errs in their favour for the others)
     continued = start_baselines(cfg, catalog, pipeline_id, run_id, plan, data, max(budgets.values()), central, root,
                                 tmp) \
@@ -381,8 +381,8 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
         matched = MatchedTask(name=name, run_id=child, tracking_uri=tracker.uri, dense=exact_uri(plan.central),
                               train=train, val=data["val"], ckpt_dir=Catalog.checkpoint_dir(root, name),
                               train_config=train_cfg, tokenizer=plan.central.tags[Tag.TOKENIZER],
-                              num_cpus=cfg.extend.num_cpus, seed=cfg.seed, pipeline=pipeline_id)
-        ref = ray.remote(train_matched_task).options(num_cpus=cfg.extend.num_cpus, max_retries=1).remote(matched)
+                              grant=Grant.of(cfg, "extend"), seed=cfg.seed, pipeline=pipeline_id)
+        ref = ray.remote(train_matched_task).options(**matched.grant.options(max_retries=1)).remote(matched)
         started[name] = (ref, matched)
     print(f"extend: {', '.join(started)} fine-tune the central model for {train_cfg['max_tokens']} tokens each "
           f"({pflops / 1e15:.4f} PFLOPs, what the composition adds), beside the new expert", flush=True)
@@ -408,6 +408,7 @@ def new_expert_task(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
     return ExpertTask(name=plan.name, run_id=child, tracking_uri=tracker.uri, model=plan.model,
                       train_config=plan.expert_train, train=data["train"], val=data["val"],
                       ckpt_dir=Catalog.checkpoint_dir(root, plan.name), num_cpus=cfg.extend.num_cpus,
+                      num_gpus=task_gpus(cfg, "extend"),
                       tokenizer=TOKENIZER.fingerprint, seed=cfg.seed, init_from=init_from,
                       description={"registered_model": EXPERT_MODEL, "model": plan.name, "pipeline": pipeline_id,
                                    "domain": new.domain})
@@ -447,26 +448,26 @@ def score_extension(cfg: Config, catalog: Catalog, plan: Plan, uris: dict, added
              "old": range(len(docs["new"]), len(docs["new"]) + len(docs["old"])),
              "mixed": range(len(every) - len(docs["mixed"]), len(every))}
     ev = cfg.evaluate
-    scoring, cpus = ev.scoring(), cfg.extend.num_cpus
+    scoring, grant = ev.scoring(), Grant.of(cfg, "extend")
     docs_ref = ray.put(every)
-    model_task = ray.remote(score_model_task).options(num_cpus=cfg.extend.num_cpus)
-    comp_task = ray.remote(score_composition_task).options(num_cpus=cfg.extend.num_cpus)
+    model_task = ray.remote(score_model_task).options(**grant.options())
+    comp_task = ray.remote(score_composition_task).options(**grant.options())
     old_uris = [exact_uri(v) for v in plan.experts]
     models = {"central": exact_uri(plan.central), **{f"expert{e}": u for e, u in enumerate(old_uris)},
               "expert_new": uris["expert_new"], **{b: uris[b] for b in BASELINES if b in uris}}
-    refs = {name: model_task.remote(store, uri, docs_ref, scoring, cpus) for name, uri in models.items()}
+    refs = {name: model_task.remote(store, uri, docs_ref, scoring, grant) for name, uri in models.items()}
     old_router = catalog.router(cluster_run_id, tmp / "old-router")
     after = catalog.resolve(uris["composed"])
     for when, version, route_by in (("before/", plan.base, old_router), ("", after, router)):
         state, manifest = catalog.composition_parts(version, tmp / f"{when.strip('/') or 'after'}-composition")
         system = ComposedSystem.of(manifest, store, cfg.seed)
         routes = ray.put([document_weights(route_by, bytes(d), manifest["clusters"], 1) for d in every])
-        refs[f"{when}composed_independent"] = comp_task.remote(system, state, docs_ref, scoring, cpus, routes)
+        refs[f"{when}composed_independent"] = comp_task.remote(system, state, docs_ref, scoring, grant, routes)
         gated = replace(system, settings=replace(system.settings, routing="topk"))  # the gates alone
-        refs[f"{when}composed_independent_topk"] = comp_task.remote(gated, state, docs_ref, scoring, cpus)
+        refs[f"{when}composed_independent_topk"] = comp_task.remote(gated, state, docs_ref, scoring, grant)
         if system.settings.kway:  # the k-way gate (the extended one's trained anew with the new domain's text)
             gated = replace(system, settings=replace(system.settings, routing="kway"))
-            refs[f"{when}composed_independent_kway"] = comp_task.remote(gated, state, docs_ref, scoring, cpus)
+            refs[f"{when}composed_independent_kway"] = comp_task.remote(gated, state, docs_ref, scoring, grant)
     try:
         results = dict(zip(refs, get_or_fail(list(refs.values()), "extension's scoring task")))
     finally:

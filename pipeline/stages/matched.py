@@ -16,7 +16,7 @@ import ray
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
 from pipeline.config import Config
-from pipeline.ray_runtime import cancel, get_or_fail, use_granted_cpus
+from pipeline.ray_runtime import Grant, cancel, get_or_fail
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, exact_uri, fetch_models
 from pipeline.store.leftovers import scratch_dir
@@ -37,7 +37,7 @@ class MatchedTask:
     ckpt_dir: str  # resumable, under the pipeline's checkpoint root in the storage
     train_config: dict  # the dense model's TrainConfig fields, with the matched budget
     tokenizer: str
-    num_cpus: float
+    grant: Grant  # its CPUs and GPUs
     seed: int
     pipeline: str
 
@@ -50,12 +50,13 @@ def train_matched_task(task: MatchedTask) -> dict:
     extra tokens, as every expert's branch restarts it); logged to its run, exported."""
     from pipeline.serve.serving import log_model  # (MLflow's model code, imported where it is used)
 
-    use_granted_cpus(task.num_cpus, task.seed)
+    device = task.grant.take(task.seed)
     with scratch_dir("task") as scratch:
         scratch = Path(scratch)
         cfg = TrainConfig(**task.train_config)
         checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
         model, _ = load_model(fetch_models(task.tracking_uri, [task.dense], scratch)[0])
+        model.to(device)
         val = storage.load_tokens(task.val, scratch)
         result = train(model, storage.load_tokens(task.train, scratch), val if len(val) > 1 else None, cfg,
                        ckpt_dir=checkpoints.dir, on_metrics=metrics_logger(task.tracking_uri, task.run_id),
@@ -90,11 +91,11 @@ def start_continued(catalog: Catalog, cfg: Config, pipeline_id: str, dense_uri: 
                           # one checkpoint directory per schedule: a rerun resumes only the same one
                           ckpt_dir=Catalog.checkpoint_dir(root, f"{DENSE_MATCHED}-{schedule_id(train_cfg)}"),
                           train_config=train_cfg,
-                          tokenizer=tokenizer, num_cpus=cfg.compose.num_cpus, seed=cfg.seed,
+                          tokenizer=tokenizer, grant=Grant.of(cfg, "compose"), seed=cfg.seed,
                           pipeline=pipeline_id)
     print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
           "PFLOPs, what the composed systems spend beyond it), beside the compositions", flush=True)
-    ref = ray.remote(train_matched_task).options(num_cpus=cfg.compose.num_cpus, max_retries=1).remote(matched)
+    ref = ray.remote(train_matched_task).options(**matched.grant.options(max_retries=1)).remote(matched)
     return ref, matched
 
 

@@ -36,7 +36,7 @@ def train_loop(config: dict) -> None:
     storage), num_cpus (this worker's), seed; kill_after_checkpoint (tests only: a local directory;
     worker 0 kills worker 1 once, after the first checkpoint, as a lost node would)."""
     import ray.train
-    import torch
+    import ray.train.torch
 
     from experts.checkpoint import build_model, save_model
     from experts.trainer import TrainConfig, train
@@ -48,8 +48,8 @@ def train_loop(config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="moie-dp-") as scratch:
         checkpoints = storage.CheckpointMirror(config["ckpt_dir"], scratch, keep=cfg.keep_checkpoints)
         model = build_model(config["model"])
-        if config.get("use_gpu") and torch.cuda.is_available():
-            model.to("cuda")
+        if config.get("use_gpu"):  # this worker's GPU (its local rank's), which Ray Train picked
+            model.to(ray.train.torch.get_device())
         tokens = storage.load_tokens(config["train"], scratch)
         val = storage.load_tokens(config["val"], scratch) if config.get("val") else None
         on_checkpoint = checkpoints.push

@@ -83,7 +83,6 @@ class EarlyIndependent:
         self.centres_ref = None
         self.centres_spec: CompositionTask | None = None
         self.started: dict[str, tuple] = {}  # expert name -> (its slot, its task, Ray ref)
-        self.opts = {"num_cpus": cfg.compose.num_cpus, "max_retries": 1}
         self.off = False  # set when starting early failed
         self.chains: list = [None] * cfg.compose.early_tasks  # the newest task of each chain of early tasks
 
@@ -128,14 +127,14 @@ class EarlyIndependent:
         if self.centres_ref is None:
             data = [Catalog.token_file(self.root, n, "train") for n in self.planned]
             self.centres_spec = replace(self._task([self.versions[ready[0]]]), expert_data=data)
-            self.centres_ref = ray.remote(centres_task).options(**self.opts).remote(self.centres_spec)
+            self.centres_ref = ray.remote(centres_task).options(**self.centres_spec.options()).remote(self.centres_spec)
         for name in ready:
             if name not in self.started:
                 slot, task = self.planned.index(name), self._task([self.versions[name]])
                 # at most `early_tasks` at once: each waits for the one before it in its chain, so the
                 # experts still training and the compose stage's first tasks keep the other CPUs
                 chain = len(self.started) % len(self.chains)
-                ref = ray.remote(train_independent_task).options(**self.opts).remote(
+                ref = ray.remote(train_independent_task).options(**task.options()).remote(
                     task, 0, self.centres_ref, slot, self.chains[chain])
                 self.started[name] = (slot, task, ref)
                 self.chains[chain] = ref

@@ -70,6 +70,8 @@ def test_stage_trains_k_experts_and_dense_and_registers_k_plus_1_tagged_versions
     # the seed trains alone on experts.seed_num_cpus (2) threads; the dense model goes on beside the experts on 1
     assert cfg.experts.seed_num_cpus == 2 and dense.data.tags["moie.threads"] == "2,1"
     assert {r.data.tags["moie.threads"] for r in runs if r.data.tags["moie.expert"].startswith("expert-")} == {"1"}
+    # device auto on a Ray without GPUs: every model trained on the CPU, and its run says so
+    assert {r.data.tags["moie.device"] for r in runs if r.data.tags["moie.expert"] != "seed"} == {"cpu"}
     # a stop between exporting the seed and registering it: the next run of the stage registers it
     tracker.client.delete_model_version(CENTRAL_MODEL, seed.version)
     assert sorted(run_experts(cfg, pipeline_id)) == ["dense", "expert-0", "expert-1"]  # nothing trains again

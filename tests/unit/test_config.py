@@ -147,6 +147,7 @@ def test_storage_from_the_environment_wins_and_file_uris_are_paths(tmp_path, mon
     ("compose.modes=[independent, bogus]", "'independent', 'joint'"),
     ("corpus.source=web", "'embedded', 'files', 'hub'"),
     ("extend.branch=nowhere", "'central', 'seed', 'scratch'"),
+    ("device=gpu", "'auto', 'cpu', 'cuda'"),
 ])
 def test_a_choice_outside_its_literal_is_refused_naming_the_key_and_the_choices(override, choices):
     key = override.split("=")[0]
@@ -182,3 +183,22 @@ def test_a_set_value_that_is_not_usable_yaml_is_one_short_error_naming_the_overr
 def test_a_resource_name_mlflow_or_ray_would_refuse_is_refused_at_load(key):
     with pytest.raises(ConfigError, match="experts.resources key .* must hold only ASCII letters"):
         load_config(CONFIGS / "tiny.yaml", [f"experts.resources={{'{key}': 1}}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("experts.num_gpus=-1", "experts.num_gpus must be null"),
+    ("compose.num_gpus=.inf", "compose.num_gpus must be null"),
+    ("evaluate.num_gpus=true", "evaluate.num_gpus"),
+])
+def test_a_number_of_gpus_that_is_not_one_is_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("section", ["experts", "compose", "evaluate", "extend"])
+def test_device_cpu_with_gpus_asked_of_a_section_is_refused_naming_both(section):
+    with pytest.raises(ConfigError, match=f"device is 'cpu' but {section}.num_gpus is 1"):
+        load_config(CONFIGS / "tiny.yaml", ["device=cpu", f"{section}.num_gpus=1"])
+    assert load_config(CONFIGS / "tiny.yaml", ["device=cpu", f"{section}.num_gpus=0"]).device == "cpu"
+    with pytest.raises(ConfigError, match=f"device is 'cuda' but {section}.num_gpus is 0"):
+        load_config(CONFIGS / "tiny.yaml", ["device=cuda", f"{section}.num_gpus=0"])
