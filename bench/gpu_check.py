@@ -5,6 +5,7 @@ elsewhere it says so and exits 0.
 
     python bench/gpu_check.py               # 300 steps each
     python bench/gpu_check.py --steps 600 --tolerance 0.05
+    python bench/gpu_check.py --batch-sizes 4 16 64 256   # then CUDA tokens/s by batch size (the README's guide)
 
 Each device trains with the trainer's own precision rule (bf16 autocast where the device has
 bf16 units), so the two curves differ by bf16 rounding at most: the check passes (exit 0)
@@ -46,6 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--tolerance", type=float, default=0.05, help="mean |CPU loss - CUDA loss| allowed")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[],
+                        help="after the check: CUDA tokens/s of the default expert at each of these batch sizes "
+                             "(100 steps each)")
     args = parser.parse_args()
     import torch
 
@@ -69,11 +73,20 @@ def main() -> None:
     cpu, cpu_rate = train_on("cpu", tokens, model_cfg, train_cfg)
     gpu, gpu_rate = train_on("cuda", tokens, model_cfg, train_cfg)
     print("| step | CPU loss | CUDA loss | difference |\n|---|---|---|---|")
-    for step in sorted(cpu)[:: max(1, len(cpu) // 10)] + [max(cpu)]:
+    for step in dict.fromkeys(sorted(cpu)[:: max(1, len(cpu) // 10)] + [max(cpu)]):  # every tenth, and the last
         print(f"| {step} | {cpu[step]:.4f} | {gpu[step]:.4f} | {gpu[step] - cpu[step]:+.4f} |")
     mean_gap = sum(abs(gpu[s] - cpu[s]) for s in cpu) / len(cpu)
     print(f"\ntokens/s: CPU {cpu_rate:,.0f}, CUDA {gpu_rate:,.0f} ({gpu_rate / cpu_rate:.1f}x)")
     print(f"mean |difference| of the training loss: {mean_gap:.4f} (tolerance {args.tolerance})")
+    if args.batch_sizes:
+        print(f"\n| batch (windows of {seq}) | tokens a step | CUDA tokens/s | vs batch {args.batch_sizes[0]} |\n"
+              "|---|---|---|---|")
+        first = None
+        for batch in args.batch_sizes:
+            _, rate = train_on("cuda", tokens, model_cfg, {**train_cfg, "batch_size": batch,
+                                                           "max_tokens": 100 * batch * seq})
+            first = first or rate
+            print(f"| {batch} | {batch * seq:,} | {rate:,.0f} | {rate / first:.1f}x |")
     if mean_gap >= args.tolerance:
         print("FAIL: the CPU and CUDA loss curves differ by more than bf16 rounding explains")
         sys.exit(1)

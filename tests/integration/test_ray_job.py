@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -91,3 +92,33 @@ def test_every_stage_runs_as_a_submitted_ray_job_and_lands_in_mlflow(ray_head, t
     (extended,) = client.search_model_versions("name = 'moie-composition' and tags.`moie.domain` = 'letters'")
     assert f"models:/moie-composition/{extended.version}" in proc.stdout
     assert len(json.loads(extended.tags["moie.experts"])) == len(experts) + 1
+
+
+@pytest.mark.slow
+def test_a_job_with_the_deploy_runtime_env_runs_moie_from_its_working_dir_in_a_virtualenv_ray_built(ray_head,
+                                                                                                      tmp_path):
+    """`ray job submit --runtime-env-json "$(cat deploy/runtime-env.json)"`, as the README shows
+    for nodes that lack moie: the job (and its tasks) import moie from the uploaded working dir,
+    inside the virtualenv Ray built from deploy/requirements.txt, and a stage runs there."""
+    home = tmp_path / "home"
+    runtime_env = {**json.loads((REPO / "deploy" / "runtime-env.json").read_text()),
+                   "env_vars": {"MOIE_HOME": str(home)}}
+    probe = ("import json, sys, pipeline, ray; ray.init(); "
+             "where = lambda: __import__('pipeline').__file__; "
+             "print('PROBE', json.dumps({'prefix': sys.prefix, 'driver': pipeline.__file__, "
+             "'task': ray.get(ray.remote(where).remote())}))")
+    entrypoint = f"python -c {shlex.quote(probe)} && python -m jobs.cluster --config configs/tiny.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(["ray", "job", "submit", "--address", ray_head, "--runtime-env-json", json.dumps(runtime_env),
+                           "--", entrypoint], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in output, output[-4000:]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    where = json.loads(line.removeprefix("PROBE "))
+    assert "/runtime_resources/pip/" in where["prefix"]  # Ray's virtualenv of the requirements
+    for side in ("driver", "task"):  # moie's code: the job's working dir, not this checkout
+        assert "/runtime_resources/working_dir_files/" in where[side] and str(REPO) not in where[side], where
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+              if r.data.tags.get("moie.stage") == "cluster"]
+    assert run.info.status == "FINISHED"
