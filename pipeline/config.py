@@ -91,6 +91,10 @@ class ExpertsConfig:
     # so it may take the cores the experts will use: on 2 cores, 2 threads train the seed 1.3x
     # faster than one (bench/profile_expert_step.py --threads). Capped at the largest node's CPUs.
     seed_num_cpus: float | None = None
+    # data-parallel workers (Ray Train, gloo on CPU, NCCL on GPU) of each model trained on the whole
+    # corpus: the dense model (its seed phase too) and a central model of its own. Each worker takes
+    # num_cpus / num_gpus and an equal share of every batch (batch_size: a multiple of it)
+    dense_workers: int = 1
     progress_every: float = 5.0  # seconds between progress lines in the terminal
     # tests only: a local directory; each training task, once its first checkpoint is written,
     # writes <name>.held there ({"pid", "step"}) and waits until <dir>/release exists. A test that
@@ -406,7 +410,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.temperature must be > 0 and finite, got {k.temperature}")
     if c.max_documents is not None and c.max_documents < 1:
         raise ConfigError(f"corpus.max_documents must be null (all documents) or >= 1, got {c.max_documents}")
-    validate_experts(cfg.experts)
+    validate_experts(cfg.experts, cfg.central.train if cfg.central.arch else {})
     validate_gpus(cfg)
     if not cfg.compose.modes:
         raise ConfigError("compose.modes must name at least one of 'independent' and 'joint', got []")
@@ -489,7 +493,7 @@ def validate_train_section(section: str, train: dict) -> None:
         raise ConfigError(f"{section}.{err}") from None
 
 
-def validate_experts(e: "ExpertsConfig") -> None:
+def validate_experts(e: "ExpertsConfig", central_train: dict | None = None) -> None:
     validate_model_section("experts", e.arch, e.model, e.train)
     if not 0 <= e.seed_fraction < 1 or (e.seed_fraction and not e.dense):
         raise ConfigError(f"experts.seed_fraction must be in [0, 1) and needs experts.dense: true (the seed is the "
@@ -499,6 +503,13 @@ def validate_experts(e: "ExpertsConfig") -> None:
     if e.num_cpus <= 0 or e.max_retries < 0:
         raise ConfigError("experts.num_cpus must be > 0 and experts.max_retries >= 0; got "
                           f"{e.num_cpus}, {e.max_retries}")
+    if e.dense_workers < 1:
+        raise ConfigError(f"experts.dense_workers must be >= 1 (1: one process trains the dense model), got "
+                          f"{e.dense_workers}")
+    for section, train in (("experts", e.train), ("central", central_train or {})):
+        if train.get("batch_size", 16) % e.dense_workers:
+            raise ConfigError(f"{section}.train.batch_size ({train.get('batch_size', 16)}) must be a multiple of "
+                              f"experts.dense_workers ({e.dense_workers}): each worker takes an equal share of a batch")
     if e.seed_num_cpus is not None and (isinstance(e.seed_num_cpus, bool) or not 0 < e.seed_num_cpus < math.inf):
         raise ConfigError(f"experts.seed_num_cpus must be null (experts.num_cpus) or a number of CPUs > 0, got "
                           f"{e.seed_num_cpus!r}")

@@ -120,7 +120,7 @@ def connect_ray(cfg: RayConfig) -> str:
     if ray.is_initialized():
         return "existing"
     address = os.environ.get("RAY_ADDRESS") or cfg.address
-    with keep_sigterm_handler():
+    with keep_signal_handler(signal.SIGTERM):
         if address:
             # Inside `ray job submit` RAY_ADDRESS is set: a plain init joins the job's cluster.
             ray.init(address=address, log_to_driver=True)
@@ -234,17 +234,20 @@ def single_machine_stores(tracking_uri: str, artifact_location: str | None, stor
 
 
 @contextlib.contextmanager
-def keep_sigterm_handler():
-    """Ray's core worker installs a SIGTERM handler that aborts the process (exit -6): the
-    driver's own handler, which ends its runs KILLED (`moie`, `ray job stop`), is put back."""
+def keep_signal_handler(signum: int = signal.SIGTERM):
+    """The process's handler of `signum` as it was before the block, put back after it. Ray's
+    core worker installs a SIGTERM handler that aborts the process (exit -6), where the
+    driver's own ends its runs KILLED (`moie`, `ray job stop`); Ray Train's `fit` installs a
+    SIGINT handler that aborts its run and leaves it behind, so that a later Ctrl-C would
+    abort a finished run instead of stopping the stage (the stage then waited on, as if hung)."""
 
     main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGTERM) if main else None
+    before = signal.getsignal(signum) if main else None
     try:
         yield
     finally:
         if main and callable(before):
-            signal.signal(signal.SIGTERM, before)
+            signal.signal(signum, before)
 
 
 def check_resources(num_cpus: float, num_gpus: float = 0, what: str = "task", resources: dict | None = None) -> None:
@@ -264,6 +267,20 @@ def check_resources(num_cpus: float, num_gpus: float = 0, what: str = "task", re
         raise ResourceError(f"the {what} asks for num_cpus={num_cpus}, num_gpus={num_gpus} but the largest Ray node "
                             f"has {biggest[0]:g} CPUs and {biggest[1]:g} GPUs; lower the request in the config "
                             "or add a node that has them")
+
+
+def check_workers(workers: int, num_cpus: float, num_gpus: float, what: str) -> None:
+    """Fail at once when the alive Ray nodes cannot hold `workers` data-parallel workers of
+    num_cpus CPUs and num_gpus GPUs each (Ray Train would wait for them forever)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    room = sum(min(int(r.get("CPU", 0) // num_cpus), int(r.get("GPU", 0) // num_gpus) if num_gpus else workers)
+               for r in nodes)
+    if room < workers:
+        raise ResourceError(f"the {what} asks for {workers} data-parallel workers of num_cpus={num_cpus:g}, "
+                            f"num_gpus={num_gpus:g} each, but the alive Ray nodes hold {room}; lower "
+                            "experts.dense_workers or experts.num_cpus, or add nodes")
 
 
 def largest_node_cpus() -> float:
@@ -341,7 +358,8 @@ def run_data_parallel(loop: Callable[[dict], None], config: dict, *, workers: in
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures)))
     try:
-        result = trainer.fit()
+        with keep_signal_handler(signal.SIGINT):  # (during fit, Ctrl-C aborts the run, as Ray Train has it)
+            result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray Train wraps the workers' errors in its own types
         raise TaskFailedError(f"{name}: data-parallel training failed: {type(err).__name__}: {one_line(err)}") from None
     if getattr(result, "error", None) is not None:

@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -32,9 +32,9 @@ from experts.trainer import TrainConfig, TrainResult, train
 from pipeline.config import Config
 from pipeline.errors import MoieError, StageError, one_line
 from pipeline.progress import BoardPrinter, open_board
-from pipeline.ray_runtime import (cancel, check_resources, connect_cluster, current_node, describe_failure,
-                                  device_name, every_result, granted_device, largest_node_cpus, task_gpus,
-                                  use_granted_cpus)
+from pipeline.ray_runtime import (cancel, check_resources, check_workers, connect_cluster, current_node,
+                                  describe_failure, device_name, every_result, granted_device, largest_node_cpus,
+                                  task_gpus, use_granted_cpus)
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, check_token_files, exact_uri
 from pipeline.store.leftovers import scratch_dir
@@ -42,6 +42,7 @@ from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, R
                                   ROLE_DENSE_CENTRAL, SEED, Tag, carried_tags, expert_cluster, expert_name, is_expert,
                                   model_tags, tokens_sha_tag)
 from pipeline.store.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
+from pipeline.stages.parallel import parallel_task
 from pipeline.stages.shards import join_tokens, shard_tokens
 from pipeline.text.corpus import CorpusError, corpus_shards
 from pipeline.text.embedded import EmbeddedCorpusError
@@ -85,6 +86,7 @@ class ExpertTask:
     log_run: str | None = None
     description: dict | None = None  # of the MLflow model the task logs to its run (None: the seed, not logged)
     hold: str | None = None  # tests only (experts.hold): wait after the first checkpoint until <hold>/release exists
+    workers: int = 1  # data-parallel workers (experts.dense_workers for the dense and central models)
 
 
 @dataclass
@@ -195,15 +197,36 @@ def train_expert(task: ExpertTask, board=None) -> TrainedModel:
         return _train_expert(task, board, Path(scratch))
 
 
-def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
+def train_expert_parallel(task: ExpertTask, board=None) -> TrainedModel:
+    """Ray task body taking no resources of its own: train_expert's work on task.workers
+    data-parallel Ray Train workers, each with the task's CPUs and GPUs; worker 0 checkpoints,
+    logs and exports as train_expert does. A lost worker restarts them all from the newest
+    checkpoint (Ray Train); a lost driver of theirs (this task) is retried and resumes so too."""
+    saved = parallel_task(_expert_work, (task, board), workers=task.workers, num_cpus=task.num_cpus,
+                          num_gpus=task.num_gpus, seed=task.seed, name=f"{task.name}-{task.run_id[:12]}",
+                          run_dir=storage.join(storage.parent(task.ckpt_dir), f"{task.name}-parallel"))
+    return TrainedModel(TrainResult(**saved["result"]), saved["params"], saved["files"])
+
+
+def _expert_work(args: tuple, scratch: Path, rank: int, world: int, device: torch.device) -> dict | None:
+    task, board = args
+    trained = _train_expert(task, board, scratch, rank, device, world)
+    return asdict(trained) if trained is not None else None
+
+
+def _train_expert(task: ExpertTask, board, scratch: Path, rank: int = 0, device: torch.device | None = None,
+                  world: int = 1) -> TrainedModel | None:
+    """The training itself, on one process or on worker `rank` of `world` data-parallel ones:
+    only worker 0 records, checkpoints, exports and logs; the others return None."""
     from pipeline.serve.serving import log_model  # (MLflow's model code, imported where it is used)
 
     cfg = TrainConfig(**task.train_config)
     checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
     resume_step = latest_checkpoint(checkpoints.dir)
-    device = granted_device(task.num_gpus)  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
-    record_attempt(task.tracking_uri, task.run_id, current_node(), resume_step, torch.get_num_threads(),
-                   device_name(device))
+    device = device or granted_device(task.num_gpus)  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
+    if rank == 0:
+        record_attempt(task.tracking_uri, task.run_id, current_node(), resume_step, torch.get_num_threads(),
+                       device_name(device), world)
     model = build_model(task.model)
     if task.init_from and resume_step is None:  # branch from the shared seed
         model.load_state_dict(load_model(storage.local_copy(task.init_from, scratch))[0].state_dict())
@@ -228,6 +251,8 @@ def _train_expert(task: ExpertTask, board, scratch: Path) -> TrainedModel:
     result = train(model, train_tokens, val_tokens, cfg, ckpt_dir=checkpoints.dir, on_metrics=on_metrics,
                    meta={"tokenizer": task.tokenizer}, stop_at=task.stop_at, on_checkpoint=on_checkpoint)
     params = sum(p.numel() for p in model.parameters())
+    if rank:
+        return None
     if task.stop_at:  # the seed phase: export the paused model for the experts to branch from
         save_model(scratch / "seed", model, {"tokenizer": task.tokenizer, "name": SEED, "step": result.steps})
         storage.upload(scratch / "seed", task.seed_dir)
@@ -334,6 +359,8 @@ class _ExpertsStage:
         if tasks:
             check_resources(e.num_cpus, self.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)",
                             resources=e.resources)
+            if any(t.workers > 1 for t in tasks):
+                check_workers(e.dense_workers, e.num_cpus, self.num_gpus, "dense model (experts.dense_workers)")
             board = open_board(self.pipeline_id)  # one board for seed and branches (it dies with its last handle)
             self.train_seed(seed, tasks, board)
             registered |= self.train_all(tasks, board)
@@ -413,6 +440,7 @@ class _ExpertsStage:
             return None
         if branch:  # the shared seed's tokens count once for all experts
             self.tracker.set_tags(run_id, {Tag.SEED_TOKENS: str(seed.tokens)})
+        workers = e.dense_workers if name in (DENSE, CENTRAL) else 1
         domain = self.tracker.client.get_run(run_id).data.tags.get(Tag.DOMAIN)
         return ExpertTask(name=name, run_id=run_id, tracking_uri=self.tracker.uri, model=model_cfg,
                           train_config={**train_cfg, "max_tokens": budget, "seed": self.cfg.seed},
@@ -420,7 +448,8 @@ class _ExpertsStage:
                           num_gpus=self.num_gpus, tokenizer=TOKENIZER.fingerprint, seed=self.cfg.seed,
                           has_central=bool(self.cfg.central.arch), init_from=seed.dir if branch else None,
                           description={"registered_model": registered_model(name), "model": name,
-                                       "pipeline": self.pipeline_id, "domain": domain}, hold=e.hold)
+                                       "pipeline": self.pipeline_id, "domain": domain}, hold=e.hold,
+                          workers=workers)
 
     def create_run(self, name: str, params: dict[str, str], files: dict[str, str]) -> str:
         tags = {Tag.EXPERT: name, Tag.CLUSTER_RUN: self.cluster_run_id, Tag.STORAGE_ROOT: self.root,
@@ -475,7 +504,7 @@ class _ExpertsStage:
         seed_run = self.seed_run(seed, dense[0].run_id)
         e = self.cfg.experts
         # alone on the cluster: the seed may take more CPUs than a task of the stage, as many as one node has
-        cpus = min(e.seed_num_cpus or e.num_cpus, largest_node_cpus())
+        cpus = min(e.seed_num_cpus or e.num_cpus, largest_node_cpus()) if dense[0].workers == 1 else e.num_cpus
         self.train_all([replace(dense[0], stop_at=seed.steps, seed_dir=seed.dir, log_run=seed_run, num_cpus=cpus)],
                        board, register=self.register_seed)
 
@@ -508,12 +537,18 @@ class _ExpertsStage:
         register = register or self.register
         e = self.cfg.experts
         # a task whose worker or node dies is retried (on any node) and resumes from the storage
-        remote = ray.remote(train_expert)
         options = dict(resources=e.resources or None, max_retries=e.max_retries)
+
+        def start(task: ExpertTask):
+            if task.workers > 1:  # its workers take the CPUs and GPUs; this task only drives them
+                return ray.remote(train_expert_parallel).options(num_cpus=0, max_retries=e.max_retries).remote(
+                    task, board)
+            return ray.remote(train_expert).options(num_cpus=task.num_cpus, num_gpus=task.num_gpus,
+                                                    **options).remote(task, board)
+
         # longest first: the dense model (k x an expert's budget) must not start last, alone on one CPU
         ordered = sorted(tasks, key=lambda t: -t.train_config["max_tokens"])
-        pending = {remote.options(num_cpus=task.num_cpus, num_gpus=task.num_gpus, **options).remote(task, board): task
-                   for task in ordered}
+        pending = {start(task): task for task in ordered}
         printer = BoardPrinter(board)
         registered, failures = {}, []
         try:

@@ -43,7 +43,7 @@ from pipeline.results.report import markdown_table
 from pipeline.stages.compose import AddedCluster, add_expert, check_extensible
 from pipeline.stages.evaluate import ComposedSystem, held_out, score_composition_task, score_model_task
 from pipeline.stages.experts import ExpertTask, train_expert, write_tokens
-from pipeline.stages.matched import MatchedTask, abandon_continued, finish_continued, train_matched_task
+from pipeline.stages.matched import MatchedTask, abandon_continued, finish_continued, launch_matched
 from pipeline.store import storage
 from pipeline.store.catalog import ROUTER_NAME, Catalog, exact_uri
 from pipeline.store.names import (EXPERT_MODEL, SEED, Tag, carried_tags, expert_name, extend_tag, model_tags, sha_tag,
@@ -382,7 +382,7 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
                               train=train, val=data["val"], ckpt_dir=Catalog.checkpoint_dir(root, name),
                               train_config=train_cfg, tokenizer=plan.central.tags[Tag.TOKENIZER],
                               grant=Grant.of(cfg, "extend"), seed=cfg.seed, pipeline=pipeline_id)
-        ref = ray.remote(train_matched_task).options(**matched.grant.options(max_retries=1)).remote(matched)
+        ref = launch_matched(matched)
         started[name] = (ref, matched)
     print(f"extend: {', '.join(started)} fine-tune the central model for {train_cfg['max_tokens']} tokens each "
           f"({pflops / 1e15:.4f} PFLOPs, what the composition adds), beside the new expert", flush=True)

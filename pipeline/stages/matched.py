@@ -16,12 +16,13 @@ import ray
 from experts.checkpoint import load_model, save_model
 from experts.trainer import TrainConfig, train
 from pipeline.config import Config
-from pipeline.ray_runtime import Grant, cancel, get_or_fail
+from pipeline.ray_runtime import Grant, cancel, check_workers, get_or_fail
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, exact_uri, fetch_models
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import CENTRAL_MODEL, DENSE_MATCHED, Tag, pin_tags
 from pipeline.store.tracking import metrics_logger
+from pipeline.stages.parallel import parallel_task
 
 
 @dataclass
@@ -37,9 +38,10 @@ class MatchedTask:
     ckpt_dir: str  # resumable, under the pipeline's checkpoint root in the storage
     train_config: dict  # the dense model's TrainConfig fields, with the matched budget
     tokenizer: str
-    grant: Grant  # its CPUs and GPUs
+    grant: Grant  # its CPUs and GPUs (each worker's)
     seed: int
     pipeline: str
+    workers: int = 1  # data-parallel workers (experts.dense_workers for dense_matched)
 
 
 # --- Ray task body ---------------------------------------------------------------------------------
@@ -48,25 +50,46 @@ class MatchedTask:
 def train_matched_task(task: MatchedTask) -> dict:
     """The dense model continued on its own data with its schedule (warm-up + cosine over the
     extra tokens, as every expert's branch restarts it); logged to its run, exported."""
-    from pipeline.serve.serving import log_model  # (MLflow's model code, imported where it is used)
-
     device = task.grant.take(task.seed)
     with scratch_dir("task") as scratch:
-        scratch = Path(scratch)
-        cfg = TrainConfig(**task.train_config)
-        checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
-        model, _ = load_model(fetch_models(task.tracking_uri, [task.dense], scratch)[0])
-        model.to(device)
-        val = storage.load_tokens(task.val, scratch)
-        result = train(model, storage.load_tokens(task.train, scratch), val if len(val) > 1 else None, cfg,
-                       ckpt_dir=checkpoints.dir, on_metrics=metrics_logger(task.tracking_uri, task.run_id),
-                       meta={"tokenizer": task.tokenizer}, on_checkpoint=checkpoints.push)
-        save_model(scratch / "model", model, {"tokenizer": task.tokenizer, "name": task.name})
-        files = log_model(task.tracking_uri, task.run_id, scratch / "model", {
-            "registered_model": CENTRAL_MODEL, "model": task.name, "pipeline": task.pipeline})
-    return {"files": files, "tokens": result.tokens, "steps": result.steps,
+        return _train_matched(task, Path(scratch), 0, 1, device)
+
+
+def train_matched_parallel(task: MatchedTask) -> dict:
+    """Ray task body taking no resources of its own: train_matched_task's work on task.workers
+    data-parallel Ray Train workers, each with the task's grant."""
+    return parallel_task(_train_matched, task, workers=task.workers, num_cpus=task.grant.num_cpus,
+                         num_gpus=task.grant.num_gpus, seed=task.seed, name=f"{task.name}-{task.run_id[:12]}",
+                         run_dir=storage.join(storage.parent(task.ckpt_dir), f"{task.name}-parallel"))
+
+
+def _train_matched(task: MatchedTask, scratch: Path, rank: int, world: int, device) -> dict | None:
+    """On one process or on worker `rank` of `world`: only worker 0 logs, exports and returns."""
+    from pipeline.serve.serving import log_model  # (MLflow's model code, imported where it is used)
+
+    cfg = TrainConfig(**task.train_config)
+    checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
+    model, _ = load_model(fetch_models(task.tracking_uri, [task.dense], scratch)[0])
+    model.to(device)
+    val = storage.load_tokens(task.val, scratch)
+    result = train(model, storage.load_tokens(task.train, scratch), val if len(val) > 1 else None, cfg,
+                   ckpt_dir=checkpoints.dir, on_metrics=metrics_logger(task.tracking_uri, task.run_id),
+                   meta={"tokenizer": task.tokenizer}, on_checkpoint=checkpoints.push)
+    if rank:
+        return None
+    save_model(scratch / "model", model, {"tokenizer": task.tokenizer, "name": task.name})
+    files = log_model(task.tracking_uri, task.run_id, scratch / "model", {
+        "registered_model": CENTRAL_MODEL, "model": task.name, "pipeline": task.pipeline})
+    return {"files": files, "tokens": result.tokens, "steps": result.steps, "workers": world,
             "train_loss": result.train_loss, "val_bpb": result.val_bpb,
             "params": sum(p.numel() for p in model.parameters())}
+
+
+def launch_matched(task: MatchedTask):
+    """Start the task (on its data-parallel workers, when it has several); its Ray ref."""
+    if task.workers > 1:  # its workers take the CPUs and GPUs; this task only drives them
+        return ray.remote(train_matched_parallel).options(num_cpus=0, max_retries=1).remote(task)
+    return ray.remote(train_matched_task).options(**task.grant.options(max_retries=1)).remote(task)
 
 
 def start_continued(catalog: Catalog, cfg: Config, pipeline_id: str, dense_uri: str, dense, extra: float,
@@ -92,11 +115,13 @@ def start_continued(catalog: Catalog, cfg: Config, pipeline_id: str, dense_uri: 
                           ckpt_dir=Catalog.checkpoint_dir(root, f"{DENSE_MATCHED}-{schedule_id(train_cfg)}"),
                           train_config=train_cfg,
                           tokenizer=tokenizer, grant=Grant.of(cfg, "compose"), seed=cfg.seed,
-                          pipeline=pipeline_id)
+                          pipeline=pipeline_id, workers=cfg.experts.dense_workers)
     print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
           "PFLOPs, what the composed systems spend beyond it), beside the compositions", flush=True)
-    ref = ray.remote(train_matched_task).options(**matched.grant.options(max_retries=1)).remote(matched)
-    return ref, matched
+    if matched.workers > 1:
+        check_workers(matched.workers, matched.grant.num_cpus, matched.grant.num_gpus,
+                      f"{DENSE_MATCHED} (experts.dense_workers, compose.num_cpus / compose.num_gpus)")
+    return launch_matched(matched), matched
 
 
 def schedule_id(train_cfg: dict) -> str:
@@ -117,6 +142,8 @@ def finish_continued(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTa
     version of `role` (dense_matched; `moie extend`'s fine-tuned baselines), ending its run."""
     tracker = catalog.tracker
     out = get_or_fail(ref, f"{matched.name} training task")
+    if out.get("workers", 1) > 1:
+        tracker.set_tags(matched.run_id, {Tag.WORKERS: str(out["workers"])})
     tracker.log_metrics(matched.run_id, {"tokens": out["tokens"], "steps": out["steps"], "params": out["params"],
                                          "final_train_loss": out["train_loss"],
                                          **({"final_val_bpb": out["val_bpb"]} if out["val_bpb"] is not None else {})})

@@ -1,5 +1,7 @@
 """One model trained by several data-parallel workers on Ray Train (`run_data_parallel`):
-the loop every worker runs, with its checkpoints in the storage, as an expert's task has.
+`parallel_task` runs a piece of work on each worker and hands worker 0's result back (the
+experts stage's dense and central models, dense_matched); `train_work` is such a piece, a
+plain model trained from token files (tests and bench/data_parallel.py).
 
 Every worker reads the same token files, builds the same model and resumes from the same
 newest checkpoint; `experts.trainer.train` splits each batch among them and averages the
@@ -13,55 +15,84 @@ import json
 import os
 import signal
 import tempfile
+import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from artifacts import write_json
-from pipeline.ray_runtime import run_data_parallel, use_granted_cpus
+from pipeline.ray_runtime import TaskFailedError, run_data_parallel, use_granted_cpus
 from pipeline.store import storage
 
 
-def train_model_parallel(config: dict, *, workers: int, cpus_per_worker: float, name: str,
-                         max_failures: int = 3) -> dict:
-    """Train config's model on `workers` workers (see `train_loop`); worker 0's result JSON."""
-    run_data_parallel(train_loop, config, workers=workers, cpus_per_worker=cpus_per_worker, name=name,
-                      storage_path=storage.join(config["out"], "ray-train"), max_failures=max_failures,
-                      use_gpu=bool(config.get("use_gpu")))
-    return json.loads(storage.read_text(storage.join(config["out"], "result.json")))
+def parallel_task(work: Callable, args, *, workers: int, num_cpus: float, num_gpus: float, seed: int,
+                  run_dir: str, name: str, max_failures: int = 3) -> dict:
+    """`work(args, scratch, rank, world, device)` on `workers` Ray Train workers of num_cpus CPUs
+    and num_gpus GPUs each (torch.distributed initialised among them; Ray Train's run state
+    under run_dir, a location in the storage); what worker 0 returns (a JSON-able dict), handed
+    back through the storage. A stage's model that trains on several workers runs this inside
+    a Ray task of no resources of its own: its workers take them."""
+    result_at = storage.join(run_dir, f"result-{uuid.uuid4().hex}.json")
+    config = {"work": work, "args": args, "num_cpus": num_cpus, "use_gpu": bool(num_gpus), "seed": seed,
+              "result": result_at}
+    run_data_parallel(_parallel_worker, config, workers=workers, cpus_per_worker=num_cpus, storage_path=run_dir,
+                      name=name, max_failures=max_failures, use_gpu=bool(num_gpus))
+    if not storage.exists(result_at):  # Ray Train returns without an error when its run is aborted
+        raise TaskFailedError(f"{name}: its data-parallel training ended without a result (aborted); run the "
+                              "stage again to go on from its newest checkpoint")
+    try:
+        return json.loads(storage.read_text(result_at))
+    finally:
+        storage.remove(result_at)
 
 
-def train_loop(config: dict) -> None:
-    """On every worker. config: model (model config dict), train_config (TrainConfig fields), train
-    and val (token files in the storage; val may be None), ckpt_dir and out (locations in the
-    storage), num_cpus (this worker's), seed; kill_after_checkpoint (tests only: a local directory;
-    worker 0 kills worker 1 once, after the first checkpoint, as a lost node would)."""
+def _parallel_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
-
-    from experts.checkpoint import build_model, save_model
-    from experts.trainer import TrainConfig, train
+    import torch
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     use_granted_cpus(config["num_cpus"], config["seed"])
-    cfg = TrainConfig(**config["train_config"])
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")  # this worker's GPU
     with tempfile.TemporaryDirectory(prefix="moie-dp-") as scratch:
-        checkpoints = storage.CheckpointMirror(config["ckpt_dir"], scratch, keep=cfg.keep_checkpoints)
-        model = build_model(config["model"])
-        if config.get("use_gpu"):  # this worker's GPU (its local rank's), which Ray Train picked
-            model.to(ray.train.torch.get_device())
-        tokens = storage.load_tokens(config["train"], scratch)
-        val = storage.load_tokens(config["val"], scratch) if config.get("val") else None
-        on_checkpoint = checkpoints.push
-        if config.get("kill_after_checkpoint"):
-            on_checkpoint = _killing_after_first(on_checkpoint, Path(config["kill_after_checkpoint"]), rank)
-        result = train(model, tokens, val, cfg, ckpt_dir=checkpoints.dir, on_checkpoint=on_checkpoint,
-                       meta={"tokenizer": config.get("tokenizer")})
+        result = config["work"](config["args"], Path(scratch), rank, world, device)
         if rank == 0:
-            save_model(Path(scratch) / "model", model, {"tokenizer": config.get("tokenizer")})
-            storage.upload(Path(scratch) / "model", storage.join(config["out"], "model"))
-            write_json(Path(scratch) / "result.json", {**asdict(result), "workers": world})
-            storage.upload(Path(scratch) / "result.json", storage.join(config["out"], "result.json"))
+            write_json(Path(scratch) / "result.json", result)
+            storage.upload(Path(scratch) / "result.json", config["result"])
+
+
+def train_model_parallel(config: dict, *, workers: int, cpus_per_worker: float, name: str,
+                         max_failures: int = 3) -> dict:
+    """Train config's model on `workers` workers (see `train_work`); worker 0's result."""
+    return parallel_task(train_work, config, workers=workers, num_cpus=cpus_per_worker, seed=config["seed"],
+                         num_gpus=1 if config.get("use_gpu") else 0, run_dir=storage.join(config["out"], "ray-train"),
+                         name=name, max_failures=max_failures)
+
+
+def train_work(config: dict, scratch: Path, rank: int, world: int, device) -> dict | None:
+    """On every worker. config: model (model config dict), train_config (TrainConfig fields), train
+    and val (token files in the storage; val may be None), ckpt_dir and out (locations in the
+    storage: worker 0 writes the model to <out>/model); kill_after_checkpoint (tests only: a local
+    directory; worker 0 kills worker 1 once, after the first checkpoint, as a lost node would)."""
+    from experts.checkpoint import build_model, save_model
+    from experts.trainer import TrainConfig, train
+
+    cfg = TrainConfig(**config["train_config"])
+    checkpoints = storage.CheckpointMirror(config["ckpt_dir"], scratch, keep=cfg.keep_checkpoints)
+    model = build_model(config["model"]).to(device)
+    tokens = storage.load_tokens(config["train"], scratch)
+    val = storage.load_tokens(config["val"], scratch) if config.get("val") else None
+    on_checkpoint = checkpoints.push
+    if config.get("kill_after_checkpoint"):
+        on_checkpoint = _killing_after_first(on_checkpoint, Path(config["kill_after_checkpoint"]), rank)
+    result = train(model, tokens, val, cfg, ckpt_dir=checkpoints.dir, on_checkpoint=on_checkpoint,
+                   meta={"tokenizer": config.get("tokenizer")})
+    if rank:
+        return None
+    save_model(scratch / "model", model, {"tokenizer": config.get("tokenizer")})
+    storage.upload(scratch / "model", storage.join(config["out"], "model"))
+    return {**asdict(result), "workers": world}
 
 
 def _killing_after_first(push, folder: Path, rank: int):

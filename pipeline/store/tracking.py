@@ -81,11 +81,12 @@ def stop_unless_running(tracking_uri: str, run_id: str) -> None:
 
 
 def record_attempt(tracking_uri: str, run_id: str, node_id: str, resume_step: int | None,
-                   threads: int | None = None, device: str | None = None) -> None:
+                   threads: int | None = None, device: str | None = None, workers: int = 1) -> None:
     """Tag a training run with the Ray node an attempt of its task runs on (moie.node_id; every
     attempt's node, in order, in moie.nodes), the checkpoint step it resumes from, the threads
-    it trains on (every attempt's, in order, in moie.threads: the dense run's seed phase first)
-    and the device (moie.device: cpu, or cuda and the GPU's name)."""
+    it trains on (every attempt's, in order, in moie.threads: the dense run's seed phase first),
+    the device (moie.device: cpu, or cuda and the GPU's name) and its data-parallel workers
+    (moie.workers, when more than one)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     before = client.get_run(run_id).data.tags
 
@@ -99,6 +100,8 @@ def record_attempt(tracking_uri: str, run_id: str, node_id: str, resume_step: in
         tags[Tag.RESUMED_FROM] = str(resume_step)
     if device is not None:
         tags[Tag.DEVICE] = device
+    if workers > 1:
+        tags[Tag.WORKERS] = str(workers)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 

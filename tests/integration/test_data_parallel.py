@@ -1,9 +1,10 @@
 """Data-parallel training on Ray Train (TorchTrainer, gloo): 2 workers take the steps 1 worker
-takes with the same global batch, and go on from their checkpoint after a worker is killed.
+takes with the same global batch, go on from their checkpoint after a worker is killed, and
+the experts stage trains its dense model so (experts.dense_workers).
 
-Each run is a process of its own with its own local Ray: after a Ray Train run, a later test's
-interrupted stage hung in `ray.nodes()` in the session's shared Ray (a known problem, to be
-solved before the stages use Ray Train; see docs/architecture.md)."""
+The first two run in a process of their own with its own local Ray, to check what Ray Train
+leaves in its driver: a SIGINT handler that aborted its (finished) run on a later Ctrl-C, so
+that an interrupted stage waited on as if hung; run_data_parallel puts the process's own back."""
 import json
 import shutil
 import subprocess
@@ -13,11 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
+
+import textgen
 
 from experts.checkpoint import build_model, load_model
 from experts.tokenizer import VOCAB_SIZE
 from experts.trainer import TrainConfig, train
+from pipeline.config import load_config
+from pipeline.ray_runtime import Grant
+from pipeline.stages.cluster import run_cluster
+from pipeline.stages.experts import run_experts
+from pipeline.stages.matched import MatchedTask, launch_matched
+from pipeline.store import storage
+from pipeline.store.catalog import Catalog, exact_uri
+from pipeline.store.names import DENSE_MATCHED
+from pipeline.store.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = {"arch": "gpt", "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": VOCAB_SIZE}
@@ -42,13 +55,19 @@ def one_worker(tokens_path):
 
 
 RUN = """
-import json, sys
+import json, signal, sys
 import pipeline, ray
 from pipeline.stages.parallel import train_model_parallel
 config, temp_dir = json.loads(sys.argv[1]), sys.argv[2]
 ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
          log_to_driver=False)
-print(json.dumps(train_model_parallel(config, workers=2, cpus_per_worker=1, name="test-dp", max_failures=1)))
+result = train_model_parallel(config, workers=2, cpus_per_worker=1, name="test-dp", max_failures=1)
+try:  # after the run, Ctrl-C interrupts this process again
+    signal.raise_signal(signal.SIGINT)
+    result["interrupted"] = False
+except KeyboardInterrupt:
+    result["interrupted"] = True
+print(json.dumps(result))
 """
 
 
@@ -76,6 +95,7 @@ def assert_same_training(model, result, reference, reference_result):
 def test_two_gloo_workers_train_as_one_worker_with_the_same_global_batch(tmp_path, tokens):
     model, result = two_workers(tmp_path, tokens)
     assert result["workers"] == 2 and result["resumed_from"] is None
+    assert result["interrupted"]  # Ray Train's SIGINT handler did not outlive its run
     reference, reference_result = one_worker(tokens)
     assert_same_training(model, result, reference, reference_result)
 
@@ -86,3 +106,57 @@ def test_two_workers_go_on_from_their_checkpoint_after_one_is_killed(tmp_path, t
     assert result["workers"] == 2 and result["resumed_from"] == 3  # restarted from the step-3 checkpoint
     reference, reference_result = one_worker(tokens)
     assert_same_training(model, result, reference, reference_result)
+
+
+def stage_config(tmp_path, workers: int):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in textgen.corpus(25, ["cooking", "sailing"], seed=0)))
+    return load_config(REPO / "configs" / "tiny.yaml", [
+        "corpus.source=files", f"corpus.files=[{path}]", "cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1",
+        "tracking.experiment=test", "experts.train.max_tokens=6000", "experts.train.ckpt_every=5",
+        "experts.train.precision=fp32", "experts.train.compile=false", f"experts.dense_workers={workers}"])
+
+
+def test_the_dense_model_and_its_matched_continuation_train_on_two_workers_as_on_one(ray_local, moie_home,
+                                                                                      tmp_path):
+    """experts.dense_workers: 2 — the seed phase, the dense model's continuation past it, and
+    dense_matched (the dense model trained on), each on two Ray Train workers — gives the
+    models that one process gives with the same global batch."""
+    tracker, dense, matched = None, {}, {}
+    for workers in (1, 2):
+        cfg = stage_config(tmp_path, workers)
+        pipeline_id = run_cluster(cfg)
+        registered = run_experts(cfg, pipeline_id)
+        assert sorted(registered) == ["dense", "expert-0", "expert-1"]
+        tracker = Tracker(cfg)
+        runs = {r.data.tags["moie.expert"]: r for r in tracker.stage_runs(pipeline_id, "experts")}
+        dense[workers] = runs["dense"], runs["expert-0"]
+        matched[workers] = train_matched(cfg, pipeline_id, registered["dense"], runs["dense"], workers)
+    (one, expert_one), (two, expert_two) = dense[1], dense[2]
+    assert two.data.tags["moie.workers"] == "2" and "moie.workers" not in one.data.tags
+    assert two.data.tags["moie.resumed_from"] == one.data.tags["moie.resumed_from"]  # the continuation of the seed
+    steps = [m.step for m in tracker.client.get_metric_history(two.info.run_id, "train_loss")]
+    assert steps == [m.step for m in tracker.client.get_metric_history(one.info.run_id, "train_loss")] and steps
+    assert abs(two.data.metrics["train_loss"] - one.data.metrics["train_loss"]) < 1e-3
+    assert abs(two.data.metrics["val_bpb"] - one.data.metrics["val_bpb"]) < 1e-3
+    # an expert branched from the seed the two workers trained: the same expert
+    assert abs(expert_two.data.metrics["val_bpb"] - expert_one.data.metrics["val_bpb"]) < 1e-3
+    # dense_matched: 2 workers continue their dense model as one process continues its own
+    assert (matched[1]["workers"], matched[2]["workers"]) == (1, 2)
+    assert matched[1]["steps"] == matched[2]["steps"] == 4
+    assert abs(matched[2]["train_loss"] - matched[1]["train_loss"]) < 1e-3
+
+
+def train_matched(cfg, pipeline_id: str, dense_uri: str, dense_run, workers: int) -> dict:
+    """dense_matched's task on `workers` workers, for 4 steps past the registered dense model."""
+    catalog = Catalog(cfg)
+    version = catalog.resolve(dense_uri)
+    root = catalog.checkpoint_root(pipeline_id, dense_run.data.tags["moie.cluster_run"])
+    train_cfg = {**cfg.experts.train, "max_tokens": 4 * 8 * 64, "seed": 0}
+    run_id = catalog.tracker.create_stage_run(pipeline_id, "compose", name=f"matched-{workers}")
+    task = MatchedTask(name=DENSE_MATCHED, run_id=run_id, tracking_uri=catalog.tracker.uri, dense=exact_uri(version),
+                       train=Catalog.token_file(root, "dense", "train"), val=Catalog.token_file(root, "dense", "val"),
+                       ckpt_dir=storage.join(root, f"matched-{workers}"), train_config=train_cfg,
+                       tokenizer=version.tags["moie.tokenizer"], grant=Grant(1.0), seed=0, pipeline=pipeline_id,
+                       workers=workers)
+    return ray.get(launch_matched(task))
