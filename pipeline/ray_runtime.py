@@ -342,6 +342,9 @@ def share_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
+WORKERS_START_TIMEOUT_S = 7 * 24 * 3600  # how long data-parallel workers may wait for their CPUs and GPUs
+
+
 def run_data_parallel(loop: Callable[[dict], None], config: dict, *, workers: int, cpus_per_worker: float,
                       storage_path: str, name: str, max_failures: int = 3, use_gpu: bool = False) -> None:
     """`loop(config)` on `workers` Ray Train workers (TorchTrainer), torch.distributed initialised
@@ -352,6 +355,9 @@ def run_data_parallel(loop: Callable[[dict], None], config: dict, *, workers: in
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train fails a run whose workers do not all start within 60 s; a stage's other tasks
+    # (the experts) may hold the CPUs far longer: its workers wait for them instead
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKERS_START_TIMEOUT_S))
     trainer = TorchTrainer(
         loop, train_loop_config=config, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,

@@ -6,10 +6,13 @@ The first two run in a process of their own with its own local Ray, to check wha
 leaves in its driver: a SIGINT handler that aborted its (finished) run on a later Ctrl-C, so
 that an interrupted stage waited on as if hung; run_data_parallel puts the process's own back."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,13 +111,17 @@ def test_two_workers_go_on_from_their_checkpoint_after_one_is_killed(tmp_path, t
     assert_same_training(model, result, reference, reference_result)
 
 
-def stage_config(tmp_path, workers: int):
+def stage_overrides(tmp_path, workers: int) -> list[str]:
+    """configs/tiny.yaml on a generated two-domain corpus: two experts, the dense model on `workers`."""
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in textgen.corpus(25, ["cooking", "sailing"], seed=0)))
-    return load_config(REPO / "configs" / "tiny.yaml", [
-        "corpus.source=files", f"corpus.files=[{path}]", "cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1",
-        "tracking.experiment=test", "experts.train.max_tokens=6000", "experts.train.ckpt_every=5",
-        "experts.train.precision=fp32", "experts.train.compile=false", f"experts.dense_workers={workers}"])
+    return ["corpus.source=files", f"corpus.files=[{path}]", "cluster.k=2", "cluster.svd_dim=8", "cluster.min_df=1",
+            "tracking.experiment=test", "experts.train.max_tokens=6000", "experts.train.ckpt_every=5",
+            "experts.train.precision=fp32", "experts.train.compile=false", f"experts.dense_workers={workers}"]
+
+
+def stage_config(tmp_path, workers: int):
+    return load_config(REPO / "configs" / "tiny.yaml", stage_overrides(tmp_path, workers))
 
 
 def test_the_dense_model_and_its_matched_continuation_train_on_two_workers_as_on_one(ray_local, moie_home,
@@ -160,3 +167,46 @@ def train_matched(cfg, pipeline_id: str, dense_uri: str, dense_run, workers: int
                        tokenizer=version.tags["moie.tokenizer"], grant=Grant(1.0), seed=0, pipeline=pipeline_id,
                        workers=workers)
     return ray.get(launch_matched(task))
+
+
+def test_ctrl_c_stops_a_stage_whose_dense_model_trains_on_two_workers_and_a_rerun_completes_it(ray_local,
+                                                                                              moie_home, tmp_path):
+    """`moie experts` with experts.dense_workers: 2, stopped by Ctrl-C while the dense model's
+    seed phase trains on its two workers (held after their first checkpoint, experts.hold):
+    exit 130, no run left RUNNING, the workers gone; run again, the stage completes — and its
+    experts, which wait for CPUs the dense model's workers hold or the other way round, too."""
+    overrides = [*stage_overrides(tmp_path, 2), "experts.train.max_tokens=12000"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    pipeline_id = run_cluster(cfg)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    log = tmp_path / "experts.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "experts", "--config",
+                             str(REPO / "configs" / "tiny.yaml"), "--pipeline", pipeline_id, "--set", *overrides,
+                             f"experts.hold={hold}"], cwd=REPO, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 600
+        while not (hold / "dense.held").exists():  # the seed phase's worker 0, after its first checkpoint
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        held = json.loads((hold / "dense.held").read_text())
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+        deadline = time.monotonic() + 120
+        while Path(f"/proc/{held['pid']}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{held['pid']}").exists()  # worker 0 did not outlive the stage
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of its own Ray outlived it
+        except ProcessLookupError:
+            pass
+    tracker = Tracker(cfg)
+    statuses = {r.data.tags["moie.expert"]: r.info.status for r in tracker.stage_runs(pipeline_id, "experts", None)}
+    assert statuses["dense"] == "KILLED" and "RUNNING" not in statuses.values(), statuses
+    assert sorted(run_experts(cfg, pipeline_id)) == ["dense", "expert-0", "expert-1"]
+    dense = next(r for r in tracker.stage_runs(pipeline_id, "experts") if r.data.tags["moie.expert"] == "dense")
+    assert dense.data.tags["moie.workers"] == "2" and dense.info.status == "FINISHED"
