@@ -92,8 +92,8 @@ class ExpertsConfig:
     # faster than one (bench/profile_expert_step.py --threads). Capped at the largest node's CPUs.
     seed_num_cpus: float | None = None
     # data-parallel workers (Ray Train, gloo on CPU, NCCL on GPU) of each model trained on the whole
-    # corpus: the dense model (its seed phase too) and a central model of its own. Each worker takes
-    # num_cpus / num_gpus and an equal share of every batch (batch_size: a multiple of it)
+    # corpus: the dense model (its seed phase too), a central model of its own, dense_matched. Each
+    # worker takes its section's num_cpus / num_gpus and an equal share of every batch (batch_size: a multiple of N)
     dense_workers: int = 1
     progress_every: float = 5.0  # seconds between progress lines in the terminal
     # tests only: a local directory; each training task, once its first checkpoint is written,

@@ -202,3 +202,15 @@ def test_device_cpu_with_gpus_asked_of_a_section_is_refused_naming_both(section)
     assert load_config(CONFIGS / "tiny.yaml", ["device=cpu", f"{section}.num_gpus=0"]).device == "cpu"
     with pytest.raises(ConfigError, match=f"device is 'cuda' but {section}.num_gpus is 0"):
         load_config(CONFIGS / "tiny.yaml", ["device=cuda", f"{section}.num_gpus=0"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["experts.dense_workers=0"], "experts.dense_workers must be >= 1"),
+    (["experts.dense_workers=3"], r"experts.train.batch_size \(8\) must be a multiple of experts.dense_workers \(3\)"),
+    (["experts.dense_workers=2", "central.arch=gpt", "central.train={batch_size: 5}"],
+     r"central.train.batch_size \(5\) must be a multiple of experts.dense_workers \(2\)"),
+])
+def test_data_parallel_workers_that_cannot_share_a_batch_equally_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", overrides)
+    assert load_config(CONFIGS / "tiny.yaml", ["experts.dense_workers=2"]).experts.dense_workers == 2
