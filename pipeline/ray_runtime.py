@@ -61,16 +61,18 @@ def describe_failure(name: str, err: BaseException) -> str:
     return text + " (this fails the same way on every attempt: fix the cause first)"
 
 
-def get_or_fail(refs, what: str):
+def get_or_fail(refs, what: str, own_errors: tuple[type, ...] = ()):
     """ray.get(refs) (one ref or a list); if a task fails, or the wait is interrupted, every
     task of `refs` still running is cancelled, and a failure is raised as one TaskFailedError
-    naming `what`."""
+    naming `what` — or, an error of `own_errors` (a task's own error about its input), as itself."""
     import ray
 
     try:
         return ray.get(refs)
     except ray.exceptions.RayError as err:
         cancel(refs)
+        if isinstance(task_cause(err), own_errors):
+            raise task_cause(err) from None
         raise TaskFailedError(describe_failure(what, err)) from None
     except BaseException:
         cancel(refs)

@@ -35,7 +35,7 @@ from experts.flops import forward_flops_per_token
 from experts.tokenizer import EOS_ID, encode_bytes
 from pipeline.config import Config, EvaluateConfig
 from pipeline.errors import StageError
-from pipeline.ray_runtime import Grant, connect_cluster, get_or_fail
+from pipeline.ray_runtime import Grant, cancel, connect_cluster, get_or_fail
 from pipeline.results.metrics import (COMPOSED, COMPOSED_SYSTEMS, GATE_ONLY, LAMBDAS, MIXTURES, Scored, headline,
                                       output_mixture, summarise)
 from pipeline.results.report import plot_curves, write_results
@@ -44,7 +44,7 @@ from pipeline.serve.library import set_alias
 from pipeline.store.catalog import PARTS_SHA, Catalog, assemble_registered, exact_uri, fetch_models
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Tag
-from pipeline.text.corpus import FILE_BUILDERS, clustered_documents, load_corpus
+from pipeline.text.corpus import FILE_BUILDERS, CorpusError, clustered_documents, corpus_shards, load_corpus
 from pipeline.text.overlap import ShingleFilter, ShingleIndex
 from routing.ensemble import document_weights, keep_top_k
 
@@ -98,47 +98,121 @@ class HeldOut:
 def held_out(cfg: Config, eval_data: str | None, table: dict | None = None) -> HeldOut:
     """At most evaluate.max_bytes_per_domain bytes of whole documents per domain, in a fixed
     order, dropping every document whose bytes sit in training shingles above evaluate.max_overlap.
-    `table`: the pipeline's assignments, which the pipeline's corpus must still match."""
+    `table`: the pipeline's assignments, which the pipeline's corpus must still match. The
+    pipeline's own corpus with a shingle filter is read shard by shard in Ray tasks
+    (held_out_by_shard); other text, or the exact shingle set, in this process."""
     corpus, split = eval_corpus(cfg, eval_data)
+    described = f"{eval_data or 'pipeline corpus'}{f' ({split} split)' if split else ''}"
+    if eval_data is None and table is not None and cfg.evaluate.shingle_filter_mb:
+        return held_out_by_shard(cfg, table, described)
+    return held_out_in_process(cfg, corpus, split, table, described)
+
+
+def held_out_in_process(cfg: Config, corpus, split: str | None, table: dict | None, described: str) -> HeldOut:
+    """held_out with the corpus (and the training split) loaded in this process."""
     everything = load_corpus(corpus)
     docs = [d for d in everything if split is None or d.split == split]
     if not docs:
-        raise StageError(f"no held-out documents to score in {eval_data or 'the pipeline corpus'}"
-                         f"{f' (split {split})' if split else ''}; raise corpus.test_fraction or give --eval-data")
+        raise StageError(f"no held-out documents to score in {described}; raise corpus.test_fraction or give "
+                         "--eval-data")
     training = everything if corpus == cfg.corpus else load_corpus(cfg.corpus)
     if table is not None:
         clustered_documents(table, training)
-    ev = cfg.evaluate
-    index = training_shingles((d.text.encode("utf-8") for d in training if d.split == "train"), ev)
+    index = training_shingles((d.text.encode("utf-8") for d in training if d.split == "train"), cfg.evaluate)
+    texts = {d.doc_id: d.text.encode("utf-8") for d in docs}
+    records = [(d.doc_id, d.source or "unlabelled", len(texts[d.doc_id]), int(index.covered(texts[d.doc_id]).sum()))
+               for d in docs]
+    return chosen_held_out(records, lambda ids: texts, cfg.evaluate, described,
+                           getattr(index, "false_positive_rate", 0.0))
+
+
+def chosen_held_out(records: list[tuple[str, str, int, int]], fetch, ev: EvaluateConfig, described: str,
+                    false_positive_rate: float) -> HeldOut:
+    """The held-out documents of `records` — (doc_id, domain, bytes, bytes covered by training
+    shingles) of every candidate — in doc_id order: a document covered above max_overlap is
+    dropped, then each domain takes documents until it has max_bytes_per_domain bytes.
+    fetch(doc_ids): {doc_id: its UTF-8 text} of (at least) the documents kept."""
     budget: dict[str, int] = {}
     covered: dict[str, list[int]] = {}  # domain -> [covered bytes kept, bytes kept, covered all, bytes all]
-    out = HeldOut([], [], f"{eval_data or 'pipeline corpus'}{f' ({split} split)' if split else ''}", {}, {}, {})
-    for doc in sorted(docs, key=lambda d: d.doc_id):
-        domain = doc.source or "unlabelled"
-        data = doc.text.encode("utf-8")
-        if not data:
+    out = HeldOut([], [], described, {}, {}, {}, false_positive_rate=false_positive_rate)
+    kept = []
+    for doc_id, domain, n, hits in sorted(records):
+        if not n:
             continue
-        hits = int(index.covered(data).sum())
         tally = covered.setdefault(domain, [0, 0, 0, 0])
-        tally[2:] = [tally[2] + hits, tally[3] + len(data)]
-        if hits > ev.max_overlap * len(data):
+        tally[2:] = [tally[2] + hits, tally[3] + n]
+        if hits > ev.max_overlap * n:
             out.dropped[domain] = out.dropped.get(domain, 0) + 1
             continue
         if budget.get(domain, 0) >= ev.max_bytes_per_domain:
             continue
-        budget[domain] = budget.get(domain, 0) + len(data)
-        tally[:2] = [tally[0] + hits, tally[1] + len(data)]
-        out.domains.append(domain)
-        out.tokens.append(encode_bytes(data))
-    if not out.tokens:
-        raise StageError(f"every held-out document of {out.described} overlaps the training split by more than "
+        budget[domain] = budget.get(domain, 0) + n
+        tally[:2] = [tally[0] + hits, tally[1] + n]
+        kept.append((doc_id, domain))
+    if not kept:
+        raise StageError(f"every held-out document of {described} overlaps the training split by more than "
                          f"evaluate.max_overlap={ev.max_overlap}; raise it (1 keeps every document)")
+    texts = fetch([doc_id for doc_id, _ in kept])
+    out.domains = [domain for _, domain in kept]
+    out.tokens = [encode_bytes(texts[doc_id]) for doc_id, _ in kept]
     for domain, (hits, n, hits_all, n_all) in covered.items():
         out.overlap_before[domain] = hits_all / n_all
         if n:
             out.overlap[domain] = hits / n
-    out.false_positive_rate = getattr(index, "false_positive_rate", 0.0)
     return out
+
+
+def held_out_by_shard(cfg: Config, table, described: str) -> HeldOut:
+    """held_out of the pipeline's own test split, shard by shard in Ray tasks, so that no
+    process holds the corpus: each shard's training shingles in a filter (or-ed together in
+    this process as they come, never more than two at once), each held-out document's bytes
+    covered by them, then the texts of the documents kept. Every clustered document is checked
+    against the content hash its clustering recorded, as the experts stage checks it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.stages.shards import check_found, documents_by_shard, shard_coverage, shard_shingles, shard_texts
+
+    ev = cfg.evaluate
+    shards = corpus_shards(cfg.corpus)
+    table = table if isinstance(table, pa.Table) else pa.table(table)
+    docs = documents_by_shard(table, len(shards), ("doc_id", "split", "source", "text_sha256"))
+    test = [t.filter(pc.equal(t["split"], "test")) for t in docs]
+    if not sum(len(t) for t in test):
+        raise StageError(f"no held-out documents to score in {described}; raise corpus.test_fraction or give "
+                         "--eval-data")
+    task = ray.remote(shard_shingles).options(num_cpus=1, max_retries=1)
+    bits = ev.shingle_filter_mb * 8 << 20
+    pending = [task.remote(s, i, cfg.corpus, docs[i], ev.shingle_words, bits) for i, s in enumerate(shards)]
+    shingles, results = None, []
+    try:
+        while pending:
+            (done,), pending = ray.wait(pending, num_returns=1)
+            result = get_or_fail(done, "held-out near-duplicate task", (CorpusError,))
+            shingles = result.pop("shingles") if shingles is None else shingles | result.pop("shingles")
+            results.append(result)
+    finally:
+        cancel(pending)
+    check_found(docs, results)
+    warn_if_overstated(shingles, ev)
+    shingles_ref = ray.put(shingles)
+    coverage = ray.remote(shard_coverage).options(num_cpus=1, max_retries=1)
+    parts = get_or_fail([coverage.remote(shards[i], i, cfg.corpus, t["doc_id"].to_pylist(), shingles_ref)
+                         for i, t in enumerate(test) if len(t)], "held-out coverage task", (CorpusError,))
+    domain = {d: s or "unlabelled" for t in test for d, s in zip(t["doc_id"].to_pylist(), t["source"].to_pylist())}
+    shard_of = {d: i for i, t in enumerate(test) for d in t["doc_id"].to_pylist()}
+
+    def fetch(doc_ids: list[str]) -> dict[str, bytes]:
+        wanted: dict[int, list[str]] = {}
+        for doc_id in doc_ids:
+            wanted.setdefault(shard_of[doc_id], []).append(doc_id)
+        texts = ray.remote(shard_texts).options(num_cpus=1, max_retries=1)
+        found = get_or_fail([texts.remote(shards[i], i, cfg.corpus, ids) for i, ids in wanted.items()],
+                            "held-out text task", (CorpusError,))
+        return {doc_id: text for part in found for doc_id, text in part.items()}
+
+    records = [(doc_id, domain[doc_id], n, hits) for part in parts for doc_id, n, hits in part]
+    return chosen_held_out(records, fetch, ev, described, shingles.false_positive_rate)
 
 
 def training_shingles(texts: Iterable[bytes], ev: EvaluateConfig) -> ShingleIndex | ShingleFilter:
@@ -146,12 +220,16 @@ def training_shingles(texts: Iterable[bytes], ev: EvaluateConfig) -> ShingleInde
     if not ev.shingle_filter_mb:
         return ShingleIndex(texts, ev.shingle_words)
     shingles = ShingleFilter(texts, ev.shingle_words, bits=ev.shingle_filter_mb * 8 << 20)
+    warn_if_overstated(shingles, ev)
+    return shingles
+
+
+def warn_if_overstated(shingles: ShingleFilter, ev: EvaluateConfig) -> None:
     if shingles.false_positive_rate > FALSE_POSITIVES_WARNED:
         log.warning("the near-duplicate filter (evaluate.shingle_filter_mb=%d) takes %.2g of the shingles absent "
                     "from training for present: the training text is too large for it, and held-out overlap is "
                     "overstated; raise evaluate.shingle_filter_mb", ev.shingle_filter_mb,
                     shingles.false_positive_rate)
-    return shingles
 
 
 def domain_experts(table: dict, expert_clusters: list[int]) -> dict[str, int]:

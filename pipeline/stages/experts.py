@@ -43,7 +43,7 @@ from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, R
                                   model_tags, tokens_sha_tag)
 from pipeline.store.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
 from pipeline.stages.parallel import parallel_task
-from pipeline.stages.shards import join_tokens, shard_tokens
+from pipeline.stages.shards import check_found, documents_by_shard, join_tokens, shard_tokens
 from pipeline.text.corpus import CorpusError, corpus_shards
 from pipeline.text.embedded import EmbeddedCorpusError
 
@@ -132,7 +132,8 @@ def expert_data(cfg: Config, root: str, table: pa.Table, k: int) -> dict[str, di
     if not todo:
         return files
     shards = corpus_shards(cfg.corpus)
-    docs = _documents_by_shard(table, len(shards))
+    docs = documents_by_shard(table, len(shards), ("doc_id", "cluster", "split", "text_sha256"),
+                              splits=("train", "validation"))
     staging = storage.join(root, "data", f"parts-{uuid.uuid4().hex[:8]}")
     own = (CorpusError, StageError, EmbeddedCorpusError)
     try:
@@ -140,40 +141,13 @@ def expert_data(cfg: Config, root: str, table: pa.Table, k: int) -> dict[str, di
         write = ray.remote(shard_tokens).options(num_cpus=1, max_retries=1)
         written = every_result([write.remote(shards[i], i, corpus, docs[i], storage.join(staging, f"{i:05d}"))
                                 for i in range(len(shards)) if len(docs[i])], "token-writing tasks", own)
-        _check_found(docs, written)
+        check_found(docs, written)
         join = ray.remote(join_tokens).options(num_cpus=1, max_retries=1)
         every_result([join.remote([w["parts"][name][split] for w in written if split in w["parts"].get(name, {})],
                                   files[name][split]) for name, split in sorted(todo)], "token-joining tasks", own)
     finally:
         storage.remove(staging)
     return files
-
-
-def _documents_by_shard(table: pa.Table, n_shards: int) -> list[pa.Table]:
-    """Per corpus shard, its training and validation documents of the pipeline's assignments
-    (doc_id, cluster, split, text_sha256), checked to fit this corpus's shards."""
-    import pyarrow.compute as pc
-
-    if "text_sha256" not in table.column_names:
-        raise CorpusError("the pipeline's assignments.parquet records no content hashes, so the corpus cannot be "
-                          "checked against its clustering; cluster it again (`moie cluster`)")
-    if "shard" not in table.column_names:
-        raise CorpusError("the pipeline's assignments.parquet records no corpus shard per document (it was clustered "
-                          "before corpora were read as shards); cluster it again (`moie cluster`)")
-    if len(table) and pc.max(table["shard"]).as_py() >= n_shards:
-        raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({pc.max(table['shard']).as_py() + 1})"
-                          f" than this config's ({n_shards}); give the config the pipeline was clustered with")
-    table = table.filter(pc.is_in(table["split"], pa.array(["train", "validation"])))
-    table = table.select(["doc_id", "cluster", "split", "text_sha256", "shard"])
-    return [table.filter(pc.equal(table["shard"], i)).drop_columns(["shard"]) for i in range(n_shards)]
-
-
-def _check_found(docs: list[pa.Table], written: list[dict]) -> None:
-    expected, found = sum(len(d) for d in docs), sum(w["found"] for w in written)
-    if found < expected:
-        missing = [w["missing"] for w in written if w.get("missing")]
-        raise CorpusError(f"{expected - found} clustered documents (e.g. {missing[0]!r}) are not in the corpus of "
-                          "this config; give the config the pipeline was clustered with")
 
 
 def registered_model(name: str) -> str:

@@ -188,8 +188,8 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
     plan = make_plan(cfg, catalog, pipeline_id, domain, table, int(cluster_run.data.params["cluster.k"]))
     new = load_new_text(cfg, domain, new_corpus(cfg, files, dataset))
     old_scoring = replace(cfg.evaluate, max_bytes_per_domain=cfg.extend.old_bytes_per_domain)
+    connect_cluster(cfg, tracker)  # the old domains' held-out documents are read shard by shard, on Ray
     old_held = held_out(replace(cfg, evaluate=old_scoring), None, table)
-    connect_cluster(cfg, tracker)
     Grant.of(cfg, "extend").check("extension task (extend.num_cpus / extend.num_gpus)")
     print(f"extend: {domain} from {new.described}: {len(new.train)} training documents ({new.train_bytes} bytes), "
           f"{len(new.val)} validation, {len(new.test)} held-out", flush=True)

@@ -18,7 +18,8 @@ from artifacts import sha256_file, write_json
 from pipeline.config import Config, CorpusConfig, from_dict
 from pipeline.errors import StageError
 from pipeline.store import storage
-from pipeline.text.corpus import Shard, shard_documents, text_sha256
+from pipeline.text.corpus import CorpusError, Shard, check_unchanged, shard_documents, text_sha256
+from pipeline.text.overlap import ShingleFilter
 from routing.router import ClusterRouter
 
 ASSIGN_BATCH = 2_000  # documents embedded and assigned at a time
@@ -156,7 +157,6 @@ def shard_tokens(shard: Shard, index: int, corpus: CorpusConfig, table: pa.Table
     a document whose text changed since it was clustered is an error, before anything is written."""
     from experts.tokenizer import EOS_ID, encode_bytes
     from pipeline.store.names import DENSE, expert_name
-    from pipeline.text.corpus import CorpusError
 
     docs = {doc_id: (expert_name(cluster), "train" if split == "train" else "val", sha)
             for doc_id, cluster, split, sha in zip(*(table[c].to_pylist() for c in
@@ -170,11 +170,7 @@ def shard_tokens(shard: Shard, index: int, corpus: CorpusConfig, table: pa.Table
             if doc.doc_id not in docs:
                 continue
             name, split, recorded = docs[doc.doc_id]
-            if text_sha256(doc.text) != recorded:
-                raise CorpusError(f"document {doc.doc_id!r} changed since the pipeline was clustered (its text no "
-                                  "longer has the sha256 recorded in assignments.parquet); restore the corpus as it "
-                                  "was, or cluster it again (`moie cluster --pipeline <id>`) to train on the new "
-                                  "text")
+            check_unchanged(doc, recorded)
             tokens = encode_bytes(doc.text)
             for model in (name, DENSE):
                 if (model, split) not in files:
@@ -212,3 +208,80 @@ def join_tokens(parts: list[list], location: str) -> str:
         sha = sha256_file(path)
         storage.upload(path, location)
     return sha
+
+
+def documents_by_shard(table: pa.Table, n_shards: int, columns: tuple[str, ...],
+                       splits: tuple[str, ...] | None = None) -> list[pa.Table]:
+    """Per corpus shard, its documents of the pipeline's assignments (of `splits`; default all),
+    these columns, checked to fit this corpus's shards."""
+    import pyarrow.compute as pc
+
+    if "text_sha256" not in table.column_names:
+        raise CorpusError("the pipeline's assignments.parquet records no content hashes, so the corpus cannot be "
+                          "checked against its clustering; cluster it again (`moie cluster`)")
+    if "shard" not in table.column_names:
+        raise CorpusError("the pipeline's assignments.parquet records no corpus shard per document (it was clustered "
+                          "before corpora were read as shards); cluster it again (`moie cluster`)")
+    if len(table) and pc.max(table["shard"]).as_py() >= n_shards:
+        raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({pc.max(table['shard']).as_py() + 1})"
+                          f" than this config's ({n_shards}); give the config the pipeline was clustered with")
+    if splits is not None:
+        table = table.filter(pc.is_in(table["split"], pa.array(list(splits))))
+    table = table.select([*columns, "shard"])
+    return [table.filter(pc.equal(table["shard"], i)).drop_columns(["shard"]) for i in range(n_shards)]
+
+
+def check_found(docs: list[pa.Table], results: list[dict]) -> None:
+    """Every clustered document of `docs` (per shard) was found by its shard's task (results:
+    {"found": how many, "missing": one it did not find or None})."""
+    expected, found = sum(len(d) for d in docs), sum(r["found"] for r in results)
+    if found < expected:
+        missing = [r["missing"] for r in results if r.get("missing")]
+        raise CorpusError(f"{expected - found} clustered documents (e.g. {missing[0]!r}) are not in the corpus of "
+                          "this config; give the config the pipeline was clustered with")
+
+
+# --- the evaluate stage's held-out documents, shard by shard ------------------------------------------
+
+
+def shard_shingles(shard: Shard, index: int, corpus: CorpusConfig, table: pa.Table, words: int,
+                   bits: int) -> dict:
+    """The shingles of the shard's clustered training documents in a filter of `bits` (a filter of
+    each shard, or-ed together, is the filter of the whole training split), every clustered
+    document of the shard checked against the content hash its clustering recorded. `table`: the
+    shard's clustered documents (doc_id, split, text_sha256). {"shingles": the filter, "found":
+    documents found, "missing": a clustered document not in the shard, or None}."""
+    recorded = dict(zip(table["doc_id"].to_pylist(), zip(table["split"].to_pylist(),
+                                                         table["text_sha256"].to_pylist())))
+    found: set[str] = set()
+
+    def training_texts():
+        for _, doc in shard_documents(shard, corpus, index=index):
+            if doc.doc_id in recorded:
+                split, sha = recorded[doc.doc_id]
+                check_unchanged(doc, sha)
+                found.add(doc.doc_id)
+                if split == "train":
+                    yield doc.text.encode("utf-8")
+
+    shingles = ShingleFilter(training_texts(), words, bits=bits)
+    return {"shingles": shingles, "found": len(found), "missing": next((d for d in recorded if d not in found), None)}
+
+
+def shard_coverage(shard: Shard, index: int, corpus: CorpusConfig, doc_ids: list[str],
+                   shingles: ShingleFilter) -> list[tuple[str, int, int]]:
+    """(doc_id, bytes, bytes covered by training shingles) of each of the shard's documents named."""
+    wanted = set(doc_ids)
+    out = []
+    for _, doc in shard_documents(shard, corpus, index=index):
+        if doc.doc_id in wanted:
+            data = doc.text.encode("utf-8")
+            out.append((doc.doc_id, len(data), int(shingles.covered(data).sum())))
+    return out
+
+
+def shard_texts(shard: Shard, index: int, corpus: CorpusConfig, doc_ids: list[str]) -> dict[str, bytes]:
+    """doc_id -> UTF-8 text of each of the shard's documents named."""
+    wanted = set(doc_ids)
+    return {doc.doc_id: doc.text.encode("utf-8") for _, doc in shard_documents(shard, corpus, index=index)
+            if doc.doc_id in wanted}

@@ -164,6 +164,14 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def check_unchanged(doc: Document, recorded: str) -> None:
+    """A clustered document's text must still have the sha256 its clustering recorded."""
+    if text_sha256(doc.text) != recorded:
+        raise CorpusError(f"document {doc.doc_id!r} changed since the pipeline was clustered (its text no longer "
+                          "has the sha256 recorded in assignments.parquet); restore the corpus as it was, or "
+                          "cluster it again (`moie cluster --pipeline <id>`) to train on the new text")
+
+
 def clustered_documents(table: dict, docs: list[Document]) -> dict[str, Document]:
     """doc_id -> document for every document of a clustering's assignments table, each checked
     against the content hash recorded when it was clustered: a corpus edited since then would be
@@ -177,10 +185,7 @@ def clustered_documents(table: dict, docs: list[Document]) -> dict[str, Document
         raise CorpusError("the pipeline's assignments.parquet records no content hashes, so the corpus cannot be "
                           "checked against its clustering; cluster it again (`moie cluster`)")
     for doc_id, expected in zip(table["doc_id"], table["text_sha256"]):
-        if text_sha256(by_id[doc_id].text) != expected:
-            raise CorpusError(f"document {doc_id!r} changed since the pipeline was clustered (its text no longer "
-                              "has the sha256 recorded in assignments.parquet); restore the corpus as it was, or "
-                              "cluster it again (`moie cluster --pipeline <id>`) to train on the new text")
+        check_unchanged(by_id[doc_id], expected)
     extra = len(by_id) - len(table["doc_id"])
     if extra > 0:
         log.warning("%d documents of the corpus were not there when it was clustered: they are left out "

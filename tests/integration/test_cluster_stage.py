@@ -183,3 +183,33 @@ def fit_clusters_table(cfg):
     from pipeline.stages.cluster import fit_clusters
 
     return fit_clusters(cfg).table
+
+
+def test_held_out_documents_read_shard_by_shard_are_those_one_process_reads(ray_local, moie_home, tmp_path):
+    """The evaluate stage's held-out documents of a sharded corpus, read by Ray tasks shard by
+    shard (filters of each shard's training shingles or-ed together), are the documents, the
+    near-duplicate drops and the overlap figures of the whole corpus read in one process."""
+    import json
+
+    from pipeline.stages.evaluate import held_out, held_out_in_process
+    from pipeline.store.catalog import Catalog
+
+    folder = tmp_path / "corpus"
+    textgen.write_sharded(folder)
+    rows = [json.loads(line) for line in (folder / "part-0.jsonl").read_text().splitlines()]
+    (folder / "reprints.jsonl").write_text("".join(  # near-copies as works of their own, some across the split
+        json.dumps({**r, "text": "Second printing.\n" + r["text"], "work": f"reprint-{i}"}) + "\n"
+        for i, r in enumerate(rows)))
+    cfg = sharded_config(tmp_path, ["corpus.test_fraction=0.3", "evaluate.max_bytes_per_domain=1500"])
+    pipeline_id = run_cluster(cfg)
+    _, table, _ = Catalog(cfg).assignments(pipeline_id)
+    sharded = held_out(cfg, None, table)
+    whole = held_out_in_process(cfg, cfg.corpus, "test", table, sharded.described)
+    assert sum(sharded.dropped.values()) > 0  # near-duplicates of training text were dropped ...
+    test = sum(s == "test" for s in table["split"])
+    assert len(sharded.tokens) < test - sum(sharded.dropped.values())  # ... and the byte budget left some out
+    assert sharded.domains == whole.domains
+    assert all(np.array_equal(a, b) for a, b in zip(sharded.tokens, whole.tokens, strict=True))
+    assert (sharded.dropped, sharded.overlap, sharded.overlap_before) == (whole.dropped, whole.overlap,
+                                                                          whole.overlap_before)
+    assert sharded.false_positive_rate == whole.false_positive_rate > 0
