@@ -126,7 +126,8 @@ def top1_flops_per_token(composed: ComposedLM, seq_len: int | None = None) -> fl
     """Forward FLOPs per token of a router-routed composition whose router sends every position
     to one expert (cBTM top-1): the cost of a routed position, whatever the router's choice."""
     seq_len = seq_len or composed.config.block_size
-    route = F.one_hot(torch.zeros(1, seq_len, dtype=torch.long), len(composed.experts)).float()  # (1, T, E)
+    device = composed.centers[composed.points[0]].device
+    route = F.one_hot(torch.zeros(1, seq_len, dtype=torch.long, device=device), len(composed.experts)).float()  # (1, T, E)
     return forward_flops_per_token(composed, seq_len, route=route)
 
 

@@ -253,10 +253,11 @@ def average_gradients(model: torch.nn.Module, world: int) -> None:
         p.grad = mean.view_as(p)
 
 
-def mean_over_workers(value: float, world: int) -> float:
+def mean_over_workers(value: float, world: int, device: torch.device = torch.device("cpu")) -> float:
+    """The mean of `value` over the workers (on `device`: NCCL reduces only GPU tensors)."""
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return float(t) / world
 
@@ -320,7 +321,7 @@ def _train(model, train_tokens, val_tokens, cfg: TrainConfig, ckpt_dir, on_metri
             loss_sum += loss.item()
         if world > 1:
             average_gradients(model, world)
-            loss_sum = mean_over_workers(loss_sum, world)
+            loss_sum = mean_over_workers(loss_sum, world, device)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -80,7 +80,7 @@ class ExpertsConfig:
     model: dict = field(default_factory=dict)  # HourglassConfig / GPTConfig keys (vocab from the tokenizer)
     train: dict = field(default_factory=dict)  # TrainConfig keys; max_tokens is the budget of one expert
     num_cpus: float = 1.0  # Ray resources of one expert's task
-    num_gpus: float | None = None  # GPUs of one expert's task (null: by `device`; 0.5 puts two on a GPU)
+    num_gpus: float | None = None  # GPU share of one expert's task, <= 1 (null: by `device`; 0.5 puts two on a GPU)
     max_retries: int = 3  # Ray retries of a task whose worker died; it resumes from its checkpoint
     resources: dict = field(default_factory=dict)  # custom Ray resources of one expert's task, e.g. {expert_slot: 1}
     dense: bool = True  # also train the dense baseline (k x the expert budget); it is the central model
@@ -93,7 +93,8 @@ class ExpertsConfig:
     seed_num_cpus: float | None = None
     # data-parallel workers (Ray Train, gloo on CPU, NCCL on GPU) of each model trained on the whole
     # corpus: the dense model (its seed phase too), a central model of its own, dense_matched. Each
-    # worker takes its section's num_cpus / num_gpus and an equal share of every batch (batch_size: a multiple of N)
+    # worker takes its section's num_cpus (and a whole GPU where the section asks for GPUs) and an
+    # equal share of every batch (batch_size: a multiple of N)
     dense_workers: int = 1
     progress_every: float = 5.0  # seconds between progress lines in the terminal
     # tests only: a local directory; each training task, once its first checkpoint is written,
@@ -198,7 +199,7 @@ class ExtendConfig:
     old_bytes_per_domain: int = 16_384  # held-out bytes scored per old domain (the new one: evaluate's)
     mixed_chunk: int = 512  # mixed documents: chunks of this many bytes, new and old text in turn
     num_cpus: float = 1.0  # Ray resources of each training and scoring task
-    num_gpus: float | None = None  # GPUs of each training and scoring task (null: by `device`)
+    num_gpus: float | None = None  # GPUs of the new expert's, the baselines' and the scoring tasks (null: by `device`)
 
 
 @dataclass
@@ -530,9 +531,14 @@ def validate_gpus(cfg: Config) -> None:
     """Each section's num_gpus is null (by `device`) or a number >= 0; device cpu asks for none."""
     for section in GPU_SECTIONS:
         gpus = getattr(cfg, section).num_gpus
-        if gpus is not None and not 0 <= gpus < math.inf:
-            raise ConfigError(f"{section}.num_gpus must be null (by the top-level key 'device') or a number of GPUs "
-                              f">= 0 (0.5: two tasks share a GPU), got {gpus!r}")
+        if gpus is not None and not 0 <= gpus <= 1:
+            raise ConfigError(f"{section}.num_gpus must be null (by the top-level key 'device') or a share of one GPU "
+                              f"between 0 and 1 (a task trains or scores on one GPU; 0.5: two tasks share it), got "
+                              f"{gpus!r}")
+        if cfg.experts.dense_workers > 1 and section in ("experts", "compose") and gpus not in (None, 0, 1):
+            raise ConfigError(f"{section}.num_gpus is {gpus:g} but experts.dense_workers is {cfg.experts.dense_workers}:"
+                              " each data-parallel worker takes a whole GPU (NCCL puts one worker on a GPU); set "
+                              f"{section}.num_gpus to 1 or null, or experts.dense_workers=1")
         if cfg.device == "cpu" and gpus:
             raise ConfigError(f"device is 'cpu' but {section}.num_gpus is {gpus:g}: set device=auto (or cuda) to "
                               f"train and score on GPUs, or {section}.num_gpus=0")

@@ -248,7 +248,7 @@ def keep_signal_handler(signum: int = signal.SIGTERM):
     try:
         yield
     finally:
-        if main and callable(before):
+        if main and before is not None:  # (None: a handler not installed from Python, left alone)
             signal.signal(signum, before)
 
 
@@ -271,18 +271,16 @@ def check_resources(num_cpus: float, num_gpus: float = 0, what: str = "task", re
                             "or add a node that has them")
 
 
-def check_workers(workers: int, num_cpus: float, num_gpus: float, what: str) -> None:
+def check_workers(workers: int, num_cpus: float, use_gpu: bool, what: str, fix: str) -> None:
     """Fail at once when the alive Ray nodes cannot hold `workers` data-parallel workers of
-    num_cpus CPUs and num_gpus GPUs each (Ray Train would wait for them forever)."""
+    num_cpus CPUs (and one GPU, `use_gpu`) each: Ray Train would wait for them for days."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    room = sum(min(int(r.get("CPU", 0) // num_cpus), int(r.get("GPU", 0) // num_gpus) if num_gpus else workers)
-               for r in nodes)
+    room = sum(min(int(r.get("CPU", 0) // num_cpus), int(r.get("GPU", 0)) if use_gpu else workers) for r in nodes)
     if room < workers:
-        raise ResourceError(f"the {what} asks for {workers} data-parallel workers of num_cpus={num_cpus:g}, "
-                            f"num_gpus={num_gpus:g} each, but the alive Ray nodes hold {room}; lower "
-                            "experts.dense_workers or experts.num_cpus, or add nodes")
+        raise ResourceError(f"the {what} asks for {workers} data-parallel workers of num_cpus={num_cpus:g}"
+                            f"{' and one GPU' if use_gpu else ''} each, but the alive Ray nodes hold {room}; {fix}")
 
 
 def largest_node_cpus() -> float:

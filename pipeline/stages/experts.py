@@ -334,7 +334,8 @@ class _ExpertsStage:
             check_resources(e.num_cpus, self.num_gpus, what="expert task (experts.num_cpus / experts.num_gpus)",
                             resources=e.resources)
             if any(t.workers > 1 for t in tasks):
-                check_workers(e.dense_workers, e.num_cpus, self.num_gpus, "dense model (experts.dense_workers)")
+                check_workers(e.dense_workers, e.num_cpus, bool(self.num_gpus), "dense model",
+                              "lower experts.dense_workers or experts.num_cpus, or add nodes")
             board = open_board(self.pipeline_id)  # one board for seed and branches (it dies with its last handle)
             self.train_seed(seed, tasks, board)
             registered |= self.train_all(tasks, board)

@@ -12,16 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import torch
 
-from experts.checkpoint import load_model, save_model
+from experts.checkpoint import latest_checkpoint, load_model, save_model
 from experts.trainer import TrainConfig, train
 from pipeline.config import Config
-from pipeline.ray_runtime import Grant, cancel, check_workers, get_or_fail
+from pipeline.ray_runtime import Grant, cancel, check_workers, current_node, device_name, get_or_fail
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, exact_uri, fetch_models
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import CENTRAL_MODEL, DENSE_MATCHED, Tag, pin_tags
-from pipeline.store.tracking import metrics_logger
+from pipeline.store.tracking import metrics_logger, record_attempt
 from pipeline.stages.parallel import parallel_task
 
 
@@ -69,6 +70,9 @@ def _train_matched(task: MatchedTask, scratch: Path, rank: int, world: int, devi
 
     cfg = TrainConfig(**task.train_config)
     checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
+    if rank == 0:
+        record_attempt(task.tracking_uri, task.run_id, current_node(), latest_checkpoint(checkpoints.dir),
+                       torch.get_num_threads(), device_name(device), world)
     model, _ = load_model(fetch_models(task.tracking_uri, [task.dense], scratch)[0])
     model.to(device)
     val = storage.load_tokens(task.val, scratch)
@@ -119,8 +123,8 @@ def start_continued(catalog: Catalog, cfg: Config, pipeline_id: str, dense_uri: 
     print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
           "PFLOPs, what the composed systems spend beyond it), beside the compositions", flush=True)
     if matched.workers > 1:
-        check_workers(matched.workers, matched.grant.num_cpus, matched.grant.num_gpus,
-                      f"{DENSE_MATCHED} (experts.dense_workers, compose.num_cpus / compose.num_gpus)")
+        check_workers(matched.workers, matched.grant.num_cpus, bool(matched.grant.num_gpus), DENSE_MATCHED,
+                      "lower experts.dense_workers or compose.num_cpus, set compose.num_gpus=0, or add nodes")
     return launch_matched(matched), matched
 
 
@@ -142,8 +146,6 @@ def finish_continued(catalog: Catalog, pipeline_id: str, ref, matched: MatchedTa
     version of `role` (dense_matched; `moie extend`'s fine-tuned baselines), ending its run."""
     tracker = catalog.tracker
     out = get_or_fail(ref, f"{matched.name} training task")
-    if out.get("workers", 1) > 1:
-        tracker.set_tags(matched.run_id, {Tag.WORKERS: str(out["workers"])})
     tracker.log_metrics(matched.run_id, {"tokens": out["tokens"], "steps": out["steps"], "params": out["params"],
                                          "final_train_loss": out["train_loss"],
                                          **({"final_val_bpb": out["val_bpb"]} if out["val_bpb"] is not None else {})})

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from artifacts import write_json
-from pipeline.ray_runtime import TaskFailedError, run_data_parallel, use_granted_cpus
+from pipeline.ray_runtime import TaskFailedError, granted_device, run_data_parallel, use_granted_cpus
 from pipeline.store import storage
 
 
@@ -54,7 +54,10 @@ def _parallel_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     use_granted_cpus(config["num_cpus"], config["seed"])
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")  # this worker's GPU
+    device = torch.device("cpu")
+    if config["use_gpu"]:
+        granted_device(1)  # one line if torch cannot see the GPU Ray granted (a CPU build of torch)
+        device = ray.train.torch.get_device()  # this worker's GPU (its local rank's)
     with tempfile.TemporaryDirectory(prefix="moie-dp-") as scratch:
         result = config["work"](config["args"], Path(scratch), rank, world, device)
         if rank == 0:

@@ -71,7 +71,7 @@ class Tag:
     NODE_ID = "moie.node_id"  # the Ray node a run's task ran on
     NODES = "moie.nodes"  # every node an attempt ran on, in order
     THREADS = "moie.threads"  # the threads each attempt trained on, in order
-    WORKERS = "moie.workers"  # the data-parallel workers that trained the model (absent: one)
+    WORKERS = "moie.workers"  # the data-parallel workers that trained the model (its newest attempt)
     DEVICE = "moie.device"  # what the newest attempt trained on: cpu, or cuda and the GPU's name
     RESUMED_FROM = "moie.resumed_from"  # the checkpoint step a run resumed from
 

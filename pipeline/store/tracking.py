@@ -86,7 +86,7 @@ def record_attempt(tracking_uri: str, run_id: str, node_id: str, resume_step: in
     attempt's node, in order, in moie.nodes), the checkpoint step it resumes from, the threads
     it trains on (every attempt's, in order, in moie.threads: the dense run's seed phase first),
     the device (moie.device: cpu, or cuda and the GPU's name) and its data-parallel workers
-    (moie.workers, when more than one)."""
+    (moie.workers)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     before = client.get_run(run_id).data.tags
 
@@ -100,8 +100,7 @@ def record_attempt(tracking_uri: str, run_id: str, node_id: str, resume_step: in
         tags[Tag.RESUMED_FROM] = str(resume_step)
     if device is not None:
         tags[Tag.DEVICE] = device
-    if workers > 1:
-        tags[Tag.WORKERS] = str(workers)
+    tags[Tag.WORKERS] = str(workers)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 

@@ -103,14 +103,15 @@ def test_training_on_cuda_follows_the_cpu_loss_curve_within_bf16_noise():
 
 
 @CUDA
-def test_device_cuda_trains_and_scores_the_whole_tiny_pipeline_on_the_gpu(tmp_path):
+def test_device_cuda_trains_the_tiny_pipeline_s_models_on_the_gpu_and_completes_it(tmp_path):
     small = ["experts.train.max_tokens=4000", "experts.train.ckpt_every=0",
              "compose.blocks_train={max_tokens: 3000, batch_size: 8}", "compose.gates_train={max_tokens: 1000, batch_size: 8}",
              "compose.joint_train={max_tokens: 3000, batch_size: 8}", "compose.eval_tokens=2048",
              "compose.center_tokens=2048", "evaluate.max_bytes_per_domain=2048"]
     proc = moie(tmp_path / "home", "run", "--config", "configs/tiny.yaml", "--set", "device=cuda", *small)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    trained = [r for r in runs(tmp_path / "home") if "moie.device" in r.data.tags]
-    assert trained and all(r.data.tags["moie.device"].startswith("cuda (") for r in trained)
+    trained = [r for r in runs(tmp_path / "home") if "moie.device" in r.data.tags]  # experts, dense, dense_matched
+    assert {r.data.tags["moie.expert"] for r in trained} >= {"dense", "dense_matched"}
+    assert all(r.data.tags["moie.device"].startswith("cuda (") for r in trained)
     evaluation = [r for r in runs(tmp_path / "home") if r.data.tags.get("moie.stage") == "evaluate"]
     assert evaluation and evaluation[0].info.status == "FINISHED"

@@ -187,6 +187,7 @@ def test_a_resource_name_mlflow_or_ray_would_refuse_is_refused_at_load(key):
 
 @pytest.mark.parametrize("override, message", [
     ("experts.num_gpus=-1", "experts.num_gpus must be null"),
+    ("experts.num_gpus=2", "a task trains or scores on one GPU"),
     ("compose.num_gpus=.inf", "compose.num_gpus must be null"),
     ("evaluate.num_gpus=true", "evaluate.num_gpus"),
 ])
@@ -209,6 +210,7 @@ def test_device_cpu_with_gpus_asked_of_a_section_is_refused_naming_both(section)
     (["experts.dense_workers=3"], r"experts.train.batch_size \(8\) must be a multiple of experts.dense_workers \(3\)"),
     (["experts.dense_workers=2", "central.arch=gpt", "central.train={batch_size: 5}"],
      r"central.train.batch_size \(5\) must be a multiple of experts.dense_workers \(2\)"),
+    (["experts.dense_workers=2", "compose.num_gpus=0.5"], "each data-parallel worker takes a whole GPU"),
 ])
 def test_data_parallel_workers_that_cannot_share_a_batch_equally_are_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -30,7 +30,7 @@ def test_a_task_compiles_into_moie_s_own_cache_unless_the_user_named_one(tmp_pat
     ("auto", 0.5, 8, 0.5),  # a section's own number wins: two tasks share a GPU
     ("auto", 0, 8, 0.0),
     ("cuda", None, 8, 1.0),
-    ("cuda", 2, 8, 2.0),
+    ("cuda", 0.5, 8, 0.5),
 ])
 def test_each_task_asks_for_the_gpus_the_device_and_its_section_say(device, num_gpus, node_gpus, asked):
     assert gpus_per_task(device, num_gpus, node_gpus) == asked
