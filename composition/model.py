@@ -182,7 +182,8 @@ class ComposedLM(nn.Module):
         block (as in its independent training); only experts some position is routed to run."""
         saved = self.active
         self.active = [e for e in saved if bool((route[..., e] > 0).any())] or saved[:1]
-        self._route = route[..., self.active].to(idx.device, next(self.blocks.parameters()).dtype)  # (B, T, E_active)
+        dtype = next(self.blocks.parameters()).dtype
+        self._route = route[..., self.active].to(idx.device, dtype)  # (B, T, E_active)
         try:
             return self._forward(idx, targets)
         finally:

@@ -127,7 +127,8 @@ def top1_flops_per_token(composed: ComposedLM, seq_len: int | None = None) -> fl
     to one expert (cBTM top-1): the cost of a routed position, whatever the router's choice."""
     seq_len = seq_len or composed.config.block_size
     device = composed.centers[composed.points[0]].device
-    route = F.one_hot(torch.zeros(1, seq_len, dtype=torch.long, device=device), len(composed.experts)).float()  # (1, T, E)
+    first = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+    route = F.one_hot(first, len(composed.experts)).float()  # (1, T, E)
     return forward_flops_per_token(composed, seq_len, route=route)
 
 

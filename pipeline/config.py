@@ -536,8 +536,8 @@ def validate_gpus(cfg: Config) -> None:
                               f"between 0 and 1 (a task trains or scores on one GPU; 0.5: two tasks share it), got "
                               f"{gpus!r}")
         if cfg.experts.dense_workers > 1 and section in ("experts", "compose") and gpus not in (None, 0, 1):
-            raise ConfigError(f"{section}.num_gpus is {gpus:g} but experts.dense_workers is {cfg.experts.dense_workers}:"
-                              " each data-parallel worker takes a whole GPU (NCCL puts one worker on a GPU); set "
+            raise ConfigError(f"{section}.num_gpus is {gpus:g} but experts.dense_workers is "
+                              f"{cfg.experts.dense_workers}: each data-parallel worker takes a whole GPU (NCCL puts one worker on a GPU); set "
                               f"{section}.num_gpus to 1 or null, or experts.dense_workers=1")
         if cfg.device == "cpu" and gpus:
             raise ConfigError(f"device is 'cpu' but {section}.num_gpus is {gpus:g}: set device=auto (or cuda) to "

@@ -223,8 +223,9 @@ def documents_by_shard(table: pa.Table, n_shards: int, columns: tuple[str, ...],
         raise CorpusError("the pipeline's assignments.parquet records no corpus shard per document (it was clustered "
                           "before corpora were read as shards); cluster it again (`moie cluster`)")
     if len(table) and pc.max(table["shard"]).as_py() >= n_shards:
-        raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({pc.max(table['shard']).as_py() + 1})"
-                          f" than this config's ({n_shards}); give the config the pipeline was clustered with")
+        most = pc.max(table["shard"]).as_py() + 1
+        raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({most}) than this config's "
+                          f"({n_shards}); give the config the pipeline was clustered with")
     if splits is not None:
         table = table.filter(pc.is_in(table["split"], pa.array(list(splits))))
     table = table.select([*columns, "shard"])
