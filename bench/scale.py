@@ -1,5 +1,5 @@
-"""How the data stages scale with the corpus — the cluster stage, and the experts stage's token
-writing — in wall time, MB/s per core and peak memory of the whole process tree (driver, Ray's
+"""How the data stages scale with the corpus — the cluster stage, the experts stage's token
+writing and the evaluate stage's held-out documents — in wall time, MB/s per core and peak memory of the whole process tree (driver, Ray's
 own processes, workers), at several corpus sizes.
 
     python bench/scale.py                           # 0.1, 0.5 and 2 GB (~15 minutes on 2 cores)
@@ -13,7 +13,9 @@ jsonl shards of `--shard-mb` and kept under ~/.cache/moie/bench-scale for later 
 
 Each run is `moie cluster` (the default config on those files), then the experts stage's
 `expert_data` for that clustering (token files of every expert and the dense model, before
-any training), each in a process of its own, with its own Ray and MLflow store; a sampler sums the proportional set size (PSS: shared
+any training), then the evaluate stage's `held_out` (the held-out documents, near-duplicates of
+the training split dropped; it prints how many it kept and dropped, to compare the checkouts'
+choices), each in a process of its own, with its own Ray and MLflow store; a sampler sums the proportional set size (PSS: shared
 pages split between the processes that map them) of the process and all its descendants
 every 0.2 s: of every page, and of the pages the kernel cannot drop ("held": anonymous and
 shared memory, Ray's object store included; not the page cache of files read or
@@ -146,13 +148,28 @@ expert_data(cfg, catalog.checkpoint_root(sys.argv[2], run.info.run_id), table, c
 """
 
 
+HELD = """
+import json, sys
+import pipeline, ray
+from pipeline.config import load_config
+from pipeline.stages.evaluate import held_out
+from pipeline.store.catalog import Catalog
+cfg = load_config(sys.argv[1], sys.argv[3:])
+_, table, _ = Catalog(cfg).assignments(sys.argv[2])
+ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+held = held_out(cfg, None, table)
+print(json.dumps({"kept": len(held.tokens), "dropped": sum(held.dropped.values())}))
+"""
+
+
 def overrides(folder: Path) -> list[str]:
     return ["corpus.source=files", f"corpus.files=[{folder}/*.jsonl]", "tracking.experiment=scale"]
 
 
-def run_stages(tree: Path, folder: Path, home: Path, tokens: bool) -> dict[str, dict]:
+def run_stages(tree: Path, folder: Path, home: Path, tokens: bool, held: bool = True) -> dict[str, dict]:
     """`moie cluster` of the default config on the jsonl files of `folder`, from the checkout
-    `tree`, then (`tokens`) the experts stage's token writing for that clustering:
+    `tree`, then (`tokens`) the experts stage's token writing and (`held`) the evaluate stage's
+    held-out documents for that clustering:
     {stage: {wall_s, peak (the tree's PSS), peak_<role>, the stage's timing metrics}}."""
     env = dict(os.environ, MOIE_HOME=str(home), PYTHONPATH=str(tree))
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -165,6 +182,10 @@ def run_stages(tree: Path, folder: Path, home: Path, tokens: bool) -> dict[str, 
     if tokens:
         results["tokens"] = measured([sys.executable, "-c", TOKENS, config, pipeline_id, *overrides(folder)],
                                      tree, env)[1]
+    if held:
+        out, results["held-out"] = measured([sys.executable, "-c", HELD, config, pipeline_id, *overrides(folder)],
+                                            tree, env)
+        results["held-out"] |= json.loads(out.strip().splitlines()[-1])
     return results
 
 
@@ -224,7 +245,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="a checkout of another commit, run beside this one")
     parser.add_argument("--baseline-max-gb", type=float, default=0.5, help="the baseline only up to this size")
     parser.add_argument("--no-tokens", dest="tokens", action="store_false",
-                        help="only the cluster stage, not the experts stage's token writing")
+                        help="not the experts stage's token writing")
+    parser.add_argument("--no-held-out", dest="held", action="store_false",
+                        help="not the evaluate stage's held-out documents")
     args = parser.parse_args()
 
     cores = os.cpu_count()
@@ -235,14 +258,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="moie-scale-") as tmp:
         for name, tree in trees.items():
-            start = run_stages(tree, small, Path(tmp) / f"{name}-start", args.tokens)
+            start = run_stages(tree, small, Path(tmp) / f"{name}-start", args.tokens, args.held)
             rows += [(name, stage, small, r, r) for stage, r in start.items()]
             print(f"{name}: 1 MB run " + ", ".join(f"{stage} {r['wall_s']:.1f} s" for stage, r in start.items()),
                   flush=True)
             for size, folder in corpora:
                 if name == "baseline" and size > args.baseline_max_gb:
                     continue
-                result = run_stages(tree, folder, Path(tmp) / f"{name}-{size}", args.tokens)
+                result = run_stages(tree, folder, Path(tmp) / f"{name}-{size}", args.tokens, args.held)
                 rows += [(name, stage, folder, r, start[stage]) for stage, r in result.items()]
                 print(f"{name}: {size} GB done in " + ", ".join(f"{stage} {r['wall_s']:.0f} s"
                                                               for stage, r in result.items()), flush=True)
@@ -260,6 +283,8 @@ def main() -> None:
         held_ratio = f"{beyond_held / size:.2f}" if r is not start else "—"
         timing = ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.0f}" for k, v in sorted(r.items())
                            if k.startswith("time_") and k.endswith("_s"))
+        if "kept" in r:
+            timing = f"kept {r['kept']:,}, dropped {r['dropped']:,}"
         print(f"| {name} | {stage} | {size / MB:,.0f} | {r.get('shards', 1):.0f} | {r.get('n_documents', 0):,.0f} | "
               f"{r['wall_s']:.0f} | {beyond_s:.0f} | {rate} | {r['peak_tree'] / MB:,.0f} | {beyond_mem / MB:,.0f} | "
               f"{ratio} | {r['peak_held_tree'] / MB:,.0f} | {beyond_held / MB:,.0f} | {held_ratio} | "
