@@ -110,7 +110,8 @@ def test_a_job_with_the_deploy_runtime_env_runs_moie_from_its_working_dir_in_a_v
     entrypoint = f"python -c {shlex.quote(probe)} && python -m jobs.cluster --config configs/tiny.yaml"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(["ray", "job", "submit", "--address", ray_head, "--runtime-env-json", json.dumps(runtime_env),
-                           "--", entrypoint], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+                           "--", "sh", "-c", entrypoint], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "succeeded" in output, output[-4000:]
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
