@@ -55,7 +55,7 @@ def fit_centers(composed: ComposedLM, token_sets: list[np.ndarray], n_tokens: in
         raise ValueError("fit_centers needs at least one token set (one per expert)")
     per_set = windows_per_set(n_tokens, len(token_sets), seq)
     rng = np.random.default_rng(seed)
-    device = composed.centers[composed.points[0]].device
+    device = next(composed.parameters()).device
     means = []
     for tokens in token_sets:
         if len(tokens) < seq + 1:
@@ -126,7 +126,7 @@ def top1_flops_per_token(composed: ComposedLM, seq_len: int | None = None) -> fl
     """Forward FLOPs per token of a router-routed composition whose router sends every position
     to one expert (cBTM top-1): the cost of a routed position, whatever the router's choice."""
     seq_len = seq_len or composed.config.block_size
-    device = composed.centers[composed.points[0]].device
+    device = next(composed.parameters()).device
     first = torch.zeros(1, seq_len, dtype=torch.long, device=device)
     route = F.one_hot(first, len(composed.experts)).float()  # (1, T, E)
     return forward_flops_per_token(composed, seq_len, route=route)

@@ -528,7 +528,8 @@ GPU_SECTIONS = ("experts", "compose", "evaluate", "extend")  # each has num_gpus
 
 
 def validate_gpus(cfg: Config) -> None:
-    """Each section's num_gpus is null (by `device`) or a number >= 0; device cpu asks for none."""
+    """Each section's num_gpus is null (by `device`) or a share of one GPU (whole GPUs for
+    data-parallel workers); device cpu asks for none, device cuda for some."""
     for section in GPU_SECTIONS:
         gpus = getattr(cfg, section).num_gpus
         if gpus is not None and not 0 <= gpus <= 1:
@@ -537,8 +538,8 @@ def validate_gpus(cfg: Config) -> None:
                               f"{gpus!r}")
         if cfg.experts.dense_workers > 1 and section in ("experts", "compose") and gpus not in (None, 0, 1):
             raise ConfigError(f"{section}.num_gpus is {gpus:g} but experts.dense_workers is "
-                              f"{cfg.experts.dense_workers}: each data-parallel worker takes a whole GPU (NCCL puts one worker on a GPU); set "
-                              f"{section}.num_gpus to 1 or null, or experts.dense_workers=1")
+                              f"{cfg.experts.dense_workers}: each data-parallel worker takes a whole GPU (NCCL puts "
+                              f"one worker on a GPU); set {section}.num_gpus to 1 or null, or experts.dense_workers=1")
         if cfg.device == "cpu" and gpus:
             raise ConfigError(f"device is 'cpu' but {section}.num_gpus is {gpus:g}: set device=auto (or cuda) to "
                               f"train and score on GPUs, or {section}.num_gpus=0")

@@ -26,7 +26,7 @@ from experts.flops import forward_flops_per_token
 from experts.trainer import TrainConfig
 from pipeline.config import KWAY_TRAIN, Config
 from pipeline.errors import StageError, one_line
-from pipeline.ray_runtime import (TaskFailedError, check_resources, connect_cluster, get_or_fail, granted_device,
+from pipeline.ray_runtime import (Grant, TaskFailedError, check_resources, connect_cluster, get_or_fail, granted_device,
                                   task_gpus, use_granted_cpus)
 from pipeline.stages.matched import abandon_continued, finish_continued, start_continued
 from pipeline.store import storage
@@ -84,7 +84,7 @@ class CompositionTask:
 
     def options(self, max_retries: int = 1) -> dict:
         """The Ray options of each of its tasks."""
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": max_retries}
+        return Grant(self.num_cpus, self.num_gpus).options(max_retries=max_retries)
 
 
 # --- Ray task bodies -------------------------------------------------------------------------

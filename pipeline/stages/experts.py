@@ -197,7 +197,7 @@ def _train_expert(task: ExpertTask, board, scratch: Path, rank: int = 0, device:
     cfg = TrainConfig(**task.train_config)
     checkpoints = storage.CheckpointMirror(task.ckpt_dir, scratch, keep=cfg.keep_checkpoints)
     resume_step = latest_checkpoint(checkpoints.dir)
-    device = device or granted_device(task.num_gpus)  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
+    device = granted_device(task.num_gpus) if device is None else device  # Ray set CUDA_VISIBLE_DEVICES to the GPUs it granted
     if rank == 0:
         record_attempt(task.tracking_uri, task.run_id, current_node(), resume_step, torch.get_num_threads(),
                        device_name(device), world)

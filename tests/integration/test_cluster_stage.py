@@ -185,7 +185,8 @@ def fit_clusters_table(cfg):
     return fit_clusters(cfg).table
 
 
-def test_held_out_documents_read_shard_by_shard_are_those_one_process_reads(ray_local, moie_home, tmp_path):
+def test_held_out_documents_read_shard_by_shard_are_those_one_process_reads(ray_local, moie_home, tmp_path,
+                                                                           monkeypatch):
     """The evaluate stage's held-out documents of a sharded corpus, read by Ray tasks shard by
     shard (filters of each shard's training shingles or-ed together), are the documents, the
     near-duplicate drops and the overlap figures of the whole corpus read in one process."""
@@ -203,7 +204,9 @@ def test_held_out_documents_read_shard_by_shard_are_those_one_process_reads(ray_
     cfg = sharded_config(tmp_path, ["corpus.test_fraction=0.3", "evaluate.max_bytes_per_domain=1500"])
     pipeline_id = run_cluster(cfg)
     _, table, _ = Catalog(cfg).assignments(pipeline_id)
-    sharded = held_out(cfg, None, table)
+    with monkeypatch.context() as m:  # read by the shard tasks: this process never loads the corpus
+        m.setattr("pipeline.stages.evaluate.load_corpus", lambda *a: pytest.fail("the corpus was loaded whole"))
+        sharded = held_out(cfg, None, table)
     whole = held_out_in_process(cfg, cfg.corpus, "test", table, sharded.described)
     assert sum(sharded.dropped.values()) > 0  # near-duplicates of training text were dropped ...
     test = sum(s == "test" for s in table["split"])
