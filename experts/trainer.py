@@ -160,6 +160,8 @@ def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, generator: t
         raise ValueError(f"training data has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
                          f"{seq_len + 1}; give more text or a shorter seq_len")
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)[share]
+    if hasattr(tokens, "prefetch"):  # a token file read by ranged reads: fetch the batch's blocks at once
+        tokens.prefetch(starts.tolist(), seq_len + 1)
     rows = np.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()]).astype(np.int64)
     batch = to_device(rows, device)
     return batch[:, :-1], batch[:, 1:]

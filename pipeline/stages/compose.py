@@ -81,6 +81,7 @@ class CompositionTask:
     hub: str | None = None  # "seed": the central model is the pipeline's seed, not its full dense run
     missing_experts: dict[str, str] = field(default_factory=dict)  # clusters composed without: {name: why}
     num_gpus: float = 0.0  # of each of its Ray tasks (task_gpus)
+    pins: dict[str, str] = field(default_factory=dict)  # token file -> sha256 of its block index (the registry's)
 
     def options(self, max_retries: int = 1) -> dict:
         """The Ray options of each of its tasks."""
@@ -132,8 +133,8 @@ def _fit_centres(composed: ComposedLM, task: CompositionTask, scratch: Path) -> 
     """{"centers": the centres' parameters, "center_tokens": tokens the central model read for them}."""
     center_tokens = 0
     if task.center_tokens:
-        center_tokens = fit_centers(composed, [storage.load_tokens(path, scratch) for path in task.expert_data],
-                                    task.center_tokens, seed=task.seed)
+        token_sets = [storage.load_tokens(path, scratch, task.pins) for path in task.expert_data]
+        center_tokens = fit_centers(composed, token_sets, task.center_tokens, seed=task.seed)
     return {"centers": {k: v for k, v in new_parameters(composed).items() if k.startswith("centers.")},
             "center_tokens": center_tokens}
 
@@ -149,7 +150,8 @@ def train_independent_task(task: CompositionTask, e: int, fitted: dict | None = 
     slot = e if slot is None else slot
     with scratch_dir("task") as scratch:  # (the k-way gate needs every expert)
         composed = _composed(replace(task, settings=replace(task.settings, kway=False)), [e], Path(scratch))
-        blocks, gates, *mix = train_independent(composed, 0, storage.load_tokens(task.expert_data[e], Path(scratch)),
+        tokens = storage.load_tokens(task.expert_data[e], Path(scratch), task.pins)
+        blocks, gates, *mix = train_independent(composed, 0, tokens,
                                                 TrainConfig(**task.blocks_train), TrainConfig(**task.gates_train),
                                                 TrainConfig(**task.mix_train))
     state = {_slot(k, slot): v for k, v in new_parameters(composed).items()}
@@ -171,7 +173,8 @@ def train_kway_task(task: CompositionTask, state: dict) -> dict:
     text; its parameters, loss and tokens. Only the central model runs (state: its centres)."""
     with scratch_dir("task") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state)
-        out = train_kway(composed, [storage.load_tokens(path, Path(scratch)) for path in task.expert_data],
+        token_sets = [storage.load_tokens(path, Path(scratch), task.pins) for path in task.expert_data]
+        out = train_kway(composed, token_sets,
                          task.kway_train["max_tokens"], task.kway_train["batch_size"], task.kway_train["lr"],
                          seed=task.seed)
     return {"state": {k: v for k, v in new_parameters(composed).items() if k.startswith("kway.")}, **out}
@@ -180,8 +183,8 @@ def train_kway_task(task: CompositionTask, state: dict) -> dict:
 def train_joint_task(task: CompositionTask) -> dict:
     with scratch_dir("task") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch))
-        result = train_joint(composed, storage.load_tokens(task.train, Path(scratch)), TrainConfig(**task.joint_train),
-                             task.balance_weight)
+        result = train_joint(composed, storage.load_tokens(task.train, Path(scratch), task.pins),
+                             TrainConfig(**task.joint_train), task.balance_weight)
     return {"state": new_parameters(composed), "joint_loss": result.train_loss, "tokens": result.tokens}
 
 
@@ -199,8 +202,8 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True,
                              record_routing=True)
         share = max(1, task.eval_tokens // len(task.experts))
-        groups = [validation_documents(np.asarray(storage.load_tokens(path, Path(scratch))), task.scoring.eos_id,
-                                       share, required=False) for path in task.expert_val]
+        groups = [validation_documents(np.asarray(storage.load_tokens(path, Path(scratch), task.pins)),
+                                       task.scoring.eos_id, share, required=False) for path in task.expert_val]
     if not any(groups):
         raise StageError("no validation documents to score in any expert's cluster; raise corpus.val_fraction")
     n = len(task.experts)
@@ -457,6 +460,8 @@ def composition_task(cfg: Config, catalog: Catalog, central, experts: list, tmp:
         balance_weight=c.balance_weight,
         num_cpus=c.num_cpus, eval_tokens=c.eval_tokens, seed=cfg.seed, scoring=cfg.evaluate.scoring(),
         parts_sha256={uri: v.tags[Tag.SHA] for uri, v in versions.items()})
+    task.pins = {path: catalog.pins[path] for path in {*task.expert_data, *task.expert_val, task.train, task.val}
+                 if path in catalog.pins}
     task = shared_router(catalog, task, experts, tmp)
     connect_cluster(cfg, catalog.tracker)
     task = replace(task, num_gpus=task_gpus(cfg, "compose"))

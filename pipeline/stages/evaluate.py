@@ -489,7 +489,7 @@ def validation_set(cfg: Config, catalog: Catalog, experts: list, router, cluster
     eos, share = EOS_ID, max(1, cfg.compose.eval_tokens // max(len(experts), 1))
     docs = []
     for version in experts:
-        tokens = storage.load_tokens(catalog.data_path(version, "val"), tmp / "val")
+        tokens = storage.load_tokens(catalog.data_path(version, "val"), tmp / "val", catalog.pins)
         docs += [np.asarray(d, dtype=np.uint8) for d in stream_documents(tokens, eos, share)]
     return {"docs": docs, "weights": [document_weights(router, bytes(d), clusters, 1) for d in docs]}
 

@@ -17,11 +17,10 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import pyarrow as pa
 import ray
 import torch
@@ -36,11 +35,12 @@ from pipeline.ray_runtime import (cancel, check_resources, check_workers, connec
                                   describe_failure, device_name, every_result, granted_device, largest_node_cpus,
                                   task_gpus, use_granted_cpus)
 from pipeline.store import storage
-from pipeline.store.catalog import Catalog, check_token_files, exact_uri
+from pipeline.store.catalog import Catalog, check_token_files, exact_uri, token_tags
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, ROLE_CENTRAL, ROLE_DENSE,
                                   ROLE_DENSE_CENTRAL, SEED, Tag, carried_tags, expert_cluster, expert_name, is_expert,
-                                  model_tags, tokens_sha_tag)
+                                  model_tags)
+from pipeline.store.tokens import save_tokens
 from pipeline.store.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
 from pipeline.stages.parallel import parallel_task
 from pipeline.stages.shards import check_found, documents_by_shard, join_tokens, shard_tokens
@@ -72,7 +72,7 @@ class ExpertTask:
     tracking_uri: str
     model: dict  # {"arch": ..., model config, "vocab_size": ...}
     train_config: dict  # TrainConfig fields, the budget (max_tokens) and seed included
-    train: str  # token files (.npy, memory-mapped), locations in the storage
+    train: str  # token files (.npy, read by blocks), locations in the storage
     val: str
     ckpt_dir: str  # a location in the storage
     num_cpus: float
@@ -87,6 +87,7 @@ class ExpertTask:
     description: dict | None = None  # of the MLflow model the task logs to its run (None: the seed, not logged)
     hold: str | None = None  # tests only (experts.hold): wait after the first checkpoint until <hold>/release exists
     workers: int = 1  # data-parallel workers (experts.dense_workers for the dense and central models)
+    pins: dict = field(default_factory=dict)  # token file -> sha256 of its block index, as its run recorded
 
 
 @dataclass
@@ -111,12 +112,10 @@ class SeedPlan:
 
 
 def write_tokens(location: str, texts: list[str], eos_id: int) -> str:
-    """Byte tokens of texts held in memory (eos after each) as a .npy file in the storage, which tasks
-    memory-map (a new domain's, in `moie extend`); written once."""
+    """Byte tokens of texts held in memory (eos after each) as a token file in the storage (a new
+    domain's, in `moie extend`); written once."""
     if storage.kind(location) != "file":
-        with tempfile.TemporaryDirectory() as tmp:
-            np.save(Path(tmp) / "tokens.npy", encode_texts(texts, eos_id))
-            storage.upload(Path(tmp) / "tokens.npy", location)  # whole or not at all
+        save_tokens(encode_texts(texts, eos_id), location)  # whole or not at all
     return location
 
 
@@ -205,8 +204,8 @@ def _train_expert(task: ExpertTask, board, scratch: Path, rank: int = 0, device:
     if task.init_from and resume_step is None:  # branch from the shared seed
         model.load_state_dict(load_model(storage.local_copy(task.init_from, scratch))[0].state_dict())
     model.to(device)
-    train_tokens = storage.load_tokens(task.train, scratch)
-    val_tokens = storage.load_tokens(task.val, scratch)
+    train_tokens = storage.load_tokens(task.train, scratch, task.pins)
+    val_tokens = storage.load_tokens(task.val, scratch, task.pins)
     val_tokens = val_tokens if len(val_tokens) > 1 else None
     total = cfg.steps(cfg.seq_len or model.config.block_size)
     log_metrics = metrics_logger(task.tracking_uri, task.run_id)
@@ -404,7 +403,8 @@ class _ExpertsStage:
         else:
             run_id = run.info.run_id
             self.tracker.reopen_run(run_id)
-            check_token_files(name, run.data.tags, files)
+        run_tags = self.tracker.client.get_run(run_id).data.tags
+        pins = check_token_files(name, run_tags, files)  # (just recorded, for a new run: its index read again)
         n_train = storage.npy_length(data["train"])
         if n_train < batch * (seq_len + 1):
             why = (f"its data has {n_train} training tokens, fewer than one batch of {batch} windows of "
@@ -416,10 +416,10 @@ class _ExpertsStage:
         if branch:  # the shared seed's tokens count once for all experts
             self.tracker.set_tags(run_id, {Tag.SEED_TOKENS: str(seed.tokens)})
         workers = e.dense_workers if name in (DENSE, CENTRAL) else 1
-        domain = self.tracker.client.get_run(run_id).data.tags.get(Tag.DOMAIN)
+        domain = run_tags.get(Tag.DOMAIN)
         return ExpertTask(name=name, run_id=run_id, tracking_uri=self.tracker.uri, model=model_cfg,
                           train_config={**train_cfg, "max_tokens": budget, "seed": self.cfg.seed},
-                          train=data["train"], val=data["val"], ckpt_dir=ckpt_dir, num_cpus=e.num_cpus,
+                          train=data["train"], val=data["val"], pins=pins, ckpt_dir=ckpt_dir, num_cpus=e.num_cpus,
                           num_gpus=self.num_gpus, tokenizer=TOKENIZER.fingerprint, seed=self.cfg.seed,
                           has_central=bool(self.cfg.central.arch), init_from=seed.dir if branch else None,
                           description={"registered_model": registered_model(name), "model": name,
@@ -429,7 +429,7 @@ class _ExpertsStage:
     def create_run(self, name: str, params: dict[str, str], files: dict[str, str]) -> str:
         tags = {Tag.EXPERT: name, Tag.CLUSTER_RUN: self.cluster_run_id, Tag.STORAGE_ROOT: self.root,
                 Tag.NUM_CPUS: str(self.cfg.experts.num_cpus)}
-        tags |= {tokens_sha_tag(split): storage.sha256(path) for split, path in files.items()}
+        tags |= token_tags(files)
         cluster = expert_cluster(name)
         if cluster is not None:
             tags[Tag.CLUSTER] = str(cluster)

@@ -45,9 +45,10 @@ from pipeline.stages.evaluate import ComposedSystem, held_out, score_composition
 from pipeline.stages.experts import ExpertTask, train_expert, write_tokens
 from pipeline.stages.matched import MatchedTask, abandon_continued, finish_continued, launch_matched
 from pipeline.store import storage
-from pipeline.store.catalog import ROUTER_NAME, Catalog, exact_uri
-from pipeline.store.names import (EXPERT_MODEL, SEED, Tag, carried_tags, expert_name, extend_tag, model_tags, sha_tag,
-                                  tokens_sha_tag)
+from pipeline.store.catalog import ROUTER_NAME, Catalog, check_token_files, exact_uri, token_tags
+from pipeline.store.names import (EXPERT_MODEL, SEED, Tag, carried_tags, expert_name, extend_tag, model_tags,
+                                  sha_tag)
+from pipeline.store.tokens import save_tokens
 from pipeline.store.tracking import param_strings
 from pipeline.text.corpus import Document, load_corpus
 from routing.ensemble import document_weights, keep_top_k
@@ -361,13 +362,11 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
     train_cfg = continued_config(cfg, plan, central, pflops)
     eos = EOS_ID
     new_train = storage.load_tokens(data["train"], tmp / "new-train")
-    old = [storage.load_tokens(catalog.data_path(v, "train"), tmp / f"old-{i}")
+    old = [storage.load_tokens(catalog.data_path(v, "train"), tmp / f"old-{i}", catalog.pins)
            for i, v in enumerate(plan.experts)]
     mixed = replay_tokens(new_train, old, cfg.extend.replay, cfg.seed, eos)
     replay_file = storage.join(root, "data", f"{REPLAY}.train.npy")
-    with tempfile.TemporaryDirectory() as t:
-        np.save(Path(t) / "tokens.npy", mixed)
-        storage.upload(Path(t) / "tokens.npy", replay_file)
+    save_tokens(mixed, replay_file)
     started = {}
     for name, train in ((FINETUNE, data["train"]), (REPLAY, replay_file)):
         if name == REPLAY and cfg.extend.replay == 0:
@@ -400,13 +399,14 @@ def new_expert_task(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
         storage.upload(catalog.model_dir(plan.branch, tmp / "branch"), init_from)
     tags = {Tag.EXPERT: plan.name, Tag.CLUSTER: str(plan.cluster), Tag.CLUSTER_RUN: run_id,
             Tag.STORAGE_ROOT: root, Tag.DOMAIN: new.domain, Tag.EXTENSION: run_id,
-            **{tokens_sha_tag(split): storage.sha256(path) for split, path in data.items()}}
+            **token_tags(data)}
     child = tracker.create_stage_run(pipeline_id, "extend", name=plan.name, tags=tags)
     tracker.log_params(child, param_strings({f"model.{k}": v for k, v in plan.model.items()}
                                             | {f"train.{k}": v for k, v in plan.expert_train.items()}
                                             | {"branched_from": exact_uri(plan.branch) if plan.branch else "scratch"}))
     return ExpertTask(name=plan.name, run_id=child, tracking_uri=tracker.uri, model=plan.model,
                       train_config=plan.expert_train, train=data["train"], val=data["val"],
+                      pins=check_token_files(plan.name, tags, data),
                       ckpt_dir=Catalog.checkpoint_dir(root, plan.name), num_cpus=cfg.extend.num_cpus,
                       num_gpus=task_gpus(cfg, "extend"),
                       tokenizer=TOKENIZER.fingerprint, seed=cfg.seed, init_from=init_from,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -43,6 +43,7 @@ class MatchedTask:
     seed: int
     pipeline: str
     workers: int = 1  # data-parallel workers (experts.dense_workers for dense_matched)
+    pins: dict[str, str] = field(default_factory=dict)  # token file -> sha256 of its block index (the registry's)
 
 
 # --- Ray task body ---------------------------------------------------------------------------------
@@ -75,8 +76,8 @@ def _train_matched(task: MatchedTask, scratch: Path, rank: int, world: int, devi
                        torch.get_num_threads(), device_name(device), world)
     model, _ = load_model(fetch_models(task.tracking_uri, [task.dense], scratch)[0])
     model.to(device)
-    val = storage.load_tokens(task.val, scratch)
-    result = train(model, storage.load_tokens(task.train, scratch), val if len(val) > 1 else None, cfg,
+    val = storage.load_tokens(task.val, scratch, task.pins)
+    result = train(model, storage.load_tokens(task.train, scratch, task.pins), val if len(val) > 1 else None, cfg,
                    ckpt_dir=checkpoints.dir, on_metrics=metrics_logger(task.tracking_uri, task.run_id),
                    meta={"tokenizer": task.tokenizer}, on_checkpoint=checkpoints.push)
     if rank:
@@ -119,7 +120,8 @@ def start_continued(catalog: Catalog, cfg: Config, pipeline_id: str, dense_uri: 
                           ckpt_dir=Catalog.checkpoint_dir(root, f"{DENSE_MATCHED}-{schedule_id(train_cfg)}"),
                           train_config=train_cfg,
                           tokenizer=tokenizer, grant=Grant.of(cfg, "compose"), seed=cfg.seed,
-                          pipeline=pipeline_id, workers=cfg.experts.dense_workers)
+                          pipeline=pipeline_id, workers=cfg.experts.dense_workers,
+                          pins={path: catalog.pins[path] for path in (train, val) if path in catalog.pins})
     print(f"{DENSE_MATCHED}: the dense model trains on for {train_cfg['max_tokens']} tokens ({extra / 1e15:.3f} "
           "PFLOPs, what the composed systems spend beyond it), beside the compositions", flush=True)
     if matched.workers > 1:

@@ -18,6 +18,7 @@ from artifacts import sha256_file, write_json
 from pipeline.config import Config, CorpusConfig, from_dict
 from pipeline.errors import StageError
 from pipeline.store import storage
+from pipeline.store.tokens import put_token_file
 from pipeline.text.corpus import CorpusError, Shard, check_unchanged, shard_documents, text_sha256
 from pipeline.text.overlap import ShingleFilter
 from routing.router import ClusterRouter
@@ -188,9 +189,9 @@ def shard_tokens(shard: Shard, index: int, corpus: CorpusConfig, table: pa.Table
 
 
 def join_tokens(parts: list[list], location: str) -> str:
-    """One .npy token file at `location` in the storage: the parts ([location, tokens, sha256], in
-    order) one after the other, each checked against its sha256 once, copied a block at a time
-    (no memory map: its pages would count as the process's). Returns the file's sha256."""
+    """One .npy token file at `location` in the storage, with its block index: the parts ([location,
+    tokens, sha256], in order) one after the other, each checked against its sha256 once, copied a
+    block at a time (no memory map: its pages would count as the process's). Returns the file's sha256."""
     total = sum(n for _, n, _ in parts)
     with tempfile.TemporaryDirectory(prefix="moie-join-") as tmp:
         path = Path(tmp) / "tokens.npy"
@@ -205,9 +206,7 @@ def join_tokens(parts: list[list], location: str) -> str:
                     shutil.copyfileobj(src, out, COPY_BLOCK)
                 if storage.is_remote(part):
                     local.unlink()
-        sha = sha256_file(path)
-        storage.upload(path, location)
-    return sha
+        return put_token_file(path, location)["file_sha256"]
 
 
 def documents_by_shard(table: pa.Table, n_shards: int, columns: tuple[str, ...],

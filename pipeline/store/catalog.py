@@ -28,8 +28,9 @@ from pipeline.errors import StageError, one_line
 from pipeline.store import storage
 from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, CENTRAL_ROLES, COMPOSITION_MODEL, DENSE, DENSE_MATCHED,
                                   DENSE_ROLES, EXPERT_MODEL, ROLE_CENTRAL, SEED, Tag, expert_name, sha_tag,
-                                  tokens_sha_tag)
+                                  tokens_index_tag, tokens_sha_tag)
 from pipeline.store.pins import MLFLOW_OWN, check_pinned, pinned_files
+from pipeline.store.tokens import REWRITE, checked_index, token_pins
 from pipeline.store.tracking import Tracker, quote, workdir
 
 MANIFEST_FORMAT = 1  # composition manifests this moie writes and reads
@@ -55,14 +56,39 @@ class MissingVersionError(StageError):
     """The registry answered: it holds no such version or alias."""
 
 
-def check_token_files(owner: str, tags: dict[str, str], files: dict[str, str]) -> None:
-    """Each token file ({split: location in the storage}) against the sha256 recorded in `tags` (where one is)."""
+def token_tags(files: dict[str, str]) -> dict[str, str]:
+    """The tags that pin token files ({split: location}) to what they hold now: the sha256 of each
+    file and, where it has one, of its block index (read from the index: no file is hashed whole)."""
+    tags = {}
     for split, path in files.items():
-        expected = tags.get(tokens_sha_tag(split))
-        if expected is not None and storage.sha256(path) != expected:
-            raise ChecksumError(f"the {split} tokens of {owner} at {path} changed since they were recorded "
-                                f"(sha256 {expected}); delete the file and run `moie experts` for the pipeline "
+        pins = token_pins(path)
+        tags[tokens_sha_tag(split)] = pins["file"]
+        if "index" in pins:
+            tags[tokens_index_tag(split)] = pins["index"]
+    return tags
+
+
+def check_token_files(owner: str, tags: dict[str, str], files: dict[str, str]) -> dict[str, str]:
+    """Each token file ({split: location in the storage}) against what `tags` recorded of it: its
+    block index's sha256 and its size (its blocks are checked by the tasks that read them), or, for
+    a file recorded before block indexes, the sha256 of the whole file. Returns {location: block
+    index sha256} of the files pinned by their index, for the tasks that read them."""
+    pins = {}
+    for split, path in files.items():
+        index, whole = tags.get(tokens_index_tag(split)), tags.get(tokens_sha_tag(split))
+        changed = f"the {split} tokens of {owner} at {path} changed since they were recorded"
+        if index is not None:
+            try:
+                recorded = checked_index(path, index)["file_bytes"]
+            except ChecksumError as err:
+                raise ChecksumError(f"{changed}: {one_line(err)}") from None
+            if (size := storage.stamp(path)[0]) != recorded:
+                raise ChecksumError(f"{changed}: it has {size} bytes, not the {recorded} of its block index; {REWRITE}")
+            pins[path] = index
+        elif whole is not None and storage.sha256(path) != whole:
+            raise ChecksumError(f"{changed} (sha256 {whole}); delete the file and run `moie experts` for the pipeline "
                                 "again to write it anew from the corpus")
+    return pins
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -115,6 +141,7 @@ class Catalog:
         self.client = self.tracker.client
         self._routers: dict[str, tuple[dict, dict]] = {}  # cluster run -> its router's (tensors, meta)
         self._checked: set[tuple] = set()  # (token file, its size and mtime, recorded sha256) read and found equal
+        self.pins: dict[str, str] = {}  # token file -> the sha256 of its block index, checked here, for its readers
 
     @classmethod
     def of_registry(cls, uri: str) -> "Catalog":
@@ -238,7 +265,7 @@ class Catalog:
         own = tags[Tag.EXPERT]
         recorded = (path, storage.stamp(path), tags.get(tokens_sha_tag(split), ""))
         if (name in (None, own) or (own in (CENTRAL, SEED) and name == DENSE)) and recorded not in self._checked:
-            check_token_files(exact_uri(version), tags, {split: path})  # the files its run recorded
+            self.pins |= check_token_files(exact_uri(version), tags, {split: path})  # the files its run recorded
             self._checked.add(recorded)  # once per catalog: `moie run` asks again for each early task
         return path
 

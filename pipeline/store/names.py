@@ -105,6 +105,11 @@ def tokens_sha_tag(split: str) -> str:
     return f"{Tag.TOKENS_SHA}.{split}"
 
 
+def tokens_index_tag(split: str) -> str:
+    """The tag holding the sha256 of the block index of a model's `split` token file."""
+    return f"{Tag.TOKENS_SHA}.{split}.blocks"
+
+
 def extend_tag(system: str) -> str:
     """On an extend run: the exact URI of the model it registered for `system`."""
     return f"{PREFIX}extend.{system}"

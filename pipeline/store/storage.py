@@ -199,8 +199,15 @@ def download(location: str, local: str | Path) -> Path:
     return local
 
 
-def load_tokens(location: str, scratch: str | Path) -> np.ndarray:
-    """A token file (.npy) of the storage, memory-mapped from this node's copy (or from where it lies)."""
+def load_tokens(location: str, scratch: str | Path, pins: dict[str, str] | None = None):
+    """A token file (.npy) of the storage as an array of its tokens: read by blocks, each checked
+    against its block index (itself checked against its sha256 in `pins`, {location: sha256},
+    where that has it), where it has one; a file written before block indexes, memory-mapped from
+    this node's copy (or from where it lies)."""
+    from pipeline.store.tokens import TokenBlocks, index_location
+
+    if (pin := (pins or {}).get(location)) is not None or exists(index_location(location)):
+        return TokenBlocks(location, pin)
     return np.load(local_copy(location, scratch), mmap_mode="r")
 
 
@@ -208,7 +215,7 @@ def local_copy(location: str, scratch: str | Path) -> Path:
     """A local path holding the file or directory at `location`: the location itself when it is
     local, else a copy under `scratch` (made once per scratch directory, completely or not at all)."""
     if not is_remote(location):
-        return Path(_filesystem(location)[1])
+        return local_path(location)
     key = hashlib.sha256(location.encode()).hexdigest()[:16]
     target = Path(scratch) / key / location.rstrip("/").rsplit("/", 1)[-1]
     if not target.exists():
@@ -271,7 +278,7 @@ class CheckpointMirror:
 
         self.location, self.keep = location, keep
         self.remote = is_remote(location)
-        self.dir = Path(scratch) / "checkpoints" if self.remote else Path(_filesystem(location)[1])
+        self.dir = Path(scratch) / "checkpoints" if self.remote else local_path(location)
         self.dir.mkdir(parents=True, exist_ok=True)
         steps = checkpoint_steps(location) if self.remote else []
         for step in reversed(steps):  # the newest whole one (its tensors match the sha256 its JSON records)
@@ -333,11 +340,38 @@ def npy_length(location: str) -> int:
     return shape[0]
 
 
-def read_text(location: str) -> str:
+def read_bytes(location: str) -> bytes:
     fs, path = _filesystem(location)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8")
+            return f.read()
+    except OSError as err:
+        raise _io("read", location)(err) from None
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def local_path(location: str) -> Path:
+    """The path of a local location (not an object store's)."""
+    return Path(_filesystem(location)[1])
+
+
+def open_ranged(location: str):
+    """The file at `location` open for ranged reads (`read_at`): on an object store, each read
+    is one ranged GET of the bytes asked for."""
+    fs, path = _filesystem(location)
+    try:
+        return fs.open_input_file(path)
+    except OSError as err:
+        raise _io("read", location)(err) from None
+
+
+def read_at(file, location: str, offset: int, nbytes: int) -> bytes:
+    """`nbytes` at `offset` of a file `open_ranged` opened (at `location`)."""
+    try:
+        return file.read_at(nbytes, offset)
     except OSError as err:
         raise _io("read", location)(err) from None
 

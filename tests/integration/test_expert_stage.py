@@ -272,6 +272,7 @@ def test_token_files_written_shard_by_shard_equal_the_whole_corpus_tokenised_at_
     from experts.tokenizer import EOS_ID, encode_texts
     from pipeline.stages.cluster import fit_clusters
     from pipeline.stages.experts import expert_data
+    from pipeline.store.tokens import block_index, index_location
     from pipeline.text.corpus import corpus_shards, load_corpus
 
     textgen.write_sharded(tmp_path / "corpus")
@@ -291,4 +292,7 @@ def test_token_files_written_shard_by_shard_equal_the_whole_corpus_tokenised_at_
             expert = encode_texts([text[d] for d, c, s in rows if s == split and c == j], EOS_ID)
             assert np.array_equal(np.load(files[f"expert-{j}"][name]), expert)
     assert sorted(p.name for p in (tmp_path / "root" / "data").iterdir()) == sorted(  # the parts are gone
-        f"{n}.{s}.npy" for n in files for s in ("train", "val"))
+        f"{n}.{s}.npy{index}" for n in files for s in ("train", "val") for index in ("", ".blocks.json"))
+    for name in files:  # each with the block index its readers check it against
+        assert block_index(Path(files[name]["train"])) == json.loads(Path(index_location(files[name]["train"]))
+                                                                     .read_text())

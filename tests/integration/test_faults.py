@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import textgen
@@ -523,21 +524,30 @@ def test_case5_a_corpus_file_edited_after_clustering_is_refused_before_any_exper
         held_out(cfg, None, table)
 
 
+@pytest.mark.parametrize("change", ["rewritten", "truncated"])
 def test_case5_a_token_file_changed_under_an_unfinished_run_is_refused_when_the_stage_runs_again(ray_local, moie_home,
-                                                                                                tmp_path):
+                                                                                                tmp_path, change):
+    """The driver reads only each token file's block index (pinned by the run) and its size; a
+    byte changed inside a block is refused by the task that reads it (the compose test below)."""
     from artifacts import ChecksumError
     from pipeline.errors import StageError
     from pipeline.stages.experts import run_experts
+    from pipeline.store.tokens import save_tokens
 
     overrides = small_overrides(tmp_path, n=6, extra=["experts.train.max_tokens=2000", "experts.train.batch_size=128"])
     cfg, pipeline_id = clustered(tmp_path, overrides)
     with pytest.raises(StageError, match="cannot train"):  # two unfinished runs that recorded their token files
         run_experts(cfg, pipeline_id)
     (path,) = Path(moie_home).glob("checkpoints/*/*/data/expert-0.train.npy")
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 1
-    path.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match=rf"train tokens of expert-0 at {path} changed"):
+    size = path.stat().st_size
+    if change == "rewritten":  # other tokens, with a block index that agrees with them: the run's pin refuses it
+        save_tokens(np.load(path)[:-1], str(path))
+        why = r"the block index .*\.blocks\.json has sha256 \w+, not the \w+ recorded"
+    else:
+        os.truncate(path, size - 2)
+        why = rf"it has {size - 2} bytes, not the {size} of its block index"
+    with pytest.raises(ChecksumError, match=rf"train tokens of expert-0 at {path} changed since they were recorded: "
+                                            rf"{why}"):
         run_experts(cfg, pipeline_id)
 
 
@@ -568,13 +578,24 @@ def trained_expert(tmp_path):
 def test_case5_a_token_file_changed_after_training_is_refused_to_the_compose_stage(ray_local, moie_home, tmp_path):
     from artifacts import ChecksumError
 
+    from pipeline.store import storage
+    from pipeline.store.catalog import Catalog
+    from pipeline.store.tokens import save_tokens
+
     _, catalog, uri, version = trained_expert(tmp_path)
     path = Path(catalog.data_path(version, "train"))  # unchanged: accepted
-    data = bytearray(path.read_bytes())
+    assert np.array_equal(storage.load_tokens(str(path), tmp_path, catalog.pins), np.load(path))
+    original = path.read_bytes()
+    data = bytearray(original)
     data[-1] ^= 1
-    path.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match=rf"train tokens of {uri} at {path} changed"):
-        catalog.data_path(version, "train")
+    path.write_bytes(bytes(data))  # a byte of its tokens: the driver reads only the block index ...
+    assert Catalog(catalog.cfg).data_path(version, "train") == str(path)
+    with pytest.raises(ChecksumError, match=rf"block \d+ \(bytes \d+-\d+\) of token file {path} does not match"):
+        np.asarray(storage.load_tokens(str(path), tmp_path, catalog.pins))  # ... and whatever reads that block refuses it
+    path.write_bytes(original)
+    save_tokens(np.load(path)[::-1], str(path))  # the tokens and their block index rewritten to agree
+    with pytest.raises(ChecksumError, match=rf"train tokens of {uri} at {path} changed since they were recorded"):
+        Catalog(catalog.cfg).data_path(version, "train")
 
 
 # case 10: every bad input ends as one line, exit 2

@@ -131,3 +131,122 @@ def test_a_damaged_newest_checkpoint_in_the_object_store_is_passed_over_for_the_
     storage.remove(storage.join(location, "step-00000030.json"))
     with pytest.raises(storage.StageError, match=rf"every checkpoint in {location} is damaged"):
         storage.CheckpointMirror(location, tmp_path / "node-c", keep=2)
+
+
+# --- token files read by blocks ---------------------------------------------------------------------
+
+
+def token_file(location, tmp_path, n=5000, block_bytes=256, seed=0):
+    """n random tokens as a token file of small blocks at location/tokens.npy: (location, tokens, index)."""
+    from pipeline.store.tokens import put_token_file
+
+    tokens = np.random.default_rng(seed).integers(0, 259, n).astype(np.uint16)
+    np.save(tmp_path / "t.npy", tokens)
+    where = storage.join(location, "tokens.npy")
+    return where, tokens, put_token_file(tmp_path / "t.npy", where, block_bytes=block_bytes)
+
+
+def test_a_token_file_read_by_blocks_equals_the_array_it_was_written_from(location, tmp_path):
+    from pipeline.store.tokens import TokenBlocks
+
+    where, tokens, index = token_file(location, tmp_path)
+    reader = TokenBlocks(where, pin=storage.sha256(where + ".blocks.json"), cache_bytes=4 * 256)
+    assert len(reader) == len(tokens) and len(index["blocks"]) > 30  # many blocks, the header across two
+    rng = np.random.default_rng(1)
+    for start in [0, 1, 64, 127, len(tokens) - 1, *rng.integers(0, len(tokens), 200)]:
+        stop = start + int(rng.integers(0, 400))  # windows within a block, across two and more
+        assert np.array_equal(reader[start:stop], tokens[start:stop]), (start, stop)
+    assert np.array_equal(np.asarray(reader), tokens) and reader[-1] == tokens[-1]
+    assert np.array_equal(np.asarray(reader, dtype=np.int64)[:10], tokens[:10].astype(np.int64))
+
+
+def test_a_token_file_on_an_object_store_is_read_by_ranged_reads_of_the_blocks_asked_for_within_the_cache_bound(
+        s3_env, tmp_path):
+    from pipeline.store.tokens import TokenBlocks
+
+    where, tokens, index = token_file(f"s3://moie/test-{uuid.uuid4().hex[:8]}", tmp_path, n=20_000)
+    file_bytes, block = index["file_bytes"], index["block_bytes"]
+    reader = TokenBlocks(where, cache_bytes=8 * block)
+    assert reader.fetched_bytes == block  # the header's block, to know the tokens' length
+    window = reader[9000:9100]  # bytes [128 + 18000, 128 + 18200): two blocks
+    assert np.array_equal(window, tokens[9000:9100])
+    assert reader.reads == 3 and reader.fetched_bytes == 3 * block  # no copy of the file, only the blocks read
+    reader[9000:9100]
+    assert reader.reads == 3  # cached
+    for start in range(0, len(tokens), 50):  # the whole file, in windows
+        assert np.array_equal(reader[start:start + 50], tokens[start:start + 50])
+        assert len(reader.cache) * block <= 8 * block  # never more than the bound held
+    assert reader.fetched_bytes >= file_bytes and reader.reads == len(index["blocks"]) + 3 - 1
+    assert not list(tmp_path.glob("**/*.npy*"))[1:]  # nothing of it written to this node (t.npy is the source)
+
+
+@pytest.mark.parametrize("damage", ["block", "truncated", "index"])
+def test_a_token_file_changed_after_it_was_written_is_refused_naming_the_file(location, tmp_path, damage):
+    from artifacts import ChecksumError
+    from pipeline.store.tokens import TokenBlocks
+
+    where, tokens, index = token_file(location, tmp_path)
+    pin = storage.sha256(where + ".blocks.json")
+    with open(tmp_path / "t.npy", "r+b") as f:  # change the copy, and put it in place of the file
+        if damage == "truncated":
+            f.truncate(index["file_bytes"] - 2)
+        else:
+            f.seek(128 + 2 * 3000)  # token 3000: block (128 + 6000) // 256 = 23
+            f.write(b"\x07\x01")
+    if damage == "index":  # the file and an index that matches it, both replaced: the pin sees it
+        token_file(location, tmp_path, n=5000, seed=1)
+        with pytest.raises(ChecksumError, match=rf"block index {where}.blocks.json has sha256 .* not the {pin}"):
+            TokenBlocks(where, pin=pin)
+        return
+    storage.upload(tmp_path / "t.npy", where)
+    if damage == "truncated":
+        with pytest.raises(ChecksumError, match=rf"token file {where} has {index['file_bytes'] - 2} bytes"):
+            TokenBlocks(where, pin=pin)
+        return
+    reader = TokenBlocks(where, pin=pin)
+    assert np.array_equal(reader[:2800], tokens[:2800])  # the blocks before it read as written
+    with pytest.raises(ChecksumError, match=rf"block 23 \(bytes 5888-6143\) of token file {where} does not match"):
+        reader[2990:3010]
+
+
+def test_training_on_a_token_file_read_by_ranged_reads_equals_training_on_its_array_and_fetches_each_batch_at_once(
+        s3_env, tmp_path):
+    from experts.checkpoint import build_model
+    from experts.trainer import TrainConfig, train
+    from pipeline.store.tokens import TokenBlocks
+
+    where, tokens, index = token_file(f"s3://moie/test-{uuid.uuid4().hex[:8]}", tmp_path, n=20_000, block_bytes=512)
+    reader = TokenBlocks(where, cache_bytes=64 * 512)  # a twelfth of the file's 79 blocks at once
+    arch = {"arch": "gpt", "vocab_size": 259, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    cfg = TrainConfig(max_tokens=8 * 32 * 6, batch_size=8, seq_len=32, warmup_steps=2, eval_every=0, seed=3,
+                      precision="fp32", compile=False)
+    losses = []
+    for data in (tokens, reader):
+        torch.manual_seed(0)
+        losses.append(train(build_model(arch), data, None, cfg).train_loss)
+    assert losses[0] == losses[1]  # the same windows, the same model
+    assert 0 < reader.reads <= 6 * 8 * 2 + 1 and reader.fetched_bytes < index["file_bytes"]
+    rng = np.random.default_rng(5)
+    starts = rng.integers(0, len(tokens) - 33, 8).tolist()
+    reader.prefetch(starts, 33)
+    before = reader.reads
+    assert all(np.array_equal(reader[s:s + 33], tokens[s:s + 33]) for s in starts)
+    assert reader.reads == before  # the batch's blocks came in the one parallel fetch
+
+
+def test_a_token_file_written_before_block_indexes_is_checked_whole_and_still_read(location, tmp_path):
+    from artifacts import ChecksumError
+    from pipeline.store.catalog import check_token_files, token_tags
+
+    tokens = np.arange(3000, dtype=np.uint16)
+    np.save(tmp_path / "old.npy", tokens)
+    where = storage.join(location, "old.npy")
+    storage.upload(tmp_path / "old.npy", where)  # no .blocks.json beside it
+    tags = token_tags({"train": where})
+    assert tags == {"moie.sha256.tokens.train": storage.sha256(where)}  # pinned whole, as before
+    assert check_token_files("old", tags, {"train": where}) == {}  # accepted; no block pin to hand on
+    assert np.array_equal(storage.load_tokens(where, tmp_path / "scratch"), tokens)
+    np.save(tmp_path / "old.npy", tokens[::-1])
+    storage.upload(tmp_path / "old.npy", where)
+    with pytest.raises(ChecksumError, match=rf"train tokens of old at {where} changed since they were recorded"):
+        check_token_files("old", tags, {"train": where})
