@@ -149,13 +149,15 @@ expert_data(cfg, catalog.checkpoint_root(sys.argv[2], run.info.run_id), table, c
 
 
 HELD = """
-import json, sys
+import inspect, json, sys
 import pipeline, ray
 from pipeline.config import load_config
+from pipeline.stages import evaluate
 from pipeline.stages.evaluate import held_out
 from pipeline.store.catalog import Catalog
 cfg = load_config(sys.argv[1], sys.argv[3:])
-_, table, _ = Catalog(cfg).assignments(sys.argv[2])
+arrow = "arrow=True" in inspect.getsource(evaluate.run_evaluate)  # the table as the checkout's stage reads it
+_, table, _ = Catalog(cfg).assignments(sys.argv[2], arrow=arrow)
 ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 held = held_out(cfg, None, table)
 print(json.dumps({"kept": len(held.tokens), "dropped": sum(held.dropped.values())}))

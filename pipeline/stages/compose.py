@@ -29,12 +29,12 @@ from pipeline.errors import StageError, one_line
 from pipeline.ray_runtime import (Grant, TaskFailedError, check_resources, connect_cluster, get_or_fail, granted_device,
                                   task_gpus, use_granted_cpus)
 from pipeline.stages.matched import abandon_continued, finish_continued, start_continued
-from pipeline.store import storage
 from pipeline.store.catalog import (COMPOSITION_MANIFEST, MANIFEST_FORMAT, PARTS_SHA, ROUTER_SHA, Catalog,
                                     assemble_registered, check_tokenizers, exact_uri)
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import (COMPOSITION_MODEL, DENSE, DENSE_MATCHED, ROLE_DENSE_CENTRAL, SEED, Tag, expert_name,
                                   pin_tags)
+from pipeline.store.tokens import load_tokens
 from routing.ensemble import document_weights
 from routing.router import ClusterRouter
 
@@ -133,7 +133,7 @@ def _fit_centres(composed: ComposedLM, task: CompositionTask, scratch: Path) -> 
     """{"centers": the centres' parameters, "center_tokens": tokens the central model read for them}."""
     center_tokens = 0
     if task.center_tokens:
-        token_sets = [storage.load_tokens(path, scratch, task.pins) for path in task.expert_data]
+        token_sets = [load_tokens(path, scratch, task.pins) for path in task.expert_data]
         center_tokens = fit_centers(composed, token_sets, task.center_tokens, seed=task.seed)
     return {"centers": {k: v for k, v in new_parameters(composed).items() if k.startswith("centers.")},
             "center_tokens": center_tokens}
@@ -150,7 +150,7 @@ def train_independent_task(task: CompositionTask, e: int, fitted: dict | None = 
     slot = e if slot is None else slot
     with scratch_dir("task") as scratch:  # (the k-way gate needs every expert)
         composed = _composed(replace(task, settings=replace(task.settings, kway=False)), [e], Path(scratch))
-        tokens = storage.load_tokens(task.expert_data[e], Path(scratch), task.pins)
+        tokens = load_tokens(task.expert_data[e], Path(scratch), task.pins)
         blocks, gates, *mix = train_independent(composed, 0, tokens,
                                                 TrainConfig(**task.blocks_train), TrainConfig(**task.gates_train),
                                                 TrainConfig(**task.mix_train))
@@ -173,7 +173,7 @@ def train_kway_task(task: CompositionTask, state: dict) -> dict:
     text; its parameters, loss and tokens. Only the central model runs (state: its centres)."""
     with scratch_dir("task") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state)
-        token_sets = [storage.load_tokens(path, Path(scratch), task.pins) for path in task.expert_data]
+        token_sets = [load_tokens(path, Path(scratch), task.pins) for path in task.expert_data]
         out = train_kway(composed, token_sets,
                          task.kway_train["max_tokens"], task.kway_train["batch_size"], task.kway_train["lr"],
                          seed=task.seed)
@@ -183,7 +183,7 @@ def train_kway_task(task: CompositionTask, state: dict) -> dict:
 def train_joint_task(task: CompositionTask) -> dict:
     with scratch_dir("task") as scratch:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch))
-        result = train_joint(composed, storage.load_tokens(task.train, Path(scratch), task.pins),
+        result = train_joint(composed, load_tokens(task.train, Path(scratch), task.pins),
                              TrainConfig(**task.joint_train), task.balance_weight)
     return {"state": new_parameters(composed), "joint_loss": result.train_loss, "tokens": result.tokens}
 
@@ -202,7 +202,7 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True,
                              record_routing=True)
         share = max(1, task.eval_tokens // len(task.experts))
-        groups = [validation_documents(np.asarray(storage.load_tokens(path, Path(scratch), task.pins)),
+        groups = [validation_documents(np.asarray(load_tokens(path, Path(scratch), task.pins)),
                                        task.scoring.eos_id, share, required=False) for path in task.expert_val]
     if not any(groups):
         raise StageError("no validation documents to score in any expert's cluster; raise corpus.val_fraction")

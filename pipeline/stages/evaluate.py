@@ -44,6 +44,7 @@ from pipeline.serve.library import set_alias
 from pipeline.store.catalog import PARTS_SHA, Catalog, assemble_registered, exact_uri, fetch_models
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import CHAMPION, COMPOSITION_MODEL, DENSE_MATCHED, Tag
+from pipeline.store.tokens import load_tokens
 from pipeline.text.corpus import FILE_BUILDERS, CorpusError, clustered_documents, corpus_shards, load_corpus
 from pipeline.text.overlap import ShingleFilter, ShingleIndex
 from routing.ensemble import document_weights, keep_top_k
@@ -95,7 +96,7 @@ class HeldOut:
     false_positive_rate: float = 0.0  # of the shingle filter: a shingle absent from training taken as present
 
 
-def held_out(cfg: Config, eval_data: str | None, table: dict | None = None) -> HeldOut:
+def held_out(cfg: Config, eval_data: str | None, table=None) -> HeldOut:
     """At most evaluate.max_bytes_per_domain bytes of whole documents per domain, in a fixed
     order, dropping every document whose bytes sit in training shingles above evaluate.max_overlap.
     `table`: the pipeline's assignments, which the pipeline's corpus must still match. The
@@ -108,7 +109,7 @@ def held_out(cfg: Config, eval_data: str | None, table: dict | None = None) -> H
     return held_out_in_process(cfg, corpus, split, table, described)
 
 
-def held_out_in_process(cfg: Config, corpus, split: str | None, table: dict | None, described: str) -> HeldOut:
+def held_out_in_process(cfg: Config, corpus, split: str | None, table, described: str) -> HeldOut:
     """held_out with the corpus (and the training split) loaded in this process."""
     everything = load_corpus(corpus)
     docs = [d for d in everything if split is None or d.split == split]
@@ -117,7 +118,7 @@ def held_out_in_process(cfg: Config, corpus, split: str | None, table: dict | No
                          "--eval-data")
     training = everything if corpus == cfg.corpus else load_corpus(cfg.corpus)
     if table is not None:
-        clustered_documents(table, training)
+        clustered_documents(table if isinstance(table, dict) else table.to_pydict(), training)
     index = training_shingles((d.text.encode("utf-8") for d in training if d.split == "train"), cfg.evaluate)
     texts = {d.doc_id: d.text.encode("utf-8") for d in docs}
     records = [(d.doc_id, d.source or "unlabelled", len(texts[d.doc_id]), int(index.covered(texts[d.doc_id]).sum()))
@@ -232,12 +233,19 @@ def warn_if_overstated(shingles: ShingleFilter, ev: EvaluateConfig) -> None:
                     shingles.false_positive_rate)
 
 
-def domain_experts(table: dict, expert_clusters: list[int]) -> dict[str, int]:
-    """domain -> index of the expert whose cluster holds most of the domain's training documents."""
+def domain_experts(table, expert_clusters: list[int]) -> dict[str, int]:
+    """domain -> index of the expert whose cluster holds most of the domain's training documents.
+    `table`: the assignments (a pyarrow Table, or its columns)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = table if isinstance(table, pa.Table) else pa.table(table)
+    training = table.filter(pc.and_(pc.equal(table["split"], "train"), pc.invert(pc.is_null(table["source"]))))
+    tally = training.group_by(["source", "cluster"]).aggregate([([], "count_all")])  # one row per (domain, cluster)
     counts: dict[str, np.ndarray] = {}
-    for source, cluster, split in zip(table["source"], table["cluster"], table["split"]):
-        if split == "train" and source is not None and cluster in expert_clusters:
-            counts.setdefault(source, np.zeros(len(expert_clusters), dtype=np.int64))[expert_clusters.index(cluster)] += 1
+    for source, cluster, n in zip(*(tally[c].to_pylist() for c in ("source", "cluster", "count_all"))):
+        if cluster in expert_clusters:
+            counts.setdefault(source, np.zeros(len(expert_clusters), dtype=np.int64))[expert_clusters.index(cluster)] = n
     return {domain: int(c.argmax()) for domain, c in counts.items()}
 
 
@@ -303,7 +311,7 @@ def run_evaluate(cfg: Config, pipeline_id: str, eval_data: str | None = None) ->
     tracker = catalog.tracker
     connect_cluster(cfg, tracker)  # before any work: a multi-node cluster needs shared stores
     tracker.pipeline_run(pipeline_id)
-    cluster_run, table, _ = catalog.assignments(pipeline_id)
+    cluster_run, table, _ = catalog.assignments(pipeline_id, arrow=True)  # a few bytes a document, not objects
     central_uri, expert_uris = catalog.pipeline_models(pipeline_id)
     held = held_out(cfg, eval_data, table)
     domains, docs, described = held.domains, held.tokens, held.described
@@ -484,12 +492,10 @@ def _score_all(cfg: Config, catalog: Catalog, docs: list[np.ndarray], central_ur
 def validation_set(cfg: Config, catalog: Catalog, experts: list, router, clusters: list[int], tmp: Path) -> dict:
     """Whole validation documents, an equal share (compose.eval_tokens / experts) of each expert's
     own cluster, and cBTM's top-1 weights over the experts for each byte's prefix: {"docs", "weights"}."""
-    from pipeline.store import storage
-
     eos, share = EOS_ID, max(1, cfg.compose.eval_tokens // max(len(experts), 1))
     docs = []
     for version in experts:
-        tokens = storage.load_tokens(catalog.data_path(version, "val"), tmp / "val", catalog.pins)
+        tokens = load_tokens(catalog.data_path(version, "val"), tmp / "val", catalog.pins)
         docs += [np.asarray(d, dtype=np.uint8) for d in stream_documents(tokens, eos, share)]
     return {"docs": docs, "weights": [document_weights(router, bytes(d), clusters, 1) for d in docs]}
 

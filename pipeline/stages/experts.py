@@ -40,7 +40,7 @@ from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, ROLE_CENTRAL, ROLE_DENSE,
                                   ROLE_DENSE_CENTRAL, SEED, Tag, carried_tags, expert_cluster, expert_name, is_expert,
                                   model_tags)
-from pipeline.store.tokens import save_tokens
+from pipeline.store.tokens import load_tokens, save_tokens
 from pipeline.store.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
 from pipeline.stages.parallel import parallel_task
 from pipeline.stages.shards import check_found, documents_by_shard, join_tokens, shard_tokens
@@ -204,8 +204,8 @@ def _train_expert(task: ExpertTask, board, scratch: Path, rank: int = 0, device:
     if task.init_from and resume_step is None:  # branch from the shared seed
         model.load_state_dict(load_model(storage.local_copy(task.init_from, scratch))[0].state_dict())
     model.to(device)
-    train_tokens = storage.load_tokens(task.train, scratch, task.pins)
-    val_tokens = storage.load_tokens(task.val, scratch, task.pins)
+    train_tokens = load_tokens(task.train, scratch, task.pins)
+    val_tokens = load_tokens(task.val, scratch, task.pins)
     val_tokens = val_tokens if len(val_tokens) > 1 else None
     total = cfg.steps(cfg.seq_len or model.config.block_size)
     log_metrics = metrics_logger(task.tracking_uri, task.run_id)

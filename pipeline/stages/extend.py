@@ -48,7 +48,7 @@ from pipeline.store import storage
 from pipeline.store.catalog import ROUTER_NAME, Catalog, check_token_files, exact_uri, token_tags
 from pipeline.store.names import (EXPERT_MODEL, SEED, Tag, carried_tags, expert_name, extend_tag, model_tags,
                                   sha_tag)
-from pipeline.store.tokens import save_tokens
+from pipeline.store.tokens import load_tokens, save_tokens
 from pipeline.store.tracking import param_strings
 from pipeline.text.corpus import Document, load_corpus
 from routing.ensemble import document_weights, keep_top_k
@@ -185,7 +185,7 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
     catalog = Catalog(cfg)
     tracker = catalog.tracker
     tracker.pipeline_run(pipeline_id)
-    cluster_run, table, _ = catalog.assignments(pipeline_id)
+    cluster_run, table, _ = catalog.assignments(pipeline_id, arrow=True)  # a few bytes a document, not objects
     plan = make_plan(cfg, catalog, pipeline_id, domain, table, int(cluster_run.data.params["cluster.k"]))
     new = load_new_text(cfg, domain, new_corpus(cfg, files, dataset))
     old_scoring = replace(cfg.evaluate, max_bytes_per_domain=cfg.extend.old_bytes_per_domain)
@@ -232,13 +232,14 @@ def run_extend(cfg: Config, pipeline_id: str, domain: str, files: list[str] | No
     return {**outcome, "uris": uris, "run_id": run_id}
 
 
-def make_plan(cfg: Config, catalog: Catalog, pipeline_id: str, domain: str, table: dict, k: int) -> Plan:
+def make_plan(cfg: Config, catalog: Catalog, pipeline_id: str, domain: str, table, k: int) -> Plan:
     """The models the extension builds on and the new expert's settings; a StageError for input
     that cannot be extended (checked before anything is written)."""
     if not DOMAIN_NAME.match(domain or ""):
         raise StageError(f"domain name {domain!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a "
                          "letter or digit (it names metrics and the expert's tag)")
-    used = ({s for s in table.get("source", []) if s}
+    sources = table["source"].unique().to_pylist() if "source" in table.column_names else []
+    used = ({s for s in sources if s}
             | {v.tags.get(Tag.DOMAIN) for v in catalog.extensions(pipeline_id)}) - {None}
     if domain in used:
         raise StageError(f"domain {domain!r} is already a domain of pipeline {pipeline_id} (its corpus or an earlier "
@@ -361,8 +362,8 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
     tracker = catalog.tracker
     train_cfg = continued_config(cfg, plan, central, pflops)
     eos = EOS_ID
-    new_train = storage.load_tokens(data["train"], tmp / "new-train")
-    old = [storage.load_tokens(catalog.data_path(v, "train"), tmp / f"old-{i}", catalog.pins)
+    new_train = load_tokens(data["train"], tmp / "new-train")
+    old = [load_tokens(catalog.data_path(v, "train"), tmp / f"old-{i}", catalog.pins)
            for i, v in enumerate(plan.experts)]
     mixed = replay_tokens(new_train, old, cfg.extend.replay, cfg.seed, eos)
     replay_file = storage.join(root, "data", f"{REPLAY}.train.npy")

@@ -22,6 +22,7 @@ from pipeline.store import storage
 from pipeline.store.catalog import Catalog, exact_uri, fetch_models
 from pipeline.store.leftovers import scratch_dir
 from pipeline.store.names import CENTRAL_MODEL, DENSE_MATCHED, Tag, pin_tags
+from pipeline.store.tokens import load_tokens
 from pipeline.store.tracking import metrics_logger, record_attempt
 from pipeline.stages.parallel import parallel_task
 
@@ -76,8 +77,8 @@ def _train_matched(task: MatchedTask, scratch: Path, rank: int, world: int, devi
                        torch.get_num_threads(), device_name(device), world)
     model, _ = load_model(fetch_models(task.tracking_uri, [task.dense], scratch)[0])
     model.to(device)
-    val = storage.load_tokens(task.val, scratch, task.pins)
-    result = train(model, storage.load_tokens(task.train, scratch, task.pins), val if len(val) > 1 else None, cfg,
+    val = load_tokens(task.val, scratch, task.pins)
+    result = train(model, load_tokens(task.train, scratch, task.pins), val if len(val) > 1 else None, cfg,
                    ckpt_dir=checkpoints.dir, on_metrics=metrics_logger(task.tracking_uri, task.run_id),
                    meta={"tokenizer": task.tokenizer}, on_checkpoint=checkpoints.push)
     if rank:

@@ -23,6 +23,7 @@ from typing import Callable
 from artifacts import write_json
 from pipeline.ray_runtime import TaskFailedError, granted_device, run_data_parallel, use_granted_cpus
 from pipeline.store import storage
+from pipeline.store.tokens import load_tokens
 
 
 def parallel_task(work: Callable, args, *, workers: int, num_cpus: float, num_gpus: float, seed: int,
@@ -84,8 +85,8 @@ def train_work(config: dict, scratch: Path, rank: int, world: int, device) -> di
     cfg = TrainConfig(**config["train_config"])
     checkpoints = storage.CheckpointMirror(config["ckpt_dir"], scratch, keep=cfg.keep_checkpoints)
     model = build_model(config["model"]).to(device)
-    tokens = storage.load_tokens(config["train"], scratch)
-    val = storage.load_tokens(config["val"], scratch) if config.get("val") else None
+    tokens = load_tokens(config["train"], scratch)
+    val = load_tokens(config["val"], scratch) if config.get("val") else None
     on_checkpoint = checkpoints.push
     if config.get("kill_after_checkpoint"):
         on_checkpoint = _killing_after_first(on_checkpoint, Path(config["kill_after_checkpoint"]), rank)

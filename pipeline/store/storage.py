@@ -199,18 +199,6 @@ def download(location: str, local: str | Path) -> Path:
     return local
 
 
-def load_tokens(location: str, scratch: str | Path, pins: dict[str, str] | None = None):
-    """A token file (.npy) of the storage as an array of its tokens: read by blocks, each checked
-    against its block index (itself checked against its sha256 in `pins`, {location: sha256},
-    where that has it), where it has one; a file written before block indexes, memory-mapped from
-    this node's copy (or from where it lies)."""
-    from pipeline.store.tokens import TokenBlocks, index_location
-
-    if (pin := (pins or {}).get(location)) is not None or exists(index_location(location)):
-        return TokenBlocks(location, pin)
-    return np.load(local_copy(location, scratch), mmap_mode="r")
-
-
 def local_copy(location: str, scratch: str | Path) -> Path:
     """A local path holding the file or directory at `location`: the location itself when it is
     local, else a copy under `scratch` (made once per scratch directory, completely or not at all)."""

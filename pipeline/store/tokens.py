@@ -34,9 +34,19 @@ from pipeline.store import storage
 BLOCK_BYTES = 1 << 20  # 512 Ki tokens: a 64-byte hash per MiB of tokens in the index
 CACHE_BYTES = 256 << 20  # per reader, of a file on an object store: a batch of 128 windows (2 blocks each)
 PREFETCH_THREADS = 16  # ranged reads in flight at once (each a GET: their latency overlaps)
-INDEX_FORMAT = "moie.token-blocks/1"
+INDEX_FORMAT = "moie-token-blocks/1"
 REWRITE = ("delete it and its .blocks.json and run the stage that wrote it again (`moie experts`, or `moie extend` "
            "for a new domain's)")
+
+
+def load_tokens(location: str, scratch: str | Path, pins: dict[str, str] | None = None):
+    """A token file (.npy) of the storage as an array of its tokens: read by blocks, each checked
+    against its block index (itself checked against its sha256 in `pins`, {location: sha256},
+    where that has it), where it has one; a file written before block indexes, memory-mapped from
+    this node's copy (or from where it lies)."""
+    if (pin := (pins or {}).get(location)) is not None or storage.exists(index_location(location)):
+        return TokenBlocks(location, pin)
+    return np.load(storage.local_copy(location, scratch), mmap_mode="r")
 
 
 def index_location(location: str) -> str:

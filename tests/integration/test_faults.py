@@ -578,20 +578,19 @@ def trained_expert(tmp_path):
 def test_case5_a_token_file_changed_after_training_is_refused_to_the_compose_stage(ray_local, moie_home, tmp_path):
     from artifacts import ChecksumError
 
-    from pipeline.store import storage
     from pipeline.store.catalog import Catalog
-    from pipeline.store.tokens import save_tokens
+    from pipeline.store.tokens import load_tokens, save_tokens
 
     _, catalog, uri, version = trained_expert(tmp_path)
     path = Path(catalog.data_path(version, "train"))  # unchanged: accepted
-    assert np.array_equal(storage.load_tokens(str(path), tmp_path, catalog.pins), np.load(path))
+    assert np.array_equal(load_tokens(str(path), tmp_path, catalog.pins), np.load(path))
     original = path.read_bytes()
     data = bytearray(original)
     data[-1] ^= 1
     path.write_bytes(bytes(data))  # a byte of its tokens: the driver reads only the block index ...
     assert Catalog(catalog.cfg).data_path(version, "train") == str(path)
     with pytest.raises(ChecksumError, match=rf"block \d+ \(bytes \d+-\d+\) of token file {path} does not match"):
-        np.asarray(storage.load_tokens(str(path), tmp_path, catalog.pins))  # ... and whatever reads that block refuses it
+        np.asarray(load_tokens(str(path), tmp_path, catalog.pins))  # ... and whatever reads that block refuses it
     path.write_bytes(original)
     save_tokens(np.load(path)[::-1], str(path))  # the tokens and their block index rewritten to agree
     with pytest.raises(ChecksumError, match=rf"train tokens of {uri} at {path} changed since they were recorded"):

@@ -237,6 +237,7 @@ def test_training_on_a_token_file_read_by_ranged_reads_equals_training_on_its_ar
 def test_a_token_file_written_before_block_indexes_is_checked_whole_and_still_read(location, tmp_path):
     from artifacts import ChecksumError
     from pipeline.store.catalog import check_token_files, token_tags
+    from pipeline.store.tokens import load_tokens
 
     tokens = np.arange(3000, dtype=np.uint16)
     np.save(tmp_path / "old.npy", tokens)
@@ -245,7 +246,7 @@ def test_a_token_file_written_before_block_indexes_is_checked_whole_and_still_re
     tags = token_tags({"train": where})
     assert tags == {"moie.sha256.tokens.train": storage.sha256(where)}  # pinned whole, as before
     assert check_token_files("old", tags, {"train": where}) == {}  # accepted; no block pin to hand on
-    assert np.array_equal(storage.load_tokens(where, tmp_path / "scratch"), tokens)
+    assert np.array_equal(load_tokens(where, tmp_path / "scratch"), tokens)
     np.save(tmp_path / "old.npy", tokens[::-1])
     storage.upload(tmp_path / "old.npy", where)
     with pytest.raises(ChecksumError, match=rf"train tokens of old at {where} changed since they were recorded"):
