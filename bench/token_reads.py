@@ -3,13 +3,15 @@ local file; a whole-file copy from an object store, then a memory map) against b
 (`pipeline.store.tokens.TokenBlocks`: local memory map checked block by block; ranged reads
 from an object store into a bounded cache, with and without the per-batch parallel prefetch).
 
-    python bench/token_reads.py                    # 64 MB of tokens, 200 batches of 16 x 257
-    python bench/token_reads.py --mb 256 --steps 400
+    python bench/token_reads.py                    # 256 MB of tokens, 40 batches of 16 x 257 (~5 min)
+    python bench/token_reads.py --mb 64 --steps 200 --latency-ms 50
 
-The object store is moto's S3 server on 127.0.0.1 (what the tests use): its latency is a
-fraction of a millisecond, a real S3 GET's is tens of milliseconds, so the figures that count
-are the bytes and reads per window, and the ratios between rows; the time to the first batch
-includes the whole-file copy where there is one. Windows are drawn as the trainer draws them
+The object store is moto's S3 server on 127.0.0.1 (what the tests use): its rows give the bytes
+and reads per window; their times are moto's (each ranged read of a large object costs it
+~0.1 s), not S3's. The time to the first batch includes the whole-file copy where there is one.
+The last rows are a model: the same reader, its ranged reads served from the same bytes on
+local disk after a wait of `--latency-ms` (30 by default, of the order of an S3 GET's) — what
+the per-batch prefetch overlaps. Windows are drawn as the trainer draws them
 (`experts.trainer.sample_batch`), the same seed for every row.
 """
 from __future__ import annotations
@@ -41,6 +43,18 @@ class WithoutPrefetch:
 
     def __getitem__(self, key):
         return self.reader[key]
+
+
+class Delayed:
+    """A file whose every ranged read waits `seconds` first: a model of an object store's latency
+    (the wait releases the GIL, as a network read does)."""
+
+    def __init__(self, file, seconds: float):
+        self.file, self.seconds = file, seconds
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        time.sleep(self.seconds)
+        return self.file.read_at(nbytes, offset)
 
 
 @contextlib.contextmanager
@@ -95,8 +109,9 @@ def sampled(tokens, steps: int, batch: int, seq: int) -> tuple[float, float, int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=int, default=64, help="size of the token file")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--mb", type=int, default=256, help="size of the token file")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--latency-ms", type=float, default=30, help="added to each ranged read of the last rows")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
@@ -126,15 +141,26 @@ def run(args, s3) -> None:
         def copy_then_map():
             return np.load(storage.local_copy(remote, Path(tmp) / f"scratch-{time.monotonic_ns()}"), mmap_mode="r")
 
+        def modelled(cache_bytes: int):
+            """A reader of the remote file whose ranged reads go to the same bytes on local disk,
+            each after a wait of --latency-ms (moto's own reads cost more as its objects grow)."""
+            import pyarrow.fs as pafs
+
+            reader = TokenBlocks(remote, cache_bytes=cache_bytes)
+            reader.file = Delayed(pafs.LocalFileSystem().open_input_file(str(stored)), args.latency_ms / 1e3)
+            return reader
+
+        slow = f"model: {args.latency_ms:g} ms a read"
         rows = [("local", "memory map (previous)", lambda: np.load(local, mmap_mode="r"), None),
                 ("local", "blocks: memory map, each block checked once", lambda: TokenBlocks(str(stored)), None),
                 ("s3", "whole-file copy, then memory map (previous)", copy_then_map, None),
                 ("s3", f"blocks: ranged reads, cache {CACHE_BYTES >> 20} MB, prefetch",
                  lambda: TokenBlocks(remote), "prefetch"),
-                ("s3", f"blocks: ranged reads, cache {small >> 20} MB (1/8 of the file), prefetch",
-                 lambda: TokenBlocks(remote, cache_bytes=small), "prefetch"),
-                ("s3", f"blocks: ranged reads, cache {small >> 20} MB, window by window",
-                 lambda: TokenBlocks(remote, cache_bytes=small), "none")]
+                ("s3", f"blocks: ranged reads, cache {small >> 20} MB (1/8 of the file), window by window",
+                 lambda: TokenBlocks(remote, cache_bytes=small), "none"),
+                (slow, f"blocks: ranged reads, cache {small >> 20} MB, prefetch", lambda: modelled(small), "prefetch"),
+                (slow, f"blocks: ranged reads, cache {small >> 20} MB, window by window", lambda: modelled(small),
+                 "none")]
         print("| store | reader | first batch s (open + read) | windows/s after | MB read | reads | KB read per "
               "window | same tokens |")
         print("|---|---|---|---|---|---|---|---|")
