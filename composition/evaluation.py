@@ -130,17 +130,18 @@ def score_documents(model: torch.nn.Module, docs: list[np.ndarray], eos_id: int,
     return Scores(out, counts, used / rows if rows else None, choices, time.perf_counter() - began, scored)
 
 
-def stream_documents(tokens: np.ndarray, eos: int, max_tokens: int) -> list[np.ndarray]:
-    """Whole documents of a token stream (each ends at `eos`), in order, up to about max_tokens."""
-    ends = np.flatnonzero(np.asarray(tokens) == eos)
+def stream_documents(tokens: np.ndarray, eos: int, max_tokens: int, chunk: int = 1 << 20) -> list[np.ndarray]:
+    """Whole documents of a token stream (each ends at `eos`), in order, up to about max_tokens;
+    the stream is scanned `chunk` tokens at a time, and no further than those documents."""
     docs, start, total = [], 0, 0
-    for end in ends:
-        if end > start:
-            docs.append(np.asarray(tokens[start:end]))
-            total += end - start
-        start = end + 1
-        if total >= max_tokens:
-            break
+    for offset in range(0, len(tokens), chunk):
+        for end in np.flatnonzero(np.asarray(tokens[offset:offset + chunk]) == eos) + offset:
+            if end > start:
+                docs.append(np.asarray(tokens[start:end]))
+                total += end - start
+            start = end + 1
+            if total >= max_tokens:
+                return docs
     return docs
 
 

@@ -48,7 +48,7 @@ from pipeline.store import storage
 from pipeline.store.catalog import ROUTER_NAME, Catalog, check_token_files, exact_uri, token_tags
 from pipeline.store.names import (EXPERT_MODEL, SEED, Tag, carried_tags, expert_name, extend_tag, model_tags,
                                   sha_tag)
-from pipeline.store.tokens import load_tokens, save_tokens
+from pipeline.store.tokens import load_tokens, save_tokens, token_pins
 from pipeline.store.tracking import param_strings
 from pipeline.text.corpus import Document, load_corpus
 from routing.ensemble import document_weights, keep_top_k
@@ -362,12 +362,14 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
     tracker = catalog.tracker
     train_cfg = continued_config(cfg, plan, central, pflops)
     eos = EOS_ID
-    new_train = load_tokens(data["train"], tmp / "new-train")
+    pins = {path: token_pins(path)["index"] for path in data.values()}  # as this stage wrote them
+    new_train = load_tokens(data["train"], tmp / "new-train", pins)
     old = [load_tokens(catalog.data_path(v, "train"), tmp / f"old-{i}", catalog.pins)
            for i, v in enumerate(plan.experts)]
     mixed = replay_tokens(new_train, old, cfg.extend.replay, cfg.seed, eos)
     replay_file = storage.join(root, "data", f"{REPLAY}.train.npy")
     save_tokens(mixed, replay_file)
+    pins[replay_file] = token_pins(replay_file)["index"]
     started = {}
     for name, train in ((FINETUNE, data["train"]), (REPLAY, replay_file)):
         if name == REPLAY and cfg.extend.replay == 0:
@@ -379,7 +381,8 @@ def start_baselines(cfg: Config, catalog: Catalog, pipeline_id: str, run_id: str
                                    **{f"train.{k}": v for k, v in train_cfg.items()}})
         tracker.log_metrics(child, {"matched_pflops": pflops / 1e15})
         matched = MatchedTask(name=name, run_id=child, tracking_uri=tracker.uri, dense=exact_uri(plan.central),
-                              train=train, val=data["val"], ckpt_dir=Catalog.checkpoint_dir(root, name),
+                              train=train, val=data["val"], pins={p: pins[p] for p in (train, data["val"])},
+                              ckpt_dir=Catalog.checkpoint_dir(root, name),
                               train_config=train_cfg, tokenizer=plan.central.tags[Tag.TOKENIZER],
                               grant=Grant.of(cfg, "extend"), seed=cfg.seed, pipeline=pipeline_id)
         ref = launch_matched(matched)

@@ -122,8 +122,10 @@ def checked_index(location: str, pin: str | None) -> dict:
 class TokenBlocks:
     """The tokens of a token file, indexed like a 1-D uint16 numpy array (len, slices of step 1,
     np.asarray), read block by block: each block is checked against the index's sha256 the
-    first time this reader reads it. Local files are memory-mapped where they lie; files on an
-    object store are read by ranged reads into a cache of at most `cache_bytes`."""
+    first time this reader reads it. Local files are memory-mapped where they lie (a block
+    changed after this reader checked it is not seen again, as with any memory map); files on an
+    object store are read by ranged reads into a cache of at most `cache_bytes` (a batch whose
+    windows touch more blocks than that reads some of them twice)."""
 
     def __init__(self, location: str, pin: str | None = None, cache_bytes: int = CACHE_BYTES):
         index = checked_index(location, pin)
@@ -174,6 +176,8 @@ class TokenBlocks:
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
+            if not -self.length <= key < self.length:
+                raise IndexError(f"token {key} is outside token file {self.location} of {self.length} tokens")
             i = range(self.length)[key]
             return self[i:i + 1][0]
         if not isinstance(key, slice):
@@ -186,6 +190,8 @@ class TokenBlocks:
         return data.view("<u2")
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError(f"token file {self.location} is read by blocks: it cannot be an array without a copy")
         tokens = self[:]
         return tokens if dtype is None else tokens.astype(dtype)
 

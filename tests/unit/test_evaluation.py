@@ -315,3 +315,34 @@ def test_the_output_mixtures_lambda_is_the_one_that_scores_best_on_validation():
     assert 0 < chosen["mixture_central"] < 1  # two models right about different bytes: both weigh
     np.testing.assert_allclose(output_mixture(expert, hub, 1.0)[0], expert[0])
     np.testing.assert_allclose(output_mixture(expert, hub, 0.0)[0], hub[0])
+
+
+class ReadRecorder:
+    """A token array that remembers how far into it slices have reached."""
+
+    def __init__(self, tokens):
+        self.tokens, self.reached = tokens, 0
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, key):
+        self.reached = max(self.reached, min(key.stop, len(self.tokens)))
+        return self.tokens[key]
+
+
+def test_documents_of_a_stream_scanned_in_chunks_are_the_whole_streams_and_the_scan_stops_after_them():
+    from composition.evaluation import stream_documents
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, 5000).astype(np.uint16)
+    tokens[rng.choice(5000, 120, replace=False)] = 258  # document ends, some of them adjacent
+    whole = stream_documents(tokens, 258, 10**9, chunk=len(tokens))
+    assert len(whole) > 100
+    for chunk in (1, 7, 64, 4999):
+        got = stream_documents(tokens, 258, 10**9, chunk=chunk)
+        assert len(got) == len(whole) and all(np.array_equal(a, b) for a, b in zip(got, whole)), chunk
+    recorder = ReadRecorder(tokens)
+    first = stream_documents(recorder, 258, 300, chunk=16)
+    assert [len(d) for d in first] == [len(d) for d in whole[:len(first)]] and sum(map(len, first)) >= 300
+    assert recorder.reached < 1000  # those documents end within ~400 tokens: the other 4,000 are never read
