@@ -202,8 +202,8 @@ def evaluate_task(task: CompositionTask, state: dict) -> dict:
         composed = _composed(task, list(range(len(task.experts))), Path(scratch), state=state, complete=True,
                              record_routing=True)
         share = max(1, task.eval_tokens // len(task.experts))
-        groups = [validation_documents(np.asarray(load_tokens(path, Path(scratch), task.pins)),
-                                       task.scoring.eos_id, share, required=False) for path in task.expert_val]
+        groups = [validation_documents(load_tokens(path, Path(scratch), task.pins), task.scoring.eos_id, share,
+                                       required=False) for path in task.expert_val]  # read only as far as needed
     if not any(groups):
         raise StageError("no validation documents to score in any expert's cluster; raise corpus.val_fraction")
     n = len(task.experts)
