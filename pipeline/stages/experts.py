@@ -58,7 +58,7 @@ BOOKKEEPING = {f"train.{k}" for k in ("log_every", "eval_every", "eval_tokens", 
 class ExpertsWatcher(Protocol):
     """Told what the experts stage will register, then of each model as soon as it is registered."""
 
-    def expect(self, names: list[str], root: str) -> None: ...
+    def expect(self, names: list[str], root: str, pins: dict[str, str]) -> None: ...
 
     def registered(self, name: str, uri: str) -> None: ...
 
@@ -274,8 +274,9 @@ def held_after_first(push, task: ExpertTask):
 
 def run_experts(cfg: Config, pipeline_id: str, watcher: ExpertsWatcher | None = None) -> dict[str, str]:
     """Train (or resume, or skip) every expert and the dense model; return {name: registry URI}.
-    watcher: told which models the stage will register (`expect(names, storage root)`), then of
-    each registered one as soon as it is (`registered(name, uri)`): `moie run` composes early."""
+    watcher: told which models the stage will register (`expect(names, storage root, the pins of
+    the token files of those still to train)`), then of each registered one as soon as it is
+    (`registered(name, uri)`): `moie run` composes early."""
     catalog = Catalog(cfg)
     connect_cluster(cfg, catalog.tracker)  # before any work: a multi-node cluster needs shared stores
     catalog.tracker.pipeline_run(pipeline_id)
@@ -326,7 +327,8 @@ class _ExpertsStage:
                 tasks.append(task)
         self.check_trainable(names)
         if self.watcher is not None:
-            self.watcher.expect([n for n in names if n not in self.cannot_train], self.root)
+            self.watcher.expect([n for n in names if n not in self.cannot_train], self.root,
+                                {path: pin for t in tasks for path, pin in t.pins.items()})
             for name, uri in registered.items():
                 self.watcher.registered(name, uri)
         if tasks:

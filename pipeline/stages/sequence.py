@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 
 from pipeline.config import Config
-from pipeline.errors import one_line
+from pipeline.errors import StageError, one_line
 from pipeline.ray_runtime import cancel, get_or_fail
 from pipeline.stages.cluster import run_cluster
 from pipeline.stages.compose import (CompositionTask, centres_task, composition_task, mode_routing, run_compose,
@@ -79,6 +79,7 @@ class EarlyIndependent:
         self.central_name = CENTRAL if cfg.central.arch else DENSE  # as Catalog.pipeline_models picks it
         self.planned: list[str] | None = None  # the experts the stage will register, in cluster order
         self.root: str | None = None
+        self.pins: dict[str, str] = {}  # token file -> its block index's sha256, of the models still to train
         self.versions: dict[str, object] = {}  # model name -> registered version
         self.centres_ref = None
         self.centres_spec: CompositionTask | None = None
@@ -88,10 +89,11 @@ class EarlyIndependent:
 
     # the experts stage's events
 
-    def expect(self, names: list[str], root: str) -> None:
-        """The models the experts stage will have registered when it ends (and its storage root)."""
+    def expect(self, names: list[str], root: str, pins: dict[str, str]) -> None:
+        """The models the experts stage will have registered when it ends (its storage root, and
+        the pins its runs recorded of the token files of those still to train)."""
         self.planned = sorted((n for n in names if is_expert(n)), key=expert_cluster)
-        self.root = root
+        self.root, self.pins = root, dict(pins)
         self._start()
 
     def registered(self, name: str, uri: str) -> None:
@@ -126,7 +128,8 @@ class EarlyIndependent:
             return
         if self.centres_ref is None:
             data = [Catalog.token_file(self.root, n, "train") for n in self.planned]
-            self.centres_spec = replace(self._task([self.versions[ready[0]]]), expert_data=data)
+            task = self._task([self.versions[ready[0]]])
+            self.centres_spec = replace(task, expert_data=data, pins={**task.pins, **self._data_pins(data)})
             self.centres_ref = ray.remote(centres_task).options(**self.centres_spec.options()).remote(self.centres_spec)
         for name in ready:
             if name not in self.started:
@@ -141,12 +144,24 @@ class EarlyIndependent:
                 print(f"compose independent: {name}'s blocks and gates start now, while "
                       f"{len(self.planned) - len(ready)} experts still train", flush=True)
 
+    def _data_pins(self, data: list[str]) -> dict[str, str]:
+        """The pin of each planned expert's training tokens: a registered one's from the registry
+        (checked against its file), one still training from its run; none pinned: no early start."""
+        for name in self.planned:
+            if name in self.versions:
+                self.catalog.data_path(self.versions[name], "train")  # checked, and pinned in catalog.pins
+        pins = {path: self.catalog.pins.get(path) or self.pins.get(path) for path in data}
+        if unpinned := [path for path, pin in pins.items() if pin is None]:
+            raise StageError(f"no block index pin recorded for {', '.join(unpinned)}")
+        return pins
+
     # the compose stage's questions
 
     def centres(self, task: CompositionTask) -> dict | None:
         """The centres fitted early, if they are what `task` would fit (else None: fitted anew)."""
         if self.centres_ref is None or not self._same(self.centres_spec, task) \
-                or self.centres_spec.expert_data != task.expert_data:
+                or self.centres_spec.expert_data != task.expert_data \
+                or any(self.centres_spec.pins.get(p) != task.pins.get(p) for p in task.expert_data):
             self.cancel()
             self.started.clear()
             return None
@@ -156,6 +171,7 @@ class EarlyIndependent:
         """The Ray ref of expert e's blocks and gates, if started early for exactly this task."""
         for slot, early, ref in self.started.values():
             if slot == e and early.experts == [task.experts[e]] and early.expert_data == [task.expert_data[e]] \
+                    and early.pins.get(early.expert_data[0]) == task.pins.get(task.expert_data[e]) \
                     and self._same(early, replace(task, settings=replace(task.settings,
                                                                          routing=mode_routing(task, "independent")))):
                 return ref

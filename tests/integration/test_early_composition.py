@@ -2,6 +2,7 @@
 as soon as the central model and that expert are registered, while other experts still
 train, and the result is the composition that waiting for every expert would have made."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from pipeline.stages.compose import run_compose
 from pipeline.stages.experts import run_experts
 from pipeline.stages.sequence import EarlyIndependent
 from pipeline.store.catalog import Catalog
+from pipeline.store.names import DENSE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,6 +75,20 @@ def test_an_independent_composition_started_per_expert_during_training_equals_on
         assert sorted(early.started) == ["expert-0", "expert-1", "expert-2"]
         assert max(early.waiting_at_start.values()) >= 1, early.waiting_at_start  # began while one still trained
         assert early.taken[0] == "centres" and len(early.taken) == 4  # the stage used every early result
+        # every token file an early task reads is pinned, with what the registry recorded of it (the
+        # centres read experts still training: their pins come from their runs)
+        central, experts = catalog.pipeline_models(pipeline_id)
+        for split in ("train", "val"):  # each checked against the registry, and its pin noted in catalog.pins
+            catalog.data_path(catalog.resolve(central), split, DENSE)
+            for uri in experts:
+                catalog.data_path(catalog.resolve(uri), split)
+        registry = catalog.pins
+        spec = early.centres_spec
+        assert len(spec.expert_data) == 3 and {p: spec.pins[p] for p in spec.expert_data} == \
+            {p: registry[p] for p in spec.expert_data}
+        for _, task, _ in early.started.values():
+            read = [*task.expert_data, *task.expert_val, task.train, task.val]
+            assert {p: task.pins.get(p) for p in read} == {p: registry[p] for p in read}
         waited = run_compose(cfg, pipeline_id)["independent"]  # the same, started after every expert
         assert taken != waited
         (early_state, early_manifest), (state, manifest) = (
@@ -90,6 +106,10 @@ def test_an_independent_composition_started_per_expert_during_training_equals_on
         assert sorted(redone_state) == sorted(state)
         for key, value in state.items():
             assert redone_state[key].equal(value), key
+
+        # centres fitted from a token file whose pin is not the compose stage's are not taken
+        assert early.centres(spec) is not None
+        assert early.centres(replace(spec, pins={**spec.pins, spec.expert_data[1]: "0" * 64})) is None
 
 
 def failing_task():
@@ -112,8 +132,6 @@ class FailedEarly:
 
 
 def test_a_failure_to_start_early_turns_early_composition_off_without_raising(moie_home, capsys):
-    from pipeline.store.names import DENSE
-
     class Broken(EarlyIndependent):
         def _launch(self):
             raise OSError("the registry is unreachable")
