@@ -7,7 +7,10 @@ Every worker reads the same token files, builds the same model and resumes from 
 newest checkpoint; `experts.trainer.train` splits each batch among them and averages the
 gradients (gloo on CPU, NCCL on GPU); worker 0 alone validates, checkpoints to the storage
 and writes the trained model and its result. When a worker or its node is lost, Ray Train
-restarts them all and they go on from the newest checkpoint.
+restarts them all and they go on from the newest checkpoint. A worker's moie error (bad
+input: a token block that does not match its index, a corrupt checkpoint) would be met again
+by every retry: it is recorded in the storage, the restarted workers find it and stop at
+once, and the run ends with that error, as a single-process task's does.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from artifacts import write_json
+from pipeline.errors import MoieError, one_line
 from pipeline.ray_runtime import TaskFailedError, granted_device, run_data_parallel, use_granted_cpus
 from pipeline.store import storage
 from pipeline.store.tokens import load_tokens
@@ -35,9 +39,14 @@ def parallel_task(work: Callable, args, *, workers: int, num_cpus: float, num_gp
     a Ray task of no resources of its own: its workers take them."""
     result_at = storage.join(run_dir, f"result-{uuid.uuid4().hex}.json")
     config = {"work": work, "args": args, "num_cpus": num_cpus, "use_gpu": bool(num_gpus), "seed": seed,
-              "result": result_at}
-    run_data_parallel(_parallel_worker, config, workers=workers, cpus_per_worker=num_cpus, storage_path=run_dir,
-                      name=name, max_failures=max_failures, use_gpu=bool(num_gpus))
+              "result": result_at, "error": f"{result_at}.error"}
+    try:
+        run_data_parallel(_parallel_worker, config, workers=workers, cpus_per_worker=num_cpus, storage_path=run_dir,
+                          name=name, max_failures=max_failures, use_gpu=bool(num_gpus))
+    except TaskFailedError:
+        _raise_recorded(config["error"], name)  # (with no retry left, Ray Train ends the run with it)
+        raise
+    _raise_recorded(config["error"], name)
     if not storage.exists(result_at):  # Ray Train returns without an error when its run is aborted
         raise TaskFailedError(f"{name}: its data-parallel training ended without a result (aborted); run the "
                               "stage again to go on from its newest checkpoint")
@@ -47,6 +56,15 @@ def parallel_task(work: Callable, args, *, workers: int, num_cpus: float, num_gp
         storage.remove(result_at)
 
 
+def _raise_recorded(error_at: str, name: str) -> None:
+    """The moie error a worker recorded at `error_at`, raised here (the record removed), if any."""
+    if storage.exists(error_at):
+        error = json.loads(storage.read_text(error_at))
+        storage.remove(error_at)
+        raise TaskFailedError(f"{name}: data-parallel training failed on worker {error['rank']}: {error['type']}: "
+                              f"{error['message']}")
+
+
 def _parallel_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -54,13 +72,21 @@ def _parallel_worker(config: dict) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if storage.exists(config["error"]):
+        return  # an earlier attempt met a moie error, which this one would meet again: the driver raises it
     use_granted_cpus(config["num_cpus"], config["seed"])
     device = torch.device("cpu")
     if config["use_gpu"]:
         granted_device(1)  # one line if torch cannot see the GPU Ray granted (a CPU build of torch)
         device = ray.train.torch.get_device()  # this worker's GPU (its local rank's)
     with tempfile.TemporaryDirectory(prefix="moie-dp-") as scratch:
-        result = config["work"](config["args"], Path(scratch), rank, world, device)
+        try:
+            result = config["work"](config["args"], Path(scratch), rank, world, device)
+        except MoieError as err:  # bad input, not a lost worker: recorded, so that no retry meets it again
+            write_json(Path(scratch) / "error.json", {"rank": rank, "type": type(err).__name__,
+                                                      "message": one_line(err)})
+            storage.upload(Path(scratch) / "error.json", config["error"])
+            raise
         if rank == 0:
             write_json(Path(scratch) / "result.json", result)
             storage.upload(Path(scratch) / "result.json", config["result"])
@@ -78,12 +104,16 @@ def train_work(config: dict, scratch: Path, rank: int, world: int, device) -> di
     """On every worker. config: model (model config dict), train_config (TrainConfig fields), train
     and val (token files in the storage; val may be None), ckpt_dir and out (locations in the
     storage: worker 0 writes the model to <out>/model); kill_after_checkpoint (tests only: a local
-    directory; worker 0 kills worker 1 once, after the first checkpoint, as a lost node would)."""
+    directory; worker 0 kills worker 1 once, after the first checkpoint, as a lost node would);
+    attempts (tests only: a local directory where each worker notes each time it starts)."""
     from experts.checkpoint import build_model, save_model
     from experts.trainer import TrainConfig, train
 
     cfg = TrainConfig(**config["train_config"])
     checkpoints = storage.CheckpointMirror(config["ckpt_dir"], scratch, keep=cfg.keep_checkpoints)
+    if config.get("attempts"):  # tests only: a local directory where each worker notes each attempt
+        Path(config["attempts"]).mkdir(parents=True, exist_ok=True)
+        (Path(config["attempts"]) / f"{rank}-{uuid.uuid4().hex}").touch()
     model = build_model(config["model"]).to(device)
     tokens = load_tokens(config["train"], scratch)
     val = load_tokens(config["val"], scratch) if config.get("val") else None

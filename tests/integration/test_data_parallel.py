@@ -33,6 +33,7 @@ from pipeline.stages.matched import MatchedTask, launch_matched
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, exact_uri
 from pipeline.store.names import DENSE_MATCHED
+from pipeline.store.tokens import put_token_file
 from pipeline.store.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,16 +75,20 @@ print(json.dumps(result))
 """
 
 
-def two_workers(tmp_path, tokens_path, **extra):
+def run_two_workers(tmp_path, tokens_path, **extra) -> subprocess.CompletedProcess:
     """Two gloo workers on a Ray of their own (2 CPUs), in a process of its own."""
     config = {"model": MODEL, "train_config": TRAIN, "train": str(tokens_path), "val": None, "seed": 0,
               "ckpt_dir": str(tmp_path / "ckpt"), "out": str(tmp_path / "out"), "num_cpus": 1, **extra}
     temp_dir = tempfile.mkdtemp(prefix="moie-rt-", dir="/tmp")  # short: Unix socket paths <= 107 bytes
     try:
-        done = subprocess.run([sys.executable, "-c", RUN, json.dumps(config), temp_dir], cwd=REPO,
+        return subprocess.run([sys.executable, "-c", RUN, json.dumps(config), temp_dir], cwd=REPO,
                               capture_output=True, text=True, timeout=600)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def two_workers(tmp_path, tokens_path, **extra):
+    done = run_two_workers(tmp_path, tokens_path, **extra)
     assert done.returncode == 0, done.stderr[-3000:]
     return load_model(tmp_path / "out" / "model")[0], json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -109,6 +114,25 @@ def test_two_workers_go_on_from_their_checkpoint_after_one_is_killed(tmp_path, t
     assert result["workers"] == 2 and result["resumed_from"] == 3  # restarted from the step-3 checkpoint
     reference, reference_result = one_worker(tokens)
     assert_same_training(model, result, reference, reference_result)
+
+
+def test_a_moie_error_on_a_worker_ends_the_run_with_it_and_is_not_retried(tmp_path, tokens):
+    """Ray Train retries a run whose worker failed (max_failures): for a lost worker. A moie error
+    (here: the token file's block does not match its index) would be met again by every retry;
+    the run ends with it after the failed attempt, and no worker trains again."""
+    location = tmp_path / "store" / "tokens.npy"
+    put_token_file(tokens, str(location))  # one block
+    with open(location, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)[0]
+        f.seek(1000)
+        f.write(bytes([byte ^ 1]))
+    done = run_two_workers(tmp_path, location, attempts=str(tmp_path / "attempts"))
+    assert done.returncode != 0
+    assert "test-dp: data-parallel training failed on worker" in done.stderr, done.stderr[-3000:]
+    assert "does not match the sha256 its block index records" in done.stderr
+    starts = sorted(p.name.split("-")[0] for p in (tmp_path / "attempts").iterdir())
+    assert starts == ["0", "1"]  # one attempt: the run's retry (max_failures=1) found the error and trained nothing
 
 
 def stage_overrides(tmp_path, workers: int) -> list[str]:
