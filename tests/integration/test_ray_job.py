@@ -16,8 +16,10 @@ REPO = Path(__file__).resolve().parents[2]
 # small budgets: the point is the jobs, not the models
 SMALL = ["experts.train.max_tokens=4000", "experts.train.ckpt_every=0",
          "compose.blocks_train={max_tokens: 3000, batch_size: 8}", "compose.gates_train={max_tokens: 1000, batch_size: 8}",
-         "compose.joint_train={max_tokens: 3000, batch_size: 8}", "compose.eval_tokens=2048",
-         "compose.center_tokens=2048", "evaluate.max_bytes_per_domain=2048"]
+         "compose.joint_train={max_tokens: 3000, batch_size: 8}", "compose.mix_train={max_tokens: 1000, batch_size: 8}",
+         "compose.kway_train={max_tokens: 1000, batch_size: 8}", "compose.eval_tokens=2048",
+         "compose.center_tokens=2048", "evaluate.max_bytes_per_domain=2048", "evaluate.bootstrap=200",
+         "extend.old_bytes_per_domain=2048"]
 
 
 def submit(ray_head: str, home: Path, *job: str, timeout: int = 900) -> subprocess.CompletedProcess:
