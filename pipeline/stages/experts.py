@@ -119,6 +119,9 @@ def write_tokens(location: str, texts: list[str], eos_id: int) -> str:
     return location
 
 
+TOKEN_COLUMNS = ("doc_id", "cluster", "split", "text_sha256", "shard")  # what token writing reads of the assignments
+
+
 def expert_data(cfg: Config, root: str, table: pa.Table, k: int) -> dict[str, dict[str, str]]:
     """Each cluster's training and validation documents as byte tokens in shared .npy files, which
     tasks memory-map, and every document in the dense model's: {name: {train, val}} (locations in
@@ -131,8 +134,7 @@ def expert_data(cfg: Config, root: str, table: pa.Table, k: int) -> dict[str, di
     if not todo:
         return files
     shards = corpus_shards(cfg.corpus)
-    docs = documents_by_shard(table, len(shards), ("doc_id", "cluster", "split", "text_sha256"),
-                              splits=("train", "validation"))
+    docs = documents_by_shard(table, len(shards), TOKEN_COLUMNS[:4], splits=("train", "validation"))
     staging = storage.join(root, "data", f"parts-{uuid.uuid4().hex[:8]}")
     own = (CorpusError, StageError, EmbeddedCorpusError)
     try:
@@ -280,7 +282,7 @@ def run_experts(cfg: Config, pipeline_id: str, watcher: ExpertsWatcher | None = 
     catalog = Catalog(cfg)
     connect_cluster(cfg, catalog.tracker)  # before any work: a multi-node cluster needs shared stores
     catalog.tracker.pipeline_run(pipeline_id)
-    cluster_run, table, report = catalog.assignments(pipeline_id, arrow=True)
+    cluster_run, table, report = catalog.assignments(pipeline_id, arrow=True, columns=TOKEN_COLUMNS)
     k = int(cluster_run.data.params["cluster.k"])
     with catalog.tracker.pipeline_active(pipeline_id):
         stage = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, k, report, watcher)

@@ -225,10 +225,20 @@ def documents_by_shard(table: pa.Table, n_shards: int, columns: tuple[str, ...],
         most = pc.max(table["shard"]).as_py() + 1
         raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({most}) than this config's "
                           f"({n_shards}); give the config the pipeline was clustered with")
-    if splits is not None:
-        table = table.filter(pc.is_in(table["split"], pa.array(list(splits))))
-    table = table.select([*columns, "shard"])
-    return [table.filter(pc.equal(table["shard"], i)).drop_columns(["shard"]) for i in range(n_shards)]
+    table = table.select(list(dict.fromkeys([*columns, "shard", "split"])))
+    shard = table["shard"].to_numpy()
+    if len(shard) and (np.diff(shard) < 0).any():  # (the cluster stage writes them in corpus order, shard by shard)
+        table = table.sort_by("shard")
+        shard = table["shard"].to_numpy()
+    bounds = np.searchsorted(shard, np.arange(n_shards + 1))
+    wanted = pa.array(list(splits)) if splits is not None else None
+    parts = []
+    for i in range(n_shards):
+        part = table.slice(bounds[i], bounds[i + 1] - bounds[i])
+        # filter copies the shard's rows out: a slice would take the whole table's buffers with it to its task
+        keep = pc.is_in(part["split"], wanted) if wanted is not None else pc.is_valid(part["shard"])
+        parts.append(part.filter(keep).select(list(columns)))
+    return parts
 
 
 def check_found(docs: list[pa.Table], results: list[dict]) -> None:

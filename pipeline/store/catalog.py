@@ -159,15 +159,18 @@ class Catalog:
                              f"`moie cluster --pipeline {pipeline_id} --config ...` first")
         return runs[0]
 
-    def assignments(self, pipeline_id: str, arrow: bool = False) -> tuple[object, dict, dict]:
+    def assignments(self, pipeline_id: str, arrow: bool = False,
+                    columns: list[str] | None = None) -> tuple[object, dict, dict]:
         """(cluster run, its assignments table as columns — or, `arrow`, as a pyarrow Table, a few
-        bytes a document instead of Python objects — and its report) of the pipeline's
-        clustering, each file checked against the sha256 the cluster run recorded."""
+        bytes a document instead of Python objects; `columns`: these only — and its report) of the
+        pipeline's clustering, each file checked against the sha256 the cluster run recorded."""
         import pyarrow.parquet as pq
 
         run = self.cluster_run(pipeline_id)
         with tempfile.TemporaryDirectory() as tmp:
-            table = pq.read_table(self.run_file(run, ASSIGNMENTS, Path(tmp)))
+            path = self.run_file(run, ASSIGNMENTS, Path(tmp))
+            present = pq.read_schema(path).names  # (an older clustering may lack some: its stage says so)
+            table = pq.read_table(path, columns=columns and [c for c in columns if c in present])
             table = table if arrow else table.to_pydict()
             report = json.loads(self.run_file(run, CLUSTER_REPORT, Path(tmp)).read_text(encoding="utf-8"))
         return run, table, report
