@@ -194,7 +194,7 @@ def held_out_by_shard(cfg: Config, table, described: str) -> HeldOut:
             results.append(result)
     finally:
         cancel(pending)
-    check_found(docs, results)
+    check_found(sum(len(d) for d in docs), results)
     warn_if_overstated(shingles, ev)
     shingles_ref = ray.put(shingles)
     coverage = ray.remote(shard_coverage).options(num_cpus=1, max_retries=1)

@@ -43,7 +43,7 @@ from pipeline.store.names import (CENTRAL, CENTRAL_MODEL, DENSE, EXPERT_MODEL, R
 from pipeline.store.tokens import load_tokens, save_tokens
 from pipeline.store.tracking import changed_params, metrics_logger, param_strings, record_attempt, stop_unless_running
 from pipeline.stages.parallel import parallel_task
-from pipeline.stages.shards import check_found, documents_by_shard, join_tokens, shard_tokens
+from pipeline.stages.shards import check_found, join_tokens, shard_tables, shard_tokens
 from pipeline.text.corpus import CorpusError, corpus_shards
 from pipeline.text.embedded import EmbeddedCorpusError
 
@@ -134,15 +134,18 @@ def expert_data(cfg: Config, root: str, table: pa.Table, k: int) -> dict[str, di
     if not todo:
         return files
     shards = corpus_shards(cfg.corpus)
-    docs = documents_by_shard(table, len(shards), TOKEN_COLUMNS[:4], splits=("train", "validation"))
     staging = storage.join(root, "data", f"parts-{uuid.uuid4().hex[:8]}")
     own = (CorpusError, StageError, EmbeddedCorpusError)
     try:
         corpus = ray.put(cfg.corpus)
         write = ray.remote(shard_tokens).options(num_cpus=1, max_retries=1)
-        written = every_result([write.remote(shards[i], i, corpus, docs[i], storage.join(staging, f"{i:05d}"))
-                                for i in range(len(shards)) if len(docs[i])], "token-writing tasks", own)
-        check_found(docs, written)
+        expected, pending = 0, []
+        for i, docs in enumerate(shard_tables(table, len(shards), TOKEN_COLUMNS[:4], splits=("train", "validation"))):
+            expected += len(docs)  # (each shard's table is the task's once submitted: not kept here)
+            if len(docs):
+                pending.append(write.remote(shards[i], i, corpus, docs, storage.join(staging, f"{i:05d}")))
+        written = every_result(pending, "token-writing tasks", own)
+        check_found(expected, written)
         join = ray.remote(join_tokens).options(num_cpus=1, max_retries=1)
         every_result([join.remote([w["parts"][name][split] for w in written if split in w["parts"].get(name, {})],
                                   files[name][split]) for name, split in sorted(todo)], "token-joining tasks", own)
@@ -286,7 +289,9 @@ def run_experts(cfg: Config, pipeline_id: str, watcher: ExpertsWatcher | None = 
     k = int(cluster_run.data.params["cluster.k"])
     with catalog.tracker.pipeline_active(pipeline_id):
         stage = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, k, report, watcher)
-        return stage.run(table)
+        data = expert_data(cfg, stage.root, table, k)
+        del table  # a few hundred bytes a document: not held while the models train
+        return stage.run(data)
 
 
 class _ExpertsStage:
@@ -300,9 +305,9 @@ class _ExpertsStage:
         self.cannot_train: dict[str, str] = {}  # model -> why its data cannot make one batch
         self.num_gpus = task_gpus(cfg, "experts")  # of each training task (the seed's too)
 
-    def run(self, table: pa.Table) -> dict[str, str]:
+    def run(self, data: dict[str, dict[str, str]]) -> dict[str, str]:
+        """Train what is missing of every model (data: expert_data's token files)."""
         e = self.cfg.experts
-        data = expert_data(self.cfg, self.root, table, self.k)
         data[CENTRAL] = data[DENSE]  # the central model reads the whole corpus too
         names = [expert_name(j) for j in range(self.k)] + ([DENSE] if e.dense else [])
         names += [CENTRAL] if self.cfg.central.arch else []

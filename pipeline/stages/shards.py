@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -213,6 +214,13 @@ def documents_by_shard(table: pa.Table, n_shards: int, columns: tuple[str, ...],
                        splits: tuple[str, ...] | None = None) -> list[pa.Table]:
     """Per corpus shard, its documents of the pipeline's assignments (of `splits`; default all),
     these columns, checked to fit this corpus's shards."""
+    return list(shard_tables(table, n_shards, columns, splits))
+
+
+def shard_tables(table: pa.Table, n_shards: int, columns: tuple[str, ...],
+                 splits: tuple[str, ...] | None = None) -> Iterator[pa.Table]:
+    """documents_by_shard one shard at a time: a driver that hands each to its task as it comes
+    holds one shard's copy, not every shard's (the checks come before the first)."""
     import pyarrow.compute as pc
 
     if "text_sha256" not in table.column_names:
@@ -232,19 +240,17 @@ def documents_by_shard(table: pa.Table, n_shards: int, columns: tuple[str, ...],
         shard = table["shard"].to_numpy()
     bounds = np.searchsorted(shard, np.arange(n_shards + 1))
     wanted = pa.array(list(splits)) if splits is not None else None
-    parts = []
     for i in range(n_shards):
         part = table.slice(bounds[i], bounds[i + 1] - bounds[i])
         # filter copies the shard's rows out: a slice would take the whole table's buffers with it to its task
         keep = pc.is_in(part["split"], wanted) if wanted is not None else pc.is_valid(part["shard"])
-        parts.append(part.filter(keep).select(list(columns)))
-    return parts
+        yield part.filter(keep).select(list(columns))
 
 
-def check_found(docs: list[pa.Table], results: list[dict]) -> None:
-    """Every clustered document of `docs` (per shard) was found by its shard's task (results:
+def check_found(expected: int, results: list[dict]) -> None:
+    """Every one of the `expected` clustered documents was found by its shard's task (results:
     {"found": how many, "missing": one it did not find or None})."""
-    expected, found = sum(len(d) for d in docs), sum(r["found"] for r in results)
+    found = sum(r["found"] for r in results)
     if found < expected:
         missing = [r["missing"] for r in results if r.get("missing")]
         raise CorpusError(f"{expected - found} clustered documents (e.g. {missing[0]!r}) are not in the corpus of "

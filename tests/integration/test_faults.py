@@ -303,7 +303,7 @@ def test_case1_a_model_left_out_for_a_small_cluster_does_not_stop_the_others(ray
     """One cluster too small: the other expert is registered, the small one's run FAILED (not FINISHED)."""
     import pyarrow as pa
 
-    from pipeline.stages.experts import _ExpertsStage
+    from pipeline.stages.experts import _ExpertsStage, expert_data
     from pipeline.store.catalog import Catalog
 
     overrides = small_overrides(tmp_path, extra=["experts.train.max_tokens=2000", "experts.train.batch_size=32"])
@@ -316,7 +316,7 @@ def test_case1_a_model_left_out_for_a_small_cluster_does_not_stop_the_others(ray
         table["cluster"][i] = 0
     with catalog.tracker.pipeline_active(pipeline_id):
         stage = _ExpertsStage(catalog, cfg, pipeline_id, cluster_run.info.run_id, 2, report)
-        registered = stage.run(pa.Table.from_pydict(table))
+        registered = stage.run(expert_data(cfg, stage.root, pa.Table.from_pydict(table), 2))
     assert sorted(registered) == ["expert-0"]
     status = {r.data.tags["moie.expert"]: r.info.status for r in runs_of(cfg, pipeline_id)}
     assert status == {"expert-0": "FINISHED", "expert-1": "FAILED"}
