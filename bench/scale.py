@@ -139,10 +139,14 @@ from pipeline.stages.experts import expert_data
 from pipeline.store.catalog import Catalog
 cfg = load_config(sys.argv[1], sys.argv[3:])
 catalog = Catalog(cfg)
-try:
-    run, table, _ = catalog.assignments(sys.argv[2], arrow=True)
-except TypeError:  # a checkout from before the arrow table (its expert_data takes columns as lists)
-    run, table, _ = catalog.assignments(sys.argv[2])
+try:  # the columns the checkout's experts stage reads, as it reads them
+    from pipeline.stages.experts import TOKEN_COLUMNS
+    run, table, _ = catalog.assignments(sys.argv[2], arrow=True, columns=TOKEN_COLUMNS)
+except ImportError:
+    try:
+        run, table, _ = catalog.assignments(sys.argv[2], arrow=True)
+    except TypeError:  # a checkout from before the arrow table (its expert_data takes columns as lists)
+        run, table, _ = catalog.assignments(sys.argv[2])
 ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 expert_data(cfg, catalog.checkpoint_root(sys.argv[2], run.info.run_id), table, cfg.cluster.k)
 """

@@ -119,7 +119,8 @@ def write_tokens(location: str, texts: list[str], eos_id: int) -> str:
     return location
 
 
-TOKEN_COLUMNS = ("doc_id", "cluster", "split", "text_sha256", "shard")  # what token writing reads of the assignments
+SHARD_TASK_COLUMNS = ("doc_id", "cluster", "split", "text_sha256")  # what a token-writing task reads of its shard's
+TOKEN_COLUMNS = (*SHARD_TASK_COLUMNS, "shard")  # what token writing reads of the assignments
 
 
 def expert_data(cfg: Config, root: str, table: pa.Table, k: int) -> dict[str, dict[str, str]]:
@@ -140,10 +141,14 @@ def expert_data(cfg: Config, root: str, table: pa.Table, k: int) -> dict[str, di
         corpus = ray.put(cfg.corpus)
         write = ray.remote(shard_tokens).options(num_cpus=1, max_retries=1)
         expected, pending = 0, []
-        for i, docs in enumerate(shard_tables(table, len(shards), TOKEN_COLUMNS[:4], splits=("train", "validation"))):
-            expected += len(docs)  # (each shard's table is the task's once submitted: not kept here)
-            if len(docs):
-                pending.append(write.remote(shards[i], i, corpus, docs, storage.join(staging, f"{i:05d}")))
+        try:  # each shard's table is submitted as it is cut (Ray holds its copy): one at a time here
+            for i, docs in enumerate(shard_tables(table, len(shards), SHARD_TASK_COLUMNS, ("train", "validation"))):
+                expected += len(docs)
+                if len(docs):
+                    pending.append(write.remote(shards[i], i, corpus, docs, storage.join(staging, f"{i:05d}")))
+        except BaseException:
+            cancel(pending)  # (before the staging folder they write to is removed)
+            raise
         written = every_result(pending, "token-writing tasks", own)
         check_found(expected, written)
         join = ray.remote(join_tokens).options(num_cpus=1, max_retries=1)

@@ -7,13 +7,15 @@ Every worker reads the same token files, builds the same model and resumes from 
 newest checkpoint; `experts.trainer.train` splits each batch among them and averages the
 gradients (gloo on CPU, NCCL on GPU); worker 0 alone validates, checkpoints to the storage
 and writes the trained model and its result. When a worker or its node is lost, Ray Train
-restarts them all and they go on from the newest checkpoint. A worker's moie error (bad
-input: a token block that does not match its index, a corrupt checkpoint) would be met again
-by every retry: it is recorded in the storage, the restarted workers find it and stop at
-once, and the run ends with that error, as a single-process task's does.
+restarts them all and they go on from the newest checkpoint. An error that every retry would
+meet again (PERMANENT: a token block that does not match its index, a corrupt checkpoint, a
+GPU torch cannot use) is recorded in the storage; the restarted workers find it and stop at
+once, and the run ends with that error, as a single-process task's does. A storage or
+tracking server that fails for a moment is retried by Ray Train, as a lost worker is.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,11 +25,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from artifacts import write_json
-from pipeline.errors import MoieError, one_line
-from pipeline.ray_runtime import TaskFailedError, granted_device, run_data_parallel, use_granted_cpus
+from artifacts import ArtifactError, write_json
+from pipeline.config import ConfigError
+from pipeline.errors import StageError, one_line
+from pipeline.ray_runtime import ResourceError, TaskFailedError, granted_device, run_data_parallel, use_granted_cpus
 from pipeline.store import storage
 from pipeline.store.tokens import load_tokens
+
+
+# errors a worker's retry would meet again: damaged or foreign artifacts (token blocks, checkpoints,
+# weights), settings the model cannot take, a grant torch cannot use (not the storage's OSErrors)
+PERMANENT = (ArtifactError, ConfigError, ResourceError)
 
 
 def parallel_task(work: Callable, args, *, workers: int, num_cpus: float, num_gpus: float, seed: int,
@@ -41,26 +49,27 @@ def parallel_task(work: Callable, args, *, workers: int, num_cpus: float, num_gp
     config = {"work": work, "args": args, "num_cpus": num_cpus, "use_gpu": bool(num_gpus), "seed": seed,
               "result": result_at, "error": f"{result_at}.error"}
     try:
-        run_data_parallel(_parallel_worker, config, workers=workers, cpus_per_worker=num_cpus, storage_path=run_dir,
-                          name=name, max_failures=max_failures, use_gpu=bool(num_gpus))
-    except TaskFailedError:
-        _raise_recorded(config["error"], name)  # (with no retry left, Ray Train ends the run with it)
-        raise
-    _raise_recorded(config["error"], name)
-    if not storage.exists(result_at):  # Ray Train returns without an error when its run is aborted
-        raise TaskFailedError(f"{name}: its data-parallel training ended without a result (aborted); run the "
-                              "stage again to go on from its newest checkpoint")
-    try:
+        try:
+            run_data_parallel(_parallel_worker, config, workers=workers, cpus_per_worker=num_cpus,
+                              storage_path=run_dir, name=name, max_failures=max_failures, use_gpu=bool(num_gpus))
+        except TaskFailedError:
+            _raise_recorded(config["error"], name)  # (with no retry left, Ray Train ends the run with it)
+            raise
+        _raise_recorded(config["error"], name)
+        if not storage.exists(result_at):  # Ray Train returns without an error when its run is aborted
+            raise TaskFailedError(f"{name}: its data-parallel training ended without a result (aborted); run the "
+                                  "stage again to go on from its newest checkpoint")
         return json.loads(storage.read_text(result_at))
     finally:
-        storage.remove(result_at)
+        for record in (result_at, config["error"]):
+            with contextlib.suppress(StageError):  # (clutter at worst: the names are this call's own)
+                storage.remove(record)
 
 
 def _raise_recorded(error_at: str, name: str) -> None:
-    """The moie error a worker recorded at `error_at`, raised here (the record removed), if any."""
+    """The error a worker recorded at `error_at`, raised here, if any."""
     if storage.exists(error_at):
         error = json.loads(storage.read_text(error_at))
-        storage.remove(error_at)
         raise TaskFailedError(f"{name}: data-parallel training failed on worker {error['rank']}: {error['type']}: "
                               f"{error['message']}")
 
@@ -73,16 +82,16 @@ def _parallel_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if storage.exists(config["error"]):
-        return  # an earlier attempt met a moie error, which this one would meet again: the driver raises it
-    use_granted_cpus(config["num_cpus"], config["seed"])
-    device = torch.device("cpu")
-    if config["use_gpu"]:
-        granted_device(1)  # one line if torch cannot see the GPU Ray granted (a CPU build of torch)
-        device = ray.train.torch.get_device()  # this worker's GPU (its local rank's)
+        return  # an earlier attempt met an error that this one would meet again: the driver raises it
     with tempfile.TemporaryDirectory(prefix="moie-dp-") as scratch:
         try:
+            use_granted_cpus(config["num_cpus"], config["seed"])
+            device = torch.device("cpu")
+            if config["use_gpu"]:
+                granted_device(1)  # one line if torch cannot see the GPU Ray granted (a CPU build of torch)
+                device = ray.train.torch.get_device()  # this worker's GPU (its local rank's)
             result = config["work"](config["args"], Path(scratch), rank, world, device)
-        except MoieError as err:  # bad input, not a lost worker: recorded, so that no retry meets it again
+        except PERMANENT as err:  # not a lost worker: recorded, so that no retry meets it again
             write_json(Path(scratch) / "error.json", {"rank": rank, "type": type(err).__name__,
                                                       "message": one_line(err)})
             storage.upload(Path(scratch) / "error.json", config["error"])

@@ -229,6 +229,9 @@ def shard_tables(table: pa.Table, n_shards: int, columns: tuple[str, ...],
     if "shard" not in table.column_names:
         raise CorpusError("the pipeline's assignments.parquet records no corpus shard per document (it was clustered "
                           "before corpora were read as shards); cluster it again (`moie cluster`)")
+    if table["shard"].null_count:
+        raise CorpusError(f"{table['shard'].null_count} documents of the pipeline's assignments.parquet have no "
+                          "corpus shard; cluster it again (`moie cluster`)")
     if len(table) and pc.max(table["shard"]).as_py() >= n_shards:
         most = pc.max(table["shard"]).as_py() + 1
         raise CorpusError(f"the pipeline was clustered on a corpus of more shards ({most}) than this config's "

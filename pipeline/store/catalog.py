@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from artifacts import ChecksumError, load_state, read_tensors, verify_sha256
@@ -160,7 +161,7 @@ class Catalog:
         return runs[0]
 
     def assignments(self, pipeline_id: str, arrow: bool = False,
-                    columns: list[str] | None = None) -> tuple[object, dict, dict]:
+                    columns: Sequence[str] | None = None) -> tuple[object, dict, dict]:
         """(cluster run, its assignments table as columns — or, `arrow`, as a pyarrow Table, a few
         bytes a document instead of Python objects; `columns`: these only — and its report) of the
         pipeline's clustering, each file checked against the sha256 the cluster run recorded."""

@@ -107,7 +107,10 @@ def test_an_independent_composition_started_per_expert_during_training_equals_on
         for key, value in state.items():
             assert redone_state[key].equal(value), key
 
-        # centres fitted from a token file whose pin is not the compose stage's are not taken
+        # an early task, or centres, from a token file whose pin is not the compose stage's are not taken
+        slot, task, ref = early.started["expert-1"]
+        assert early.training(task, 0) is ref
+        assert early.training(replace(task, pins={**task.pins, task.expert_data[0]: "0" * 64}), 0) is None
         assert early.centres(spec) is not None
         assert early.centres(replace(spec, pins={**spec.pins, spec.expert_data[1]: "0" * 64})) is None
 

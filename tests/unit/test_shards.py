@@ -19,13 +19,18 @@ def assignments(n: int, seed: int, ordered: bool = True) -> pa.Table:
                      "split": rng.choice(["train", "validation", "test"], n).tolist(),
                      "cluster": rng.integers(0, 4, n).astype(np.int32),
                      "text_sha256": [f"{rng.integers(1 << 62):064x}" for _ in range(n)],
-                     "shard": shard.astype(np.int32)})
+                     "shard": shard.astype(np.int32)},
+                    schema=pa.schema([("doc_id", pa.string()), ("split", pa.string()), ("cluster", pa.int32()),
+                                      ("text_sha256", pa.string()), ("shard", pa.int32())]))
 
 
-@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("layout", ["ordered", "shuffled", "row groups", "empty"])
 @pytest.mark.parametrize("splits", [None, ("train", "validation")])
-def test_each_shard_gets_its_documents_of_the_splits_in_corpus_order(ordered, splits):
-    table = assignments(3000, seed=1, ordered=ordered)
+def test_each_shard_gets_its_documents_of_the_splits_in_corpus_order(layout, splits):
+    table = assignments(0 if layout == "empty" else 3000, seed=1, ordered=layout != "shuffled")
+    if layout == "row groups":  # as a parquet file of several row groups reads: chunked columns
+        table = pa.concat_tables([table.slice(0, 1000), table.slice(1000, 1500), table.slice(2500)])
+        assert table["shard"].num_chunks == 3
     rows = table.to_pylist()
     parts = documents_by_shard(table, SHARDS, ("doc_id", "cluster", "text_sha256"), splits=splits)
     assert len(parts) == SHARDS
@@ -45,6 +50,13 @@ def test_a_shards_table_carries_only_its_own_rows_to_its_task():
         parts = documents_by_shard(table, SHARDS, ("doc_id", "split", "text_sha256"), splits=splits)
         largest = max(len(pickle.dumps(part, protocol=5)) for part in parts)
         assert largest < 3 * whole / SHARDS, (splits, largest, whole)
+
+
+def test_documents_without_a_shard_are_refused_not_handed_to_a_wrong_shard():
+    table = assignments(500, seed=4)
+    shard = pa.array([None if i == 250 else s for i, s in enumerate(table["shard"].to_pylist())], pa.int32())
+    with pytest.raises(CorpusError, match="1 documents .* have no corpus shard"):
+        documents_by_shard(table.set_column(4, "shard", shard), SHARDS, ("doc_id",))
 
 
 def test_a_corpus_of_fewer_shards_than_the_clustering_is_refused_naming_both():
