@@ -108,7 +108,7 @@ def test_an_independent_composition_started_per_expert_during_training_equals_on
             assert redone_state[key].equal(value), key
 
         # an early task, or centres, from a token file whose pin is not the compose stage's are not taken
-        slot, task, ref = early.started["expert-1"]
+        slot, task, ref = early.started["expert-0"]  # (slot 0: its task reads as the stage's first expert)
         assert early.training(task, 0) is ref
         assert early.training(replace(task, pins={**task.pins, task.expert_data[0]: "0" * 64}), 0) is None
         assert early.centres(spec) is not None
