@@ -7,6 +7,7 @@ leaves in its driver: a SIGINT handler that aborted its (finished) run on a late
 that an interrupted stage waited on as if hung; run_data_parallel puts the process's own back."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -132,7 +133,10 @@ def test_a_moie_error_on_a_worker_ends_the_run_with_it_and_is_not_retried(tmp_pa
     assert "test-dp: data-parallel training failed on worker" in done.stderr, done.stderr[-3000:]
     assert "does not match the sha256 its block index records" in done.stderr
     starts = sorted(p.name.split("-")[0] for p in (tmp_path / "attempts").iterdir())
-    assert starts == ["0", "1"]  # one attempt: the run's retry (max_failures=1) found the error and trained nothing
+    # one attempt: the run's retry (max_failures=1) found the error and trained nothing (the worker that
+    # did not fail first may have been stopped before it started: each rank started at most once)
+    assert starts and len(set(starts)) == len(starts), starts
+    assert re.search(r"failed on worker (\d)", done.stderr).group(1) in starts  # the one that met the error
 
 
 def stage_overrides(tmp_path, workers: int) -> list[str]:
