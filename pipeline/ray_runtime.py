@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -62,15 +63,16 @@ def describe_failure(name: str, err: BaseException) -> str:
 
 
 def get_or_fail(refs, what: str, own_errors: tuple[type, ...] = ()):
-    """ray.get(refs) (one ref or a list); if a task fails, or the wait is interrupted, every
-    task of `refs` still running is cancelled, and a failure is raised as one TaskFailedError
-    naming `what` — or, an error of `own_errors` (a task's own error about its input), as itself."""
+    """ray.get(refs) (one ref or a list). If a task fails, the others of `refs` are waited for
+    (see `settle`), and the failure is raised as one TaskFailedError naming `what` — or, an error
+    of `own_errors` (a task's own error about its input), as itself. An interrupted wait cancels
+    every task of `refs` still running."""
     import ray
 
     try:
         return ray.get(refs)
     except ray.exceptions.RayError as err:
-        cancel(refs)
+        settle(refs if isinstance(refs, list) else [refs], what)
         if isinstance(task_cause(err), own_errors):
             raise task_cause(err) from None
         raise TaskFailedError(describe_failure(what, err)) from None
@@ -104,8 +106,48 @@ def every_result(refs: list, what: str, own_errors: tuple[type, ...] = ()) -> li
     return results
 
 
+def results_as_done(refs: list, what: str, own_errors: tuple[type, ...] = ()):
+    """Each task's result as it finishes (in no fixed order). A failure is raised as get_or_fail
+    raises it, once the others have ended (see `settle`); an interrupt cancels them."""
+    import ray
+
+    pending = list(refs)
+    try:
+        while pending:
+            (done,), pending = ray.wait(pending, num_returns=1)
+            yield get_or_fail(done, what, own_errors)
+    except Exception:
+        settle(pending, what)
+        raise
+    except BaseException:  # an interrupt, or the caller stopped early
+        cancel(pending)
+        raise
+
+
+def settle(refs: list, what: str) -> None:
+    """Wait for every task of `refs` to end, its result unused; an interrupt cancels them.
+
+    After one task's failure its siblings are waited for, not cancelled: they often end at that
+    same moment (the same bad input), and Ray 2.60 aborts the driver when `ray.cancel` meets a
+    task that is ending ("Check failed: ... Tried to complete task that was not pending": the
+    whole process exits, its runs left RUNNING; see docs/faults.md, case 23)."""
+    import ray
+
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    if not running:
+        return
+    print(f"{what}: waiting for the {len(running)} other task(s) still running to end before reporting the "
+          "failure (Ctrl-C stops them)", file=sys.stderr, flush=True)
+    try:
+        ray.wait(running, num_returns=len(running), fetch_local=False)
+    except BaseException:
+        cancel(running)
+        raise
+
+
 def cancel(refs) -> None:
-    """Stop tasks that no one will wait for (finished ones are left alone)."""
+    """Stop tasks that no one will wait for (finished ones are left alone). Only where they end at
+    a moment of their own: a task ending as it is cancelled aborts the driver (see `settle`)."""
     import ray
 
     for ref in refs if isinstance(refs, list) else [refs]:

@@ -35,7 +35,7 @@ from experts.flops import forward_flops_per_token
 from experts.tokenizer import EOS_ID, encode_bytes
 from pipeline.config import Config, EvaluateConfig
 from pipeline.errors import StageError
-from pipeline.ray_runtime import Grant, cancel, connect_cluster, get_or_fail
+from pipeline.ray_runtime import Grant, connect_cluster, get_or_fail, results_as_done
 from pipeline.results.metrics import (COMPOSED, COMPOSED_SYSTEMS, GATE_ONLY, LAMBDAS, MIXTURES, Scored, headline,
                                       output_mixture, summarise)
 from pipeline.results.report import plot_curves, write_results
@@ -184,16 +184,11 @@ def held_out_by_shard(cfg: Config, table, described: str) -> HeldOut:
                          "--eval-data")
     task = ray.remote(shard_shingles).options(num_cpus=1, max_retries=1)
     bits = ev.shingle_filter_mb * 8 << 20
-    pending = [task.remote(s, i, cfg.corpus, docs[i], ev.shingle_words, bits) for i, s in enumerate(shards)]
+    refs = [task.remote(s, i, cfg.corpus, docs[i], ev.shingle_words, bits) for i, s in enumerate(shards)]
     shingles, results = None, []
-    try:
-        while pending:
-            (done,), pending = ray.wait(pending, num_returns=1)
-            result = get_or_fail(done, "held-out near-duplicate task", (CorpusError,))
-            shingles = result.pop("shingles") if shingles is None else shingles | result.pop("shingles")
-            results.append(result)
-    finally:
-        cancel(pending)
+    for result in results_as_done(refs, "held-out near-duplicate task", (CorpusError,)):
+        shingles = result.pop("shingles") if shingles is None else shingles | result.pop("shingles")
+        results.append(result)
     check_found(sum(len(d) for d in docs), results)
     warn_if_overstated(shingles, ev)
     shingles_ref = ray.put(shingles)

@@ -38,7 +38,7 @@ from experts.tokenizer import EOS_ID, TOKENIZER, VOCAB_SIZE
 from experts.trainer import TrainConfig
 from pipeline.config import KWAY_TRAIN, Config, CorpusConfig
 from pipeline.errors import StageError
-from pipeline.ray_runtime import Grant, cancel, connect_cluster, get_or_fail, task_gpus
+from pipeline.ray_runtime import Grant, connect_cluster, get_or_fail, task_gpus
 from pipeline.results.report import markdown_table
 from pipeline.stages.compose import AddedCluster, add_expert, check_extensible
 from pipeline.stages.evaluate import ComposedSystem, held_out, score_composition_task, score_model_task
@@ -472,10 +472,7 @@ def score_extension(cfg: Config, catalog: Catalog, plan: Plan, uris: dict, added
         if system.settings.kway:  # the k-way gate (the extended one's trained anew with the new domain's text)
             gated = replace(system, settings=replace(system.settings, routing="kway"))
             refs[f"{when}composed_independent_kway"] = comp_task.remote(gated, state, docs_ref, scoring, grant)
-    try:
-        results = dict(zip(refs, get_or_fail(list(refs.values()), "extension's scoring task")))
-    finally:
-        cancel(list(refs.values()))
+    results = dict(zip(refs, get_or_fail(list(refs.values()), "extension's scoring task")))
     log_probs = {name: r["log_probs"] for name, r in results.items()}
     old_clusters = [int(v.tags[Tag.CLUSTER]) for v in plan.experts]
     new_index = len(old_uris)  # the new expert's position in the extended systems
