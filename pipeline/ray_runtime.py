@@ -63,8 +63,8 @@ def describe_failure(name: str, err: BaseException) -> str:
 
 
 def get_or_fail(refs, what: str, own_errors: tuple[type, ...] = ()):
-    """ray.get(refs) (one ref or a list). If a task fails, the others of `refs` are waited for
-    (see `settle`), and the failure is raised as one TaskFailedError naming `what` — or, an error
+    """ray.get(refs) (one ref or a list). If a task fails, the others of `refs` are given a few
+    seconds to end, then cancelled (see `settle`), and the failure is raised as one TaskFailedError naming `what` — or, an error
     of `own_errors` (a task's own error about its input), as itself. An interrupted wait cancels
     every task of `refs` still running."""
     import ray
@@ -108,7 +108,8 @@ def every_result(refs: list, what: str, own_errors: tuple[type, ...] = ()) -> li
 
 def results_as_done(refs: list, what: str, own_errors: tuple[type, ...] = ()):
     """Each task's result as it finishes (in no fixed order). A failure is raised as get_or_fail
-    raises it, once the others have ended (see `settle`); an interrupt cancels them."""
+    raises it, once the others have ended or been cancelled (see `settle`); an interrupt cancels
+    them at once."""
     import ray
 
     pending = list(refs)
@@ -124,25 +125,30 @@ def results_as_done(refs: list, what: str, own_errors: tuple[type, ...] = ()):
         raise
 
 
-def settle(refs: list, what: str) -> None:
-    """Wait for every task of `refs` to end, its result unused; an interrupt cancels them.
+SETTLE_S = 10.0  # how long a failed task's siblings get to end before they are cancelled (see settle)
 
-    After one task's failure its siblings are waited for, not cancelled: they often end at that
-    same moment (the same bad input), and Ray 2.60 aborts the driver when `ray.cancel` meets a
-    task that is ending ("Check failed: ... Tried to complete task that was not pending": the
-    whole process exits, its runs left RUNNING; see docs/faults.md, case 23)."""
+
+def settle(refs: list, what: str, grace_s: float | None = None) -> None:
+    """After a failure: give the tasks of `refs` still running `grace_s` seconds (SETTLE_S) to
+    end, then cancel the rest; an interrupt cancels them at once.
+
+    Ray 2.60 aborts the driver when `ray.cancel` meets a task that is ending ("Check failed: ...
+    Tried to complete task that was not pending": the process exits without a word, its runs left
+    RUNNING; docs/faults.md, case 23). The tasks that fail with the first one (the same bad
+    input, the same store down) end within milliseconds of it: cancelled at once, one of them
+    would meet that bug. A task still running after the grace ends at a moment of its own."""
     import ray
 
     _, running = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
     if not running:
         return
-    print(f"{what}: waiting for the {len(running)} other task(s) still running to end before reporting the "
-          "failure (Ctrl-C stops them)", file=sys.stderr, flush=True)
+    grace_s = SETTLE_S if grace_s is None else grace_s
+    print(f"{what}: waiting up to {grace_s:g} s for the {len(running)} other task(s) still running, then cancelling "
+          "them", file=sys.stderr, flush=True)
     try:
-        ray.wait(running, num_returns=len(running), fetch_local=False)
-    except BaseException:
+        _, running = ray.wait(running, num_returns=len(running), timeout=grace_s, fetch_local=False)
+    finally:
         cancel(running)
-        raise
 
 
 def cancel(refs) -> None:

@@ -17,7 +17,7 @@ import torch
 from experts.checkpoint import latest_checkpoint, load_model, save_model
 from experts.trainer import TrainConfig, train
 from pipeline.config import Config
-from pipeline.ray_runtime import Grant, cancel, check_workers, current_node, device_name, get_or_fail
+from pipeline.ray_runtime import Grant, cancel, check_workers, current_node, device_name, get_or_fail, settle
 from pipeline.store import storage
 from pipeline.store.catalog import Catalog, exact_uri, fetch_models
 from pipeline.store.leftovers import scratch_dir
@@ -137,8 +137,12 @@ def schedule_id(train_cfg: dict) -> str:
 
 
 def abandon_continued(catalog: Catalog, ref, matched: MatchedTask, killed: bool) -> None:
-    """Cancel the continuation and end its run KILLED or FAILED (a re-run resumes it from its checkpoints)."""
-    cancel(ref)
+    """Stop the continuation and end its run KILLED or FAILED (a re-run resumes it from its
+    checkpoints). After an error it gets a few seconds to end first: it may be failing with it."""
+    if killed:
+        cancel(ref)
+    else:
+        settle([ref], f"{matched.name} training task")
     if catalog.tracker.client.get_run(matched.run_id).info.status == "RUNNING":
         catalog.tracker.end_run(matched.run_id, "KILLED" if killed else "FAILED")
 
