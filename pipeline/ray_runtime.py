@@ -64,15 +64,15 @@ def describe_failure(name: str, err: BaseException) -> str:
 
 def get_or_fail(refs, what: str, own_errors: tuple[type, ...] = ()):
     """ray.get(refs) (one ref or a list). If a task fails, the others of `refs` are given a few
-    seconds to end, then cancelled (see `settle`), and the failure is raised as one TaskFailedError naming `what` — or, an error
-    of `own_errors` (a task's own error about its input), as itself. An interrupted wait cancels
-    every task of `refs` still running."""
+    seconds to end, then cancelled (see `settle`), and the failure is raised as one
+    TaskFailedError naming `what` — or, an error of `own_errors` (a task's own error about its
+    input), as itself. An interrupted wait cancels every task of `refs` still running."""
     import ray
 
     try:
         return ray.get(refs)
     except ray.exceptions.RayError as err:
-        settle(refs if isinstance(refs, list) else [refs], what)
+        settle(refs, what)
         if isinstance(task_cause(err), own_errors):
             raise task_cause(err) from None
         raise TaskFailedError(describe_failure(what, err)) from None
@@ -128,9 +128,9 @@ def results_as_done(refs: list, what: str, own_errors: tuple[type, ...] = ()):
 SETTLE_S = 10.0  # how long a failed task's siblings get to end before they are cancelled (see settle)
 
 
-def settle(refs: list, what: str, grace_s: float | None = None) -> None:
-    """After a failure: give the tasks of `refs` still running `grace_s` seconds (SETTLE_S) to
-    end, then cancel the rest; an interrupt cancels them at once.
+def settle(refs, what: str, grace_s: float | None = None) -> None:
+    """After a failure: give the tasks of `refs` (one ref or a list) still running `grace_s`
+    seconds (SETTLE_S) to end, then cancel the rest; an interrupt cancels them at once.
 
     Ray 2.60 aborts the driver when `ray.cancel` meets a task that is ending ("Check failed: ...
     Tried to complete task that was not pending": the process exits without a word, its runs left
@@ -139,6 +139,7 @@ def settle(refs: list, what: str, grace_s: float | None = None) -> None:
     would meet that bug. A task still running after the grace ends at a moment of its own."""
     import ray
 
+    refs = refs if isinstance(refs, list) else [refs]
     _, running = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
     if not running:
         return

@@ -142,7 +142,7 @@ def abandon_continued(catalog: Catalog, ref, matched: MatchedTask, killed: bool)
     if killed:
         cancel(ref)
     else:
-        settle([ref], f"{matched.name} training task")
+        settle(ref, f"{matched.name} training task")
     if catalog.tracker.client.get_run(matched.run_id).info.status == "RUNNING":
         catalog.tracker.end_run(matched.run_id, "KILLED" if killed else "FAILED")
 
